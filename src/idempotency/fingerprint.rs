@@ -1,0 +1,155 @@
+//! Scoped storage keys and request fingerprints (spec §3).
+//!
+//! Both are SHA-256 digests over length-prefixed fields, so no two different inputs can
+//! produce the same byte stream (`("ab", "c")` and `("a", "bc")` hash differently).
+
+use std::fmt;
+
+use sha2::{Digest, Sha256};
+
+fn update_field(hasher: &mut Sha256, field: &[u8]) {
+    hasher.update((field.len() as u64).to_be_bytes());
+    hasher.update(field);
+}
+
+/// Where a key's record lives: `prefix + "{" + hex(sha256(route, scope, key)) + "}"`.
+///
+/// The braces are a Redis Cluster hash tag, so the record and its lease (`…}:lease`) always
+/// map to the same slot. Only the hash is stored: never the raw key nor the scope value.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StorageKey {
+    record: String,
+    digest: [u8; 32],
+}
+
+impl StorageKey {
+    /// Hashes the route name, the scope header's value (empty when absent) and the key.
+    pub fn new(prefix: &str, route: &str, scope: &[u8], key: &[u8]) -> Self {
+        let mut hasher = Sha256::new();
+        update_field(&mut hasher, route.as_bytes());
+        update_field(&mut hasher, scope);
+        update_field(&mut hasher, key);
+        let digest: [u8; 32] = hasher.finalize().into();
+        let mut record = String::with_capacity(prefix.len() + 2 + 64 + 6);
+        record.push_str(prefix);
+        record.push('{');
+        record.push_str(&hex::encode(digest));
+        record.push('}');
+        Self { record, digest }
+    }
+
+    /// The record's key.
+    pub fn record_key(&self) -> &str {
+        &self.record
+    }
+
+    /// The lease's key (same hash tag as the record).
+    pub fn lease_key(&self) -> String {
+        let mut lease = String::with_capacity(self.record.len() + 6);
+        lease.push_str(&self.record);
+        lease.push_str(":lease");
+        lease
+    }
+
+    /// A short hash for logs and metrics: the first 6 bytes of the digest, hex.
+    pub fn short_hash(&self) -> ShortHash {
+        let mut short = [0u8; 6];
+        short.copy_from_slice(&self.digest[..6]);
+        ShortHash(short)
+    }
+}
+
+impl fmt::Debug for StorageKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("StorageKey").field(&self.record).finish()
+    }
+}
+
+/// A key's short, non-reversible hash, for logs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct ShortHash([u8; 6]);
+
+impl fmt::Display for ShortHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for ShortHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// What makes two requests "the same request": `sha256(method, path, query, content-type, body)`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fingerprint(pub [u8; 32]);
+
+impl Fingerprint {
+    pub fn of(method: &http::Method, uri: &http::Uri, content_type: Option<&[u8]>, body: &[u8]) -> Self {
+        let mut hasher = Sha256::new();
+        update_field(&mut hasher, method.as_str().as_bytes());
+        update_field(&mut hasher, uri.path().as_bytes());
+        match uri.query() {
+            Some(q) => {
+                hasher.update([1]);
+                update_field(&mut hasher, q.as_bytes());
+            }
+            None => hasher.update([0]),
+        }
+        update_field(&mut hasher, content_type.unwrap_or_default());
+        update_field(&mut hasher, body);
+        Self(hasher.finalize().into())
+    }
+}
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Fingerprint({})", hex::encode(&self.0[..8]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_key_has_prefix_and_hash_tag() {
+        let key = StorageKey::new("idem:", "default", b"Bearer a", b"k1");
+        let record = key.record_key();
+        assert!(record.starts_with("idem:{") && record.ends_with('}'), "{record}");
+        assert_eq!(record.len(), "idem:{}".len() + 64);
+        assert_eq!(key.lease_key(), format!("{record}:lease"));
+        assert!(!record.contains("k1") && !record.contains("Bearer"));
+    }
+
+    #[test]
+    fn scope_and_route_separate_keys() {
+        let a = StorageKey::new("p:", "r", b"Bearer a", b"k");
+        assert_ne!(a, StorageKey::new("p:", "r", b"Bearer b", b"k"));
+        assert_ne!(a, StorageKey::new("p:", "r2", b"Bearer a", b"k"));
+        assert_ne!(StorageKey::new("p:", "ab", b"c", b"k"), StorageKey::new("p:", "a", b"bc", b"k"));
+        assert_eq!(a, StorageKey::new("p:", "r", b"Bearer a", b"k"));
+    }
+
+    #[test]
+    fn fingerprint_covers_each_part() {
+        let uri: http::Uri = "/orders?x=1".parse().expect("uri");
+        let base = Fingerprint::of(&http::Method::POST, &uri, Some(b"application/json"), b"{}");
+        let other_uri: http::Uri = "/orders?x=2".parse().expect("uri");
+        let no_query: http::Uri = "/orders".parse().expect("uri");
+        let empty_query: http::Uri = "/orders?".parse().expect("uri");
+        assert_ne!(base, Fingerprint::of(&http::Method::PATCH, &uri, Some(b"application/json"), b"{}"));
+        assert_ne!(base, Fingerprint::of(&http::Method::POST, &other_uri, Some(b"application/json"), b"{}"));
+        assert_ne!(base, Fingerprint::of(&http::Method::POST, &uri, Some(b"text/plain"), b"{}"));
+        assert_ne!(base, Fingerprint::of(&http::Method::POST, &uri, Some(b"application/json"), b"{ }"));
+        assert_ne!(
+            Fingerprint::of(&http::Method::POST, &no_query, None, b""),
+            Fingerprint::of(&http::Method::POST, &empty_query, None, b"")
+        );
+        assert_eq!(base, Fingerprint::of(&http::Method::POST, &uri, Some(b"application/json"), b"{}"));
+    }
+}

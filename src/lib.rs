@@ -1,0 +1,18 @@
+//! idemproxy: a reverse proxy that enforces `Idempotency-Key` semantics
+//! (draft-ietf-httpapi-idempotency-key-header) in front of services that lack them.
+//!
+//! The binary is a thin shell: it parses the command line, loads the [`Config`], starts
+//! logging and calls [`serve`]. Tests call the same [`serve`].
+
+pub mod admin;
+pub mod body;
+pub mod config;
+pub mod error;
+pub mod idempotency;
+pub mod proxy;
+pub mod store;
+pub mod telemetry;
+pub mod upstream;
+
+pub use config::Config;
+pub use proxy::{serve, serve_with_admin, ServeError};

@@ -1,0 +1,155 @@
+//! Header handling of an intermediary (RFC 9110 §7.6).
+
+use http::header::{
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, DATE, PROXY_AUTHORIZATION, TE, TRAILER,
+    TRANSFER_ENCODING, UPGRADE, VIA,
+};
+use http::Version;
+
+pub const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+pub const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+/// Fields that describe one connection, never forwarded (RFC 9110 §7.6.1, plus the
+/// non-standard `Keep-Alive`/`Proxy-Connection` and `Proxy-Authorization`, meant for this hop).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    TE,
+    TRAILER,
+    TRANSFER_ENCODING,
+    UPGRADE,
+    PROXY_AUTHORIZATION,
+];
+
+/// RFC 9110 §7.6.1: "Intermediaries MUST parse a received Connection header field before a
+/// message is forwarded and, for each connection-option in this field, remove any header or
+/// trailer field(s) from the message with the same name as the connection-option, and then
+/// remove the Connection header field itself (or replace it with the intermediary's own
+/// control options for the forwarded message)." The fixed hop-by-hop fields go too.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|option| HeaderName::from_bytes(option.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Whether a response field is stored for replay (spec §6): end-to-end fields only, and not
+/// `Date` (a replay gets a fresh one) nor the framing fields (recomputed for the stored body).
+pub fn is_replayed(name: &HeaderName) -> bool {
+    !(HOP_BY_HOP.contains(name) || name == DATE || name == CONTENT_LENGTH)
+}
+
+/// RFC 9110 §7.6.3: the `Via` entry this proxy adds, by the protocol version it received.
+pub fn via_value(version: Version) -> HeaderValue {
+    match version {
+        Version::HTTP_10 => HeaderValue::from_static("1.0 idemproxy"),
+        Version::HTTP_2 => HeaderValue::from_static("2 idemproxy"),
+        Version::HTTP_3 => HeaderValue::from_static("3 idemproxy"),
+        _ => HeaderValue::from_static("1.1 idemproxy"),
+    }
+}
+
+/// Appends this proxy to `Via` (after any entries earlier hops made).
+pub fn append_via(headers: &mut HeaderMap, version: Version) {
+    headers.append(VIA, via_value(version));
+}
+
+/// Sets the de-facto `X-Forwarded-*` fields: `For` gets the client's address appended to
+/// what earlier proxies recorded (folded into one field); `Proto` and `Host` describe the
+/// request as this proxy received it.
+pub fn set_forwarded(headers: &mut HeaderMap, client_ip: &HeaderValue, proto: &HeaderValue, host: Option<HeaderValue>) {
+    let mut previous = headers.get_all(X_FORWARDED_FOR).iter();
+    let forwarded_for = match (previous.next(), previous.next()) {
+        (None, _) => client_ip.clone(),
+        (Some(only), None) => join(&[only.as_bytes()], client_ip.as_bytes()),
+        (Some(first), Some(second)) => {
+            let mut parts = vec![first.as_bytes(), second.as_bytes()];
+            parts.extend(previous.map(HeaderValue::as_bytes));
+            join(&parts, client_ip.as_bytes())
+        }
+    };
+    headers.insert(X_FORWARDED_FOR, forwarded_for);
+    headers.insert(X_FORWARDED_PROTO, proto.clone());
+    match host {
+        Some(host) => {
+            headers.insert(X_FORWARDED_HOST, host);
+        }
+        None => {
+            headers.remove(X_FORWARDED_HOST);
+        }
+    }
+}
+
+fn join(parts: &[&[u8]], last: &[u8]) -> HeaderValue {
+    let mut out = Vec::with_capacity(parts.iter().map(|p| p.len() + 2).sum::<usize>() + last.len());
+    for part in parts {
+        out.extend_from_slice(part);
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(last);
+    // Made only of valid header values and ", ": still a valid value.
+    HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn removes_hop_by_hop_and_connection_options() {
+        let mut headers = HeaderMap::new();
+        headers.insert(CONNECTION, HeaderValue::from_static("keep-alive, X-Secret , close"));
+        headers.append(CONNECTION, HeaderValue::from_static("x-other"));
+        headers.insert("x-secret", HeaderValue::from_static("1"));
+        headers.insert("x-other", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert(TE, HeaderValue::from_static("trailers"));
+        headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        headers.insert(PROXY_AUTHORIZATION, HeaderValue::from_static("Basic x"));
+        headers.insert("x-kept", HeaderValue::from_static("1"));
+        remove_hop_by_hop(&mut headers);
+        let names: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["x-kept"]);
+    }
+
+    #[test]
+    fn x_forwarded_for_appends_and_folds() {
+        let ip = HeaderValue::from_static("10.0.0.9");
+        let proto = HeaderValue::from_static("http");
+        let mut headers = HeaderMap::new();
+        headers.append(X_FORWARDED_FOR, HeaderValue::from_static("1.1.1.1"));
+        headers.append(X_FORWARDED_FOR, HeaderValue::from_static("2.2.2.2, 3.3.3.3"));
+        set_forwarded(&mut headers, &ip, &proto, Some(HeaderValue::from_static("api.example")));
+        assert_eq!(headers[X_FORWARDED_FOR], "1.1.1.1, 2.2.2.2, 3.3.3.3, 10.0.0.9");
+        assert_eq!(headers.get_all(X_FORWARDED_FOR).iter().count(), 1);
+        assert_eq!(headers[X_FORWARDED_HOST], "api.example");
+        let mut fresh = HeaderMap::new();
+        set_forwarded(&mut fresh, &ip, &proto, None);
+        assert_eq!(fresh[X_FORWARDED_FOR], "10.0.0.9");
+    }
+
+    #[test]
+    fn replayed_fields_exclude_date_and_framing() {
+        assert!(!is_replayed(&DATE));
+        assert!(!is_replayed(&CONTENT_LENGTH));
+        assert!(!is_replayed(&TRANSFER_ENCODING));
+        assert!(is_replayed(&http::header::CONTENT_TYPE));
+        assert!(is_replayed(&http::header::LOCATION));
+    }
+}

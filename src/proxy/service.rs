@@ -1,0 +1,151 @@
+//! The per-request service: route, classify (guarded or pass-through), forward, log.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::header::HOST;
+use http::uri::PathAndQuery;
+use http::{Method, Request, Response, Uri, Version};
+use hyper::body::Incoming;
+
+use super::{guarded, headers, ConnectionInfo, State};
+use crate::body::ProxyBody;
+use crate::config::Route;
+use crate::error::ProxyError;
+use crate::idempotency::{key, ShortHash, StorageKey, IDEMPOTENCY_KEY};
+use crate::telemetry::Outcome;
+
+/// What the access log line says about one request, filled in as it is handled.
+#[derive(Default)]
+pub struct RequestLog {
+    pub route: Option<Arc<str>>,
+    pub key_hash: Option<ShortHash>,
+}
+
+/// Handles one request; every error becomes its problem response here.
+pub async fn handle(
+    state: Arc<State>,
+    connection: Arc<ConnectionInfo>,
+    request: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let mut log = RequestLog::default();
+    let (response, outcome) = match route_request(&state, &connection, request, &mut log).await {
+        Ok((response, outcome)) => (response, outcome),
+        Err(err) => {
+            let outcome = err.outcome();
+            if matches!(outcome, Outcome::StoreUnavailable | Outcome::UpstreamError | Outcome::OutcomeUnknown) {
+                tracing::warn!(error = %err, "request failed");
+            }
+            (err.into_response(), outcome)
+        }
+    };
+    tracing::info!(
+        route = log.route.as_deref().unwrap_or("-"),
+        method = method.as_str(),
+        status = response.status().as_u16(),
+        outcome = outcome.as_str(),
+        duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+        key = log.key_hash.map(tracing::field::display),
+        "request"
+    );
+    Ok(response)
+}
+
+async fn route_request(
+    state: &Arc<State>,
+    connection: &ConnectionInfo,
+    request: Request<Incoming>,
+    log: &mut RequestLog,
+) -> Result<(Response<ProxyBody>, Outcome), ProxyError> {
+    if request.method() == Method::CONNECT {
+        return Err(ProxyError::BadRequest("CONNECT is not supported by a reverse proxy"));
+    }
+    // Origin-form targets only (absolute-form is reduced to its path; `*` is refused).
+    if !request.uri().path().starts_with('/') {
+        return Err(ProxyError::BadRequest("the request target must be an absolute path"));
+    }
+    let route = state.config.route_for(request.uri().path()).ok_or(ProxyError::NoRoute)?;
+    log.route = Some(route.name.clone());
+    let policy = &route.policy;
+    if policy.guards(request.method()) {
+        match key::from_fields(request.headers().get_all(IDEMPOTENCY_KEY))? {
+            Some(key) => {
+                let scope = request.headers().get(&policy.scope_header).map_or(&b""[..], |v| v.as_bytes());
+                let storage_key = StorageKey::new(&state.config.key_prefix, &route.name, scope, key.as_bytes());
+                log.key_hash = Some(storage_key.short_hash());
+                return guarded::handle(state, connection, route, request, storage_key).await;
+            }
+            None if policy.require_key => return Err(ProxyError::MissingKey),
+            None => {}
+        }
+    }
+    let request = upstream_request(route, connection, request, ProxyBody::stream)?;
+    let response = state.upstream.send(request, route.timeout).await?;
+    Ok((client_response(response, ProxyBody::stream), Outcome::Passthrough))
+}
+
+/// Turns a client request into the request sent upstream (RFC 9110 §7.6): target rewritten to
+/// the route's upstream with path and query kept byte-for-byte, hop-by-hop fields removed,
+/// `X-Forwarded-*` and `Via` added, `Host` set to the upstream's unless the route preserves it.
+pub fn upstream_request<B>(
+    route: &Route,
+    connection: &ConnectionInfo,
+    request: Request<B>,
+    body: impl FnOnce(B) -> ProxyBody,
+) -> Result<Request<ProxyBody>, ProxyError> {
+    let (mut parts, incoming) = request.into_parts();
+    let client_host = parts
+        .headers
+        .get(HOST)
+        .cloned()
+        .or_else(|| parts.uri.authority().and_then(|a| http::HeaderValue::from_str(a.as_str()).ok()));
+    parts.uri = upstream_uri(route, &parts.uri)?;
+    headers::remove_hop_by_hop(&mut parts.headers);
+    headers::set_forwarded(&mut parts.headers, &connection.client_ip, &connection.proto, client_host.clone());
+    headers::append_via(&mut parts.headers, parts.version);
+    let host = match client_host {
+        Some(host) if route.preserve_host => host,
+        _ => route.upstream.host_header.clone(),
+    };
+    parts.headers.insert(HOST, host);
+    parts.version = Version::HTTP_11;
+    Ok(Request::from_parts(parts, body(incoming)))
+}
+
+fn upstream_uri(route: &Route, uri: &Uri) -> Result<Uri, ProxyError> {
+    let target = &route.upstream;
+    let path_and_query = match (target.base_path.is_empty(), uri.path_and_query()) {
+        (true, Some(pq)) => pq.clone(),
+        (true, None) => PathAndQuery::from_static("/"),
+        (false, pq) => {
+            let pq = pq.map_or("/", PathAndQuery::as_str);
+            let mut joined = String::with_capacity(target.base_path.len() + pq.len());
+            joined.push_str(&target.base_path);
+            joined.push_str(pq);
+            PathAndQuery::try_from(joined).map_err(|_| ProxyError::BadRequest("the request target is not a valid path"))?
+        }
+    };
+    Uri::builder()
+        .scheme(target.scheme.clone())
+        .authority(target.authority.clone())
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(|_| ProxyError::BadRequest("the request target is not a valid path"))
+}
+
+/// Turns an upstream response into the one sent to the client: hop-by-hop fields removed and
+/// this proxy added to `Via`.
+pub fn client_response<B>(response: Response<B>, body: impl FnOnce(B) -> ProxyBody) -> Response<ProxyBody> {
+    let (mut parts, upstream_body) = response.into_parts();
+    prepare_client_response(&mut parts);
+    Response::from_parts(parts, body(upstream_body))
+}
+
+/// The header work of [`client_response`], for callers that keep the body.
+pub fn prepare_client_response(parts: &mut http::response::Parts) {
+    headers::remove_hop_by_hop(&mut parts.headers);
+    headers::append_via(&mut parts.headers, parts.version);
+}
