@@ -1,0 +1,525 @@
+//! Shared integration-test helpers: ephemeral ports only, processes owned (and killed) by the
+//! test, a real in-process upstream that records every request, and the proxy started through
+//! the same `idemproxy::serve` the binary uses.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// A port nobody listens on right now (bound then released).
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("an ephemeral port")
+}
+
+/// A `redis-server` on an ephemeral port, killed on drop. No persistence unless asked.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+    extra: Vec<String>,
+    dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts with extra `redis-server` arguments (e.g. `["--appendonly", "yes"]`).
+    pub fn start_with(extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let mut server = Self {
+            port: free_port(),
+            child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            dir,
+        };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let mut args: Vec<String> = vec![
+            "--port".into(),
+            self.port.to_string(),
+            "--bind".into(),
+            "127.0.0.1".into(),
+            "--save".into(),
+            "".into(),
+            "--dir".into(),
+            self.dir.path().display().to_string(),
+        ];
+        if !self.extra.iter().any(|a| a == "--appendonly") {
+            args.extend(["--appendonly".into(), "no".into()]);
+        }
+        args.extend(self.extra.iter().cloned());
+        let child = Command::new("redis-server")
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (apt-get install redis-server)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.ping() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redis-server did not start on port {}", self.port);
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn connection(&self) -> redis::RedisResult<redis::Connection> {
+        let client = redis::Client::open(self.url())?;
+        client.get_connection_with_timeout(Duration::from_millis(500))
+    }
+
+    pub fn ping(&self) -> bool {
+        self.connection()
+            .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+            .is_ok()
+    }
+
+    /// Kills the server (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port (and the same data directory).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// `INFO commandstats` as command name → calls.
+    pub fn command_calls(&self) -> HashMap<String, u64> {
+        let mut connection = self.connection().expect("redis reachable");
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query(&mut connection)
+            .expect("INFO works");
+        info.lines()
+            .filter_map(|line| {
+                let rest = line.strip_prefix("cmdstat_")?;
+                let (name, stats) = rest.split_once(':')?;
+                let calls = stats.split(',').find_map(|kv| kv.strip_prefix("calls="))?;
+                Some((name.to_string(), calls.parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// Resets `INFO commandstats`.
+    pub fn reset_stats(&self) {
+        let mut connection = self.connection().expect("redis reachable");
+        let _: () = redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query(&mut connection)
+            .expect("CONFIG RESETSTAT works");
+    }
+
+    /// Runs a command, for assertions on what the proxy stored.
+    pub fn query<T: redis::FromRedisValue>(&self, cmd: &mut redis::Cmd) -> T {
+        let mut connection = self.connection().expect("redis reachable");
+        cmd.query(&mut connection).expect("redis command works")
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One request as the upstream saw it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: Method,
+    pub uri: http::Uri,
+    pub version: http::Version,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// How the upstream answers, chosen per request by `x-upstream-*` request headers:
+/// - `x-upstream-delay-ms: N` wait before answering;
+/// - `x-upstream-status: N` answer with that status;
+/// - `x-upstream-body-bytes: N` answer with a body of N bytes (streamed in 64 KiB chunks);
+/// - `x-upstream-reset: 1` read the request, then drop the connection without answering;
+/// - `x-upstream-header: name=value` add a response header.
+///
+/// Otherwise 201 with a JSON body naming the hit number, unique per execution.
+#[derive(Clone)]
+pub struct TestUpstream {
+    pub addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+    requests: Arc<Mutex<Vec<Recorded>>>,
+    stop: Arc<Mutex<Option<oneshot::Sender<()>>>>,
+}
+
+impl TestUpstream {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
+        Self::serve_on(listener)
+    }
+
+    /// Starts on a given address (to bring an upstream back on the same port).
+    pub async fn start_on(addr: SocketAddr) -> Self {
+        let listener = TcpListener::bind(addr).await.expect("bind upstream");
+        Self::serve_on(listener)
+    }
+
+    fn serve_on(listener: TcpListener) -> Self {
+        let addr = listener.local_addr().expect("local addr");
+        let hits = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
+        let upstream = Self {
+            addr,
+            hits: hits.clone(),
+            requests: requests.clone(),
+            stop: Arc::new(Mutex::new(Some(stop_tx))),
+        };
+        tokio::spawn(async move {
+            let mut connections = Vec::new();
+            loop {
+                let (stream, _) = tokio::select! {
+                    accepted = listener.accept() => match accepted { Ok(a) => a, Err(_) => continue },
+                    _ = &mut stop_rx => break,
+                };
+                let hits = hits.clone();
+                let requests = requests.clone();
+                connections.push(tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                        let hits = hits.clone();
+                        let requests = requests.clone();
+                        async move { answer(request, hits, requests).await }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                }));
+            }
+            for c in connections {
+                c.abort();
+            }
+        });
+        upstream
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Requests that reached the upstream (executions).
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.requests.lock().expect("lock").clone()
+    }
+
+    /// Stops accepting and drops every open connection (a dead upstream).
+    pub fn stop(&self) {
+        if let Some(stop) = self.stop.lock().expect("lock").take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+impl Drop for TestUpstream {
+    fn drop(&mut self) {
+        if Arc::strong_count(&self.stop) == 1 {
+            self.stop();
+        }
+    }
+}
+
+fn header_num(headers: &HeaderMap, name: &str) -> Option<u64> {
+    headers.get(name)?.to_str().ok()?.parse().ok()
+}
+
+async fn answer(
+    request: Request<Incoming>,
+    hits: Arc<AtomicUsize>,
+    requests: Arc<Mutex<Vec<Recorded>>>,
+) -> Result<Response<http_body_util::combinators::BoxBody<Bytes, std::io::Error>>, std::io::Error> {
+    let (parts, body) = request.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?
+        .to_bytes();
+    let hit = hits.fetch_add(1, Ordering::SeqCst) + 1;
+    requests.lock().expect("lock").push(Recorded {
+        method: parts.method.clone(),
+        uri: parts.uri.clone(),
+        version: parts.version,
+        headers: parts.headers.clone(),
+        body: body.clone(),
+    });
+    if let Some(ms) = header_num(&parts.headers, "x-upstream-delay-ms") {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if parts.headers.contains_key("x-upstream-reset") {
+        return Err(std::io::Error::other("reset requested"));
+    }
+    let status = header_num(&parts.headers, "x-upstream-status")
+        .and_then(|s| StatusCode::from_u16(s as u16).ok())
+        .unwrap_or(StatusCode::CREATED);
+    let mut builder = Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .header("x-hit", hit.to_string());
+    for value in parts.headers.get_all("x-upstream-header") {
+        if let Some((n, v)) = value.to_str().ok().and_then(|s| s.split_once('=')) {
+            builder = builder.header(n, v);
+        }
+    }
+    let body = match header_num(&parts.headers, "x-upstream-body-bytes") {
+        Some(size) => {
+            let chunks = futures_chunks(size);
+            http_body_util::StreamBody::new(chunks).boxed()
+        }
+        None => Full::new(Bytes::from(format!(
+            "{{\"hit\":{hit},\"method\":\"{}\",\"path\":\"{}\",\"body_bytes\":{}}}",
+            parts.method,
+            parts.uri.path(),
+            body.len()
+        )))
+        .map_err(|never| match never {})
+        .boxed(),
+    };
+    builder.body(body).map_err(std::io::Error::other)
+}
+
+/// A body of `size` bytes, produced in 64 KiB chunks as the reader pulls them.
+fn futures_chunks(
+    size: u64,
+) -> impl futures_core::Stream<Item = Result<hyper::body::Frame<Bytes>, std::io::Error>> + Send + Sync + 'static {
+    const CHUNK: u64 = 64 * 1024;
+    let chunk = Bytes::from(vec![b'x'; CHUNK as usize]);
+    let mut left = size;
+    let iter = std::iter::from_fn(move || {
+        if left == 0 {
+            return None;
+        }
+        let n = left.min(CHUNK);
+        left -= n;
+        Some(Ok(hyper::body::Frame::data(chunk.slice(..n as usize))))
+    });
+    tokio_stream_iter(iter)
+}
+
+fn tokio_stream_iter<I: Iterator + Unpin + Send + Sync + 'static>(iter: I) -> impl futures_core::Stream<Item = I::Item> + Send + Sync {
+    struct Iter<I>(I);
+    impl<I: Iterator + Unpin> futures_core::Stream for Iter<I> {
+        type Item = I::Item;
+        fn poll_next(
+            mut self: std::pin::Pin<&mut Self>,
+            _cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<I::Item>> {
+            std::task::Poll::Ready(self.0.next())
+        }
+    }
+    Iter(iter)
+}
+
+/// A proxy running in this process through `idemproxy::serve`.
+pub struct TestProxy {
+    pub addr: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), idemproxy::ServeError>>>,
+}
+
+impl TestProxy {
+    /// Starts a proxy from config text; `listen` and `admin_listen` are chosen here.
+    pub async fn start(config_toml: &str) -> Self {
+        Self::start_inner(config_toml, false).await
+    }
+
+    /// As [`start`](Self::start), with an admin listener on an ephemeral port.
+    pub async fn start_with_admin(config_toml: &str) -> Self {
+        Self::start_inner(config_toml, true).await
+    }
+
+    /// A catch-all proxy to `upstream` with extra top-level TOML (e.g. `store.redis = "…"`)
+    /// and `[idempotency]` settings.
+    pub async fn to(upstream: &TestUpstream, idempotency_toml: &str) -> Self {
+        Self::start(&format!(
+            "upstream.url = \"{}\"\nlog.filter = \"warn\"\n[idempotency]\n{idempotency_toml}\n",
+            upstream.url()
+        ))
+        .await
+    }
+
+    /// Like [`to`](Self::to) with the Redis store.
+    pub async fn to_with_redis(upstream: &TestUpstream, redis: &RedisServer, idempotency_toml: &str) -> Self {
+        Self::start(&format!(
+            "upstream.url = \"{}\"\nstore.redis = \"{}\"\nstore.command_timeout = \"500ms\"\n[idempotency]\n{idempotency_toml}\n",
+            upstream.url(),
+            redis.url()
+        ))
+        .await
+    }
+
+    async fn start_inner(config_toml: &str, admin: bool) -> Self {
+        let config = idemproxy::Config::from_toml(config_toml).expect("test config is valid");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("local addr");
+        let admin_listener = if admin {
+            Some(TcpListener::bind("127.0.0.1:0").await.expect("bind admin"))
+        } else {
+            None
+        };
+        let admin_addr = admin_listener.as_ref().map(|l| l.local_addr().expect("local addr"));
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(idemproxy::serve_with_admin(config, listener, admin_listener, async move {
+            let _ = rx.await;
+        }));
+        Self {
+            addr,
+            admin: admin_addr,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Starts graceful shutdown and returns the task, to await its end.
+    pub fn shutdown(&mut self) -> JoinHandle<Result<(), idemproxy::ServeError>> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.task.take().expect("running")
+    }
+
+    /// Stops it abruptly (its in-flight work is dropped), as a crash would for in-process state.
+    pub fn abort(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for TestProxy {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// A response read whole.
+#[derive(Debug, Clone)]
+pub struct TestResponse {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl TestResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.body))
+    }
+
+    /// The `type` of a problem+json answer.
+    pub fn problem_type(&self) -> String {
+        assert_eq!(self.header("content-type"), Some("application/problem+json"), "{self:?}");
+        self.json()["type"].as_str().unwrap_or_default().to_string()
+    }
+}
+
+/// A plain HTTP/1.1 client with its own pool.
+#[derive(Clone)]
+pub struct TestClient {
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Default for TestClient {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TestClient {
+    pub fn new() -> Self {
+        Self {
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    /// An HTTP/2-only client (prior knowledge, h2c).
+    pub fn http2() -> Self {
+        Self {
+            client: Client::builder(TokioExecutor::new()).http2_only(true).build_http(),
+        }
+    }
+
+    pub async fn send(&self, method: Method, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> TestResponse {
+        self.try_send(method, url, headers, body).await.expect("request completes")
+    }
+
+    pub async fn try_send(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Result<TestResponse, String> {
+        let mut request = Request::builder().method(method).uri(url);
+        for (name, value) in headers {
+            request = request.header(
+                HeaderName::from_bytes(name.as_bytes()).expect("header name"),
+                HeaderValue::from_str(value).expect("header value"),
+            );
+        }
+        let request = request.body(Full::new(body.into())).expect("request");
+        let response = self.client.request(request).await.map_err(|e| format!("{e:?}"))?;
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok(TestResponse {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    }
+
+    /// `POST url` with an `Idempotency-Key` and a body.
+    pub async fn post_keyed(&self, url: &str, key: &str, body: &str) -> TestResponse {
+        self.send(Method::POST, url, &[("idempotency-key", key)], body.to_string()).await
+    }
+}
