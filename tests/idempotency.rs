@@ -1,29 +1,656 @@
 //! Idempotency-Key enforcement end to end (spec §1-§8), against a real upstream and a real
-//! `redis-server` (and the memory store where the behaviour is the store's contract).
+//! `redis-server`; the rows that do not depend on the store run against both stores.
 
 mod common;
 
 use std::time::Duration;
 
-use common::{RedisServer, TestClient, TestProxy, TestUpstream};
+use common::{ProxyProcess, RedisServer, TestClient, TestProxy, TestUpstream};
+use futures::future::join_all;
 use http::{Method, StatusCode};
 
+/// Which store a test's proxy uses.
+enum Backend {
+    Memory,
+    Redis(RedisServer),
+}
+
+impl Backend {
+    fn redis() -> Self {
+        Backend::Redis(RedisServer::start())
+    }
+
+    async fn proxy(&self, upstream: &TestUpstream, idempotency_toml: &str) -> TestProxy {
+        match self {
+            Backend::Memory => TestProxy::to(upstream, idempotency_toml).await,
+            Backend::Redis(redis) => TestProxy::to_with_redis(upstream, redis, idempotency_toml).await,
+        }
+    }
+}
+
+fn hit(response: &common::TestResponse) -> u64 {
+    response.json()["hit"].as_u64().expect("upstream answer has a hit number")
+}
+
+async fn replay_is_identical(backend: Backend) {
+    let upstream = TestUpstream::start().await;
+    let proxy = backend.proxy(&upstream, "").await;
+    let client = TestClient::new();
+    let url = proxy.url("/orders?src=app");
+    let first = client
+        .send(
+            Method::POST,
+            &url,
+            &[
+                ("idempotency-key", "\"order-1\""),
+                ("content-type", "application/json"),
+                ("x-upstream-header", "set-cookie=a=1"),
+                ("x-upstream-header", "location=/orders/1"),
+            ],
+            "{\"n\":1}",
+        )
+        .await;
+    let again = client
+        .send(
+            Method::POST,
+            &url,
+            &[("idempotency-key", "\"order-1\""), ("content-type", "application/json")],
+            "{\"n\":1}",
+        )
+        .await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert_eq!(again.status, first.status);
+    assert_eq!(again.body, first.body);
+    for name in ["content-type", "x-hit", "set-cookie", "location", "via"] {
+        assert_eq!(again.header(name), first.header(name), "header {name}");
+    }
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(first.header("idempotent-replayed"), None);
+    assert!(again.header("date").is_some(), "a replay carries a fresh Date");
+    assert_eq!(upstream.hits(), 1);
+}
+
 #[tokio::test]
-async fn replay_is_identical_and_marked_with_the_redis_store() {
+async fn replay_is_identical_and_marked_redis() {
+    replay_is_identical(Backend::redis()).await;
+}
+
+#[tokio::test]
+async fn replay_is_identical_and_marked_memory() {
+    replay_is_identical(Backend::Memory).await;
+}
+
+#[tokio::test]
+async fn same_key_with_changed_body_or_path_is_422() {
+    let upstream = TestUpstream::start().await;
+    let backend = Backend::redis();
+    let proxy = backend.proxy(&upstream, "").await;
+    let client = TestClient::new();
+    let first = client.post_keyed(&proxy.url("/orders"), "k-422", "{\"n\":1}").await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    let body_changed = client.post_keyed(&proxy.url("/orders"), "k-422", "{\"n\":2}").await;
+    assert_eq!(body_changed.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(body_changed.problem_type().ends_with("#key-reused"));
+    let path_changed = client.post_keyed(&proxy.url("/refunds"), "k-422", "{\"n\":1}").await;
+    assert_eq!(path_changed.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let query_changed = client.post_keyed(&proxy.url("/orders?x=1"), "k-422", "{\"n\":1}").await;
+    assert_eq!(query_changed.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(upstream.hits(), 1);
+}
+
+async fn concurrent_duplicates_execute_once(backend: Backend) {
+    let upstream = TestUpstream::start().await;
+    let proxy = backend.proxy(&upstream, "").await;
+    let url = proxy.url("/orders");
+    let requests = (0..40).map(|_| {
+        let url = url.clone();
+        async move {
+            TestClient::new()
+                .send(
+                    Method::POST,
+                    &url,
+                    &[("idempotency-key", "storm"), ("x-upstream-delay-ms", "500")],
+                    "{}",
+                )
+                .await
+        }
+    });
+    let responses = join_all(requests).await;
+    let created = responses.iter().filter(|r| r.status == StatusCode::CREATED).count();
+    let conflicts: Vec<_> = responses.iter().filter(|r| r.status == StatusCode::CONFLICT).collect();
+    assert_eq!(upstream.hits(), 1);
+    assert_eq!(created, 1, "{responses:?}");
+    assert_eq!(conflicts.len(), 39);
+    for conflict in conflicts {
+        assert_eq!(conflict.header("retry-after"), Some("1"));
+        assert!(conflict.problem_type().ends_with("#request-in-progress"));
+    }
+}
+
+#[tokio::test]
+async fn forty_concurrent_duplicates_execute_once_redis() {
+    concurrent_duplicates_execute_once(Backend::redis()).await;
+}
+
+#[tokio::test]
+async fn forty_concurrent_duplicates_execute_once_memory() {
+    concurrent_duplicates_execute_once(Backend::Memory).await;
+}
+
+#[tokio::test]
+async fn with_wait_every_duplicate_gets_the_one_result() {
+    let upstream = TestUpstream::start().await;
+    let backend = Backend::redis();
+    let proxy = backend
+        .proxy(&upstream, "on_conflict = \"wait\"\nwait_timeout = \"5s\"")
+        .await;
+    let url = proxy.url("/orders");
+    let requests = (0..40).map(|_| {
+        let url = url.clone();
+        async move {
+            TestClient::new()
+                .send(
+                    Method::POST,
+                    &url,
+                    &[("idempotency-key", "wait-storm"), ("x-upstream-delay-ms", "300")],
+                    "{}",
+                )
+                .await
+        }
+    });
+    let responses = join_all(requests).await;
+    assert_eq!(upstream.hits(), 1);
+    let first_body = responses[0].body.clone();
+    for response in &responses {
+        assert_eq!(response.status, StatusCode::CREATED, "{response:?}");
+        assert_eq!(response.body, first_body);
+    }
+    let replayed = responses
+        .iter()
+        .filter(|r| r.header("idempotent-replayed") == Some("true"))
+        .count();
+    assert_eq!(replayed, 39);
+}
+
+#[tokio::test]
+async fn two_proxies_sharing_redis_execute_once() {
+    let redis = RedisServer::start();
+    let upstream = TestUpstream::start().await;
+    let a = TestProxy::to_with_redis(&upstream, &redis, "").await;
+    let b = TestProxy::to_with_redis(&upstream, &redis, "").await;
+    let requests = (0..20).map(|i| {
+        let url = if i % 2 == 0 { a.url("/orders") } else { b.url("/orders") };
+        async move {
+            TestClient::new()
+                .send(
+                    Method::POST,
+                    &url,
+                    &[("idempotency-key", "shared"), ("x-upstream-delay-ms", "300")],
+                    "{}",
+                )
+                .await
+        }
+    });
+    let responses = join_all(requests).await;
+    assert_eq!(upstream.hits(), 1);
+    assert_eq!(responses.iter().filter(|r| r.status == StatusCode::CREATED).count(), 1);
+    assert_eq!(responses.iter().filter(|r| r.status == StatusCode::CONFLICT).count(), 19);
+    let client = TestClient::new();
+    let from_a = client.post_keyed(&a.url("/orders"), "shared", "{}").await;
+    let from_b = client.post_keyed(&b.url("/orders"), "shared", "{}").await;
+    assert_eq!(from_a.header("idempotent-replayed"), Some("true"));
+    assert_eq!(from_a.body, from_b.body);
+    assert_eq!(upstream.hits(), 1);
+}
+
+#[tokio::test]
+async fn keys_are_scoped_by_authorization() {
+    let upstream = TestUpstream::start().await;
+    let backend = Backend::redis();
+    let proxy = backend.proxy(&upstream, "").await;
+    let client = TestClient::new();
+    let url = proxy.url("/orders");
+    let alice = client
+        .send(Method::POST, &url, &[("idempotency-key", "k"), ("authorization", "Bearer alice")], "{}")
+        .await;
+    let bob = client
+        .send(Method::POST, &url, &[("idempotency-key", "k"), ("authorization", "Bearer bob")], "{}")
+        .await;
+    assert_eq!(alice.status, StatusCode::CREATED);
+    assert_eq!(bob.status, StatusCode::CREATED);
+    assert_ne!(hit(&alice), hit(&bob));
+    assert_eq!(bob.header("idempotent-replayed"), None);
+    let alice_again = client
+        .send(Method::POST, &url, &[("idempotency-key", "k"), ("authorization", "Bearer alice")], "{}")
+        .await;
+    assert_eq!(hit(&alice_again), hit(&alice));
+    assert_eq!(upstream.hits(), 2);
+    // The store holds hashes only: neither the key nor the credential appears in Redis.
+    if let Backend::Redis(redis) = &backend {
+        let keys: Vec<String> = redis.query(redis::cmd("KEYS").arg("*"));
+        assert_eq!(keys.len(), 2, "{keys:?}");
+        assert!(keys.iter().all(|k| !k.contains("alice") && !k.contains("bob")));
+    }
+}
+
+#[tokio::test]
+async fn server_errors_are_recorded_by_default() {
+    let upstream = TestUpstream::start().await;
+    let backend = Backend::redis();
+    let proxy = backend.proxy(&upstream, "").await;
+    let client = TestClient::new();
+    let url = proxy.url("/orders");
+    let headers = [("idempotency-key", "k5xx"), ("x-upstream-status", "503")];
+    let first = client.send(Method::POST, &url, &headers, "{}").await;
+    let again = client.send(Method::POST, &url, &headers, "{}").await;
+    assert_eq!(first.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(again.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(again.body, first.body);
+    assert_eq!(upstream.hits(), 1);
+}
+
+#[tokio::test]
+async fn server_errors_release_the_key_when_not_recorded() {
+    let upstream = TestUpstream::start().await;
+    let backend = Backend::redis();
+    let proxy = backend.proxy(&upstream, "record_server_errors = false").await;
+    let client = TestClient::new();
+    let url = proxy.url("/orders");
+    let failed = client
+        .send(Method::POST, &url, &[("idempotency-key", "k5xx"), ("x-upstream-status", "500")], "{}")
+        .await;
+    assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR);
+    let retried = client.post_keyed(&url, "k5xx", "{}").await;
+    assert_eq!(retried.status, StatusCode::CREATED);
+    assert_eq!(retried.header("idempotent-replayed"), None);
+    assert_eq!(upstream.hits(), 2);
+}
+
+#[tokio::test]
+async fn keys_expire_after_key_ttl() {
+    let upstream = TestUpstream::start().await;
+    let backend = Backend::redis();
+    let proxy = backend.proxy(&upstream, "key_ttl = \"1s\"\nlock_ttl = \"500ms\"").await;
+    let client = TestClient::new();
+    let url = proxy.url("/orders");
+    let first = client.post_keyed(&url, "short-lived", "{}").await;
+    let replay = client.post_keyed(&url, "short-lived", "{}").await;
+    assert_eq!(replay.header("idempotent-replayed"), Some("true"));
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let after = client.post_keyed(&url, "short-lived", "{}").await;
+    assert_eq!(after.status, StatusCode::CREATED);
+    assert_eq!(after.header("idempotent-replayed"), None);
+    assert_ne!(hit(&after), hit(&first));
+    assert_eq!(upstream.hits(), 2);
+}
+
+#[tokio::test]
+async fn lease_is_renewed_while_a_slow_upstream_runs() {
+    let upstream = TestUpstream::start().await;
+    let backend = Backend::redis();
+    let proxy = backend.proxy(&upstream, "lock_ttl = \"300ms\"").await;
+    let url = proxy.url("/orders");
+    let slow = {
+        let url = url.clone();
+        tokio::spawn(async move {
+            TestClient::new()
+                .send(
+                    Method::POST,
+                    &url,
+                    &[("idempotency-key", "slow"), ("x-upstream-delay-ms", "1500")],
+                    "{}",
+                )
+                .await
+        })
+    };
+    // Well past several lock_ttl periods, the lease must still be alive: 409, not a takeover
+    // or outcome-unknown.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let during = TestClient::new().post_keyed(&url, "slow", "{}").await;
+    assert_eq!(during.status, StatusCode::CONFLICT, "{during:?}");
+    let first = slow.await.expect("task");
+    assert_eq!(first.status, StatusCode::CREATED);
+    let after = TestClient::new().post_keyed(&url, "slow", "{}").await;
+    assert_eq!(after.header("idempotent-replayed"), Some("true"));
+    assert_eq!(upstream.hits(), 1);
+}
+
+#[tokio::test]
+async fn upstream_slower_than_timeout_is_504_then_outcome_unknown() {
+    let upstream = TestUpstream::start().await;
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&format!(
+        "upstream.url = \"{}\"\nupstream.timeout = \"300ms\"\nstore.redis = \"{}\"\n",
+        upstream.url(),
+        redis.url()
+    ))
+    .await;
+    let client = TestClient::new();
+    let url = proxy.url("/orders");
+    let headers = [("idempotency-key", "too-slow"), ("x-upstream-delay-ms", "1000")];
+    let first = client.send(Method::POST, &url, &headers, "{}").await;
+    assert_eq!(first.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(first.problem_type().ends_with("#outcome-unknown"));
+    let retry = client.send(Method::POST, &url, &headers, "{}").await;
+    assert_eq!(retry.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(retry.problem_type().ends_with("#outcome-unknown"));
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let later = client.post_keyed(&url, "too-slow", "{}").await;
+    assert!(later.problem_type().ends_with("#outcome-unknown"));
+    assert_eq!(upstream.hits(), 1);
+}
+
+#[tokio::test]
+async fn timeout_with_unknown_outcome_retry_runs_again() {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&format!(
+        "upstream.url = \"{}\"\nupstream.timeout = \"300ms\"\nidempotency.unknown_outcome = \"retry\"\n",
+        upstream.url()
+    ))
+    .await;
+    let client = TestClient::new();
+    let url = proxy.url("/orders");
+    let first = client
+        .send(Method::POST, &url, &[("idempotency-key", "again"), ("x-upstream-delay-ms", "1000")], "{}")
+        .await;
+    assert_eq!(first.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(first.problem_type().ends_with("#upstream-timeout"));
+    let retry = client.post_keyed(&url, "again", "{}").await;
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert_eq!(upstream.hits(), 2);
+}
+
+#[tokio::test]
+async fn client_disconnect_does_not_cancel_and_the_retry_gets_the_replay() {
+    let upstream = TestUpstream::start().await;
+    let backend = Backend::redis();
+    let proxy = backend.proxy(&upstream, "").await;
+    let url = proxy.url("/orders");
+    let gone = tokio::time::timeout(
+        Duration::from_millis(150),
+        TestClient::new().send(
+            Method::POST,
+            &url,
+            &[("idempotency-key", "left"), ("x-upstream-delay-ms", "500")],
+            "{}",
+        ),
+    )
+    .await;
+    assert!(gone.is_err(), "the client gave up before the answer");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let retry = TestClient::new().post_keyed(&url, "left", "{}").await;
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert_eq!(retry.header("idempotent-replayed"), Some("true"));
+    assert_eq!(hit(&retry), 1);
+    assert_eq!(upstream.hits(), 1);
+}
+
+#[tokio::test]
+async fn redis_down_fails_closed_and_recovers_without_restart() {
+    let mut redis = RedisServer::start();
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::to_with_redis(&upstream, &redis, "").await;
+    let client = TestClient::new();
+    let url = proxy.url("/orders");
+    assert_eq!(client.post_keyed(&url, "before", "{}").await.status, StatusCode::CREATED);
+    redis.kill();
+    let down = client.post_keyed(&url, "during", "{}").await;
+    assert_eq!(down.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(down.header("retry-after"), Some("1"));
+    assert!(down.problem_type().ends_with("#store-unavailable"));
+    let passthrough = client.send(Method::GET, &url, &[], "").await;
+    assert_eq!(passthrough.status, StatusCode::CREATED, "pass-through is unaffected");
+    assert_eq!(upstream.hits(), 2, "nothing guarded was forwarded");
+    redis.restart();
+    let mut recovered = None;
+    for _ in 0..50 {
+        let response = client.post_keyed(&url, "after", "{}").await;
+        if response.status == StatusCode::CREATED {
+            recovered = Some(response);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(recovered.is_some(), "guarded requests work again once Redis is back");
+}
+
+#[tokio::test]
+async fn redis_down_fails_open_when_configured() {
+    let mut redis = RedisServer::start();
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::to_with_redis(&upstream, &redis, "store_failure = \"open\"").await;
+    redis.kill();
+    let client = TestClient::new();
+    let url = proxy.url("/orders");
+    let first = client.post_keyed(&url, "open", "{}").await;
+    let second = client.post_keyed(&url, "open", "{}").await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert_eq!(second.status, StatusCode::CREATED);
+    assert_eq!(upstream.hits(), 2, "unprotected: both were forwarded");
+}
+
+#[tokio::test]
+async fn redis_command_budget_is_two_per_execution_and_one_per_replay() {
     let redis = RedisServer::start();
     let upstream = TestUpstream::start().await;
     let proxy = TestProxy::to_with_redis(&upstream, &redis, "").await;
     let client = TestClient::new();
-    let first = client.post_keyed(&proxy.url("/orders"), "order-1", "{\"n\":1}").await;
-    let again = client.post_keyed(&proxy.url("/orders"), "order-1", "{\"n\":1}").await;
-    assert_eq!(first.status, StatusCode::CREATED);
-    assert_eq!(again.status, first.status);
-    assert_eq!(again.body, first.body);
-    assert_eq!(again.header("x-hit"), first.header("x-hit"));
-    assert_eq!(again.header("content-type"), first.header("content-type"));
-    assert_eq!(again.header("idempotent-replayed"), Some("true"));
-    assert_eq!(first.header("idempotent-replayed"), None);
+    let url = proxy.url("/orders");
+    // Warm up: loads the scripts once.
+    client.post_keyed(&url, "warm-up", "{}").await;
+    // `INFO commandstats` also counts the commands a script runs inside Redis. The round trips
+    // are the `evalsha` calls; the rest must be exactly what the scripts do, so any extra
+    // command sent by the proxy would show up as a surplus.
+    let stats = |redis: &RedisServer| -> Vec<(String, u64)> {
+        let mut calls: Vec<_> = redis
+            .command_calls()
+            .into_iter()
+            .filter(|(name, _)| !name.starts_with("config") && !name.starts_with("info"))
+            .collect();
+        calls.sort();
+        calls
+    };
+    let expect = |pairs: &[(&str, u64)]| -> Vec<(String, u64)> { pairs.iter().map(|(n, c)| (n.to_string(), *c)).collect() };
+    redis.reset_stats();
+    for i in 0..10 {
+        client.post_keyed(&url, &format!("budget-{i}"), "{}").await;
+    }
+    // begin (new key): GET, SET record, SET lease; complete: GET, SET record, DEL lease.
+    assert_eq!(
+        stats(&redis),
+        expect(&[("del", 10), ("evalsha", 20), ("get", 20), ("set", 30)]),
+        "two round trips per first execution"
+    );
+    redis.reset_stats();
+    for i in 0..10 {
+        let replay = client.post_keyed(&url, &format!("budget-{i}"), "{}").await;
+        assert_eq!(replay.header("idempotent-replayed"), Some("true"));
+    }
+    // begin (completed key): GET record, PTTL lease.
+    assert_eq!(
+        stats(&redis),
+        expect(&[("evalsha", 10), ("get", 10), ("pttl", 10)]),
+        "one round trip per replay"
+    );
+}
+
+#[tokio::test]
+async fn invalid_keys_are_400_and_not_forwarded() {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::to(&upstream, "").await;
+    let client = TestClient::new();
+    let url = proxy.url("/orders");
+    let long = "k".repeat(256);
+    for key in ["", "\"unterminated", "two words", "\"a\";param=1", long.as_str()] {
+        let response = client.send(Method::POST, &url, &[("idempotency-key", key)], "{}").await;
+        assert_eq!(response.status, StatusCode::BAD_REQUEST, "key {key:?}");
+        assert!(response.problem_type().ends_with("#invalid-key"));
+    }
+    let twice = client
+        .send(Method::POST, &url, &[("idempotency-key", "a"), ("idempotency-key", "a")], "{}")
+        .await;
+    assert_eq!(twice.status, StatusCode::BAD_REQUEST);
+    assert_eq!(upstream.hits(), 0);
+}
+
+#[tokio::test]
+async fn require_key_refuses_keyless_guarded_methods_only() {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::to(&upstream, "require_key = true").await;
+    let client = TestClient::new();
+    let url = proxy.url("/orders");
+    let keyless = client.send(Method::POST, &url, &[], "{}").await;
+    assert_eq!(keyless.status, StatusCode::BAD_REQUEST);
+    assert!(keyless.problem_type().ends_with("#missing-key"));
+    assert_eq!(client.send(Method::GET, &url, &[], "").await.status, StatusCode::CREATED);
     assert_eq!(upstream.hits(), 1);
-    let _ = Duration::ZERO;
-    let _ = Method::GET;
+}
+
+#[tokio::test]
+async fn patch_is_guarded_only_when_configured() {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::to(&upstream, "methods = [\"POST\", \"PATCH\"]").await;
+    let client = TestClient::new();
+    let url = proxy.url("/orders/1");
+    let first = client.send(Method::PATCH, &url, &[("idempotency-key", "p")], "{}").await;
+    let again = client.send(Method::PATCH, &url, &[("idempotency-key", "p")], "{}").await;
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(again.body, first.body);
+    let put = client.send(Method::PUT, &url, &[("idempotency-key", "p")], "{}").await;
+    let put_again = client.send(Method::PUT, &url, &[("idempotency-key", "p")], "{}").await;
+    assert_ne!(put.body, put_again.body, "PUT passes through");
+    assert_eq!(upstream.hits(), 3);
+}
+
+#[tokio::test]
+async fn oversized_request_body_is_413_before_forwarding() {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::to(&upstream, "max_body_bytes = 1024").await;
+    let client = TestClient::new();
+    let url = proxy.url("/orders");
+    let big = "x".repeat(2048);
+    let response = client.post_keyed(&url, "big", &big).await;
+    assert_eq!(response.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(response.problem_type().ends_with("#body-too-large"));
+    let keyless = client.send(Method::POST, &url, &[], big.clone()).await;
+    assert_eq!(keyless.status, StatusCode::CREATED, "keyless requests are not limited");
+    assert_eq!(upstream.hits(), 1);
+}
+
+#[tokio::test]
+async fn oversized_response_is_streamed_once_and_never_replayed() {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::to(&upstream, "max_response_bytes = 100000").await;
+    let client = TestClient::new();
+    let url = proxy.url("/export");
+    let headers = [("idempotency-key", "huge"), ("x-upstream-body-bytes", "1000000")];
+    let first = client.send(Method::POST, &url, &headers, "{}").await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert_eq!(first.body.len(), 1_000_000);
+    let retry = client.send(Method::POST, &url, &headers, "{}").await;
+    assert_eq!(retry.status, StatusCode::BAD_GATEWAY);
+    assert!(retry.problem_type().ends_with("#response-not-replayable"));
+    assert_eq!(upstream.hits(), 1);
+}
+
+#[tokio::test]
+async fn unreachable_upstream_releases_the_key() {
+    let upstream = TestUpstream::start().await;
+    let addr = upstream.addr;
+    upstream.stop();
+    drop(upstream);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let proxy = TestProxy::start(&format!("upstream.url = \"http://{addr}\"\nlog.filter = \"warn\"\n")).await;
+    let client = TestClient::new();
+    let url = proxy.url("/orders");
+    let refused = client.post_keyed(&url, "retry-me", "{}").await;
+    assert_eq!(refused.status, StatusCode::BAD_GATEWAY);
+    assert!(refused.problem_type().ends_with("#upstream-unreachable"));
+    let upstream = TestUpstream::start_on(addr).await;
+    let retried = client.post_keyed(&url, "retry-me", "{}").await;
+    assert_eq!(retried.status, StatusCode::CREATED);
+    assert_eq!(upstream.hits(), 1);
+}
+
+#[tokio::test]
+async fn upstream_reset_after_sending_is_outcome_unknown() {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::to(&upstream, "").await;
+    let client = TestClient::new();
+    let url = proxy.url("/orders");
+    let headers = [("idempotency-key", "reset"), ("x-upstream-reset", "1")];
+    let first = client.send(Method::POST, &url, &headers, "{}").await;
+    assert_eq!(first.status, StatusCode::BAD_GATEWAY);
+    assert!(first.problem_type().ends_with("#outcome-unknown"));
+    let retry = client.post_keyed(&url, "reset", "{}").await;
+    assert!(retry.problem_type().ends_with("#outcome-unknown"));
+    assert_eq!(upstream.hits(), 1);
+}
+
+/// Kills a proxy process (SIGKILL) while its request runs upstream; the other proxy's retry
+/// must not execute again.
+async fn proxy_killed_mid_request(unknown_outcome: &str) -> (common::TestResponse, usize) {
+    let redis = RedisServer::start();
+    let upstream = TestUpstream::start().await;
+    let redis_url = redis.url();
+    let upstream_url = upstream.url();
+    let mut doomed = ProxyProcess::spawn(&[
+        "--upstream",
+        &upstream_url,
+        "--redis",
+        &redis_url,
+        "--lock-ttl",
+        "500ms",
+        "--unknown-outcome",
+        unknown_outcome,
+    ]);
+    let survivor = TestProxy::to_with_redis(
+        &upstream,
+        &redis,
+        &format!("lock_ttl = \"500ms\"\nunknown_outcome = \"{unknown_outcome}\""),
+    )
+    .await;
+    let url = doomed.url("/orders");
+    let in_flight = tokio::spawn(async move {
+        TestClient::new()
+            .try_send(
+                Method::POST,
+                &url,
+                &[("idempotency-key", "crash"), ("x-upstream-delay-ms", "3000")],
+                "{}",
+            )
+            .await
+    });
+    // Wait until the request reached the upstream, then kill the proxy executing it.
+    for _ in 0..100 {
+        if upstream.hits() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(upstream.hits(), 1);
+    doomed.kill();
+    assert!(in_flight.await.expect("task").is_err(), "the client saw the proxy die");
+    let client = TestClient::new();
+    let during = client.post_keyed(&survivor.url("/orders"), "crash", "{}").await;
+    assert_eq!(during.status, StatusCode::CONFLICT, "lease still alive right after the crash");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let after = client.post_keyed(&survivor.url("/orders"), "crash", "{}").await;
+    (after, upstream.hits())
+}
+
+#[tokio::test]
+async fn proxy_killed_mid_request_makes_the_outcome_unknown() {
+    let (after, hits) = proxy_killed_mid_request("reject").await;
+    assert_eq!(after.status, StatusCode::BAD_GATEWAY);
+    assert!(after.problem_type().ends_with("#outcome-unknown"));
+    assert_eq!(hits, 1, "never executed twice");
+}
+
+#[tokio::test]
+async fn proxy_killed_mid_request_reexecutes_with_unknown_outcome_retry() {
+    let (after, hits) = proxy_killed_mid_request("retry").await;
+    assert_eq!(after.status, StatusCode::CREATED);
+    assert_eq!(hits, 2, "at-least-once by choice: the retry ran again");
 }

@@ -523,3 +523,57 @@ impl TestClient {
         self.send(Method::POST, url, &[("idempotency-key", key)], body.to_string()).await
     }
 }
+
+/// The `idemproxy` binary run as a child process (for crashes and per-process RSS), killed on drop.
+pub struct ProxyProcess {
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+impl ProxyProcess {
+    /// Spawns the binary with `args` plus `--listen` on a free port; waits until it accepts.
+    pub fn spawn(args: &[&str]) -> Self {
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
+        let child = Command::new(env!("CARGO_BIN_EXE_idemproxy"))
+            .args(args)
+            .args(["--listen", &addr.to_string(), "--log-filter", "warn"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the idemproxy binary starts");
+        let mut process = Self { addr, child };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(addr).is_ok() {
+                return process;
+            }
+            if let Ok(Some(status)) = process.child.try_wait() {
+                panic!("idemproxy exited early: {status}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        process.kill();
+        panic!("idemproxy did not start listening on {addr}");
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// SIGKILL: the process dies mid-whatever, as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
