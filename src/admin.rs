@@ -1,20 +1,37 @@
-//! The admin listener: `/healthz` (process up) and `/readyz` (store reachable).
+//! The admin listener (spec §10): `/healthz` (process up), `/readyz` (store reachable and
+//! upstreams accepting connections), `/metrics` (Prometheus text), and the key endpoints
+//! `GET /keys/{key}` (look a key's record up) and `DELETE /keys/{key}` (clear it: the way out
+//! of `Unknown` once the operator has reconciled with the upstream).
+//!
+//! `{key}` is the `Idempotency-Key` value as the client sent it, URL-encoded; `?scope=` is the
+//! scope header's value (e.g. the client's `Authorization`), `?route=` the route's name when
+//! there are several. They are hashed exactly as on the request path. With `admin_token` set,
+//! the key endpoints need `Authorization: Bearer <token>`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
-use http::{Method, Request, Response, StatusCode};
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_TYPE};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::body::ProxyBody;
+use crate::config::Route;
+use crate::idempotency::{key, unix_ms, Record, StorageKey};
 use crate::proxy::State;
 use crate::store::Store;
 
-/// Serves the admin endpoints on `listener` until `stop` turns true.
+/// Longest wait for an upstream connection in `/readyz`.
+const READY_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Serves the admin endpoints on `listener` until `stop` changes.
 pub async fn serve(state: Arc<State>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
     let builder = auto::Builder::new(TokioExecutor::new());
     loop {
@@ -23,7 +40,7 @@ pub async fn serve(state: Arc<State>, listener: TcpListener, mut stop: watch::Re
                 Ok((stream, _)) => stream,
                 Err(err) => {
                     tracing::warn!(error = %err, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
@@ -39,23 +56,228 @@ pub async fn serve(state: Arc<State>, listener: TcpListener, mut stop: watch::Re
 }
 
 async fn handle(state: Arc<State>, request: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
-    let response = match (request.method(), request.uri().path()) {
+    let path = request.uri().path();
+    let response = match (request.method(), path) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
-        (&Method::GET, "/readyz") => match state.store.ping().await {
-            Ok(()) => text(StatusCode::OK, "ready\n"),
-            Err(err) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {err}\n")),
-        },
+        (&Method::GET, "/readyz") => readiness(&state).await,
+        (&Method::GET, "/metrics") => {
+            let mut response = text(StatusCode::OK, state.metrics.render());
+            response.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            response
+        }
+        (method, _) if path.starts_with("/keys/") => {
+            if !authorized(&state, &request) {
+                let mut response = json_response(
+                    StatusCode::UNAUTHORIZED,
+                    &json!({"error": "a bearer token is required"}),
+                );
+                response
+                    .headers_mut()
+                    .insert(http::header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                response
+            } else {
+                match *method {
+                    Method::GET | Method::DELETE => key_endpoint(&state, &request).await,
+                    _ => json_response(StatusCode::METHOD_NOT_ALLOWED, &json!({"error": "use GET or DELETE"})),
+                }
+            }
+        }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     };
     Ok(response)
 }
 
-fn text(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<ProxyBody> {
+/// Ready when the store answers and every upstream accepts a TCP connection.
+async fn readiness(state: &State) -> Response<ProxyBody> {
+    if let Err(err) = state.store.ping().await {
+        return text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: store: {err}\n"));
+    }
+    let mut checked: Vec<&str> = Vec::new();
+    for route in state.config.routes.iter() {
+        let target = &route.upstream;
+        if checked.contains(&target.authority.as_str()) {
+            continue;
+        }
+        checked.push(target.authority.as_str());
+        let port = target
+            .authority
+            .port_u16()
+            .unwrap_or(if target.scheme == http::uri::Scheme::HTTPS {
+                443
+            } else {
+                80
+            });
+        let connect = tokio::net::TcpStream::connect((target.authority.host(), port));
+        match tokio::time::timeout(READY_CONNECT_TIMEOUT, connect).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => {
+                return text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: upstream {}: {err}\n", target.authority),
+                )
+            }
+            Err(_) => {
+                return text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "not ready: upstream {}: no connection within {READY_CONNECT_TIMEOUT:?}\n",
+                        target.authority
+                    ),
+                )
+            }
+        }
+    }
+    text(StatusCode::OK, "ready\n")
+}
+
+fn authorized(state: &State, request: &Request<Incoming>) -> bool {
+    let Some(token) = state.config.admin_token.as_deref() else {
+        return true;
+    };
+    let Some(given) = request
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+    else {
+        return false;
+    };
+    constant_time_eq(given, token.as_bytes())
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The parsed `/keys/{key}?scope=&route=&body=` request.
+struct KeyQuery {
+    route: Arc<Route>,
+    key: StorageKey,
+    with_body: bool,
+}
+
+fn parse_key_query(state: &State, request: &Request<Incoming>) -> Result<KeyQuery, (StatusCode, String)> {
+    let raw = request.uri().path().trim_start_matches("/keys/");
+    let decoded: Vec<u8> = percent_encoding::percent_decode_str(raw).collect();
+    let key = key::parse(&decoded).map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
+    let mut scope = String::new();
+    let mut route_name = None;
+    let mut with_body = false;
+    for (name, value) in form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes()) {
+        match &*name {
+            "scope" => scope = value.into_owned(),
+            "route" => route_name = Some(value.into_owned()),
+            "body" => with_body = value == "true" || value == "1",
+            other => return Err((StatusCode::BAD_REQUEST, format!("unknown parameter `{other}`"))),
+        }
+    }
+    let routes = &state.config.routes;
+    let route = match route_name {
+        Some(name) => routes
+            .iter()
+            .find(|r| *r.name == name)
+            .ok_or_else(|| (StatusCode::NOT_FOUND, format!("no route named `{name}`")))?,
+        None if routes.len() == 1 => &routes[0],
+        None => {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                "several routes are configured: name one with ?route=".to_owned(),
+            ))
+        }
+    };
+    Ok(KeyQuery {
+        key: StorageKey::new(&state.config.key_prefix, &route.name, scope.as_bytes(), key.as_bytes()),
+        route: route.clone(),
+        with_body,
+    })
+}
+
+async fn key_endpoint(state: &State, request: &Request<Incoming>) -> Response<ProxyBody> {
+    let query = match parse_key_query(state, request) {
+        Ok(query) => query,
+        Err((status, message)) => return json_response(status, &json!({ "error": message })),
+    };
+    let key_hash = query.key.short_hash().to_string();
+    if request.method() == Method::DELETE {
+        return match state.store.clear(&query.key).await {
+            Ok(true) => {
+                tracing::warn!(key = %key_hash, route = &*query.route.name, "key cleared by an operator");
+                json_response(StatusCode::OK, &json!({ "key_hash": key_hash, "cleared": true }))
+            }
+            Ok(false) => json_response(
+                StatusCode::NOT_FOUND,
+                &json!({ "key_hash": key_hash, "error": "no such key" }),
+            ),
+            Err(err) => json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({ "error": err.to_string() })),
+        };
+    }
+    let state_of_key = match state.store.lookup(&query.key).await {
+        Ok(Some(state_of_key)) => state_of_key,
+        Ok(None) => {
+            return json_response(
+                StatusCode::NOT_FOUND,
+                &json!({ "key_hash": key_hash, "error": "no such key" }),
+            )
+        }
+        Err(err) => return json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({ "error": err.to_string() })),
+    };
+    let existing = state_of_key.existing;
+    let now = unix_ms();
+    let since = match &existing.record {
+        Record::InFlight { started_at_ms, .. } => *started_at_ms,
+        Record::Completed { response, .. } => response.completed_at_ms,
+        Record::Unknown { since_ms, .. } => *since_ms,
+    };
+    let mut answer = json!({
+        "key_hash": key_hash,
+        "route": &*query.route.name,
+        "state": existing.record.state_name(),
+        "age_ms": now.saturating_sub(since),
+        "lease_left_ms": existing.lease_left.map(|d| d.as_millis() as u64),
+        "expires_in_ms": state_of_key.expires_in.map(|d| d.as_millis() as u64),
+    });
+    match &existing.record {
+        Record::Completed { response, .. } => {
+            answer["status"] = json!(response.status.as_u16());
+            answer["replayable"] = json!(response.body.is_some());
+            answer["body_bytes"] = json!(response.body.as_ref().map(Bytes::len));
+            if query.with_body {
+                if let Some(body) = &response.body {
+                    answer["body"] = match std::str::from_utf8(body) {
+                        Ok(text) => json!(text),
+                        Err(_) => json!(hex::encode(body)),
+                    };
+                    answer["body_encoding"] = json!(if std::str::from_utf8(body).is_ok() {
+                        "utf-8"
+                    } else {
+                        "hex"
+                    });
+                }
+            }
+        }
+        Record::Unknown { cause, .. } => answer["cause"] = json!(format!("{cause:?}")),
+        Record::InFlight { .. } => {}
+    }
+    json_response(StatusCode::OK, &answer)
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
     let mut response = Response::new(ProxyBody::full(body));
     *response.status_mut() = status;
-    response.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+}
+
+fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<ProxyBody> {
+    let body = serde_json::to_vec(value).unwrap_or_default();
+    let mut response = Response::new(ProxyBody::full(body));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
 }

@@ -85,10 +85,16 @@ macro_rules! problem_type {
 impl ProxyError {
     fn problem_type(&self) -> ProblemType {
         match self {
-            ProxyError::InvalidKey(_) => problem_type!(StatusCode::BAD_REQUEST, "invalid-key", "Invalid Idempotency-Key"),
+            ProxyError::InvalidKey(_) => {
+                problem_type!(StatusCode::BAD_REQUEST, "invalid-key", "Invalid Idempotency-Key")
+            }
             ProxyError::MissingKey => problem_type!(StatusCode::BAD_REQUEST, "missing-key", "Idempotency-Key required"),
             ProxyError::BodyTooLarge { .. } => {
-                problem_type!(StatusCode::PAYLOAD_TOO_LARGE, "body-too-large", "Request body too large")
+                problem_type!(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body-too-large",
+                    "Request body too large"
+                )
             }
             ProxyError::ClientBody(_) => problem_type!(StatusCode::BAD_REQUEST, "bad-request", "Bad request"),
             ProxyError::BadRequest(_) => problem_type!(StatusCode::BAD_REQUEST, "bad-request", "Bad request"),
@@ -104,7 +110,9 @@ impl ProxyError {
             ProxyError::OutcomeUnknown(UnknownCause::Timeout) => {
                 problem_type!(StatusCode::GATEWAY_TIMEOUT, "outcome-unknown", "Outcome unknown")
             }
-            ProxyError::OutcomeUnknown(_) => problem_type!(StatusCode::BAD_GATEWAY, "outcome-unknown", "Outcome unknown"),
+            ProxyError::OutcomeUnknown(_) => {
+                problem_type!(StatusCode::BAD_GATEWAY, "outcome-unknown", "Outcome unknown")
+            }
             ProxyError::NotReplayable => problem_type!(
                 StatusCode::BAD_GATEWAY,
                 "response-not-replayable",
@@ -206,9 +214,18 @@ mod tests {
     #[test]
     fn statuses() {
         assert_eq!(ProxyError::Mismatch.status(), StatusCode::UNPROCESSABLE_ENTITY);
-        assert_eq!(ProxyError::BodyTooLarge { limit: 1 }.status(), StatusCode::PAYLOAD_TOO_LARGE);
-        assert_eq!(ProxyError::OutcomeUnknown(UnknownCause::Timeout).status(), StatusCode::GATEWAY_TIMEOUT);
-        assert_eq!(ProxyError::OutcomeUnknown(UnknownCause::LeaseLapsed).status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(
+            ProxyError::BodyTooLarge { limit: 1 }.status(),
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
+        assert_eq!(
+            ProxyError::OutcomeUnknown(UnknownCause::Timeout).status(),
+            StatusCode::GATEWAY_TIMEOUT
+        );
+        assert_eq!(
+            ProxyError::OutcomeUnknown(UnknownCause::LeaseLapsed).status(),
+            StatusCode::BAD_GATEWAY
+        );
         assert_eq!(ProxyError::from(KeyError::Empty).status(), StatusCode::BAD_REQUEST);
     }
 }

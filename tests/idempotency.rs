@@ -29,7 +29,9 @@ impl Backend {
 }
 
 fn hit(response: &common::TestResponse) -> u64 {
-    response.json()["hit"].as_u64().expect("upstream answer has a hit number")
+    response.json()["hit"]
+        .as_u64()
+        .expect("upstream answer has a hit number")
 }
 
 async fn replay_is_identical(backend: Backend) {
@@ -194,7 +196,10 @@ async fn two_proxies_sharing_redis_execute_once() {
     let responses = join_all(requests).await;
     assert_eq!(upstream.hits(), 1);
     assert_eq!(responses.iter().filter(|r| r.status == StatusCode::CREATED).count(), 1);
-    assert_eq!(responses.iter().filter(|r| r.status == StatusCode::CONFLICT).count(), 19);
+    assert_eq!(
+        responses.iter().filter(|r| r.status == StatusCode::CONFLICT).count(),
+        19
+    );
     let client = TestClient::new();
     let from_a = client.post_keyed(&a.url("/orders"), "shared", "{}").await;
     let from_b = client.post_keyed(&b.url("/orders"), "shared", "{}").await;
@@ -211,17 +216,32 @@ async fn keys_are_scoped_by_authorization() {
     let client = TestClient::new();
     let url = proxy.url("/orders");
     let alice = client
-        .send(Method::POST, &url, &[("idempotency-key", "k"), ("authorization", "Bearer alice")], "{}")
+        .send(
+            Method::POST,
+            &url,
+            &[("idempotency-key", "k"), ("authorization", "Bearer alice")],
+            "{}",
+        )
         .await;
     let bob = client
-        .send(Method::POST, &url, &[("idempotency-key", "k"), ("authorization", "Bearer bob")], "{}")
+        .send(
+            Method::POST,
+            &url,
+            &[("idempotency-key", "k"), ("authorization", "Bearer bob")],
+            "{}",
+        )
         .await;
     assert_eq!(alice.status, StatusCode::CREATED);
     assert_eq!(bob.status, StatusCode::CREATED);
     assert_ne!(hit(&alice), hit(&bob));
     assert_eq!(bob.header("idempotent-replayed"), None);
     let alice_again = client
-        .send(Method::POST, &url, &[("idempotency-key", "k"), ("authorization", "Bearer alice")], "{}")
+        .send(
+            Method::POST,
+            &url,
+            &[("idempotency-key", "k"), ("authorization", "Bearer alice")],
+            "{}",
+        )
         .await;
     assert_eq!(hit(&alice_again), hit(&alice));
     assert_eq!(upstream.hits(), 2);
@@ -258,7 +278,12 @@ async fn server_errors_release_the_key_when_not_recorded() {
     let client = TestClient::new();
     let url = proxy.url("/orders");
     let failed = client
-        .send(Method::POST, &url, &[("idempotency-key", "k5xx"), ("x-upstream-status", "500")], "{}")
+        .send(
+            Method::POST,
+            &url,
+            &[("idempotency-key", "k5xx"), ("x-upstream-status", "500")],
+            "{}",
+        )
         .await;
     assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR);
     let retried = client.post_keyed(&url, "k5xx", "{}").await;
@@ -352,7 +377,12 @@ async fn timeout_with_unknown_outcome_retry_runs_again() {
     let client = TestClient::new();
     let url = proxy.url("/orders");
     let first = client
-        .send(Method::POST, &url, &[("idempotency-key", "again"), ("x-upstream-delay-ms", "1000")], "{}")
+        .send(
+            Method::POST,
+            &url,
+            &[("idempotency-key", "again"), ("x-upstream-delay-ms", "1000")],
+            "{}",
+        )
         .await;
     assert_eq!(first.status, StatusCode::GATEWAY_TIMEOUT);
     assert!(first.problem_type().ends_with("#upstream-timeout"));
@@ -393,7 +423,10 @@ async fn redis_down_fails_closed_and_recovers_without_restart() {
     let proxy = TestProxy::to_with_redis(&upstream, &redis, "").await;
     let client = TestClient::new();
     let url = proxy.url("/orders");
-    assert_eq!(client.post_keyed(&url, "before", "{}").await.status, StatusCode::CREATED);
+    assert_eq!(
+        client.post_keyed(&url, "before", "{}").await.status,
+        StatusCode::CREATED
+    );
     redis.kill();
     let down = client.post_keyed(&url, "during", "{}").await;
     assert_eq!(down.status, StatusCode::SERVICE_UNAVAILABLE);
@@ -451,7 +484,8 @@ async fn redis_command_budget_is_two_per_execution_and_one_per_replay() {
         calls.sort();
         calls
     };
-    let expect = |pairs: &[(&str, u64)]| -> Vec<(String, u64)> { pairs.iter().map(|(n, c)| (n.to_string(), *c)).collect() };
+    let expect =
+        |pairs: &[(&str, u64)]| -> Vec<(String, u64)> { pairs.iter().map(|(n, c)| (n.to_string(), *c)).collect() };
     redis.reset_stats();
     for i in 0..10 {
         client.post_keyed(&url, &format!("budget-{i}"), "{}").await;
@@ -488,7 +522,12 @@ async fn invalid_keys_are_400_and_not_forwarded() {
         assert!(response.problem_type().ends_with("#invalid-key"));
     }
     let twice = client
-        .send(Method::POST, &url, &[("idempotency-key", "a"), ("idempotency-key", "a")], "{}")
+        .send(
+            Method::POST,
+            &url,
+            &[("idempotency-key", "a"), ("idempotency-key", "a")],
+            "{}",
+        )
         .await;
     assert_eq!(twice.status, StatusCode::BAD_REQUEST);
     assert_eq!(upstream.hits(), 0);
@@ -503,7 +542,10 @@ async fn require_key_refuses_keyless_guarded_methods_only() {
     let keyless = client.send(Method::POST, &url, &[], "{}").await;
     assert_eq!(keyless.status, StatusCode::BAD_REQUEST);
     assert!(keyless.problem_type().ends_with("#missing-key"));
-    assert_eq!(client.send(Method::GET, &url, &[], "").await.status, StatusCode::CREATED);
+    assert_eq!(
+        client.send(Method::GET, &url, &[], "").await.status,
+        StatusCode::CREATED
+    );
     assert_eq!(upstream.hits(), 1);
 }
 
@@ -513,8 +555,12 @@ async fn patch_is_guarded_only_when_configured() {
     let proxy = TestProxy::to(&upstream, "methods = [\"POST\", \"PATCH\"]").await;
     let client = TestClient::new();
     let url = proxy.url("/orders/1");
-    let first = client.send(Method::PATCH, &url, &[("idempotency-key", "p")], "{}").await;
-    let again = client.send(Method::PATCH, &url, &[("idempotency-key", "p")], "{}").await;
+    let first = client
+        .send(Method::PATCH, &url, &[("idempotency-key", "p")], "{}")
+        .await;
+    let again = client
+        .send(Method::PATCH, &url, &[("idempotency-key", "p")], "{}")
+        .await;
     assert_eq!(again.header("idempotent-replayed"), Some("true"));
     assert_eq!(again.body, first.body);
     let put = client.send(Method::PUT, &url, &[("idempotency-key", "p")], "{}").await;
@@ -634,7 +680,11 @@ async fn proxy_killed_mid_request(unknown_outcome: &str) -> (common::TestRespons
     assert!(in_flight.await.expect("task").is_err(), "the client saw the proxy die");
     let client = TestClient::new();
     let during = client.post_keyed(&survivor.url("/orders"), "crash", "{}").await;
-    assert_eq!(during.status, StatusCode::CONFLICT, "lease still alive right after the crash");
+    assert_eq!(
+        during.status,
+        StatusCode::CONFLICT,
+        "lease still alive right after the crash"
+    );
     tokio::time::sleep(Duration::from_millis(700)).await;
     let after = client.post_keyed(&survivor.url("/orders"), "crash", "{}").await;
     (after, upstream.hits())

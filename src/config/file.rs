@@ -144,7 +144,11 @@ pub struct RouteSection {
 
 /// Command line. Every flag can also be set as `IDEMPROXY_<FLAG>` (e.g. `IDEMPROXY_UPSTREAM`).
 #[derive(Debug, Default, Clone, Parser)]
-#[command(name = "idemproxy", version, about = "A reverse proxy that makes keyed POSTs run at most once (Idempotency-Key).")]
+#[command(
+    name = "idemproxy",
+    version,
+    about = "A reverse proxy that makes keyed POSTs run at most once (Idempotency-Key)."
+)]
 pub struct Cli {
     /// TOML config file (see config/idemproxy.toml).
     #[arg(long, env = "IDEMPROXY_CONFIG")]

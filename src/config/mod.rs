@@ -18,10 +18,7 @@ pub use file::{Cli, FileConfig, PolicySection, RouteSection};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path}: {source}")]
     Parse {
         path: PathBuf,
@@ -101,6 +98,8 @@ impl Policy {
 /// Where requests of one route go, and under which policy.
 #[derive(Debug, Clone)]
 pub struct Route {
+    /// Position in [`Config::routes`] (metrics slots).
+    pub index: usize,
     /// Stable name: metrics label, log field, part of the storage key.
     pub name: Arc<str>,
     pub prefix: String,
@@ -293,8 +292,18 @@ impl Config {
                     .unwrap_or(defaults::HTTP2_KEEPALIVE_INTERVAL),
             )?,
             shutdown_grace: file.server.shutdown_grace.unwrap_or(defaults::SHUTDOWN_GRACE),
-            max_connections: at_least("server.max_connections", file.server.max_connections, defaults::MAX_CONNECTIONS, 1)?,
-            max_header_bytes: at_least("server.max_header_bytes", file.server.max_header_bytes, defaults::MAX_HEADER_BYTES, 8192)?,
+            max_connections: at_least(
+                "server.max_connections",
+                file.server.max_connections,
+                defaults::MAX_CONNECTIONS,
+                1,
+            )?,
+            max_header_bytes: at_least(
+                "server.max_header_bytes",
+                file.server.max_header_bytes,
+                defaults::MAX_HEADER_BYTES,
+                8192,
+            )?,
             max_headers: at_least("server.max_headers", file.server.max_headers, defaults::MAX_HEADERS, 8)?,
             http2_max_concurrent_streams: file
                 .server
@@ -322,9 +331,19 @@ impl Config {
         };
         let store = match file.store.redis.clone() {
             Some(url) => {
-                let known = ["redis://", "rediss://", "redis+cluster://", "rediss+cluster://", "redis+unix://", "unix://"];
+                let known = [
+                    "redis://",
+                    "rediss://",
+                    "redis+cluster://",
+                    "rediss+cluster://",
+                    "redis+unix://",
+                    "unix://",
+                ];
                 if !known.iter().any(|p| url.starts_with(p)) {
-                    return Err(invalid("store.redis", "expected redis://, rediss:// or redis+cluster:// URL"));
+                    return Err(invalid(
+                        "store.redis",
+                        "expected redis://, rediss:// or redis+cluster:// URL",
+                    ));
                 }
                 StoreSettings::Redis {
                     url,
@@ -343,9 +362,16 @@ impl Config {
                 )?,
             },
         };
-        let key_prefix = file.store.key_prefix.clone().unwrap_or_else(|| defaults::KEY_PREFIX.to_owned());
+        let key_prefix = file
+            .store
+            .key_prefix
+            .clone()
+            .unwrap_or_else(|| defaults::KEY_PREFIX.to_owned());
         if key_prefix.contains(['{', '}']) {
-            return Err(invalid("store.key_prefix", "must not contain `{` or `}` (they form the Redis Cluster hash tag)"));
+            return Err(invalid(
+                "store.key_prefix",
+                "must not contain `{` or `}` (they form the Redis Cluster hash tag)",
+            ));
         }
         let routes = resolve_routes(&file)?;
         Ok(Config {
@@ -432,7 +458,10 @@ fn resolve_routes(file: &FileConfig) -> Result<Arc<[Arc<Route>]>, ConfigError> {
     for (i, section) in file.routes.iter().enumerate() {
         let key = |field: &str| format!("route[{i}].{field}");
         if !section.prefix.starts_with('/') {
-            return Err(invalid(key("prefix"), format!("`{}` must start with `/`", section.prefix)));
+            return Err(invalid(
+                key("prefix"),
+                format!("`{}` must start with `/`", section.prefix),
+            ));
         }
         let upstream = match &section.upstream {
             Some(u) => UpstreamTarget::parse(&key("upstream"), u)?,
@@ -445,6 +474,7 @@ fn resolve_routes(file: &FileConfig) -> Result<Arc<[Arc<Route>]>, ConfigError> {
             &file.idempotency.overlaid_with(&section.idempotency),
         )?;
         routes.push(Route {
+            index: 0,
             name: section.name.as_deref().unwrap_or(&section.prefix).into(),
             prefix: section.prefix.clone(),
             upstream,
@@ -457,6 +487,7 @@ fn resolve_routes(file: &FileConfig) -> Result<Arc<[Arc<Route>]>, ConfigError> {
     if !has_catch_all {
         match default_upstream {
             Some(upstream) => routes.push(Route {
+                index: 0,
                 name: "default".into(),
                 prefix: "/".to_owned(),
                 upstream,
@@ -485,7 +516,10 @@ fn resolve_routes(file: &FileConfig) -> Result<Arc<[Arc<Route>]>, ConfigError> {
             return Err(invalid("route.prefix", format!("`{}` is used by two routes", r.prefix)));
         }
     }
-    routes.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+    routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+    for (index, route) in routes.iter_mut().enumerate() {
+        route.index = index;
+    }
     Ok(routes.into_iter().map(Arc::new).collect())
 }
 
@@ -526,17 +560,32 @@ fn resolve_policy(key: &str, section: &PolicySection) -> Result<Policy, ConfigEr
     let on_conflict = match section.on_conflict.as_deref().unwrap_or("reject") {
         "reject" => OnConflict::Reject,
         "wait" => OnConflict::Wait,
-        other => return Err(invalid(field("on_conflict"), format!("`{other}`: expected reject or wait"))),
+        other => {
+            return Err(invalid(
+                field("on_conflict"),
+                format!("`{other}`: expected reject or wait"),
+            ))
+        }
     };
     let store_failure = match section.store_failure.as_deref().unwrap_or("closed") {
         "closed" => StoreFailure::Closed,
         "open" => StoreFailure::Open,
-        other => return Err(invalid(field("store_failure"), format!("`{other}`: expected closed or open"))),
+        other => {
+            return Err(invalid(
+                field("store_failure"),
+                format!("`{other}`: expected closed or open"),
+            ))
+        }
     };
     let unknown_outcome = match section.unknown_outcome.as_deref().unwrap_or("reject") {
         "reject" => UnknownOutcome::Reject,
         "retry" => UnknownOutcome::Retry,
-        other => return Err(invalid(field("unknown_outcome"), format!("`{other}`: expected reject or retry"))),
+        other => {
+            return Err(invalid(
+                field("unknown_outcome"),
+                format!("`{other}`: expected reject or retry"),
+            ))
+        }
     };
     let max_body_bytes = section.max_body_bytes.unwrap_or(defaults::MAX_BODY_BYTES);
     if max_body_bytes == 0 {
@@ -580,7 +629,8 @@ mod tests {
 
     #[test]
     fn bad_value_names_the_key() {
-        let err = Config::from_toml("upstream.url = \"http://a:1\"\n[idempotency]\non_conflict = \"maybe\"").unwrap_err();
+        let err =
+            Config::from_toml("upstream.url = \"http://a:1\"\n[idempotency]\non_conflict = \"maybe\"").unwrap_err();
         assert!(err.to_string().contains("idempotency.on_conflict"), "{err}");
     }
 
@@ -602,7 +652,10 @@ mod tests {
             "#,
         )
         .expect("valid");
-        assert_eq!(config.route_for("/pay/refunds/1").map(|r| &*r.name), Some("/pay/refunds"));
+        assert_eq!(
+            config.route_for("/pay/refunds/1").map(|r| &*r.name),
+            Some("/pay/refunds")
+        );
         assert_eq!(config.route_for("/pay/x").map(|r| &*r.name), Some("/pay"));
         assert_eq!(config.route_for("/pay").map(|r| &*r.name), Some("/pay"));
         assert_eq!(config.route_for("/payments").map(|r| &*r.name), Some("default"));

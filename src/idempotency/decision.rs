@@ -46,14 +46,15 @@ impl Decision {
 }
 
 /// Decides what an arriving guarded request with `fingerprint` gets (spec §4's table).
-pub fn decide(existing: Option<&Existing>, fingerprint: &Fingerprint, unknown_outcome: UnknownOutcome) -> Decision {
+/// Takes the existing record by value, so a replay moves the stored response out of it.
+pub fn decide(existing: Option<Existing>, fingerprint: &Fingerprint, unknown_outcome: UnknownOutcome) -> Decision {
     let Some(existing) = existing else {
         return Decision::Execute;
     };
     if existing.record.fingerprint() != fingerprint {
         return Decision::Mismatch;
     }
-    match &existing.record {
+    match existing.record {
         Record::InFlight { .. } => match existing.lease_left {
             Some(_) => Decision::InFlight {
                 retry_after: CONFLICT_RETRY_AFTER,
@@ -63,8 +64,8 @@ pub fn decide(existing: Option<&Existing>, fingerprint: &Fingerprint, unknown_ou
                 UnknownOutcome::Reject => Decision::MarkUnknown,
             },
         },
-        Record::Completed { response, .. } => Decision::Replay(response.clone()),
-        Record::Unknown { cause, .. } => Decision::Unknown(*cause),
+        Record::Completed { response, .. } => Decision::Replay(response),
+        Record::Unknown { cause, .. } => Decision::Unknown(cause),
     }
 }
 
@@ -125,20 +126,23 @@ mod tests {
         assert_eq!(decide(None, &FP, Reject), Decision::Execute);
         let alive = in_flight(FP, Some(Duration::from_millis(2500)));
         assert_eq!(
-            decide(Some(&alive), &FP, Reject),
+            decide(Some(alive.clone()), &FP, Reject),
             Decision::InFlight {
                 retry_after: Duration::from_secs(1)
             }
         );
-        assert_eq!(decide(Some(&alive), &OTHER, Reject), Decision::Mismatch);
+        assert_eq!(decide(Some(alive.clone()), &OTHER, Reject), Decision::Mismatch);
         let lapsed = in_flight(FP, None);
-        assert_eq!(decide(Some(&lapsed), &FP, Reject), Decision::MarkUnknown);
-        assert_eq!(decide(Some(&lapsed), &FP, Retry), Decision::TakeOver);
-        assert_eq!(decide(Some(&lapsed), &OTHER, Retry), Decision::Mismatch);
-        assert!(matches!(decide(Some(&completed(FP)), &FP, Reject), Decision::Replay(r) if r.status == 201));
-        assert_eq!(decide(Some(&completed(FP)), &OTHER, Reject), Decision::Mismatch);
-        assert_eq!(decide(Some(&unknown(FP)), &FP, Retry), Decision::Unknown(UnknownCause::Timeout));
-        assert_eq!(decide(Some(&unknown(FP)), &OTHER, Reject), Decision::Mismatch);
+        assert_eq!(decide(Some(lapsed.clone()), &FP, Reject), Decision::MarkUnknown);
+        assert_eq!(decide(Some(lapsed.clone()), &FP, Retry), Decision::TakeOver);
+        assert_eq!(decide(Some(lapsed.clone()), &OTHER, Retry), Decision::Mismatch);
+        assert!(matches!(decide(Some(completed(FP)), &FP, Reject), Decision::Replay(r) if r.status == 201));
+        assert_eq!(decide(Some(completed(FP)), &OTHER, Reject), Decision::Mismatch);
+        assert_eq!(
+            decide(Some(unknown(FP)), &FP, Retry),
+            Decision::Unknown(UnknownCause::Timeout)
+        );
+        assert_eq!(decide(Some(unknown(FP)), &OTHER, Reject), Decision::Mismatch);
     }
 
     proptest! {
@@ -156,7 +160,7 @@ mod tests {
                 _ => Some(unknown(FP)),
             };
             let outcome = if retry { UnknownOutcome::Retry } else { UnknownOutcome::Reject };
-            let decision = decide(existing.as_ref(), &fp, outcome);
+            let decision = decide(existing.clone(), &fp, outcome);
             if decision.takes_ownership() {
                 let unowned = existing
                     .as_ref()

@@ -131,7 +131,10 @@ mod tests {
         let a = StorageKey::new("p:", "r", b"Bearer a", b"k");
         assert_ne!(a, StorageKey::new("p:", "r", b"Bearer b", b"k"));
         assert_ne!(a, StorageKey::new("p:", "r2", b"Bearer a", b"k"));
-        assert_ne!(StorageKey::new("p:", "ab", b"c", b"k"), StorageKey::new("p:", "a", b"bc", b"k"));
+        assert_ne!(
+            StorageKey::new("p:", "ab", b"c", b"k"),
+            StorageKey::new("p:", "a", b"bc", b"k")
+        );
         assert_eq!(a, StorageKey::new("p:", "r", b"Bearer a", b"k"));
     }
 
@@ -142,14 +145,29 @@ mod tests {
         let other_uri: http::Uri = "/orders?x=2".parse().expect("uri");
         let no_query: http::Uri = "/orders".parse().expect("uri");
         let empty_query: http::Uri = "/orders?".parse().expect("uri");
-        assert_ne!(base, Fingerprint::of(&http::Method::PATCH, &uri, Some(b"application/json"), b"{}"));
-        assert_ne!(base, Fingerprint::of(&http::Method::POST, &other_uri, Some(b"application/json"), b"{}"));
-        assert_ne!(base, Fingerprint::of(&http::Method::POST, &uri, Some(b"text/plain"), b"{}"));
-        assert_ne!(base, Fingerprint::of(&http::Method::POST, &uri, Some(b"application/json"), b"{ }"));
+        assert_ne!(
+            base,
+            Fingerprint::of(&http::Method::PATCH, &uri, Some(b"application/json"), b"{}")
+        );
+        assert_ne!(
+            base,
+            Fingerprint::of(&http::Method::POST, &other_uri, Some(b"application/json"), b"{}")
+        );
+        assert_ne!(
+            base,
+            Fingerprint::of(&http::Method::POST, &uri, Some(b"text/plain"), b"{}")
+        );
+        assert_ne!(
+            base,
+            Fingerprint::of(&http::Method::POST, &uri, Some(b"application/json"), b"{ }")
+        );
         assert_ne!(
             Fingerprint::of(&http::Method::POST, &no_query, None, b""),
             Fingerprint::of(&http::Method::POST, &empty_query, None, b"")
         );
-        assert_eq!(base, Fingerprint::of(&http::Method::POST, &uri, Some(b"application/json"), b"{}"));
+        assert_eq!(
+            base,
+            Fingerprint::of(&http::Method::POST, &uri, Some(b"application/json"), b"{}")
+        );
     }
 }

@@ -144,7 +144,10 @@ mod tests {
 
     #[test]
     fn quoted_and_bare_forms() {
-        assert_eq!(key("\"8e03978e-40d5-43e8-bc93-6894a57f9324\""), Ok(b"8e03978e-40d5-43e8-bc93-6894a57f9324".to_vec()));
+        assert_eq!(
+            key("\"8e03978e-40d5-43e8-bc93-6894a57f9324\""),
+            Ok(b"8e03978e-40d5-43e8-bc93-6894a57f9324".to_vec())
+        );
         assert_eq!(key("order-42"), Ok(b"order-42".to_vec()));
         assert_eq!(key("  \"a b\"  "), Ok(b"a b".to_vec()));
         assert_eq!(key(r#""a\"b\\c""#), Ok(br#"a"b\c"#.to_vec()));
@@ -164,7 +167,10 @@ mod tests {
         assert_eq!(key(&"k".repeat(256)), Err(KeyError::TooLong));
         assert_eq!(key(&format!("\"{}\"", "k".repeat(256))), Err(KeyError::TooLong));
         assert_eq!(key(&"k".repeat(255)).map(|k| k.len()), Ok(255));
-        assert_eq!(parse(b"\"caf\xc3\xa9\"").map(|_| ()), Err(KeyError::InvalidCharacter(4)));
+        assert_eq!(
+            parse(b"\"caf\xc3\xa9\"").map(|_| ()),
+            Err(KeyError::InvalidCharacter(4))
+        );
     }
 
     #[test]

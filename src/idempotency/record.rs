@@ -236,8 +236,8 @@ impl Record {
                 let mut headers = Vec::with_capacity(count.min(64));
                 for _ in 0..count {
                     let name_len = r.u16()? as usize;
-                    let name = HeaderName::from_bytes(r.take(name_len)?)
-                        .map_err(|_| RecordError::Corrupt("header name"))?;
+                    let name =
+                        HeaderName::from_bytes(r.take(name_len)?).map_err(|_| RecordError::Corrupt("header name"))?;
                     let value_len = r.u32()? as usize;
                     let value = HeaderValue::from_bytes(r.take(value_len)?)
                         .map_err(|_| RecordError::Corrupt("header value"))?;
@@ -353,19 +353,25 @@ mod tests {
                 proptest::option::of(proptest::collection::vec(any::<u8>(), 0..2048)),
                 any::<u64>()
             )
-                .prop_map(|(fingerprint, status, headers, body, completed_at_ms)| Record::Completed {
-                    fingerprint,
-                    response: StoredResponse {
-                        status: StatusCode::from_u16(status).expect("valid status"),
-                        headers,
-                        body: body.map(Bytes::from),
-                        completed_at_ms,
-                    },
-                }),
+                .prop_map(
+                    |(fingerprint, status, headers, body, completed_at_ms)| Record::Completed {
+                        fingerprint,
+                        response: StoredResponse {
+                            status: StatusCode::from_u16(status).expect("valid status"),
+                            headers,
+                            body: body.map(Bytes::from),
+                            completed_at_ms,
+                        },
+                    }
+                ),
             (fingerprint_strategy(), any::<u64>(), 0usize..3).prop_map(|(fingerprint, since_ms, c)| Record::Unknown {
                 fingerprint,
                 since_ms,
-                cause: [UnknownCause::Timeout, UnknownCause::UpstreamFailed, UnknownCause::LeaseLapsed][c],
+                cause: [
+                    UnknownCause::Timeout,
+                    UnknownCause::UpstreamFailed,
+                    UnknownCause::LeaseLapsed
+                ][c],
             }),
         ]
     }
@@ -410,10 +416,16 @@ mod tests {
     #[test]
     fn corrupt_bytes_are_errors() {
         assert_eq!(Record::decode(Bytes::new()), Err(RecordError::Truncated));
-        assert_eq!(Record::decode(Bytes::from_static(&[2, 1])), Err(RecordError::Version(2)));
+        assert_eq!(
+            Record::decode(Bytes::from_static(&[2, 1])),
+            Err(RecordError::Version(2))
+        );
         let mut bad_state = vec![1u8, 9];
         bad_state.extend([0; 40]);
-        assert_eq!(Record::decode(Bytes::from(bad_state)), Err(RecordError::Corrupt("state")));
+        assert_eq!(
+            Record::decode(Bytes::from(bad_state)),
+            Err(RecordError::Corrupt("state"))
+        );
     }
 
     #[test]

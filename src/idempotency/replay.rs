@@ -8,7 +8,12 @@ use crate::body::ProxyBody;
 use crate::proxy::headers::{is_replayed, IDEMPOTENT_REPLAYED};
 
 /// What is kept of a first response: status, end-to-end headers, and the body when it fit.
-pub fn store(status: http::StatusCode, headers: &HeaderMap, body: Option<Bytes>, completed_at_ms: u64) -> StoredResponse {
+pub fn store(
+    status: http::StatusCode,
+    headers: &HeaderMap,
+    body: Option<Bytes>,
+    completed_at_ms: u64,
+) -> StoredResponse {
     StoredResponse {
         status,
         headers: headers

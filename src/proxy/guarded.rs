@@ -21,7 +21,7 @@ use crate::config::{OnConflict, Route, StoreFailure, UnknownOutcome};
 use crate::error::ProxyError;
 use crate::idempotency::{replay, unix_ms, Fingerprint, LeaseToken, Record, StorageKey, UnknownCause};
 use crate::store::{Begin, BeginRequest, Store, StoreError};
-use crate::telemetry::Outcome;
+use crate::telemetry::{Metrics, Outcome, Renewal, StoreOp};
 use crate::upstream::{error_chain, Upstream, UpstreamError};
 
 /// First and longest pause between two looks at a key in flight (`on_conflict = "wait"`).
@@ -54,7 +54,7 @@ pub async fn handle(
             unknown_outcome: policy.unknown_outcome,
             now_ms: unix_ms(),
         };
-        let begun = match state.store.begin(&begin).await {
+        let begun = match timed(&state.metrics, StoreOp::Begin, state.store.begin(&begin)).await {
             Ok(begun) => begun,
             Err(StoreError::Unavailable(reason)) if policy.store_failure == StoreFailure::Open => {
                 tracing::warn!(%reason, key = %key.short_hash(), "store unavailable: forwarding without idempotency protection");
@@ -78,7 +78,9 @@ pub async fn handle(
                 // its result is still recorded for the client's retry (spec §5).
                 return match state.executions.spawn(execution.run(request)).await {
                     Ok(result) => result,
-                    Err(join) => Err(ProxyError::Upstream(UpstreamError::Failed(format!("execution task failed: {join}")))),
+                    Err(join) => Err(ProxyError::Upstream(UpstreamError::Failed(format!(
+                        "execution task failed: {join}"
+                    )))),
                 };
             }
             Begin::Replay(stored) => {
@@ -143,7 +145,11 @@ impl Execution {
             self.route.timeout,
             policy.max_response_bytes,
         );
+        let started = std::time::Instant::now();
         let result = self.renewing_lease(exchange).await;
+        self.state
+            .metrics
+            .upstream_duration(self.route.index, started.elapsed());
         match result {
             Ok(response) => {
                 let (mut parts, body) = response.into_parts();
@@ -219,11 +225,20 @@ impl Execution {
             tokio::select! {
                 biased;
                 output = &mut work => return output,
-                _ = ticker.tick() => match self.state.store.renew(&self.key, self.token, lock_ttl).await {
-                    Ok(true) => tracing::debug!(key = %self.key.short_hash(), "lease renewed"),
-                    Ok(false) => tracing::warn!(key = %self.key.short_hash(), "lease lost: another request now owns this key"),
-                    Err(err) => tracing::warn!(error = %err, key = %self.key.short_hash(), "lease renewal failed"),
-                },
+                _ = ticker.tick() => {
+                    let metrics = &self.state.metrics;
+                    match timed(metrics, StoreOp::Renew, self.state.store.renew(&self.key, self.token, lock_ttl)).await {
+                        Ok(true) => metrics.lease_renewal(Renewal::Renewed),
+                        Ok(false) => {
+                            metrics.lease_renewal(Renewal::Lost);
+                            tracing::warn!(key = %self.key.short_hash(), "lease lost: another request now owns this key");
+                        }
+                        Err(err) => {
+                            metrics.lease_renewal(Renewal::Failed);
+                            tracing::warn!(error = %err, key = %self.key.short_hash(), "lease renewal failed");
+                        }
+                    }
+                }
             }
         }
     }
@@ -231,17 +246,30 @@ impl Execution {
     /// Records the outcome (compare-and-set on the token). A failure is logged: the lease then
     /// lapses and retries learn the outcome is unknown, which keeps the at-most-once promise.
     async fn record(&self, record: Record) {
-        match self.state.store.complete(&self.key, self.token, &record).await {
+        let completion = self.state.store.complete(&self.key, self.token, &record);
+        match timed(&self.state.metrics, StoreOp::Complete, completion).await {
             Ok(true) => {}
-            Ok(false) => tracing::warn!(key = %self.key.short_hash(), state = record.state_name(), "not recorded: this request no longer owns the key"),
-            Err(err) => tracing::error!(error = %err, key = %self.key.short_hash(), state = record.state_name(), "outcome not recorded: retries will get outcome-unknown once the lease lapses"),
+            Ok(false) => {
+                tracing::warn!(key = %self.key.short_hash(), state = record.state_name(), "not recorded: this request no longer owns the key")
+            }
+            Err(err) => {
+                tracing::error!(error = %err, key = %self.key.short_hash(), state = record.state_name(), "outcome not recorded: retries will get outcome-unknown once the lease lapses")
+            }
         }
     }
 
     async fn release(&self) {
-        match self.state.store.release(&self.key, self.token).await {
+        match timed(
+            &self.state.metrics,
+            StoreOp::Release,
+            self.state.store.release(&self.key, self.token),
+        )
+        .await
+        {
             Ok(_) => {}
-            Err(err) => tracing::error!(error = %err, key = %self.key.short_hash(), "key not released: retries will get outcome-unknown once the lease lapses"),
+            Err(err) => {
+                tracing::error!(error = %err, key = %self.key.short_hash(), "key not released: retries will get outcome-unknown once the lease lapses")
+            }
         }
     }
 }
@@ -297,4 +325,16 @@ fn concat(mut chunks: Vec<Bytes>) -> Bytes {
         1 => chunks.pop().unwrap_or_default(),
         _ => chunks.concat().into(),
     }
+}
+
+/// Awaits a store call, recording its latency and failure in the metrics.
+async fn timed<T>(
+    metrics: &Metrics,
+    op: StoreOp,
+    call: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    let started = std::time::Instant::now();
+    let result = call.await;
+    metrics.store_call(op, started.elapsed(), result.is_ok());
+    result
 }

@@ -5,6 +5,7 @@
 
 pub mod guarded;
 pub mod headers;
+pub mod preface_deadline;
 pub mod service;
 
 use std::future::Future;
@@ -23,7 +24,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, ServerSettings, StoreSettings};
 use crate::store::{AnyStore, MemoryStore, RedisStore, StoreError};
+use crate::telemetry::Metrics;
 use crate::upstream::Upstream;
+use preface_deadline::PrefaceDeadline;
 
 /// A failure to start or run the server.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +42,7 @@ pub struct State {
     pub config: Config,
     pub upstream: Upstream,
     pub store: AnyStore,
+    pub metrics: Metrics,
     /// Guarded executions run as their own tasks (a client that leaves does not cancel them);
     /// shutdown waits for them too.
     pub executions: TaskTracker,
@@ -53,6 +57,7 @@ impl State {
             }
         };
         Ok(Self {
+            metrics: Metrics::new(config.routes.iter().map(|r| &*r.name)),
             upstream: Upstream::new(&config.upstream),
             store,
             executions: TaskTracker::new(),
@@ -166,9 +171,11 @@ pub async fn serve_with_admin(
         let _ = stream.set_nodelay(true);
         let connection = Arc::new(ConnectionInfo::new(peer, tls));
         let state = state.clone();
-        let service = hyper::service::service_fn(move |request| {
-            service::handle(state.clone(), connection.clone(), request)
-        });
+        let service =
+            hyper::service::service_fn(move |request| service::handle(state.clone(), connection.clone(), request));
+        // The protocol sniffing of the auto builder has no deadline of its own: bound it by the
+        // header read timeout, after which HTTP/1's own header timer takes over.
+        let stream = PrefaceDeadline::new(stream, settings.header_read_timeout);
         let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {

@@ -36,7 +36,10 @@ pub async fn handle(
         Ok((response, outcome)) => (response, outcome),
         Err(err) => {
             let outcome = err.outcome();
-            if matches!(outcome, Outcome::StoreUnavailable | Outcome::UpstreamError | Outcome::OutcomeUnknown) {
+            if matches!(
+                outcome,
+                Outcome::StoreUnavailable | Outcome::UpstreamError | Outcome::OutcomeUnknown
+            ) {
                 tracing::warn!(error = %err, "request failed");
             }
             (err.into_response(), outcome)
@@ -67,13 +70,19 @@ async fn route_request(
     if !request.uri().path().starts_with('/') {
         return Err(ProxyError::BadRequest("the request target must be an absolute path"));
     }
-    let route = state.config.route_for(request.uri().path()).ok_or(ProxyError::NoRoute)?;
+    let route = state
+        .config
+        .route_for(request.uri().path())
+        .ok_or(ProxyError::NoRoute)?;
     log.route = Some(route.name.clone());
     let policy = &route.policy;
     if policy.guards(request.method()) {
         match key::from_fields(request.headers().get_all(IDEMPOTENCY_KEY))? {
             Some(key) => {
-                let scope = request.headers().get(&policy.scope_header).map_or(&b""[..], |v| v.as_bytes());
+                let scope = request
+                    .headers()
+                    .get(&policy.scope_header)
+                    .map_or(&b""[..], |v| v.as_bytes());
                 let storage_key = StorageKey::new(&state.config.key_prefix, &route.name, scope, key.as_bytes());
                 log.key_hash = Some(storage_key.short_hash());
                 return guarded::handle(state, connection, route, request, storage_key).await;
@@ -97,14 +106,20 @@ pub fn upstream_request<B>(
     body: impl FnOnce(B) -> ProxyBody,
 ) -> Result<Request<ProxyBody>, ProxyError> {
     let (mut parts, incoming) = request.into_parts();
-    let client_host = parts
-        .headers
-        .get(HOST)
-        .cloned()
-        .or_else(|| parts.uri.authority().and_then(|a| http::HeaderValue::from_str(a.as_str()).ok()));
+    let client_host = parts.headers.get(HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok())
+    });
     parts.uri = upstream_uri(route, &parts.uri)?;
     headers::remove_hop_by_hop(&mut parts.headers);
-    headers::set_forwarded(&mut parts.headers, &connection.client_ip, &connection.proto, client_host.clone());
+    headers::set_forwarded(
+        &mut parts.headers,
+        &connection.client_ip,
+        &connection.proto,
+        client_host.clone(),
+    );
     headers::append_via(&mut parts.headers, parts.version);
     let host = match client_host {
         Some(host) if route.preserve_host => host,
@@ -125,7 +140,8 @@ fn upstream_uri(route: &Route, uri: &Uri) -> Result<Uri, ProxyError> {
             let mut joined = String::with_capacity(target.base_path.len() + pq.len());
             joined.push_str(&target.base_path);
             joined.push_str(pq);
-            PathAndQuery::try_from(joined).map_err(|_| ProxyError::BadRequest("the request target is not a valid path"))?
+            PathAndQuery::try_from(joined)
+                .map_err(|_| ProxyError::BadRequest("the request target is not a valid path"))?
         }
     };
     Uri::builder()

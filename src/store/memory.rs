@@ -102,7 +102,7 @@ impl MemoryStore {
             record: e.record.clone(),
             lease_left: e.lease_left(now),
         });
-        let decision = decide(existing.as_ref(), &request.fingerprint, request.unknown_outcome);
+        let decision = decide(existing, &request.fingerprint, request.unknown_outcome);
         match &decision {
             Decision::Execute => {
                 if inner.entries.len() >= self.max_entries {
@@ -225,14 +225,23 @@ mod tests {
         let store = MemoryStore::new(2);
         let now = Instant::now();
         let keys: Vec<_> = (0..3).map(|i| StorageKey::new("t:", "r", b"", &[i])).collect();
-        assert_eq!(store.begin_now(&request(&keys[0], Duration::from_secs(1)), now), Ok(Begin::Owner));
-        assert_eq!(store.begin_now(&request(&keys[1], Duration::from_secs(60)), now), Ok(Begin::Owner));
+        assert_eq!(
+            store.begin_now(&request(&keys[0], Duration::from_secs(1)), now),
+            Ok(Begin::Owner)
+        );
+        assert_eq!(
+            store.begin_now(&request(&keys[1], Duration::from_secs(60)), now),
+            Ok(Begin::Owner)
+        );
         assert_eq!(
             store.begin_now(&request(&keys[2], Duration::from_secs(60)), now),
             Err(StoreError::Full(2)).map(|_: ()| Begin::Owner)
         );
         let later = now + Duration::from_secs(2);
-        assert_eq!(store.begin_now(&request(&keys[2], Duration::from_secs(60)), later), Ok(Begin::Owner));
+        assert_eq!(
+            store.begin_now(&request(&keys[2], Duration::from_secs(60)), later),
+            Ok(Begin::Owner)
+        );
         assert_eq!(store.len(), 2);
     }
 }

@@ -10,7 +10,9 @@ use std::future::Future;
 use std::time::Duration;
 
 use crate::config::UnknownOutcome;
-use crate::idempotency::{Decision, Existing, Fingerprint, LeaseToken, Record, RecordError, StorageKey, StoredResponse, UnknownCause};
+use crate::idempotency::{
+    Decision, Existing, Fingerprint, LeaseToken, Record, RecordError, StorageKey, StoredResponse, UnknownCause,
+};
 
 pub use self::memory::MemoryStore;
 pub use self::redis::RedisStore;

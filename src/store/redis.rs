@@ -27,7 +27,10 @@ use crate::idempotency::{decide, Existing, LeaseToken, Record, StorageKey};
 /// KEYS: record, lease. ARGV: new InFlight record, owner token, key_ttl ms, lock_ttl ms,
 /// fingerprint, `retry`|`reject`, Unknown(lease lapsed) record.
 /// Returns `{0}` when this request now owns a new record, else `{1, record, lease PTTL}` with
-/// the record as it was before any takeover/mark-unknown this script applied.
+/// the record as it was before any takeover/mark-unknown this script applied. It only takes over
+/// (or marks Unknown) a well-formed InFlight record (version 1, state 1, exactly 58 bytes, the
+/// length `Record::decode` requires), so a record the caller will report as corrupt is never
+/// overwritten behind its back.
 const BEGIN_LUA: &str = r"
 local rec = redis.call('GET', KEYS[1])
 if not rec then
@@ -36,7 +39,7 @@ if not rec then
   return {0}
 end
 local lease = redis.call('PTTL', KEYS[2])
-if lease <= 0 and string.byte(rec, 1) == 1 and string.byte(rec, 2) == 1
+if lease <= 0 and #rec == 58 and string.byte(rec, 1) == 1 and string.byte(rec, 2) == 1
    and string.sub(rec, 3, 34) == ARGV[5] then
   if ARGV[6] == 'retry' then
     redis.call('SET', KEYS[1], ARGV[1], 'KEEPTTL')
@@ -53,7 +56,8 @@ return {1, rec, lease}
 /// expiry) and drop the lease, or with an empty ARGV[2] delete both. Returns 1 if done.
 const FINISH_LUA: &str = r"
 local rec = redis.call('GET', KEYS[1])
-if (not rec) or string.byte(rec, 2) ~= 1 or string.sub(rec, 35, 50) ~= ARGV[1] then
+if (not rec) or #rec ~= 58 or string.byte(rec, 1) ~= 1 or string.byte(rec, 2) ~= 1
+   or string.sub(rec, 35, 50) ~= ARGV[1] then
   return 0
 end
 if ARGV[2] == '' then
@@ -68,7 +72,8 @@ return 1
 /// Compare-and-set on the owner token: (re)grant the lease for ARGV[2] ms. Returns 1 if done.
 const RENEW_LUA: &str = r"
 local rec = redis.call('GET', KEYS[1])
-if (not rec) or string.byte(rec, 2) ~= 1 or string.sub(rec, 35, 50) ~= ARGV[1] then
+if (not rec) or #rec ~= 58 or string.byte(rec, 1) ~= 1 or string.byte(rec, 2) ~= 1
+   or string.sub(rec, 35, 50) ~= ARGV[1] then
   return 0
 end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
@@ -251,7 +256,7 @@ impl Store for RedisStore {
                     record: Record::decode(Bytes::from(bytes))?,
                     lease_left: as_int(&pttl).and_then(lease_left),
                 };
-                Ok(decide(Some(&existing), &request.fingerprint, request.unknown_outcome).into())
+                Ok(decide(Some(existing), &request.fingerprint, request.unknown_outcome).into())
             }
             _ => Err(unexpected("begin", &Value::Array(items))),
         }
@@ -303,5 +308,26 @@ impl Store for RedisStore {
         pipeline.cmd("PING");
         let (_pong,): (String,) = self.query(&pipeline).await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::idempotency::Fingerprint;
+
+    /// The scripts recognise an InFlight record by its exact encoded length.
+    #[test]
+    fn scripts_know_the_in_flight_record_length() {
+        let record = Record::InFlight {
+            fingerprint: Fingerprint([1; 32]),
+            owner: LeaseToken([2; 16]),
+            started_at_ms: u64::MAX,
+        };
+        let len = record.encode().len();
+        assert_eq!(len, 58);
+        for script in [BEGIN_LUA, FINISH_LUA, RENEW_LUA] {
+            assert!(script.contains(&format!("#rec == {len}")) || script.contains(&format!("#rec ~= {len}")));
+        }
     }
 }

@@ -336,7 +336,9 @@ fn futures_chunks(
     tokio_stream_iter(iter)
 }
 
-fn tokio_stream_iter<I: Iterator + Unpin + Send + Sync + 'static>(iter: I) -> impl futures_core::Stream<Item = I::Item> + Send + Sync {
+fn tokio_stream_iter<I: Iterator + Unpin + Send + Sync + 'static>(
+    iter: I,
+) -> impl futures_core::Stream<Item = I::Item> + Send + Sync {
     struct Iter<I>(I);
     impl<I: Iterator + Unpin> futures_core::Stream for Iter<I> {
         type Item = I::Item;
@@ -400,9 +402,14 @@ impl TestProxy {
         };
         let admin_addr = admin_listener.as_ref().map(|l| l.local_addr().expect("local addr"));
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(idemproxy::serve_with_admin(config, listener, admin_listener, async move {
-            let _ = rx.await;
-        }));
+        let task = tokio::spawn(idemproxy::serve_with_admin(
+            config,
+            listener,
+            admin_listener,
+            async move {
+                let _ = rx.await;
+            },
+        ));
         Self {
             addr,
             admin: admin_addr,
@@ -458,7 +465,11 @@ impl TestResponse {
 
     /// The `type` of a problem+json answer.
     pub fn problem_type(&self) -> String {
-        assert_eq!(self.header("content-type"), Some("application/problem+json"), "{self:?}");
+        assert_eq!(
+            self.header("content-type"),
+            Some("application/problem+json"),
+            "{self:?}"
+        );
         self.json()["type"].as_str().unwrap_or_default().to_string()
     }
 }
@@ -489,8 +500,16 @@ impl TestClient {
         }
     }
 
-    pub async fn send(&self, method: Method, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> TestResponse {
-        self.try_send(method, url, headers, body).await.expect("request completes")
+    pub async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> TestResponse {
+        self.try_send(method, url, headers, body)
+            .await
+            .expect("request completes")
     }
 
     pub async fn try_send(
@@ -520,7 +539,8 @@ impl TestClient {
 
     /// `POST url` with an `Idempotency-Key` and a body.
     pub async fn post_keyed(&self, url: &str, key: &str, body: &str) -> TestResponse {
-        self.send(Method::POST, url, &[("idempotency-key", key)], body.to_string()).await
+        self.send(Method::POST, url, &[("idempotency-key", key)], body.to_string())
+            .await
     }
 }
 

@@ -1,7 +1,11 @@
 //! Logs (JSON or pretty, `RUST_LOG`-style filter) and the per-request outcome vocabulary
 //! shared by logs and metrics.
 
+pub mod metrics;
+
 use tracing_subscriber::{fmt, EnvFilter};
+
+pub use metrics::{Metrics, Renewal, StoreOp};
 
 use crate::config::LogFormat;
 

@@ -1,0 +1,130 @@
+//! Micro benchmarks of the per-request idempotency work: key parsing, fingerprinting,
+//! record encoding/decoding and the decision. Run: `cargo bench --bench micro`.
+
+use bytes::Bytes;
+use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use http::{HeaderName, HeaderValue, Method, StatusCode, Uri};
+use idemproxy::config::UnknownOutcome;
+use idemproxy::idempotency::{decide, key, Existing, Fingerprint, LeaseToken, Record, StorageKey, StoredResponse};
+
+fn key_parsing(c: &mut Criterion) {
+    let mut group = c.benchmark_group("key_parse");
+    for len in [16usize, 36, 255] {
+        let bare = "k".repeat(len);
+        let quoted = format!("\"{}\"", "k".repeat(len));
+        group.throughput(Throughput::Bytes(len as u64));
+        group.bench_with_input(BenchmarkId::new("bare", len), &bare, |b, v| {
+            b.iter(|| key::parse(black_box(v.as_bytes())).map(|k| k.as_bytes().len()))
+        });
+        group.bench_with_input(BenchmarkId::new("sf_string", len), &quoted, |b, v| {
+            b.iter(|| key::parse(black_box(v.as_bytes())).map(|k| k.as_bytes().len()))
+        });
+    }
+    group.finish();
+}
+
+fn fingerprinting(c: &mut Criterion) {
+    let mut group = c.benchmark_group("fingerprint");
+    let uri: Uri = "/v1/orders?expand=items".parse().expect("uri");
+    for size in [1024usize, 64 * 1024, 1024 * 1024] {
+        let body = vec![b'x'; size];
+        group.throughput(Throughput::Bytes(size as u64));
+        group.bench_with_input(BenchmarkId::from_parameter(size), &body, |b, body| {
+            b.iter(|| Fingerprint::of(&Method::POST, &uri, Some(b"application/json"), black_box(body)))
+        });
+    }
+    group.finish();
+    c.bench_function("storage_key", |b| {
+        b.iter(|| {
+            StorageKey::new(
+                "idem:",
+                "default",
+                black_box(b"Bearer abcdef0123456789"),
+                black_box(b"8e03978e-40d5-43e8-bc93-6894a57f9324"),
+            )
+        })
+    });
+}
+
+fn completed(body_len: usize) -> Record {
+    Record::Completed {
+        fingerprint: Fingerprint([7; 32]),
+        response: StoredResponse {
+            status: StatusCode::CREATED,
+            headers: vec![
+                (
+                    HeaderName::from_static("content-type"),
+                    HeaderValue::from_static("application/json"),
+                ),
+                (
+                    HeaderName::from_static("location"),
+                    HeaderValue::from_static("/v1/orders/123"),
+                ),
+                (
+                    HeaderName::from_static("x-request-id"),
+                    HeaderValue::from_static("0f8fad5b-d9cb-469f-a165-70867728950e"),
+                ),
+            ],
+            body: Some(Bytes::from(vec![b'x'; body_len])),
+            completed_at_ms: 1_700_000_000_000,
+        },
+    }
+}
+
+fn records(c: &mut Criterion) {
+    let mut group = c.benchmark_group("record");
+    for size in [64usize, 1024, 64 * 1024] {
+        let record = completed(size);
+        let encoded = record.encode();
+        group.throughput(Throughput::Bytes(encoded.len() as u64));
+        group.bench_with_input(BenchmarkId::new("encode", size), &record, |b, r| {
+            b.iter(|| black_box(r).encode())
+        });
+        group.bench_with_input(BenchmarkId::new("decode", size), &encoded, |b, e| {
+            b.iter(|| Record::decode(black_box(e.clone())))
+        });
+    }
+    group.finish();
+}
+
+fn decision(c: &mut Criterion) {
+    let fingerprint = Fingerprint([7; 32]);
+    let replay = Existing {
+        record: completed(1024),
+        lease_left: None,
+    };
+    let in_flight = Existing {
+        record: Record::InFlight {
+            fingerprint,
+            owner: LeaseToken([1; 16]),
+            started_at_ms: 0,
+        },
+        lease_left: Some(std::time::Duration::from_secs(10)),
+    };
+    let mut group = c.benchmark_group("decide");
+    group.bench_function("none", |b| {
+        b.iter(|| decide(None, black_box(&fingerprint), UnknownOutcome::Reject))
+    });
+    group.bench_function("completed", |b| {
+        b.iter(|| {
+            decide(
+                Some(black_box(&replay).clone()),
+                black_box(&fingerprint),
+                UnknownOutcome::Reject,
+            )
+        })
+    });
+    group.bench_function("in_flight", |b| {
+        b.iter(|| {
+            decide(
+                Some(black_box(&in_flight).clone()),
+                black_box(&fingerprint),
+                UnknownOutcome::Reject,
+            )
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, key_parsing, fingerprinting, records, decision);
+criterion_main!(benches);

@@ -1,0 +1,547 @@
+//! The proxy foundation (spec §1 pass-through, §8 errors, §9 proxying): what reaches the
+//! upstream and what reaches the client for requests that are not guarded, against a real
+//! recording upstream. Raw sockets where a hyper client would manage the bytes itself.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::{free_port, Recorded, RedisServer, TestClient, TestProxy, TestUpstream};
+use http::{Method, StatusCode, Version};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// Proxy config with a catch-all route to `upstream_url`; `top` holds extra top-level dotted
+/// keys (`upstream.timeout = "300ms"`, `server.header_read_timeout = "500ms"`, ...).
+fn config(upstream_url: &str, top: &str) -> String {
+    format!("log.filter = \"warn\"\nupstream.url = \"{upstream_url}\"\n{top}\n")
+}
+
+/// The one request the upstream received.
+fn only_request(upstream: &TestUpstream) -> Recorded {
+    let requests = upstream.requests();
+    assert_eq!(requests.len(), 1, "exactly one request reached the upstream: {requests:?}");
+    requests.into_iter().next().expect("one request")
+}
+
+fn header<'a>(recorded: &'a Recorded, name: &str) -> Option<&'a str> {
+    recorded.headers.get(name).map(|v| v.to_str().expect("ascii header"))
+}
+
+fn all_values(headers: &http::HeaderMap, name: &str) -> Vec<String> {
+    headers
+        .get_all(name)
+        .iter()
+        .map(|v| v.to_str().expect("ascii header").to_owned())
+        .collect()
+}
+
+/// Writes `bytes` on a new connection and reads until the server closes it.
+async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    let mut stream = TcpStream::connect(addr).await.expect("connect to the proxy");
+    stream.write_all(bytes).await.expect("write request");
+    read_until_closed(&mut stream, Duration::from_secs(10))
+        .await
+        .expect("the proxy closes the connection")
+}
+
+/// Reads until EOF (or a reset, which also closes the connection); `None` if still open after
+/// `limit`.
+async fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> Option<Vec<u8>> {
+    let mut received = Vec::new();
+    let read_all = async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => received.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(limit, read_all).await.ok()?;
+    Some(received)
+}
+
+/// Reads one HTTP/1.1 response framed by `Content-Length` and returns it as text.
+async fn read_one_response(stream: &mut TcpStream) -> String {
+    let mut received = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = async {
+        loop {
+            if let Some(end) = find(&received, b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&received[..end]).to_ascii_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map(|v| v.trim().parse().expect("numeric content-length"))
+                    .expect("the response has a content-length");
+                if received.len() >= end + 4 + length {
+                    return;
+                }
+            }
+            let n = stream.read(&mut buf).await.expect("read response");
+            assert!(n > 0, "connection closed mid-response: {:?}", String::from_utf8_lossy(&received));
+            received.extend_from_slice(&buf[..n]);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("a response within 10s");
+    String::from_utf8(received).expect("utf-8 response")
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// RFC 9110 §7.6.1 on the request: `Connection`, every field it names, and the fixed
+/// hop-by-hop fields never reach the upstream; end-to-end fields arrive untouched.
+#[tokio::test]
+async fn hop_by_hop_request_fields_are_not_forwarded() {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&config(&upstream.url(), "")).await;
+    let request = "GET /hop?q=1 HTTP/1.1\r\n\
+                   Host: api.example\r\n\
+                   Connection: close, x-secret\r\n\
+                   X-Secret: s3cret\r\n\
+                   Keep-Alive: timeout=5\r\n\
+                   Proxy-Connection: keep-alive\r\n\
+                   TE: trailers\r\n\
+                   Trailer: x-checksum\r\n\
+                   Proxy-Authorization: Basic YWxhZGRpbjpvcGVuc2VzYW1l\r\n\
+                   Upgrade: websocket\r\n\
+                   X-End-To-End: kept as is\r\n\
+                   Authorization: Bearer end-to-end\r\n\
+                   \r\n";
+    let response = raw_exchange(proxy.addr, request.as_bytes()).await;
+    let response = String::from_utf8_lossy(&response);
+    assert!(response.starts_with("HTTP/1.1 201"), "{response}");
+
+    let seen = only_request(&upstream);
+    for name in [
+        "connection",
+        "x-secret",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "proxy-authorization",
+        "upgrade",
+        "transfer-encoding",
+    ] {
+        assert!(
+            !seen.headers.contains_key(name),
+            "hop-by-hop `{name}` reached the upstream: {:?}",
+            seen.headers
+        );
+    }
+    assert_eq!(header(&seen, "x-end-to-end"), Some("kept as is"));
+    assert_eq!(header(&seen, "authorization"), Some("Bearer end-to-end"));
+}
+
+/// RFC 9110 §7.6.1 on the response: hop-by-hop fields the upstream sends (including those its
+/// `Connection` names) never reach the client.
+#[tokio::test]
+async fn hop_by_hop_response_fields_are_not_forwarded() {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&config(&upstream.url(), "")).await;
+    let response = TestClient::new()
+        .send(
+            Method::GET,
+            &proxy.url("/resp"),
+            &[
+                ("x-upstream-header", "connection=x-resp-secret"),
+                ("x-upstream-header", "x-resp-secret=1"),
+                ("x-upstream-header", "keep-alive=timeout=9"),
+                ("x-upstream-header", "proxy-connection=keep-alive"),
+                ("x-upstream-header", "upgrade=h2c"),
+                ("x-upstream-header", "x-resp-kept=1"),
+            ],
+            "",
+        )
+        .await;
+    assert_eq!(response.status, StatusCode::CREATED);
+    for name in ["connection", "x-resp-secret", "keep-alive", "proxy-connection", "upgrade"] {
+        assert!(
+            !response.headers.contains_key(name),
+            "hop-by-hop `{name}` reached the client: {:?}",
+            response.headers
+        );
+    }
+    assert_eq!(response.header("x-resp-kept"), Some("1"));
+    assert_eq!(response.header("content-type"), Some("application/json"));
+    assert!(
+        all_values(&response.headers, "via").iter().any(|v| v.contains("1.1 idemproxy")),
+        "{:?}",
+        response.headers
+    );
+}
+
+/// `X-Forwarded-For` is appended to, `-Proto`/`-Host` describe the client's request (client
+/// values are replaced, not trusted), `Via` names this proxy, `Host` is the upstream's, and
+/// path and query go through byte for byte.
+#[tokio::test]
+async fn forwarding_fields_host_and_target_by_default() {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&config(&upstream.url(), "")).await;
+    let target = "/a%2Fb/c;v=1/..%2F~x?x=1&y=%20&x=2&e=&plus=a+b";
+    let response = TestClient::new()
+        .send(
+            Method::GET,
+            &proxy.url(target),
+            &[
+                ("host", "shop.example"),
+                ("x-forwarded-for", "203.0.113.7"),
+                ("x-forwarded-proto", "https"),
+                ("x-forwarded-host", "spoofed.example"),
+                ("via", "1.0 fred"),
+            ],
+            "",
+        )
+        .await;
+    assert_eq!(response.status, StatusCode::CREATED);
+
+    let seen = only_request(&upstream);
+    assert_eq!(seen.uri.path_and_query().map(|pq| pq.as_str()), Some(target));
+    assert_eq!(all_values(&seen.headers, "x-forwarded-for"), vec!["203.0.113.7, 127.0.0.1"]);
+    assert_eq!(all_values(&seen.headers, "x-forwarded-proto"), vec!["http"]);
+    assert_eq!(all_values(&seen.headers, "x-forwarded-host"), vec!["shop.example"]);
+    let via = all_values(&seen.headers, "via").join(", ");
+    assert_eq!(via, "1.0 fred, 1.1 idemproxy");
+    assert_eq!(all_values(&seen.headers, "host"), vec![upstream.addr.to_string()]);
+}
+
+/// Without a client `X-Forwarded-For`, the upstream sees just the client's address.
+#[tokio::test]
+async fn x_forwarded_for_starts_with_the_client_address() {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&config(&upstream.url(), "")).await;
+    let response = TestClient::new().send(Method::GET, &proxy.url("/"), &[], "").await;
+    assert_eq!(response.status, StatusCode::CREATED);
+    let seen = only_request(&upstream);
+    assert_eq!(all_values(&seen.headers, "x-forwarded-for"), vec!["127.0.0.1"]);
+    assert_eq!(
+        all_values(&seen.headers, "x-forwarded-host"),
+        vec![proxy.addr.to_string()]
+    );
+}
+
+/// `upstream.preserve_host = true` forwards the client's `Host`.
+#[tokio::test]
+async fn preserve_host_forwards_the_client_host() {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&config(&upstream.url(), "upstream.preserve_host = true")).await;
+    let response = TestClient::new()
+        .send(Method::GET, &proxy.url("/p?q=%41"), &[("host", "shop.example")], "")
+        .await;
+    assert_eq!(response.status, StatusCode::CREATED);
+    let seen = only_request(&upstream);
+    assert_eq!(all_values(&seen.headers, "host"), vec!["shop.example"]);
+    assert_eq!(all_values(&seen.headers, "x-forwarded-host"), vec!["shop.example"]);
+    assert_eq!(seen.uri.path_and_query().map(|pq| pq.as_str()), Some("/p?q=%41"));
+}
+
+/// HTTP/2 with prior knowledge (h2c) from the client; the upstream is spoken to in HTTP/1.1.
+#[tokio::test]
+async fn h2c_prior_knowledge_is_proxied_to_http1_upstream() {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&config(&upstream.url(), "")).await;
+    let client = TestClient::http2();
+    let response = client
+        .send(Method::POST, &proxy.url("/h2?x=1"), &[("content-type", "text/plain")], "over h2")
+        .await;
+    assert_eq!(response.status, StatusCode::CREATED);
+    assert_eq!(response.json()["body_bytes"], 7);
+    assert_eq!(response.json()["path"], "/h2");
+
+    let seen = only_request(&upstream);
+    assert_eq!(seen.version, Version::HTTP_11);
+    assert_eq!(seen.method, Method::POST);
+    assert_eq!(seen.uri.path_and_query().map(|pq| pq.as_str()), Some("/h2?x=1"));
+    assert_eq!(seen.body.as_ref(), b"over h2");
+    assert_eq!(all_values(&seen.headers, "host"), vec![upstream.addr.to_string()]);
+    assert_eq!(all_values(&seen.headers, "x-forwarded-host"), vec![proxy.addr.to_string()]);
+    assert!(
+        all_values(&seen.headers, "via").iter().any(|v| v == "2 idemproxy"),
+        "{:?}",
+        seen.headers
+    );
+    // The same h2 connection carries a second request.
+    let again = client.send(Method::GET, &proxy.url("/h2/again"), &[], "").await;
+    assert_eq!(again.status, StatusCode::CREATED);
+    assert_eq!(upstream.hits(), 2);
+}
+
+fn assert_problem(response: &common::TestResponse, status: StatusCode, slug: &str) {
+    assert_eq!(response.status, status, "{response:?}");
+    let problem_type = response.problem_type();
+    assert!(problem_type.ends_with(&format!("#{slug}")), "type {problem_type}");
+    let json = response.json();
+    assert_eq!(json["status"], status.as_u16());
+    assert!(json["title"].as_str().is_some_and(|t| !t.is_empty()), "{json}");
+    assert!(json["detail"].as_str().is_some_and(|d| !d.is_empty()), "{json}");
+    let link = response.header("link").expect("a Link header");
+    assert_eq!(link, format!("<{problem_type}>; rel=\"describedby\""));
+}
+
+/// Nothing listening upstream: `502` problem, type upstream-unreachable.
+#[tokio::test]
+async fn refused_upstream_is_502_problem() {
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let proxy = TestProxy::start(&config(&dead, "")).await;
+    let response = TestClient::new().send(Method::GET, &proxy.url("/x"), &[], "").await;
+    assert_problem(&response, StatusCode::BAD_GATEWAY, "upstream-unreachable");
+    let keyless_post = TestClient::new().send(Method::POST, &proxy.url("/x"), &[], "{}").await;
+    assert_problem(&keyless_post, StatusCode::BAD_GATEWAY, "upstream-unreachable");
+}
+
+/// An upstream slower than `upstream.timeout`: `504` problem, type upstream-timeout, answered
+/// at the timeout rather than when the upstream finally answers.
+#[tokio::test]
+async fn slow_upstream_is_504_problem_at_the_timeout() {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&config(&upstream.url(), "upstream.timeout = \"300ms\"")).await;
+    let started = Instant::now();
+    let response = TestClient::new()
+        .send(Method::GET, &proxy.url("/slow"), &[("x-upstream-delay-ms", "2000")], "")
+        .await;
+    let elapsed = started.elapsed();
+    assert_problem(&response, StatusCode::GATEWAY_TIMEOUT, "upstream-timeout");
+    assert!(elapsed >= Duration::from_millis(250), "answered after {elapsed:?}");
+    assert!(elapsed < Duration::from_millis(1500), "answered after {elapsed:?}");
+}
+
+/// Garbage on a socket gets a 400 or a closed connection, and the process keeps serving.
+#[tokio::test]
+async fn garbage_bytes_do_not_stop_the_server() {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&config(&upstream.url(), "")).await;
+    for garbage in [&b"\x00\xff GARBAGE\r\n\r\n"[..], b"GET\r\n\r\n", b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\ngarbage"] {
+        let answer = raw_exchange(proxy.addr, garbage).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.is_empty() || answer.starts_with("HTTP/1.1 400"),
+            "garbage {garbage:?} got {answer:?}"
+        );
+    }
+    assert_eq!(upstream.hits(), 0);
+    let response = TestClient::new().send(Method::GET, &proxy.url("/after"), &[], "").await;
+    assert_eq!(response.status, StatusCode::CREATED);
+    assert_eq!(upstream.hits(), 1);
+}
+
+/// Graceful shutdown: the listener closes at once, the in-flight request still completes, and
+/// the serve task ends with `Ok`.
+#[tokio::test]
+async fn graceful_shutdown_finishes_in_flight_requests() {
+    let upstream = TestUpstream::start().await;
+    let mut proxy = TestProxy::start(&config(&upstream.url(), "")).await;
+    let url = proxy.url("/slow");
+    let in_flight = tokio::spawn(async move {
+        TestClient::new()
+            .send(Method::GET, &url, &[("x-upstream-delay-ms", "1000")], "")
+            .await
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while upstream.hits() == 0 {
+        assert!(Instant::now() < deadline, "the slow request never reached the upstream");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let task = proxy.shutdown();
+    // Stops accepting while the request is still running.
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while TcpStream::connect(proxy.addr).await.is_ok() {
+        assert!(Instant::now() < deadline, "still accepting connections after shutdown");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!in_flight.is_finished(), "the slow request ended before its upstream answered");
+
+    let response = tokio::time::timeout(Duration::from_secs(5), in_flight)
+        .await
+        .expect("the in-flight request completes")
+        .expect("client task");
+    assert_eq!(response.status, StatusCode::CREATED);
+    let served = tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("serve ends after draining")
+        .expect("serve task did not panic");
+    assert!(served.is_ok(), "{served:?}");
+    assert!(TcpStream::connect(proxy.addr).await.is_err(), "a connection was accepted after shutdown");
+}
+
+/// Slowloris: a client that starts a request head and stalls is disconnected after
+/// `server.header_read_timeout`.
+#[tokio::test]
+async fn slow_header_client_is_disconnected() {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&config(&upstream.url(), "server.header_read_timeout = \"500ms\"")).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write partial head");
+    let started = Instant::now();
+    let received = read_until_closed(&mut stream, Duration::from_secs(5))
+        .await
+        .expect("disconnected within 5s");
+    let elapsed = started.elapsed();
+    assert!(elapsed >= Duration::from_millis(400), "closed after only {elapsed:?}");
+    let received = String::from_utf8_lossy(&received);
+    assert!(received.is_empty() || received.starts_with("HTTP/1.1 408"), "{received:?}");
+    assert_eq!(upstream.hits(), 0);
+}
+
+/// Slowloris, before the protocol is known: a client that connects and never sends a byte, or
+/// sends only the start of the HTTP/2 preface, is disconnected after
+/// `server.header_read_timeout` too.
+#[tokio::test]
+async fn silent_client_is_disconnected() {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&config(&upstream.url(), "server.header_read_timeout = \"500ms\"")).await;
+    for first_bytes in [&b""[..], b"PRI * HTTP/2.0\r\n"] {
+        let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+        stream.write_all(first_bytes).await.expect("write");
+        let started = Instant::now();
+        let received = read_until_closed(&mut stream, Duration::from_secs(5))
+            .await
+            .unwrap_or_else(|| panic!("after {first_bytes:?}: not disconnected within 5s"));
+        let elapsed = started.elapsed();
+        assert!(elapsed >= Duration::from_millis(400), "closed after only {elapsed:?}");
+        assert!(received.is_empty(), "{received:?}");
+    }
+    let response = TestClient::new().send(Method::GET, &proxy.url("/"), &[], "").await;
+    assert_eq!(response.status, StatusCode::CREATED);
+}
+
+/// An idle HTTP/1.1 keep-alive connection is closed after `server.header_read_timeout`.
+#[tokio::test]
+async fn idle_keep_alive_connection_is_closed() {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&config(&upstream.url(), "server.header_read_timeout = \"500ms\"")).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    stream
+        .write_all(b"GET /ka HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write request");
+    let response = read_one_response(&mut stream).await;
+    assert!(response.starts_with("HTTP/1.1 201"), "{response}");
+    let started = Instant::now();
+    let rest = read_until_closed(&mut stream, Duration::from_secs(5))
+        .await
+        .expect("idle connection closed within 5s");
+    let elapsed = started.elapsed();
+    assert!(elapsed >= Duration::from_millis(400), "closed after only {elapsed:?}");
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+}
+
+/// Every method is passed through with its body, and nothing is stored: repeating a request
+/// executes it again.
+#[tokio::test]
+async fn every_method_passes_through_with_its_body() {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&config(&upstream.url(), "")).await;
+    let client = TestClient::new();
+    let cases = [
+        (Method::GET, ""),
+        (Method::HEAD, ""),
+        (Method::PUT, "put body"),
+        (Method::DELETE, "delete body"),
+        (Method::OPTIONS, "options body"),
+        (Method::PATCH, "patch body"),
+        (Method::POST, "keyless post body"),
+    ];
+    for round in 0..2 {
+        for (i, (method, body)) in cases.iter().enumerate() {
+            let path = format!("/m/{}", method.as_str().to_ascii_lowercase());
+            let response = client
+                .send(method.clone(), &proxy.url(&path), &[("content-type", "text/plain")], *body)
+                .await;
+            let hit = round * cases.len() + i + 1;
+            assert_eq!(response.status, StatusCode::CREATED, "{method}");
+            assert_eq!(response.header("x-hit"), Some(hit.to_string().as_str()), "{method} executed again");
+            assert_eq!(response.header("idempotent-replayed"), None, "{method}");
+            if *method == Method::HEAD {
+                assert!(response.body.is_empty(), "HEAD answered with a body");
+            } else {
+                let json = response.json();
+                assert_eq!(json["method"], method.as_str());
+                assert_eq!(json["body_bytes"], body.len());
+            }
+            let seen = upstream.requests().pop().expect("recorded");
+            assert_eq!(seen.method, *method);
+            assert_eq!(seen.uri.path(), path);
+            assert_eq!(seen.body.as_ref(), body.as_bytes(), "{method} body");
+        }
+    }
+    assert_eq!(upstream.hits(), 2 * cases.len());
+}
+
+/// A keyless POST is executed every time (never stored, never replayed).
+#[tokio::test]
+async fn keyless_post_is_executed_every_time() {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&config(&upstream.url(), "")).await;
+    let client = TestClient::new();
+    for n in 1..=3 {
+        let response = client.send(Method::POST, &proxy.url("/orders"), &[], "{\"same\":true}").await;
+        assert_eq!(response.status, StatusCode::CREATED);
+        assert_eq!(response.json()["hit"], n);
+        assert_eq!(response.header("idempotent-replayed"), None);
+        assert_eq!(upstream.hits(), n);
+    }
+}
+
+/// An `Idempotency-Key` on a method that is not guarded is forwarded untouched (even one that
+/// would be invalid on a guarded request) and does not make the request idempotent.
+#[tokio::test]
+async fn idempotency_key_on_get_is_forwarded_untouched() {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&config(&upstream.url(), "")).await;
+    let client = TestClient::new();
+    for (n, key) in ["\"quoted-key\"", "bare-key", "\"a\", \"b\""].iter().enumerate() {
+        let response = client
+            .send(Method::GET, &proxy.url("/items"), &[("idempotency-key", key)], "")
+            .await;
+        assert_eq!(response.status, StatusCode::CREATED, "key {key}");
+        assert_eq!(response.header("idempotent-replayed"), None);
+        let seen = upstream.requests().pop().expect("recorded");
+        assert_eq!(all_values(&seen.headers, "idempotency-key"), vec![key.to_string()]);
+        assert_eq!(upstream.hits(), n + 1);
+    }
+    let again = client
+        .send(Method::GET, &proxy.url("/items"), &[("idempotency-key", "bare-key")], "")
+        .await;
+    assert_eq!(again.header("x-hit"), Some("4"));
+}
+
+/// Pass-through traffic never touches the store (spec §1): with the Redis store, no command
+/// other than the test's own bookkeeping reaches Redis.
+#[tokio::test]
+async fn pass_through_never_touches_the_store() {
+    let redis = RedisServer::start();
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::to_with_redis(&upstream, &redis, "").await;
+    redis.reset_stats();
+    let client = TestClient::new();
+    for method in [Method::GET, Method::HEAD, Method::PUT, Method::DELETE, Method::OPTIONS, Method::PATCH] {
+        let response = client
+            .send(method.clone(), &proxy.url("/p"), &[("idempotency-key", "k-1")], "body")
+            .await;
+        assert_eq!(response.status, StatusCode::CREATED, "{method}");
+    }
+    for _ in 0..2 {
+        let response = client.send(Method::POST, &proxy.url("/p"), &[], "body").await;
+        assert_eq!(response.status, StatusCode::CREATED);
+    }
+    assert_eq!(upstream.hits(), 8);
+    let bookkeeping = ["info", "config|resetstat", "client|setinfo", "hello", "select"];
+    let calls = redis.command_calls();
+    let store_calls: Vec<_> = calls
+        .iter()
+        .filter(|(name, _)| !bookkeeping.contains(&name.as_str()))
+        .collect();
+    assert!(store_calls.is_empty(), "pass-through traffic used the store: {store_calls:?}");
+}

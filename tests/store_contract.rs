@@ -1,0 +1,914 @@
+mod common;
+
+// The store contract (spec §4-§5): one suite, run against every store.
+//
+// Each contract is a generic `async fn(&S) where S: Store` in `contract`; the `contract_tests!`
+// macro instantiates it once per store (`memory_store::<name>` on a fresh `MemoryStore`,
+// `redis_store::<name>` on a fresh `RedisStore` backed by its own `redis-server`). Every contract
+// uses keys of its own, so the suite could also share one server. Store-specific behaviour (the
+// memory store's bound; Redis corrupt records, command budget and outages) follows at the end.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, StatusCode};
+use idemproxy::config::UnknownOutcome;
+use idemproxy::idempotency::{
+    unix_ms, Fingerprint, LeaseToken, Record, RecordError, StorageKey, StoredResponse,
+    UnknownCause, CONFLICT_RETRY_AFTER,
+};
+use idemproxy::store::{Begin, BeginRequest, KeyState, MemoryStore, RedisStore, Store, StoreError};
+
+use common::RedisServer;
+
+const KEY_TTL: Duration = Duration::from_secs(60);
+const LOCK_TTL: Duration = Duration::from_secs(30);
+const FP: u8 = 1;
+const OTHER_FP: u8 = 2;
+
+/// A storage key of its own for each test (`key-<name>`).
+fn key(name: &str) -> StorageKey {
+    StorageKey::new("test:", "route", b"scope", format!("key-{name}").as_bytes())
+}
+
+/// An arriving request with fingerprint `[fp; 32]` and a fresh token.
+fn request(
+    key: &StorageKey,
+    fp: u8,
+    key_ttl: Duration,
+    lock_ttl: Duration,
+    outcome: UnknownOutcome,
+) -> BeginRequest<'_> {
+    BeginRequest {
+        key,
+        fingerprint: Fingerprint([fp; 32]),
+        token: LeaseToken::random(),
+        key_ttl,
+        lock_ttl,
+        unknown_outcome: outcome,
+        now_ms: unix_ms(),
+    }
+}
+
+/// A request with the default TTLs and `unknown_outcome = reject`.
+fn req(key: &StorageKey, fp: u8) -> BeginRequest<'_> {
+    request(key, fp, KEY_TTL, LOCK_TTL, UnknownOutcome::Reject)
+}
+
+fn response(status: u16, body: Option<&[u8]>) -> StoredResponse {
+    StoredResponse {
+        status: StatusCode::from_u16(status).expect("status"),
+        headers: vec![
+            (
+                HeaderName::from_static("content-type"),
+                HeaderValue::from_static("application/json"),
+            ),
+            (
+                HeaderName::from_static("x-request-id"),
+                HeaderValue::from_static("abc-123"),
+            ),
+            (
+                HeaderName::from_static("set-cookie"),
+                HeaderValue::from_static("a=1"),
+            ),
+            (
+                HeaderName::from_static("set-cookie"),
+                HeaderValue::from_static("b=2"),
+            ),
+        ],
+        body: body.map(Bytes::copy_from_slice),
+        completed_at_ms: unix_ms(),
+    }
+}
+
+fn completed(fp: u8, response: &StoredResponse) -> Record {
+    Record::Completed {
+        fingerprint: Fingerprint([fp; 32]),
+        response: response.clone(),
+    }
+}
+
+fn in_flight() -> Begin {
+    Begin::InFlight {
+        retry_after: CONFLICT_RETRY_AFTER,
+    }
+}
+
+async fn begin<S: Store>(store: &S, request: &BeginRequest<'_>) -> Begin {
+    store.begin(request).await.expect("begin answers")
+}
+
+async fn lookup<S: Store>(store: &S, key: &StorageKey) -> Option<KeyState> {
+    store.lookup(key).await.expect("lookup answers")
+}
+
+/// The key's record, asserting it exists.
+async fn record<S: Store>(store: &S, key: &StorageKey) -> Record {
+    lookup(store, key)
+        .await
+        .expect("the key has a record")
+        .existing
+        .record
+}
+
+/// The contracts, generic over the store.
+mod contract {
+    use super::*;
+
+    /// A new key is owned by the first request; the same request again conflicts while the lease
+    /// lives (whatever `unknown_outcome` says); a different request is a mismatch.
+    pub async fn new_key_owner_then_in_flight_then_mismatch<S: Store>(store: &S) {
+        let k = key("new-key");
+        let first = req(&k, FP);
+        assert_eq!(begin(store, &first).await, Begin::Owner);
+        assert_eq!(begin(store, &req(&k, FP)).await, in_flight());
+        let retry = request(&k, FP, KEY_TTL, LOCK_TTL, UnknownOutcome::Retry);
+        assert_eq!(begin(store, &retry).await, in_flight());
+        assert_eq!(begin(store, &req(&k, OTHER_FP)).await, Begin::Mismatch);
+        let other_retry = request(&k, OTHER_FP, KEY_TTL, LOCK_TTL, UnknownOutcome::Retry);
+        assert_eq!(begin(store, &other_retry).await, Begin::Mismatch);
+        // None of them touched the first request's record.
+        assert_eq!(record(store, &k).await, first.in_flight_record());
+        // Keys are independent.
+        assert_eq!(
+            begin(store, &req(&key("new-key-2"), FP)).await,
+            Begin::Owner
+        );
+    }
+
+    /// A completed key replays exactly what was stored (status, headers in order, body), every
+    /// time; a different request is a mismatch.
+    pub async fn completed_key_replays<S: Store>(store: &S) {
+        let mut binary = vec![0u8; 100 * 1024];
+        for (i, b) in binary.iter_mut().enumerate() {
+            *b = (i % 251) as u8;
+        }
+        let cases: [(&str, StoredResponse); 4] = [
+            ("replay-json", response(201, Some(br#"{"id":1}"#))),
+            ("replay-binary", response(200, Some(&binary))),
+            ("replay-5xx-empty", response(503, Some(b""))),
+            ("replay-too-large", response(200, None)),
+        ];
+        for (name, stored) in cases {
+            let k = key(name);
+            let owner = req(&k, FP);
+            assert_eq!(begin(store, &owner).await, Begin::Owner, "{name}");
+            assert_eq!(
+                store
+                    .complete(&k, owner.token, &completed(FP, &stored))
+                    .await,
+                Ok(true),
+                "{name}"
+            );
+            for _ in 0..2 {
+                match begin(store, &req(&k, FP)).await {
+                    Begin::Replay(replayed) => {
+                        assert_eq!(replayed, stored, "{name}");
+                        assert_eq!(replayed.status, stored.status);
+                        assert_eq!(replayed.headers, stored.headers);
+                        assert_eq!(replayed.body, stored.body);
+                    }
+                    other => panic!("{name}: expected a replay, got {other:?}"),
+                }
+            }
+            let retry = request(&k, FP, KEY_TTL, LOCK_TTL, UnknownOutcome::Retry);
+            assert_eq!(
+                begin(store, &retry).await,
+                Begin::Replay(stored.clone()),
+                "{name}"
+            );
+            assert_eq!(
+                begin(store, &req(&k, OTHER_FP)).await,
+                Begin::Mismatch,
+                "{name}"
+            );
+            let state = lookup(store, &k).await.expect("record");
+            assert_eq!(state.existing.record, completed(FP, &stored), "{name}");
+            assert_eq!(
+                state.existing.lease_left, None,
+                "{name}: completion drops the lease"
+            );
+        }
+    }
+
+    /// complete/release/renew are compare-and-set on the owner token: a wrong token changes
+    /// nothing, and once completed, the former owner's token owns nothing either.
+    pub async fn wrong_or_stale_token_is_refused<S: Store>(store: &S) {
+        let k = key("wrong-token");
+        let owner = req(&k, FP);
+        assert_eq!(begin(store, &owner).await, Begin::Owner);
+        let intruder = LeaseToken::random();
+        let stored = response(201, Some(b"ok"));
+        assert_eq!(
+            store.complete(&k, intruder, &completed(FP, &stored)).await,
+            Ok(false)
+        );
+        assert_eq!(store.release(&k, intruder).await, Ok(false));
+        assert_eq!(
+            store.renew(&k, intruder, Duration::from_secs(600)).await,
+            Ok(false)
+        );
+        let state = lookup(store, &k).await.expect("record");
+        assert_eq!(state.existing.record, owner.in_flight_record());
+        let lease = state.existing.lease_left.expect("the owner's lease lives");
+        assert!(
+            lease <= LOCK_TTL,
+            "a wrong token did not renew the lease: {lease:?}"
+        );
+        assert_eq!(begin(store, &req(&k, FP)).await, in_flight());
+
+        // On a missing key nobody owns anything.
+        let missing = key("wrong-token-missing");
+        assert_eq!(
+            store
+                .complete(&missing, intruder, &completed(FP, &stored))
+                .await,
+            Ok(false)
+        );
+        assert_eq!(store.release(&missing, intruder).await, Ok(false));
+        assert_eq!(store.renew(&missing, intruder, LOCK_TTL).await, Ok(false));
+        assert_eq!(
+            lookup(store, &missing).await,
+            None,
+            "a refused operation creates nothing"
+        );
+
+        // Completed: the owner's token is stale now.
+        assert_eq!(
+            store
+                .complete(&k, owner.token, &completed(FP, &stored))
+                .await,
+            Ok(true)
+        );
+        let other = response(500, Some(b"overwritten"));
+        assert_eq!(
+            store
+                .complete(&k, owner.token, &completed(FP, &other))
+                .await,
+            Ok(false)
+        );
+        assert_eq!(store.release(&k, owner.token).await, Ok(false));
+        assert_eq!(store.renew(&k, owner.token, LOCK_TTL).await, Ok(false));
+        let state = lookup(store, &k).await.expect("record");
+        assert_eq!(state.existing.record, completed(FP, &stored));
+        assert_eq!(
+            state.existing.lease_left, None,
+            "a stale renew grants no lease"
+        );
+        assert_eq!(begin(store, &req(&k, FP)).await, Begin::Replay(stored));
+    }
+
+    /// `unknown_outcome = retry`: A's lease lapses, B takes over; A can then neither complete,
+    /// release nor renew, and B's record stays B's; B completes.
+    pub async fn takeover_fences_the_lapsed_owner<S: Store>(store: &S) {
+        let k = key("takeover");
+        let lock_ttl = Duration::from_millis(200);
+        let a = request(&k, FP, KEY_TTL, lock_ttl, UnknownOutcome::Retry);
+        assert_eq!(begin(store, &a).await, Begin::Owner);
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        // A different request still cannot take a lapsed key.
+        let other = request(&k, OTHER_FP, KEY_TTL, lock_ttl, UnknownOutcome::Retry);
+        assert_eq!(begin(store, &other).await, Begin::Mismatch);
+        assert_eq!(record(store, &k).await, a.in_flight_record());
+
+        let b = request(&k, FP, KEY_TTL, LOCK_TTL, UnknownOutcome::Retry);
+        assert_eq!(begin(store, &b).await, Begin::Owner);
+        let b_record = b.in_flight_record();
+
+        let late = response(201, Some(b"from A"));
+        assert_eq!(
+            store.complete(&k, a.token, &completed(FP, &late)).await,
+            Ok(false)
+        );
+        assert_eq!(store.renew(&k, a.token, LOCK_TTL).await, Ok(false));
+        assert_eq!(store.release(&k, a.token).await, Ok(false));
+        let state = lookup(store, &k).await.expect("record");
+        assert_eq!(state.existing.record, b_record, "B still owns the key");
+        assert!(state.existing.lease_left.is_some(), "B's lease lives");
+        assert_eq!(
+            begin(
+                store,
+                &request(&k, FP, KEY_TTL, LOCK_TTL, UnknownOutcome::Retry)
+            )
+            .await,
+            in_flight()
+        );
+
+        let stored = response(201, Some(b"from B"));
+        assert_eq!(store.renew(&k, b.token, LOCK_TTL).await, Ok(true));
+        assert_eq!(
+            store.complete(&k, b.token, &completed(FP, &stored)).await,
+            Ok(true)
+        );
+        assert_eq!(begin(store, &req(&k, FP)).await, Begin::Replay(stored));
+    }
+
+    /// The owner's release deletes the key: a retry executes.
+    pub async fn release_lets_a_retry_execute<S: Store>(store: &S) {
+        let k = key("release");
+        let a = req(&k, FP);
+        assert_eq!(begin(store, &a).await, Begin::Owner);
+        assert_eq!(store.release(&k, a.token).await, Ok(true));
+        assert_eq!(lookup(store, &k).await, None);
+        assert_eq!(store.release(&k, a.token).await, Ok(false));
+        // The retry may even be a different request: the key is free.
+        let b = req(&k, OTHER_FP);
+        assert_eq!(begin(store, &b).await, Begin::Owner);
+        // A's token owns nothing of B's.
+        assert_eq!(store.release(&k, a.token).await, Ok(false));
+        assert_eq!(record(store, &k).await, b.in_flight_record());
+        assert_eq!(store.release(&k, b.token).await, Ok(true));
+        assert_eq!(begin(store, &req(&k, FP)).await, Begin::Owner);
+    }
+
+    /// Holds a 300ms lease for a second by renewing it every 100ms; a concurrent retry conflicts
+    /// the whole time. Returns the owner's request.
+    async fn renew_for_a_second<'k, S: Store>(
+        store: &S,
+        k: &'k StorageKey,
+        outcome: UnknownOutcome,
+    ) -> BeginRequest<'k> {
+        let lock_ttl = Duration::from_millis(300);
+        let owner = request(k, FP, KEY_TTL, lock_ttl, outcome);
+        assert_eq!(begin(store, &owner).await, Begin::Owner);
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(1) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert_eq!(store.renew(k, owner.token, lock_ttl).await, Ok(true));
+            let retry = request(k, FP, KEY_TTL, lock_ttl, outcome);
+            assert_eq!(
+                begin(store, &retry).await,
+                in_flight(),
+                "renewed at {:?}",
+                started.elapsed()
+            );
+        }
+        let state = lookup(store, k).await.expect("record");
+        assert_eq!(state.existing.record, owner.in_flight_record());
+        assert!(state
+            .existing
+            .lease_left
+            .is_some_and(|left| left <= lock_ttl));
+        owner
+    }
+
+    /// `unknown_outcome = reject`: once the renewals stop and the lease lapses, the key is
+    /// Unknown(LeaseLapsed) for this and every later request; the old owner is fenced off.
+    pub async fn lapsed_lease_with_reject_marks_unknown<S: Store>(store: &S) {
+        let k = key("lapse-reject");
+        let owner = renew_for_a_second(store, &k, UnknownOutcome::Reject).await;
+        tokio::time::sleep(Duration::from_millis(450)).await;
+        let finder = req(&k, FP);
+        assert_eq!(
+            begin(store, &finder).await,
+            Begin::Unknown(UnknownCause::LeaseLapsed)
+        );
+        let state = lookup(store, &k).await.expect("record");
+        assert_eq!(state.existing.record, finder.lapsed_record());
+        assert_eq!(state.existing.lease_left, None);
+        for outcome in [
+            UnknownOutcome::Reject,
+            UnknownOutcome::Retry,
+            UnknownOutcome::Reject,
+        ] {
+            let later = request(&k, FP, KEY_TTL, LOCK_TTL, outcome);
+            assert_eq!(
+                begin(store, &later).await,
+                Begin::Unknown(UnknownCause::LeaseLapsed)
+            );
+        }
+        assert_eq!(begin(store, &req(&k, OTHER_FP)).await, Begin::Mismatch);
+        let late = response(201, Some(b"late"));
+        assert_eq!(
+            store.complete(&k, owner.token, &completed(FP, &late)).await,
+            Ok(false)
+        );
+        assert_eq!(store.renew(&k, owner.token, LOCK_TTL).await, Ok(false));
+        assert_eq!(store.release(&k, owner.token).await, Ok(false));
+        assert_eq!(record(store, &k).await, finder.lapsed_record());
+    }
+
+    /// `unknown_outcome = retry`: once the renewals stop and the lease lapses, the next request
+    /// takes the key over.
+    pub async fn lapsed_lease_with_retry_takes_over<S: Store>(store: &S) {
+        let k = key("lapse-retry");
+        let owner = renew_for_a_second(store, &k, UnknownOutcome::Retry).await;
+        tokio::time::sleep(Duration::from_millis(450)).await;
+        let next = request(&k, FP, KEY_TTL, LOCK_TTL, UnknownOutcome::Retry);
+        assert_eq!(begin(store, &next).await, Begin::Owner);
+        assert_eq!(record(store, &k).await, next.in_flight_record());
+        assert_eq!(store.renew(&k, owner.token, LOCK_TTL).await, Ok(false));
+        assert_eq!(
+            begin(
+                store,
+                &request(&k, FP, KEY_TTL, LOCK_TTL, UnknownOutcome::Retry)
+            )
+            .await,
+            in_flight()
+        );
+    }
+
+    /// Completing with an Unknown record makes every later request get that cause.
+    pub async fn unknown_record_is_sticky<S: Store>(store: &S) {
+        for cause in [
+            UnknownCause::Timeout,
+            UnknownCause::UpstreamFailed,
+            UnknownCause::LeaseLapsed,
+        ] {
+            let k = key(&format!("unknown-{cause:?}"));
+            let owner = req(&k, FP);
+            assert_eq!(begin(store, &owner).await, Begin::Owner);
+            let unknown = Record::Unknown {
+                fingerprint: Fingerprint([FP; 32]),
+                since_ms: unix_ms(),
+                cause,
+            };
+            assert_eq!(store.complete(&k, owner.token, &unknown).await, Ok(true));
+            for outcome in [UnknownOutcome::Reject, UnknownOutcome::Retry] {
+                for _ in 0..2 {
+                    let later = request(&k, FP, KEY_TTL, LOCK_TTL, outcome);
+                    assert_eq!(begin(store, &later).await, Begin::Unknown(cause));
+                }
+            }
+            assert_eq!(begin(store, &req(&k, OTHER_FP)).await, Begin::Mismatch);
+            let state = lookup(store, &k).await.expect("record");
+            assert_eq!(state.existing.record, unknown);
+            assert_eq!(state.existing.lease_left, None);
+            assert_eq!(store.release(&k, owner.token).await, Ok(false));
+        }
+    }
+
+    /// A record lives `key_ttl` from its creation (completion keeps that expiry); afterwards the
+    /// key is fresh.
+    pub async fn key_ttl_expiry<S: Store>(store: &S) {
+        let key_ttl = Duration::from_millis(300);
+        let k = key("key-ttl");
+        let owner = request(&k, FP, key_ttl, LOCK_TTL, UnknownOutcome::Reject);
+        assert_eq!(begin(store, &owner).await, Begin::Owner);
+        let stored = response(201, Some(b"expiring"));
+        assert_eq!(
+            store
+                .complete(&k, owner.token, &completed(FP, &stored))
+                .await,
+            Ok(true)
+        );
+        let expires_in = lookup(store, &k)
+            .await
+            .expect("record")
+            .expires_in
+            .expect("an expiry");
+        assert!(
+            expires_in <= key_ttl && !expires_in.is_zero(),
+            "{expires_in:?}"
+        );
+        assert_eq!(begin(store, &req(&k, FP)).await, Begin::Replay(stored));
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(lookup(store, &k).await, None);
+        // Fresh: even a different request may use the key now.
+        let fresh = request(&k, OTHER_FP, key_ttl, LOCK_TTL, UnknownOutcome::Reject);
+        assert_eq!(begin(store, &fresh).await, Begin::Owner);
+        assert_eq!(record(store, &k).await, fresh.in_flight_record());
+
+        // Completion keeps the expiry set at creation (it does not restart `key_ttl`).
+        let k = key("key-ttl-kept");
+        let owner = request(&k, FP, key_ttl, LOCK_TTL, UnknownOutcome::Reject);
+        assert_eq!(begin(store, &owner).await, Begin::Owner);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(
+            store
+                .complete(&k, owner.token, &completed(FP, &response(200, None)))
+                .await,
+            Ok(true)
+        );
+        let expires_in = lookup(store, &k)
+            .await
+            .expect("record")
+            .expires_in
+            .expect("an expiry");
+        assert!(
+            expires_in <= Duration::from_millis(150),
+            "completion kept the expiry: {expires_in:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(lookup(store, &k).await, None);
+        assert_eq!(begin(store, &req(&k, FP)).await, Begin::Owner);
+
+        // An InFlight record expires too (its owner's lease outliving it changes nothing).
+        let k = key("key-ttl-in-flight");
+        let owner = request(&k, FP, key_ttl, LOCK_TTL, UnknownOutcome::Reject);
+        assert_eq!(begin(store, &owner).await, Begin::Owner);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(lookup(store, &k).await, None);
+        assert_eq!(
+            store
+                .complete(&k, owner.token, &completed(FP, &response(200, None)))
+                .await,
+            Ok(false)
+        );
+        assert_eq!(begin(store, &req(&k, FP)).await, Begin::Owner);
+    }
+
+    /// Lookups show the record, the lease and the expiry; clear deletes a key whoever owns it.
+    pub async fn lookup_and_clear<S: Store>(store: &S) {
+        let k = key("lookup");
+        assert_eq!(lookup(store, &k).await, None);
+        assert_eq!(store.clear(&k).await, Ok(false), "clearing a missing key");
+
+        let owner = req(&k, FP);
+        assert_eq!(begin(store, &owner).await, Begin::Owner);
+        let state = lookup(store, &k).await.expect("record");
+        assert_eq!(state.existing.record, owner.in_flight_record());
+        let lease = state.existing.lease_left.expect("leased");
+        assert!(
+            lease <= LOCK_TTL && lease > LOCK_TTL - Duration::from_secs(5),
+            "{lease:?}"
+        );
+        let expires_in = state.expires_in.expect("an expiry");
+        assert!(
+            expires_in <= KEY_TTL && expires_in > KEY_TTL - Duration::from_secs(5),
+            "{expires_in:?}"
+        );
+
+        let stored = response(201, Some(b"looked up"));
+        assert_eq!(
+            store
+                .complete(&k, owner.token, &completed(FP, &stored))
+                .await,
+            Ok(true)
+        );
+        let state = lookup(store, &k).await.expect("record");
+        assert_eq!(state.existing.record, completed(FP, &stored));
+        assert_eq!(state.existing.lease_left, None);
+        assert!(state
+            .expires_in
+            .is_some_and(|e| e <= KEY_TTL && e > KEY_TTL - Duration::from_secs(5)));
+
+        assert_eq!(store.clear(&k).await, Ok(true));
+        assert_eq!(lookup(store, &k).await, None);
+        assert_eq!(store.clear(&k).await, Ok(false));
+        let again = req(&k, OTHER_FP);
+        assert_eq!(begin(store, &again).await, Begin::Owner);
+
+        // Clearing an InFlight key fences its owner off.
+        assert_eq!(store.clear(&k).await, Ok(true));
+        assert_eq!(
+            store
+                .complete(&k, again.token, &completed(OTHER_FP, &stored))
+                .await,
+            Ok(false)
+        );
+        assert_eq!(store.renew(&k, again.token, LOCK_TTL).await, Ok(false));
+        assert_eq!(lookup(store, &k).await, None);
+
+        // Clearing an Unknown key (the operator's way out) lets the retry execute.
+        let owner = req(&k, FP);
+        assert_eq!(begin(store, &owner).await, Begin::Owner);
+        let unknown = Record::Unknown {
+            fingerprint: Fingerprint([FP; 32]),
+            since_ms: unix_ms(),
+            cause: UnknownCause::Timeout,
+        };
+        assert_eq!(store.complete(&k, owner.token, &unknown).await, Ok(true));
+        assert_eq!(
+            begin(store, &req(&k, FP)).await,
+            Begin::Unknown(UnknownCause::Timeout)
+        );
+        assert_eq!(store.clear(&k).await, Ok(true));
+        assert_eq!(begin(store, &req(&k, FP)).await, Begin::Owner);
+        assert_eq!(store.ping().await, Ok(()));
+    }
+}
+
+/// A `RedisStore` on its own server (the server must outlive the store's use).
+async fn connect_redis(server: &RedisServer) -> RedisStore {
+    RedisStore::connect(&server.url(), Duration::from_millis(500))
+        .await
+        .expect("connect to redis")
+}
+
+macro_rules! contract_tests {
+    ($($name:ident),* $(,)?) => {
+        mod memory_store {
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let store = MemoryStore::new(1024);
+                    contract::$name(&store).await;
+                }
+            )*
+        }
+
+        mod redis_store {
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let server = RedisServer::start();
+                    let store = connect_redis(&server).await;
+                    contract::$name(&store).await;
+                }
+            )*
+        }
+    };
+}
+
+contract_tests!(
+    new_key_owner_then_in_flight_then_mismatch,
+    completed_key_replays,
+    wrong_or_stale_token_is_refused,
+    takeover_fences_the_lapsed_owner,
+    release_lets_a_retry_execute,
+    lapsed_lease_with_reject_marks_unknown,
+    lapsed_lease_with_retry_takes_over,
+    unknown_record_is_sticky,
+    key_ttl_expiry,
+    lookup_and_clear,
+);
+
+// ---- Memory store only ----------------------------------------------------------------------
+//
+// Corrupt records do not apply to the memory store: it keeps `Record` values, never bytes, so
+// there is nothing to decode and nothing that can be corrupted from outside the process.
+
+/// The store is bounded: a third live key is refused (not a live one forgotten); a released or
+/// expired key frees its slot.
+#[tokio::test]
+async fn memory_store_refuses_a_key_beyond_its_bound() {
+    let store = MemoryStore::new(2);
+    let (k1, k2, k3) = (key("full-1"), key("full-2"), key("full-3"));
+    let short = Duration::from_millis(200);
+    let first = request(&k1, FP, short, LOCK_TTL, UnknownOutcome::Reject);
+    assert_eq!(begin(&store, &first).await, Begin::Owner);
+    let second = req(&k2, FP);
+    assert_eq!(begin(&store, &second).await, Begin::Owner);
+    assert_eq!(store.begin(&req(&k3, FP)).await, Err(StoreError::Full(2)));
+    assert_eq!(store.len(), 2);
+    // Existing keys are still decided as usual.
+    assert_eq!(begin(&store, &req(&k1, FP)).await, in_flight());
+    assert_eq!(begin(&store, &req(&k2, OTHER_FP)).await, Begin::Mismatch);
+    assert_eq!(lookup(&store, &k3).await, None);
+    // A released key frees its slot.
+    assert_eq!(store.release(&k2, second.token).await, Ok(true));
+    assert_eq!(begin(&store, &req(&k3, FP)).await, Begin::Owner);
+    assert_eq!(store.begin(&req(&k2, FP)).await, Err(StoreError::Full(2)));
+    // So does an expired one.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(begin(&store, &req(&k2, FP)).await, Begin::Owner);
+    assert_eq!(store.len(), 2);
+}
+
+// ---- Redis store only -----------------------------------------------------------------------
+
+/// Unreadable bytes in a record key are a `Corrupt` error (no panic, nothing overwritten), and the
+/// operator can clear the key.
+#[tokio::test]
+async fn redis_corrupt_record_is_an_error() {
+    let server = RedisServer::start();
+    let store = connect_redis(&server).await;
+    let k = key("corrupt");
+    let garbage: &[u8] = b"\x01\x02garbage";
+    let _: () = server.query(redis::cmd("SET").arg(k.record_key()).arg(garbage));
+    assert_eq!(
+        store.begin(&req(&k, FP)).await,
+        Err(StoreError::Corrupt(RecordError::Truncated))
+    );
+    let retry = request(&k, FP, KEY_TTL, LOCK_TTL, UnknownOutcome::Retry);
+    assert!(matches!(
+        store.begin(&retry).await,
+        Err(StoreError::Corrupt(_))
+    ));
+    assert!(matches!(
+        store.lookup(&k).await,
+        Err(StoreError::Corrupt(_))
+    ));
+    let token = LeaseToken::random();
+    assert_eq!(
+        store
+            .complete(&k, token, &completed(FP, &response(200, None)))
+            .await,
+        Ok(false)
+    );
+    assert_eq!(store.renew(&k, token, LOCK_TTL).await, Ok(false));
+    assert_eq!(store.release(&k, token).await, Ok(false));
+    let left: Vec<u8> = server.query(redis::cmd("GET").arg(k.record_key()));
+    assert_eq!(left, garbage, "nothing overwrote the corrupt record");
+
+    // Other shapes of garbage: empty, a future version, InFlight records (this request's
+    // fingerprint, no lease: what a takeover or mark-unknown looks for) cut short or with
+    // trailing bytes. Each stays an error, and none is taken over or overwritten.
+    let in_flight = Record::InFlight {
+        fingerprint: Fingerprint([FP; 32]),
+        owner: LeaseToken::random(),
+        started_at_ms: 1,
+    }
+    .encode();
+    let short_in_flight = in_flight[..34].to_vec();
+    let cut_in_flight = in_flight[..in_flight.len() - 1].to_vec();
+    let long_in_flight = [&in_flight[..], b"x"].concat();
+    for (name, bytes) in [
+        ("corrupt-empty", Vec::new()),
+        ("corrupt-version", vec![9u8; 60]),
+        ("corrupt-short-in-flight", short_in_flight),
+        ("corrupt-cut-in-flight", cut_in_flight),
+        ("corrupt-long-in-flight", long_in_flight),
+    ] {
+        let k = key(name);
+        let _: () = server.query(redis::cmd("SET").arg(k.record_key()).arg(&bytes));
+        for outcome in [
+            UnknownOutcome::Reject,
+            UnknownOutcome::Retry,
+            UnknownOutcome::Reject,
+        ] {
+            let result = store
+                .begin(&request(&k, FP, KEY_TTL, LOCK_TTL, outcome))
+                .await;
+            assert!(
+                matches!(result, Err(StoreError::Corrupt(_))),
+                "{name}: {result:?}"
+            );
+        }
+        let left: Vec<u8> = server.query(redis::cmd("GET").arg(k.record_key()));
+        assert_eq!(left, bytes, "{name}: the corrupt record was left as it was");
+        let lease: bool = server.query(redis::cmd("EXISTS").arg(k.lease_key()));
+        assert!(!lease, "{name}: no lease was granted on a corrupt record");
+    }
+
+    assert_eq!(store.clear(&k).await, Ok(true));
+    assert_eq!(begin(&store, &req(&k, FP)).await, Begin::Owner);
+    assert_eq!(
+        begin(&store, &req(&key("corrupt-after"), FP)).await,
+        Begin::Owner
+    );
+}
+
+/// Calls per command name, sorted by name.
+type Calls = Vec<(String, u64)>;
+
+/// Calls per command since the last reset (`INFO commandstats`), leaving out the measuring
+/// itself, split into the commands clients sent (each one round trip) and the commands the Lua
+/// scripts ran inside Redis (which commandstats counts too, but cost no round trip).
+fn store_calls(server: &RedisServer) -> (Calls, Calls) {
+    let mut calls: Calls = server
+        .command_calls()
+        .into_iter()
+        .filter(|(name, _)| !matches!(name.as_str(), "config|resetstat" | "info"))
+        .collect();
+    calls.sort();
+    calls
+        .into_iter()
+        .partition(|(name, _)| !matches!(name.as_str(), "get" | "set" | "del" | "pttl"))
+}
+
+fn pairs(expected: &[(&str, u64)]) -> Calls {
+    expected.iter().map(|(n, c)| (n.to_string(), *c)).collect()
+}
+
+/// Spec §4's budget, measured with `INFO commandstats`: a replay is one `EVALSHA`, a first
+/// execution two, a renewal one; loading the scripts is a one-time cost per server.
+#[tokio::test]
+async fn redis_command_budget() {
+    let server = RedisServer::start();
+    let store = connect_redis(&server).await;
+    let stored = response(201, Some(b"budget"));
+
+    // The very first use of each script on a fresh server also loads it, once: EVALSHA answered
+    // NOSCRIPT, SCRIPT LOAD, EVALSHA again.
+    server.reset_stats();
+    let k = key("budget-warm-up");
+    let owner = req(&k, FP);
+    assert_eq!(begin(&store, &owner).await, Begin::Owner);
+    assert_eq!(store.renew(&k, owner.token, LOCK_TTL).await, Ok(true));
+    assert_eq!(
+        store
+            .complete(&k, owner.token, &completed(FP, &stored))
+            .await,
+        Ok(true)
+    );
+    let (sent, _) = store_calls(&server);
+    assert_eq!(sent, pairs(&[("evalsha", 6), ("script|load", 3)]));
+
+    // First execution: begin + complete, two round trips.
+    server.reset_stats();
+    let k = key("budget-first");
+    let owner = req(&k, FP);
+    assert_eq!(begin(&store, &owner).await, Begin::Owner);
+    assert_eq!(
+        store
+            .complete(&k, owner.token, &completed(FP, &stored))
+            .await,
+        Ok(true)
+    );
+    let (sent, in_scripts) = store_calls(&server);
+    assert_eq!(sent, pairs(&[("evalsha", 2)]));
+    // begin: GET, SET record, SET lease; complete: GET, SET record KEEPTTL, DEL lease.
+    assert_eq!(in_scripts, pairs(&[("del", 1), ("get", 2), ("set", 3)]));
+
+    // Replay: one begin, one round trip.
+    server.reset_stats();
+    assert_eq!(
+        begin(&store, &req(&k, FP)).await,
+        Begin::Replay(stored.clone())
+    );
+    let (sent, in_scripts) = store_calls(&server);
+    assert_eq!(sent, pairs(&[("evalsha", 1)]));
+    assert_eq!(in_scripts, pairs(&[("get", 1), ("pttl", 1)]));
+
+    // Conflict and mismatch: one each.
+    let k = key("budget-conflict");
+    let owner = req(&k, FP);
+    assert_eq!(begin(&store, &owner).await, Begin::Owner);
+    server.reset_stats();
+    assert_eq!(begin(&store, &req(&k, FP)).await, in_flight());
+    assert_eq!(begin(&store, &req(&k, OTHER_FP)).await, Begin::Mismatch);
+    let (sent, in_scripts) = store_calls(&server);
+    assert_eq!(sent, pairs(&[("evalsha", 2)]));
+    assert_eq!(in_scripts, pairs(&[("get", 2), ("pttl", 2)]));
+
+    // A renewal: one; a release: one.
+    server.reset_stats();
+    assert_eq!(store.renew(&k, owner.token, LOCK_TTL).await, Ok(true));
+    assert_eq!(store.release(&k, owner.token).await, Ok(true));
+    let (sent, in_scripts) = store_calls(&server);
+    assert_eq!(sent, pairs(&[("evalsha", 2)]));
+    assert_eq!(in_scripts, pairs(&[("del", 1), ("get", 2), ("set", 1)]));
+}
+
+/// Redis killed: operations fail fast with `Unavailable`; Redis back on the same port: the same
+/// store object works again on its own (scripts reloaded after the restart emptied the cache).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_then_back() {
+    let mut server = RedisServer::start();
+    let store = connect_redis(&server).await;
+    assert_eq!(
+        begin(&store, &req(&key("down-before"), FP)).await,
+        Begin::Owner
+    );
+
+    server.kill();
+    for i in 0..3 {
+        let k = key(&format!("down-{i}"));
+        let started = Instant::now();
+        let result = store.begin(&req(&k, FP)).await;
+        let took = started.elapsed();
+        assert!(
+            matches!(result, Err(StoreError::Unavailable(_))),
+            "{result:?}"
+        );
+        assert!(
+            took < Duration::from_millis(1200),
+            "begin took {took:?} with Redis down"
+        );
+    }
+    let started = Instant::now();
+    assert!(matches!(
+        store.ping().await,
+        Err(StoreError::Unavailable(_))
+    ));
+    assert!(matches!(
+        store
+            .complete(
+                &key("down-before"),
+                LeaseToken::random(),
+                &completed(FP, &response(200, None))
+            )
+            .await,
+        Err(StoreError::Unavailable(_))
+    ));
+    assert!(matches!(
+        store.lookup(&key("down-before")).await,
+        Err(StoreError::Unavailable(_))
+    ));
+    assert!(
+        started.elapsed() < Duration::from_millis(3600),
+        "{:?}",
+        started.elapsed()
+    );
+
+    server.restart();
+    let k = key("down-after");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let owner = loop {
+        let attempt = req(&k, FP);
+        match store.begin(&attempt).await {
+            Ok(decision) => {
+                assert_eq!(decision, Begin::Owner);
+                break attempt;
+            }
+            Err(StoreError::Unavailable(e)) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("the store did not recover within 5s: {e:?}"),
+        }
+    };
+    let stored = response(201, Some(b"after restart"));
+    assert_eq!(
+        store
+            .complete(&k, owner.token, &completed(FP, &stored))
+            .await,
+        Ok(true)
+    );
+    assert_eq!(begin(&store, &req(&k, FP)).await, Begin::Replay(stored));
+    assert_eq!(store.ping().await, Ok(()));
+}
