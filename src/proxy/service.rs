@@ -19,7 +19,7 @@ use crate::telemetry::Outcome;
 /// What the access log line says about one request, filled in as it is handled.
 #[derive(Default)]
 pub struct RequestLog {
-    pub route: Option<Arc<str>>,
+    pub route: Option<Arc<Route>>,
     pub key_hash: Option<ShortHash>,
 }
 
@@ -30,6 +30,7 @@ pub async fn handle(
     request: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
+    let _in_flight = state.metrics.in_flight();
     let method = request.method().clone();
     let mut log = RequestLog::default();
     let (response, outcome) = match route_request(&state, &connection, request, &mut log).await {
@@ -40,13 +41,19 @@ pub async fn handle(
                 outcome,
                 Outcome::StoreUnavailable | Outcome::UpstreamError | Outcome::OutcomeUnknown
             ) {
-                tracing::warn!(error = %err, "request failed");
+                tracing::warn!(
+                    error = %err,
+                    route = log.route.as_ref().map_or("-", |r| &*r.name),
+                    key = log.key_hash.map(tracing::field::display),
+                    "request failed"
+                );
             }
             (err.into_response(), outcome)
         }
     };
+    state.metrics.request(log.route.as_ref().map(|r| r.index), &method, outcome);
     tracing::info!(
-        route = log.route.as_deref().unwrap_or("-"),
+        route = log.route.as_ref().map_or("-", |r| &*r.name),
         method = method.as_str(),
         status = response.status().as_u16(),
         outcome = outcome.as_str(),
@@ -74,7 +81,7 @@ async fn route_request(
         .config
         .route_for(request.uri().path())
         .ok_or(ProxyError::NoRoute)?;
-    log.route = Some(route.name.clone());
+    log.route = Some(route.clone());
     let policy = &route.policy;
     if policy.guards(request.method()) {
         match key::from_fields(request.headers().get_all(IDEMPOTENCY_KEY))? {
@@ -92,8 +99,10 @@ async fn route_request(
         }
     }
     let request = upstream_request(route, connection, request, ProxyBody::stream)?;
-    let response = state.upstream.send(request, route.timeout).await?;
-    Ok((client_response(response, ProxyBody::stream), Outcome::Passthrough))
+    let sent = Instant::now();
+    let response = state.upstream.send(request, route.timeout).await;
+    state.metrics.upstream_duration(route.index, sent.elapsed());
+    Ok((client_response(response?, ProxyBody::stream), Outcome::Passthrough))
 }
 
 /// Turns a client request into the request sent upstream (RFC 9110 §7.6): target rewritten to

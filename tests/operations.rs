@@ -1,0 +1,318 @@
+//! Operating the proxy (spec §10): routes with their own policies, the admin listener
+//! (health, readiness, metrics, key lookup and clearing) and the JSON request log.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{free_port, RedisServer, TestClient, TestProxy, TestUpstream};
+use http::{Method, StatusCode};
+
+#[tokio::test]
+async fn longest_prefix_route_applies_its_own_policy() {
+    let payments = TestUpstream::start().await;
+    let search = TestUpstream::start().await;
+    let fallback = TestUpstream::start().await;
+    let proxy = TestProxy::start(&format!(
+        r#"
+        upstream.url = "{fallback}"
+        log.filter = "warn"
+        [[route]]
+        name = "payments"
+        prefix = "/payments"
+        upstream = "{payments}"
+        idempotency.require_key = true
+        [[route]]
+        name = "refunds"
+        prefix = "/payments/refunds"
+        upstream = "{payments}"
+        idempotency.methods = ["POST", "PATCH"]
+        [[route]]
+        name = "search"
+        prefix = "/search"
+        upstream = "{search}"
+        idempotency.enabled = false
+        "#,
+        fallback = fallback.url(),
+        payments = payments.url(),
+        search = search.url(),
+    ))
+    .await;
+    let client = TestClient::new();
+    let keyless = client
+        .send(Method::POST, &proxy.url("/payments/charge"), &[], "{}")
+        .await;
+    assert_eq!(keyless.status, StatusCode::BAD_REQUEST, "require_key on /payments");
+    assert_eq!(payments.hits(), 0);
+    let refund_patch = proxy.url("/payments/refunds/7");
+    let a = client
+        .send(Method::PATCH, &refund_patch, &[("idempotency-key", "r")], "{}")
+        .await;
+    let b = client
+        .send(Method::PATCH, &refund_patch, &[("idempotency-key", "r")], "{}")
+        .await;
+    assert_eq!(
+        b.header("idempotent-replayed"),
+        Some("true"),
+        "PATCH guarded on the longer prefix"
+    );
+    assert_eq!(a.body, b.body);
+    let keyless_refund = client
+        .send(Method::POST, &proxy.url("/payments/refunds"), &[], "{}")
+        .await;
+    assert_eq!(
+        keyless_refund.status,
+        StatusCode::CREATED,
+        "the longer prefix does not require a key"
+    );
+    let s1 = client.post_keyed(&proxy.url("/search"), "s", "{}").await;
+    let s2 = client.post_keyed(&proxy.url("/search"), "s", "{}").await;
+    assert_ne!(s1.body, s2.body, "plain pass-through on /search");
+    assert_eq!(search.hits(), 2);
+    let other = client.post_keyed(&proxy.url("/paymentsx"), "o", "{}").await;
+    assert_eq!(other.status, StatusCode::CREATED);
+    assert_eq!(fallback.hits(), 1, "/paymentsx is not under /payments");
+    assert_eq!(payments.hits(), 2);
+}
+
+async fn admin_get(proxy: &TestProxy, path: &str, headers: &[(&str, &str)]) -> common::TestResponse {
+    let admin = proxy.admin.expect("admin listener");
+    TestClient::new()
+        .send(Method::GET, &format!("http://{admin}{path}"), headers, "")
+        .await
+}
+
+#[tokio::test]
+async fn readyz_follows_redis_and_healthz_the_process() {
+    let mut redis = RedisServer::start();
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start_with_admin(&format!(
+        "upstream.url = \"{}\"\nstore.redis = \"{}\"\nstore.command_timeout = \"300ms\"\n",
+        upstream.url(),
+        redis.url()
+    ))
+    .await;
+    assert_eq!(admin_get(&proxy, "/readyz", &[]).await.status, StatusCode::OK);
+    redis.kill();
+    assert_eq!(
+        admin_get(&proxy, "/readyz", &[]).await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(admin_get(&proxy, "/healthz", &[]).await.status, StatusCode::OK);
+    redis.restart();
+    let mut ready = false;
+    for _ in 0..50 {
+        if admin_get(&proxy, "/readyz", &[]).await.status == StatusCode::OK {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ready, "ready again once Redis is back");
+    upstream.stop();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let no_upstream = admin_get(&proxy, "/readyz", &[]).await;
+    assert_eq!(no_upstream.status, StatusCode::SERVICE_UNAVAILABLE, "{no_upstream:?}");
+}
+
+#[tokio::test]
+async fn metrics_count_replays_conflicts_and_mismatches() {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start_with_admin(&format!("upstream.url = \"{}\"\n", upstream.url())).await;
+    let client = TestClient::new();
+    let url = proxy.url("/orders");
+    let slow = {
+        let url = url.clone();
+        tokio::spawn(async move {
+            TestClient::new()
+                .send(
+                    Method::POST,
+                    &url,
+                    &[("idempotency-key", "m"), ("x-upstream-delay-ms", "300")],
+                    "{}",
+                )
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(client.post_keyed(&url, "m", "{}").await.status, StatusCode::CONFLICT);
+    slow.await.expect("task");
+    assert_eq!(
+        client.post_keyed(&url, "m", "{}").await.header("idempotent-replayed"),
+        Some("true")
+    );
+    assert_eq!(
+        client.post_keyed(&url, "m", "{\"other\":1}").await.status,
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+    client.send(Method::GET, &url, &[], "").await;
+    let metrics = admin_get(&proxy, "/metrics", &[]).await;
+    assert_eq!(metrics.status, StatusCode::OK);
+    let text = String::from_utf8_lossy(&metrics.body);
+    for (outcome, method, count) in [
+        ("executed", "POST", 1),
+        ("conflict", "POST", 1),
+        ("replayed", "POST", 1),
+        ("mismatch", "POST", 1),
+        ("passthrough", "GET", 1),
+    ] {
+        let line =
+            format!("idemproxy_requests_total{{route=\"default\",method=\"{method}\",outcome=\"{outcome}\"}} {count}");
+        assert!(text.contains(&line), "missing `{line}` in:\n{text}");
+    }
+    assert!(
+        text.contains("idemproxy_upstream_duration_seconds_count{route=\"default\"} 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("idemproxy_store_duration_seconds_count{op=\"begin\"} 4"),
+        "{text}"
+    );
+    assert!(text.contains("idemproxy_in_flight_requests 0"), "{text}");
+}
+
+#[tokio::test]
+async fn unknown_key_is_seen_by_lookup_and_runs_again_after_clear() {
+    let redis = RedisServer::start();
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start_with_admin(&format!(
+        "upstream.url = \"{}\"\nupstream.timeout = \"200ms\"\nstore.redis = \"{}\"\nadmin_token = \"s3cret\"\n",
+        upstream.url(),
+        redis.url()
+    ))
+    .await;
+    let client = TestClient::new();
+    let url = proxy.url("/orders");
+    let auth = ("authorization", "Bearer client-7");
+    let timed_out = client
+        .send(
+            Method::POST,
+            &url,
+            &[("idempotency-key", "\"pay/42\""), auth, ("x-upstream-delay-ms", "500")],
+            "{}",
+        )
+        .await;
+    assert_eq!(timed_out.status, StatusCode::GATEWAY_TIMEOUT);
+    let key_path = "/keys/%22pay%2F42%22?scope=Bearer%20client-7";
+    let bearer = ("authorization", "Bearer s3cret");
+    assert_eq!(admin_get(&proxy, key_path, &[]).await.status, StatusCode::UNAUTHORIZED);
+    let looked_up = admin_get(&proxy, key_path, &[bearer]).await;
+    assert_eq!(looked_up.status, StatusCode::OK, "{looked_up:?}");
+    let record = looked_up.json();
+    assert_eq!(record["state"], "Unknown");
+    assert_eq!(record["route"], "default");
+    assert_eq!(record["cause"], "Timeout");
+    assert!(record["expires_in_ms"].as_u64().expect("expiry") > 0);
+    let wrong_scope = admin_get(&proxy, "/keys/%22pay%2F42%22?scope=Bearer%20other", &[bearer]).await;
+    assert_eq!(wrong_scope.status, StatusCode::NOT_FOUND);
+    let retry = client
+        .send(Method::POST, &url, &[("idempotency-key", "\"pay/42\""), auth], "{}")
+        .await;
+    assert!(retry.problem_type().ends_with("#outcome-unknown"));
+    let admin = proxy.admin.expect("admin");
+    let cleared = TestClient::new()
+        .send(Method::DELETE, &format!("http://{admin}{key_path}"), &[bearer], "")
+        .await;
+    assert_eq!(cleared.status, StatusCode::OK);
+    assert_eq!(cleared.json()["cleared"], true);
+    let after = client
+        .send(Method::POST, &url, &[("idempotency-key", "\"pay/42\""), auth], "{}")
+        .await;
+    assert_eq!(after.status, StatusCode::CREATED);
+    assert_eq!(upstream.hits(), 2);
+    let completed = admin_get(&proxy, &format!("{key_path}&body=true"), &[bearer])
+        .await
+        .json();
+    assert_eq!(completed["state"], "Completed");
+    assert_eq!(completed["status"], 201);
+    assert_eq!(completed["body"], String::from_utf8_lossy(&after.body).as_ref());
+    let gone = TestClient::new()
+        .send(
+            Method::DELETE,
+            &format!("http://{admin}/keys/nothing-here"),
+            &[bearer],
+            "",
+        )
+        .await;
+    assert_eq!(gone.status, StatusCode::NOT_FOUND);
+}
+
+/// Kills the child on drop.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn json_log_line_per_request_without_secrets() {
+    let upstream = TestUpstream::start().await;
+    let port = free_port();
+    let mut child = Child(
+        Command::new(env!("CARGO_BIN_EXE_idemproxy"))
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--upstream", &upstream.url()])
+            .args(["--log-format", "json", "--log-filter", "info"])
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("binary starts"),
+    );
+    let stderr = child.0.stderr.take().expect("stderr");
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "proxy did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let secret_key = "very-secret-key-123";
+    let response = TestClient::new()
+        .send(
+            Method::POST,
+            &format!("http://127.0.0.1:{port}/orders"),
+            &[
+                ("idempotency-key", secret_key),
+                ("authorization", "Bearer top-secret-token"),
+                ("cookie", "session=cookie-secret"),
+            ],
+            "{\"card\":\"4242\"}",
+        )
+        .await;
+    assert_eq!(response.status, StatusCode::CREATED);
+    let mut request_line = None;
+    let mut all = Vec::new();
+    while let Ok(line) = lines_rx.recv_timeout(Duration::from_secs(5)) {
+        all.push(line.clone());
+        let parsed: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        if parsed["message"] == "request" {
+            request_line = Some(parsed);
+            break;
+        }
+    }
+    let line = request_line.unwrap_or_else(|| panic!("no request log line in {all:?}"));
+    assert_eq!(line["level"], "INFO");
+    assert_eq!(line["route"], "default");
+    assert_eq!(line["method"], "POST");
+    assert_eq!(line["status"], 201);
+    assert_eq!(line["outcome"], "executed");
+    assert!(line["duration_ms"].as_f64().is_some());
+    assert_eq!(line["key"].as_str().map(str::len), Some(12), "a short hash of the key");
+    for text in &all {
+        for secret in [secret_key, "top-secret-token", "cookie-secret", "4242"] {
+            assert!(!text.contains(secret), "log leaks {secret}: {text}");
+        }
+    }
+}
