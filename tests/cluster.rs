@@ -1,0 +1,171 @@
+//! Redis Cluster: a real 3-master cluster of `redis-server --cluster-enabled yes` processes,
+//! created with `redis-cli --cluster create`, shared by two proxies.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{free_port, TestClient, TestProxy, TestUpstream};
+use futures::future::join_all;
+use http::{Method, StatusCode};
+
+/// Three cluster-enabled masters on ephemeral ports, killed on drop.
+struct RedisCluster {
+    ports: Vec<u16>,
+    children: Vec<Child>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+impl RedisCluster {
+    fn start() -> Self {
+        let mut ports = Vec::new();
+        let mut children = Vec::new();
+        let mut dirs = Vec::new();
+        for _ in 0..3 {
+            let port = free_port();
+            let dir = tempfile::tempdir().expect("temp dir");
+            let child = Command::new("redis-server")
+                .args([
+                    "--port",
+                    &port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"])
+                .args(["--cluster-node-timeout", "2000"])
+                .arg("--dir")
+                .arg(dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server starts");
+            ports.push(port);
+            children.push(child);
+            dirs.push(dir);
+        }
+        let cluster = Self {
+            ports,
+            children,
+            _dirs: dirs,
+        };
+        for port in &cluster.ports {
+            cluster.wait_for(*port, "PING", "PONG");
+        }
+        let nodes: Vec<String> = cluster.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let status = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&nodes)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("redis-cli runs");
+        assert!(status.success(), "redis-cli --cluster create failed");
+        for port in &cluster.ports {
+            cluster.wait_for(*port, "CLUSTER INFO", "cluster_state:ok");
+        }
+        cluster
+    }
+
+    fn wait_for(&self, port: u16, command: &str, expect: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            let output = Command::new("redis-cli")
+                .args(["-p", &port.to_string()])
+                .args(command.split(' '))
+                .output();
+            if output.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(expect)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("redis node {port} never answered {command} with {expect}");
+    }
+
+    fn url(&self) -> String {
+        let nodes: Vec<String> = self.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        format!("redis+cluster://{}", nodes.join(","))
+    }
+
+    /// Keys stored on each node.
+    fn keys_per_node(&self) -> Vec<usize> {
+        self.ports
+            .iter()
+            .map(|port| {
+                let output = Command::new("redis-cli")
+                    .args(["-p", &port.to_string(), "DBSIZE"])
+                    .output()
+                    .expect("redis-cli runs");
+                String::from_utf8_lossy(&output.stdout).trim().parse().unwrap_or(0)
+            })
+            .collect()
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[tokio::test]
+async fn two_proxies_on_a_three_master_cluster_execute_each_key_once() {
+    let cluster = RedisCluster::start();
+    let upstream = TestUpstream::start().await;
+    let config = format!(
+        "upstream.url = \"{}\"\nstore.redis = \"{}\"\nlog.filter = \"warn\"\n",
+        upstream.url(),
+        cluster.url()
+    );
+    let a = TestProxy::start(&config).await;
+    let b = TestProxy::start(&config).await;
+    // 30 keys spread over the slots, each sent 4 times at once through both proxies.
+    let requests = (0..30).flat_map(|k| {
+        let urls = [a.url("/orders"), b.url("/orders"), a.url("/orders"), b.url("/orders")];
+        urls.into_iter().map(move |url| async move {
+            TestClient::new()
+                .send(
+                    Method::POST,
+                    &url,
+                    &[
+                        ("idempotency-key", &format!("cluster-{k}")),
+                        ("x-upstream-delay-ms", "200"),
+                    ],
+                    "{}",
+                )
+                .await
+        })
+    });
+    let responses = join_all(requests).await;
+    assert_eq!(upstream.hits(), 30, "each key executed exactly once");
+    assert_eq!(responses.iter().filter(|r| r.status == StatusCode::CREATED).count(), 30);
+    assert_eq!(
+        responses.iter().filter(|r| r.status == StatusCode::CONFLICT).count(),
+        90
+    );
+    for k in 0..30 {
+        let replay = TestClient::new()
+            .post_keyed(&b.url("/orders"), &format!("cluster-{k}"), "{}")
+            .await;
+        assert_eq!(replay.header("idempotent-replayed"), Some("true"));
+    }
+    assert_eq!(upstream.hits(), 30);
+    let per_node = cluster.keys_per_node();
+    assert_eq!(
+        per_node.iter().sum::<usize>(),
+        30,
+        "one record per key, no lease left: {per_node:?}"
+    );
+    assert!(
+        per_node.iter().all(|n| *n > 0),
+        "keys spread over all masters: {per_node:?}"
+    );
+}
