@@ -22,7 +22,11 @@ fn config(upstream_url: &str, top: &str) -> String {
 /// The one request the upstream received.
 fn only_request(upstream: &TestUpstream) -> Recorded {
     let requests = upstream.requests();
-    assert_eq!(requests.len(), 1, "exactly one request reached the upstream: {requests:?}");
+    assert_eq!(
+        requests.len(),
+        1,
+        "exactly one request reached the upstream: {requests:?}"
+    );
     requests.into_iter().next().expect("one request")
 }
 
@@ -82,7 +86,11 @@ async fn read_one_response(stream: &mut TcpStream) -> String {
                 }
             }
             let n = stream.read(&mut buf).await.expect("read response");
-            assert!(n > 0, "connection closed mid-response: {:?}", String::from_utf8_lossy(&received));
+            assert!(
+                n > 0,
+                "connection closed mid-response: {:?}",
+                String::from_utf8_lossy(&received)
+            );
             received.extend_from_slice(&buf[..n]);
         }
     };
@@ -104,7 +112,7 @@ async fn hop_by_hop_request_fields_are_not_forwarded() {
     let proxy = TestProxy::start(&config(&upstream.url(), "")).await;
     let request = "GET /hop?q=1 HTTP/1.1\r\n\
                    Host: api.example\r\n\
-                   Connection: close, x-secret\r\n\
+                   Connection: close, X-Secret\r\n\
                    X-Secret: s3cret\r\n\
                    Keep-Alive: timeout=5\r\n\
                    Proxy-Connection: keep-alive\r\n\
@@ -163,7 +171,13 @@ async fn hop_by_hop_response_fields_are_not_forwarded() {
         )
         .await;
     assert_eq!(response.status, StatusCode::CREATED);
-    for name in ["connection", "x-resp-secret", "keep-alive", "proxy-connection", "upgrade"] {
+    for name in [
+        "connection",
+        "x-resp-secret",
+        "keep-alive",
+        "proxy-connection",
+        "upgrade",
+    ] {
         assert!(
             !response.headers.contains_key(name),
             "hop-by-hop `{name}` reached the client: {:?}",
@@ -173,7 +187,9 @@ async fn hop_by_hop_response_fields_are_not_forwarded() {
     assert_eq!(response.header("x-resp-kept"), Some("1"));
     assert_eq!(response.header("content-type"), Some("application/json"));
     assert!(
-        all_values(&response.headers, "via").iter().any(|v| v.contains("1.1 idemproxy")),
+        all_values(&response.headers, "via")
+            .iter()
+            .any(|v| v.contains("1.1 idemproxy")),
         "{:?}",
         response.headers
     );
@@ -205,7 +221,10 @@ async fn forwarding_fields_host_and_target_by_default() {
 
     let seen = only_request(&upstream);
     assert_eq!(seen.uri.path_and_query().map(|pq| pq.as_str()), Some(target));
-    assert_eq!(all_values(&seen.headers, "x-forwarded-for"), vec!["203.0.113.7, 127.0.0.1"]);
+    assert_eq!(
+        all_values(&seen.headers, "x-forwarded-for"),
+        vec!["203.0.113.7, 127.0.0.1"]
+    );
     assert_eq!(all_values(&seen.headers, "x-forwarded-proto"), vec!["http"]);
     assert_eq!(all_values(&seen.headers, "x-forwarded-host"), vec!["shop.example"]);
     let via = all_values(&seen.headers, "via").join(", ");
@@ -250,7 +269,12 @@ async fn h2c_prior_knowledge_is_proxied_to_http1_upstream() {
     let proxy = TestProxy::start(&config(&upstream.url(), "")).await;
     let client = TestClient::http2();
     let response = client
-        .send(Method::POST, &proxy.url("/h2?x=1"), &[("content-type", "text/plain")], "over h2")
+        .send(
+            Method::POST,
+            &proxy.url("/h2?x=1"),
+            &[("content-type", "text/plain")],
+            "over h2",
+        )
         .await;
     assert_eq!(response.status, StatusCode::CREATED);
     assert_eq!(response.json()["body_bytes"], 7);
@@ -262,15 +286,35 @@ async fn h2c_prior_knowledge_is_proxied_to_http1_upstream() {
     assert_eq!(seen.uri.path_and_query().map(|pq| pq.as_str()), Some("/h2?x=1"));
     assert_eq!(seen.body.as_ref(), b"over h2");
     assert_eq!(all_values(&seen.headers, "host"), vec![upstream.addr.to_string()]);
-    assert_eq!(all_values(&seen.headers, "x-forwarded-host"), vec![proxy.addr.to_string()]);
+    assert_eq!(
+        all_values(&seen.headers, "x-forwarded-host"),
+        vec![proxy.addr.to_string()]
+    );
     assert!(
         all_values(&seen.headers, "via").iter().any(|v| v == "2 idemproxy"),
         "{:?}",
         seen.headers
     );
-    // The same h2 connection carries a second request.
-    let again = client.send(Method::GET, &proxy.url("/h2/again"), &[], "").await;
+    // The same h2 connection carries a second request, whose chunked (streamed) upstream
+    // response has connection-specific fields that HTTP/2 forbids (RFC 9113 §8.2.2).
+    let again = client
+        .send(
+            Method::GET,
+            &proxy.url("/h2/again"),
+            &[
+                ("x-upstream-body-bytes", "200000"),
+                ("x-upstream-header", "connection=x-resp-secret"),
+                ("x-upstream-header", "x-resp-secret=1"),
+                ("x-upstream-header", "keep-alive=timeout=9"),
+            ],
+            "",
+        )
+        .await;
     assert_eq!(again.status, StatusCode::CREATED);
+    assert_eq!(again.body.len(), 200_000);
+    for name in ["connection", "x-resp-secret", "keep-alive", "transfer-encoding"] {
+        assert!(!again.headers.contains_key(name), "`{name}` reached the h2 client");
+    }
     assert_eq!(upstream.hits(), 2);
 }
 
@@ -318,7 +362,11 @@ async fn slow_upstream_is_504_problem_at_the_timeout() {
 async fn garbage_bytes_do_not_stop_the_server() {
     let upstream = TestUpstream::start().await;
     let proxy = TestProxy::start(&config(&upstream.url(), "")).await;
-    for garbage in [&b"\x00\xff GARBAGE\r\n\r\n"[..], b"GET\r\n\r\n", b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\ngarbage"] {
+    for garbage in [
+        &b"\x00\xff GARBAGE\r\n\r\n"[..],
+        b"GET\r\n\r\n",
+        b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\ngarbage",
+    ] {
         let answer = raw_exchange(proxy.addr, garbage).await;
         let answer = String::from_utf8_lossy(&answer);
         assert!(
@@ -357,7 +405,10 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
         assert!(Instant::now() < deadline, "still accepting connections after shutdown");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(!in_flight.is_finished(), "the slow request ended before its upstream answered");
+    assert!(
+        !in_flight.is_finished(),
+        "the slow request ended before its upstream answered"
+    );
 
     let response = tokio::time::timeout(Duration::from_secs(5), in_flight)
         .await
@@ -369,7 +420,10 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
         .expect("serve ends after draining")
         .expect("serve task did not panic");
     assert!(served.is_ok(), "{served:?}");
-    assert!(TcpStream::connect(proxy.addr).await.is_err(), "a connection was accepted after shutdown");
+    assert!(
+        TcpStream::connect(proxy.addr).await.is_err(),
+        "a connection was accepted after shutdown"
+    );
 }
 
 /// Slowloris: a client that starts a request head and stalls is disconnected after
@@ -390,7 +444,10 @@ async fn slow_header_client_is_disconnected() {
     let elapsed = started.elapsed();
     assert!(elapsed >= Duration::from_millis(400), "closed after only {elapsed:?}");
     let received = String::from_utf8_lossy(&received);
-    assert!(received.is_empty() || received.starts_with("HTTP/1.1 408"), "{received:?}");
+    assert!(
+        received.is_empty() || received.starts_with("HTTP/1.1 408"),
+        "{received:?}"
+    );
     assert_eq!(upstream.hits(), 0);
 }
 
@@ -457,11 +514,20 @@ async fn every_method_passes_through_with_its_body() {
         for (i, (method, body)) in cases.iter().enumerate() {
             let path = format!("/m/{}", method.as_str().to_ascii_lowercase());
             let response = client
-                .send(method.clone(), &proxy.url(&path), &[("content-type", "text/plain")], *body)
+                .send(
+                    method.clone(),
+                    &proxy.url(&path),
+                    &[("content-type", "text/plain")],
+                    *body,
+                )
                 .await;
             let hit = round * cases.len() + i + 1;
             assert_eq!(response.status, StatusCode::CREATED, "{method}");
-            assert_eq!(response.header("x-hit"), Some(hit.to_string().as_str()), "{method} executed again");
+            assert_eq!(
+                response.header("x-hit"),
+                Some(hit.to_string().as_str()),
+                "{method} executed again"
+            );
             assert_eq!(response.header("idempotent-replayed"), None, "{method}");
             if *method == Method::HEAD {
                 assert!(response.body.is_empty(), "HEAD answered with a body");
@@ -486,7 +552,9 @@ async fn keyless_post_is_executed_every_time() {
     let proxy = TestProxy::start(&config(&upstream.url(), "")).await;
     let client = TestClient::new();
     for n in 1..=3 {
-        let response = client.send(Method::POST, &proxy.url("/orders"), &[], "{\"same\":true}").await;
+        let response = client
+            .send(Method::POST, &proxy.url("/orders"), &[], "{\"same\":true}")
+            .await;
         assert_eq!(response.status, StatusCode::CREATED);
         assert_eq!(response.json()["hit"], n);
         assert_eq!(response.header("idempotent-replayed"), None);
@@ -512,7 +580,12 @@ async fn idempotency_key_on_get_is_forwarded_untouched() {
         assert_eq!(upstream.hits(), n + 1);
     }
     let again = client
-        .send(Method::GET, &proxy.url("/items"), &[("idempotency-key", "bare-key")], "")
+        .send(
+            Method::GET,
+            &proxy.url("/items"),
+            &[("idempotency-key", "bare-key")],
+            "",
+        )
         .await;
     assert_eq!(again.header("x-hit"), Some("4"));
 }
@@ -526,7 +599,14 @@ async fn pass_through_never_touches_the_store() {
     let proxy = TestProxy::to_with_redis(&upstream, &redis, "").await;
     redis.reset_stats();
     let client = TestClient::new();
-    for method in [Method::GET, Method::HEAD, Method::PUT, Method::DELETE, Method::OPTIONS, Method::PATCH] {
+    for method in [
+        Method::GET,
+        Method::HEAD,
+        Method::PUT,
+        Method::DELETE,
+        Method::OPTIONS,
+        Method::PATCH,
+    ] {
         let response = client
             .send(method.clone(), &proxy.url("/p"), &[("idempotency-key", "k-1")], "body")
             .await;
@@ -543,5 +623,8 @@ async fn pass_through_never_touches_the_store() {
         .iter()
         .filter(|(name, _)| !bookkeeping.contains(&name.as_str()))
         .collect();
-    assert!(store_calls.is_empty(), "pass-through traffic used the store: {store_calls:?}");
+    assert!(
+        store_calls.is_empty(),
+        "pass-through traffic used the store: {store_calls:?}"
+    );
 }

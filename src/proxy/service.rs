@@ -51,7 +51,9 @@ pub async fn handle(
             (err.into_response(), outcome)
         }
     };
-    state.metrics.request(log.route.as_ref().map(|r| r.index), &method, outcome);
+    state
+        .metrics
+        .request(log.route.as_ref().map(|r| r.index), &method, outcome);
     tracing::info!(
         route = log.route.as_ref().map_or("-", |r| &*r.name),
         method = method.as_str(),

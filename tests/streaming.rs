@@ -1,0 +1,163 @@
+//! Pass-through bodies stream (spec §1): 64 MiB through the proxy binary, in either direction,
+//! while the proxy process's peak resident set stays far below the body size. The proxy runs as
+//! its own process so that `VmHWM` measures the proxy alone.
+
+mod common;
+
+use std::convert::Infallible;
+use std::net::{SocketAddr, TcpStream as StdTcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{free_port, TestUpstream};
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Empty, StreamBody};
+use hyper::body::Frame;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+const BODY_BYTES: u64 = 64 * 1024 * 1024;
+const PEAK_RSS_LIMIT_KIB: u64 = 48 * 1024;
+
+/// The `idemproxy` binary, killed when dropped.
+struct ProxyProcess {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl ProxyProcess {
+    fn start(upstream: &TestUpstream) -> Self {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("an address");
+        let child = Command::new(env!("CARGO_BIN_EXE_idemproxy"))
+            .args(["--listen", &addr.to_string(), "--upstream", &upstream.url()])
+            .args(["--log-format", "json", "--log-filter", "warn"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("the idemproxy binary starts");
+        let mut proxy = Self { child, addr };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while StdTcpStream::connect(addr).is_err() {
+            if let Ok(Some(status)) = proxy.child.try_wait() {
+                panic!("idemproxy exited at start-up: {status}");
+            }
+            assert!(Instant::now() < deadline, "idemproxy did not listen on {addr}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        proxy.assert_running();
+        proxy
+    }
+
+    fn assert_running(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("idemproxy exited: {status}");
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// A field of `/proc/<pid>/status` in KiB (`VmHWM` is the peak resident set).
+    fn status_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).expect("proc status");
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.trim().strip_suffix("kB"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc status"))
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_64_mib_download_streams_through_in_bounded_memory() {
+    let upstream = TestUpstream::start().await;
+    let mut proxy = ProxyProcess::start(&upstream);
+    let before = proxy.status_kib("VmHWM");
+
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let request = Request::builder()
+        .method(Method::GET)
+        .uri(proxy.url("/download"))
+        .header("x-upstream-body-bytes", BODY_BYTES.to_string())
+        .body(Empty::new())
+        .expect("request");
+    let download = async {
+        let response = client.request(request).await.expect("response head");
+        assert_eq!(response.status(), StatusCode::CREATED);
+        let mut body = response.into_body();
+        let mut received = 0u64;
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame.expect("body frame").into_data() {
+                received += data.len() as u64;
+            }
+        }
+        received
+    };
+    let received = tokio::time::timeout(Duration::from_secs(120), download)
+        .await
+        .expect("the download completes within 120s");
+    assert_eq!(received, BODY_BYTES);
+
+    proxy.assert_running();
+    let peak = proxy.status_kib("VmHWM");
+    eprintln!(
+        "64 MiB download: proxy VmHWM {peak} KiB ({:.1} MiB; {before} KiB before the download)",
+        peak as f64 / 1024.0
+    );
+    assert!(
+        peak < PEAK_RSS_LIMIT_KIB,
+        "proxy peak RSS {peak} KiB is not under {PEAK_RSS_LIMIT_KIB} KiB"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_64_mib_keyless_upload_streams_through_in_bounded_memory() {
+    let upstream = TestUpstream::start().await;
+    let mut proxy = ProxyProcess::start(&upstream);
+    let before = proxy.status_kib("VmHWM");
+
+    const CHUNK: u64 = 64 * 1024;
+    let chunk = Bytes::from(vec![b'u'; CHUNK as usize]);
+    let frames = (0..BODY_BYTES / CHUNK).map(move |_| Ok::<_, Infallible>(Frame::data(chunk.clone())));
+    let body = StreamBody::new(futures::stream::iter(frames));
+    let client: Client<_, StreamBody<_>> = Client::builder(TokioExecutor::new()).build_http();
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri(proxy.url("/upload"))
+        .body(body)
+        .expect("request");
+    let upload = async {
+        let response = client.request(request).await.expect("response head");
+        let status = response.status();
+        let body = response.into_body().collect().await.expect("response body").to_bytes();
+        (status, body)
+    };
+    let (status, body) = tokio::time::timeout(Duration::from_secs(120), upload)
+        .await
+        .expect("the upload completes within 120s");
+    assert_eq!(status, StatusCode::CREATED, "{body:?}");
+    let answer: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(answer["body_bytes"], BODY_BYTES);
+    assert_eq!(upstream.requests()[0].body.len() as u64, BODY_BYTES);
+
+    proxy.assert_running();
+    let peak = proxy.status_kib("VmHWM");
+    eprintln!(
+        "64 MiB keyless upload: proxy VmHWM {peak} KiB ({:.1} MiB; {before} KiB before the upload)",
+        peak as f64 / 1024.0
+    );
+    assert!(
+        peak < PEAK_RSS_LIMIT_KIB,
+        "proxy peak RSS {peak} KiB is not under {PEAK_RSS_LIMIT_KIB} KiB"
+    );
+}
