@@ -14,8 +14,8 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
 use idemproxy::config::UnknownOutcome;
 use idemproxy::idempotency::{
-    unix_ms, Fingerprint, LeaseToken, Record, RecordError, StorageKey, StoredResponse,
-    UnknownCause, CONFLICT_RETRY_AFTER,
+    unix_ms, Fingerprint, LeaseToken, Record, RecordError, StorageKey, StoredResponse, UnknownCause,
+    CONFLICT_RETRY_AFTER,
 };
 use idemproxy::store::{Begin, BeginRequest, KeyState, MemoryStore, RedisStore, Store, StoreError};
 
@@ -67,14 +67,8 @@ fn response(status: u16, body: Option<&[u8]>) -> StoredResponse {
                 HeaderName::from_static("x-request-id"),
                 HeaderValue::from_static("abc-123"),
             ),
-            (
-                HeaderName::from_static("set-cookie"),
-                HeaderValue::from_static("a=1"),
-            ),
-            (
-                HeaderName::from_static("set-cookie"),
-                HeaderValue::from_static("b=2"),
-            ),
+            (HeaderName::from_static("set-cookie"), HeaderValue::from_static("a=1")),
+            (HeaderName::from_static("set-cookie"), HeaderValue::from_static("b=2")),
         ],
         body: body.map(Bytes::copy_from_slice),
         completed_at_ms: unix_ms(),
@@ -104,11 +98,7 @@ async fn lookup<S: Store>(store: &S, key: &StorageKey) -> Option<KeyState> {
 
 /// The key's record, asserting it exists.
 async fn record<S: Store>(store: &S, key: &StorageKey) -> Record {
-    lookup(store, key)
-        .await
-        .expect("the key has a record")
-        .existing
-        .record
+    lookup(store, key).await.expect("the key has a record").existing.record
 }
 
 /// The contracts, generic over the store.
@@ -130,10 +120,7 @@ mod contract {
         // None of them touched the first request's record.
         assert_eq!(record(store, &k).await, first.in_flight_record());
         // Keys are independent.
-        assert_eq!(
-            begin(store, &req(&key("new-key-2"), FP)).await,
-            Begin::Owner
-        );
+        assert_eq!(begin(store, &req(&key("new-key-2"), FP)).await, Begin::Owner);
     }
 
     /// A completed key replays exactly what was stored (status, headers in order, body), every
@@ -154,9 +141,7 @@ mod contract {
             let owner = req(&k, FP);
             assert_eq!(begin(store, &owner).await, Begin::Owner, "{name}");
             assert_eq!(
-                store
-                    .complete(&k, owner.token, &completed(FP, &stored))
-                    .await,
+                store.complete(&k, owner.token, &completed(FP, &stored)).await,
                 Ok(true),
                 "{name}"
             );
@@ -172,22 +157,11 @@ mod contract {
                 }
             }
             let retry = request(&k, FP, KEY_TTL, LOCK_TTL, UnknownOutcome::Retry);
-            assert_eq!(
-                begin(store, &retry).await,
-                Begin::Replay(stored.clone()),
-                "{name}"
-            );
-            assert_eq!(
-                begin(store, &req(&k, OTHER_FP)).await,
-                Begin::Mismatch,
-                "{name}"
-            );
+            assert_eq!(begin(store, &retry).await, Begin::Replay(stored.clone()), "{name}");
+            assert_eq!(begin(store, &req(&k, OTHER_FP)).await, Begin::Mismatch, "{name}");
             let state = lookup(store, &k).await.expect("record");
             assert_eq!(state.existing.record, completed(FP, &stored), "{name}");
-            assert_eq!(
-                state.existing.lease_left, None,
-                "{name}: completion drops the lease"
-            );
+            assert_eq!(state.existing.lease_left, None, "{name}: completion drops the lease");
         }
     }
 
@@ -199,30 +173,19 @@ mod contract {
         assert_eq!(begin(store, &owner).await, Begin::Owner);
         let intruder = LeaseToken::random();
         let stored = response(201, Some(b"ok"));
-        assert_eq!(
-            store.complete(&k, intruder, &completed(FP, &stored)).await,
-            Ok(false)
-        );
+        assert_eq!(store.complete(&k, intruder, &completed(FP, &stored)).await, Ok(false));
         assert_eq!(store.release(&k, intruder).await, Ok(false));
-        assert_eq!(
-            store.renew(&k, intruder, Duration::from_secs(600)).await,
-            Ok(false)
-        );
+        assert_eq!(store.renew(&k, intruder, Duration::from_secs(600)).await, Ok(false));
         let state = lookup(store, &k).await.expect("record");
         assert_eq!(state.existing.record, owner.in_flight_record());
         let lease = state.existing.lease_left.expect("the owner's lease lives");
-        assert!(
-            lease <= LOCK_TTL,
-            "a wrong token did not renew the lease: {lease:?}"
-        );
+        assert!(lease <= LOCK_TTL, "a wrong token did not renew the lease: {lease:?}");
         assert_eq!(begin(store, &req(&k, FP)).await, in_flight());
 
         // On a missing key nobody owns anything.
         let missing = key("wrong-token-missing");
         assert_eq!(
-            store
-                .complete(&missing, intruder, &completed(FP, &stored))
-                .await,
+            store.complete(&missing, intruder, &completed(FP, &stored)).await,
             Ok(false)
         );
         assert_eq!(store.release(&missing, intruder).await, Ok(false));
@@ -234,27 +197,14 @@ mod contract {
         );
 
         // Completed: the owner's token is stale now.
-        assert_eq!(
-            store
-                .complete(&k, owner.token, &completed(FP, &stored))
-                .await,
-            Ok(true)
-        );
+        assert_eq!(store.complete(&k, owner.token, &completed(FP, &stored)).await, Ok(true));
         let other = response(500, Some(b"overwritten"));
-        assert_eq!(
-            store
-                .complete(&k, owner.token, &completed(FP, &other))
-                .await,
-            Ok(false)
-        );
+        assert_eq!(store.complete(&k, owner.token, &completed(FP, &other)).await, Ok(false));
         assert_eq!(store.release(&k, owner.token).await, Ok(false));
         assert_eq!(store.renew(&k, owner.token, LOCK_TTL).await, Ok(false));
         let state = lookup(store, &k).await.expect("record");
         assert_eq!(state.existing.record, completed(FP, &stored));
-        assert_eq!(
-            state.existing.lease_left, None,
-            "a stale renew grants no lease"
-        );
+        assert_eq!(state.existing.lease_left, None, "a stale renew grants no lease");
         assert_eq!(begin(store, &req(&k, FP)).await, Begin::Replay(stored));
     }
 
@@ -276,30 +226,20 @@ mod contract {
         let b_record = b.in_flight_record();
 
         let late = response(201, Some(b"from A"));
-        assert_eq!(
-            store.complete(&k, a.token, &completed(FP, &late)).await,
-            Ok(false)
-        );
+        assert_eq!(store.complete(&k, a.token, &completed(FP, &late)).await, Ok(false));
         assert_eq!(store.renew(&k, a.token, LOCK_TTL).await, Ok(false));
         assert_eq!(store.release(&k, a.token).await, Ok(false));
         let state = lookup(store, &k).await.expect("record");
         assert_eq!(state.existing.record, b_record, "B still owns the key");
         assert!(state.existing.lease_left.is_some(), "B's lease lives");
         assert_eq!(
-            begin(
-                store,
-                &request(&k, FP, KEY_TTL, LOCK_TTL, UnknownOutcome::Retry)
-            )
-            .await,
+            begin(store, &request(&k, FP, KEY_TTL, LOCK_TTL, UnknownOutcome::Retry)).await,
             in_flight()
         );
 
         let stored = response(201, Some(b"from B"));
         assert_eq!(store.renew(&k, b.token, LOCK_TTL).await, Ok(true));
-        assert_eq!(
-            store.complete(&k, b.token, &completed(FP, &stored)).await,
-            Ok(true)
-        );
+        assert_eq!(store.complete(&k, b.token, &completed(FP, &stored)).await, Ok(true));
         assert_eq!(begin(store, &req(&k, FP)).await, Begin::Replay(stored));
     }
 
@@ -345,10 +285,7 @@ mod contract {
         }
         let state = lookup(store, k).await.expect("record");
         assert_eq!(state.existing.record, owner.in_flight_record());
-        assert!(state
-            .existing
-            .lease_left
-            .is_some_and(|left| left <= lock_ttl));
+        assert!(state.existing.lease_left.is_some_and(|left| left <= lock_ttl));
         owner
     }
 
@@ -359,30 +296,17 @@ mod contract {
         let owner = renew_for_a_second(store, &k, UnknownOutcome::Reject).await;
         tokio::time::sleep(Duration::from_millis(450)).await;
         let finder = req(&k, FP);
-        assert_eq!(
-            begin(store, &finder).await,
-            Begin::Unknown(UnknownCause::LeaseLapsed)
-        );
+        assert_eq!(begin(store, &finder).await, Begin::Unknown(UnknownCause::LeaseLapsed));
         let state = lookup(store, &k).await.expect("record");
         assert_eq!(state.existing.record, finder.lapsed_record());
         assert_eq!(state.existing.lease_left, None);
-        for outcome in [
-            UnknownOutcome::Reject,
-            UnknownOutcome::Retry,
-            UnknownOutcome::Reject,
-        ] {
+        for outcome in [UnknownOutcome::Reject, UnknownOutcome::Retry, UnknownOutcome::Reject] {
             let later = request(&k, FP, KEY_TTL, LOCK_TTL, outcome);
-            assert_eq!(
-                begin(store, &later).await,
-                Begin::Unknown(UnknownCause::LeaseLapsed)
-            );
+            assert_eq!(begin(store, &later).await, Begin::Unknown(UnknownCause::LeaseLapsed));
         }
         assert_eq!(begin(store, &req(&k, OTHER_FP)).await, Begin::Mismatch);
         let late = response(201, Some(b"late"));
-        assert_eq!(
-            store.complete(&k, owner.token, &completed(FP, &late)).await,
-            Ok(false)
-        );
+        assert_eq!(store.complete(&k, owner.token, &completed(FP, &late)).await, Ok(false));
         assert_eq!(store.renew(&k, owner.token, LOCK_TTL).await, Ok(false));
         assert_eq!(store.release(&k, owner.token).await, Ok(false));
         assert_eq!(record(store, &k).await, finder.lapsed_record());
@@ -399,11 +323,7 @@ mod contract {
         assert_eq!(record(store, &k).await, next.in_flight_record());
         assert_eq!(store.renew(&k, owner.token, LOCK_TTL).await, Ok(false));
         assert_eq!(
-            begin(
-                store,
-                &request(&k, FP, KEY_TTL, LOCK_TTL, UnknownOutcome::Retry)
-            )
-            .await,
+            begin(store, &request(&k, FP, KEY_TTL, LOCK_TTL, UnknownOutcome::Retry)).await,
             in_flight()
         );
     }
@@ -446,21 +366,9 @@ mod contract {
         let owner = request(&k, FP, key_ttl, LOCK_TTL, UnknownOutcome::Reject);
         assert_eq!(begin(store, &owner).await, Begin::Owner);
         let stored = response(201, Some(b"expiring"));
-        assert_eq!(
-            store
-                .complete(&k, owner.token, &completed(FP, &stored))
-                .await,
-            Ok(true)
-        );
-        let expires_in = lookup(store, &k)
-            .await
-            .expect("record")
-            .expires_in
-            .expect("an expiry");
-        assert!(
-            expires_in <= key_ttl && !expires_in.is_zero(),
-            "{expires_in:?}"
-        );
+        assert_eq!(store.complete(&k, owner.token, &completed(FP, &stored)).await, Ok(true));
+        let expires_in = lookup(store, &k).await.expect("record").expires_in.expect("an expiry");
+        assert!(expires_in <= key_ttl && !expires_in.is_zero(), "{expires_in:?}");
         assert_eq!(begin(store, &req(&k, FP)).await, Begin::Replay(stored));
         tokio::time::sleep(Duration::from_millis(400)).await;
         assert_eq!(lookup(store, &k).await, None);
@@ -480,11 +388,7 @@ mod contract {
                 .await,
             Ok(true)
         );
-        let expires_in = lookup(store, &k)
-            .await
-            .expect("record")
-            .expires_in
-            .expect("an expiry");
+        let expires_in = lookup(store, &k).await.expect("record").expires_in.expect("an expiry");
         assert!(
             expires_in <= Duration::from_millis(150),
             "completion kept the expiry: {expires_in:?}"
@@ -530,12 +434,7 @@ mod contract {
         );
 
         let stored = response(201, Some(b"looked up"));
-        assert_eq!(
-            store
-                .complete(&k, owner.token, &completed(FP, &stored))
-                .await,
-            Ok(true)
-        );
+        assert_eq!(store.complete(&k, owner.token, &completed(FP, &stored)).await, Ok(true));
         let state = lookup(store, &k).await.expect("record");
         assert_eq!(state.existing.record, completed(FP, &stored));
         assert_eq!(state.existing.lease_left, None);
@@ -552,9 +451,7 @@ mod contract {
         // Clearing an InFlight key fences its owner off.
         assert_eq!(store.clear(&k).await, Ok(true));
         assert_eq!(
-            store
-                .complete(&k, again.token, &completed(OTHER_FP, &stored))
-                .await,
+            store.complete(&k, again.token, &completed(OTHER_FP, &stored)).await,
             Ok(false)
         );
         assert_eq!(store.renew(&k, again.token, LOCK_TTL).await, Ok(false));
@@ -569,10 +466,7 @@ mod contract {
             cause: UnknownCause::Timeout,
         };
         assert_eq!(store.complete(&k, owner.token, &unknown).await, Ok(true));
-        assert_eq!(
-            begin(store, &req(&k, FP)).await,
-            Begin::Unknown(UnknownCause::Timeout)
-        );
+        assert_eq!(begin(store, &req(&k, FP)).await, Begin::Unknown(UnknownCause::Timeout));
         assert_eq!(store.clear(&k).await, Ok(true));
         assert_eq!(begin(store, &req(&k, FP)).await, Begin::Owner);
         assert_eq!(store.ping().await, Ok(()));
@@ -674,19 +568,11 @@ async fn redis_corrupt_record_is_an_error() {
         Err(StoreError::Corrupt(RecordError::Truncated))
     );
     let retry = request(&k, FP, KEY_TTL, LOCK_TTL, UnknownOutcome::Retry);
-    assert!(matches!(
-        store.begin(&retry).await,
-        Err(StoreError::Corrupt(_))
-    ));
-    assert!(matches!(
-        store.lookup(&k).await,
-        Err(StoreError::Corrupt(_))
-    ));
+    assert!(matches!(store.begin(&retry).await, Err(StoreError::Corrupt(_))));
+    assert!(matches!(store.lookup(&k).await, Err(StoreError::Corrupt(_))));
     let token = LeaseToken::random();
     assert_eq!(
-        store
-            .complete(&k, token, &completed(FP, &response(200, None)))
-            .await,
+        store.complete(&k, token, &completed(FP, &response(200, None))).await,
         Ok(false)
     );
     assert_eq!(store.renew(&k, token, LOCK_TTL).await, Ok(false));
@@ -715,18 +601,9 @@ async fn redis_corrupt_record_is_an_error() {
     ] {
         let k = key(name);
         let _: () = server.query(redis::cmd("SET").arg(k.record_key()).arg(&bytes));
-        for outcome in [
-            UnknownOutcome::Reject,
-            UnknownOutcome::Retry,
-            UnknownOutcome::Reject,
-        ] {
-            let result = store
-                .begin(&request(&k, FP, KEY_TTL, LOCK_TTL, outcome))
-                .await;
-            assert!(
-                matches!(result, Err(StoreError::Corrupt(_))),
-                "{name}: {result:?}"
-            );
+        for outcome in [UnknownOutcome::Reject, UnknownOutcome::Retry, UnknownOutcome::Reject] {
+            let result = store.begin(&request(&k, FP, KEY_TTL, LOCK_TTL, outcome)).await;
+            assert!(matches!(result, Err(StoreError::Corrupt(_))), "{name}: {result:?}");
         }
         let left: Vec<u8> = server.query(redis::cmd("GET").arg(k.record_key()));
         assert_eq!(left, bytes, "{name}: the corrupt record was left as it was");
@@ -736,10 +613,7 @@ async fn redis_corrupt_record_is_an_error() {
 
     assert_eq!(store.clear(&k).await, Ok(true));
     assert_eq!(begin(&store, &req(&k, FP)).await, Begin::Owner);
-    assert_eq!(
-        begin(&store, &req(&key("corrupt-after"), FP)).await,
-        Begin::Owner
-    );
+    assert_eq!(begin(&store, &req(&key("corrupt-after"), FP)).await, Begin::Owner);
 }
 
 /// Calls per command name, sorted by name.
@@ -779,12 +653,7 @@ async fn redis_command_budget() {
     let owner = req(&k, FP);
     assert_eq!(begin(&store, &owner).await, Begin::Owner);
     assert_eq!(store.renew(&k, owner.token, LOCK_TTL).await, Ok(true));
-    assert_eq!(
-        store
-            .complete(&k, owner.token, &completed(FP, &stored))
-            .await,
-        Ok(true)
-    );
+    assert_eq!(store.complete(&k, owner.token, &completed(FP, &stored)).await, Ok(true));
     let (sent, _) = store_calls(&server);
     assert_eq!(sent, pairs(&[("evalsha", 6), ("script|load", 3)]));
 
@@ -793,12 +662,7 @@ async fn redis_command_budget() {
     let k = key("budget-first");
     let owner = req(&k, FP);
     assert_eq!(begin(&store, &owner).await, Begin::Owner);
-    assert_eq!(
-        store
-            .complete(&k, owner.token, &completed(FP, &stored))
-            .await,
-        Ok(true)
-    );
+    assert_eq!(store.complete(&k, owner.token, &completed(FP, &stored)).await, Ok(true));
     let (sent, in_scripts) = store_calls(&server);
     assert_eq!(sent, pairs(&[("evalsha", 2)]));
     // begin: GET, SET record, SET lease; complete: GET, SET record KEEPTTL, DEL lease.
@@ -806,10 +670,7 @@ async fn redis_command_budget() {
 
     // Replay: one begin, one round trip.
     server.reset_stats();
-    assert_eq!(
-        begin(&store, &req(&k, FP)).await,
-        Begin::Replay(stored.clone())
-    );
+    assert_eq!(begin(&store, &req(&k, FP)).await, Begin::Replay(stored.clone()));
     let (sent, in_scripts) = store_calls(&server);
     assert_eq!(sent, pairs(&[("evalsha", 1)]));
     assert_eq!(in_scripts, pairs(&[("get", 1), ("pttl", 1)]));
@@ -840,10 +701,7 @@ async fn redis_command_budget() {
 async fn redis_down_then_back() {
     let mut server = RedisServer::start();
     let store = connect_redis(&server).await;
-    assert_eq!(
-        begin(&store, &req(&key("down-before"), FP)).await,
-        Begin::Owner
-    );
+    assert_eq!(begin(&store, &req(&key("down-before"), FP)).await, Begin::Owner);
 
     server.kill();
     for i in 0..3 {
@@ -851,20 +709,14 @@ async fn redis_down_then_back() {
         let started = Instant::now();
         let result = store.begin(&req(&k, FP)).await;
         let took = started.elapsed();
-        assert!(
-            matches!(result, Err(StoreError::Unavailable(_))),
-            "{result:?}"
-        );
+        assert!(matches!(result, Err(StoreError::Unavailable(_))), "{result:?}");
         assert!(
             took < Duration::from_millis(1200),
             "begin took {took:?} with Redis down"
         );
     }
     let started = Instant::now();
-    assert!(matches!(
-        store.ping().await,
-        Err(StoreError::Unavailable(_))
-    ));
+    assert!(matches!(store.ping().await, Err(StoreError::Unavailable(_))));
     assert!(matches!(
         store
             .complete(
@@ -903,12 +755,7 @@ async fn redis_down_then_back() {
         }
     };
     let stored = response(201, Some(b"after restart"));
-    assert_eq!(
-        store
-            .complete(&k, owner.token, &completed(FP, &stored))
-            .await,
-        Ok(true)
-    );
+    assert_eq!(store.complete(&k, owner.token, &completed(FP, &stored)).await, Ok(true));
     assert_eq!(begin(&store, &req(&k, FP)).await, Begin::Replay(stored));
     assert_eq!(store.ping().await, Ok(()));
 }

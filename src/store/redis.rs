@@ -134,18 +134,41 @@ fn unexpected(what: &str, value: &Value) -> StoreError {
 impl RedisStore {
     /// Connects to `url`: `redis://host:port[/db]` or `rediss://…` for one server (reconnects on
     /// its own; the first connection is made lazily, so the proxy starts while Redis is down),
-    /// `redis+cluster://h1:p1,h2:p2` (or `rediss+cluster://…`) for a cluster.
+    /// `redis+cluster://h1:p1,h2:p2` (or `rediss+cluster://…`) for a cluster. `rediss` servers
+    /// are checked against the bundled Mozilla roots; see [`connect_with_ca`](Self::connect_with_ca).
     pub async fn connect(url: &str, command_timeout: Duration) -> Result<Self, StoreError> {
+        Self::connect_with_ca(url, command_timeout, None).await
+    }
+
+    /// [`connect`](Self::connect), with `ca_pem` (PEM certificates, `store.ca_file`) trusted for
+    /// `rediss` instead of the bundled roots, on a single server and on every cluster node.
+    pub async fn connect_with_ca(
+        url: &str,
+        command_timeout: Duration,
+        ca_pem: Option<Vec<u8>>,
+    ) -> Result<Self, StoreError> {
+        // The redis crate builds its rustls configuration on the process-wide crypto provider.
+        crate::tls::crypto_provider();
+        let certificates = ca_pem.map(|pem| redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem),
+        });
         let connection = if let Some((scheme, nodes)) = cluster_nodes(url) {
             let nodes: Vec<String> = nodes.split(',').map(|n| format!("{scheme}://{n}")).collect();
-            let client = redis::cluster::ClusterClientBuilder::new(nodes)
+            let mut builder = redis::cluster::ClusterClientBuilder::new(nodes)
                 .connection_timeout(command_timeout)
-                .response_timeout(command_timeout)
-                .build()
-                .map_err(unavailable)?;
+                .response_timeout(command_timeout);
+            if let Some(certificates) = certificates {
+                builder = builder.certs(certificates);
+            }
+            let client = builder.build().map_err(unavailable)?;
             Connection::Cluster(client.get_async_connection().await.map_err(unavailable)?)
         } else {
-            let client = redis::Client::open(url).map_err(unavailable)?;
+            let client = match certificates {
+                Some(certificates) => redis::Client::build_with_tls(url, certificates),
+                None => redis::Client::open(url),
+            }
+            .map_err(unavailable)?;
             let config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(command_timeout))
                 .set_response_timeout(Some(command_timeout))

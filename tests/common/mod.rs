@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -178,30 +178,62 @@ pub struct TestUpstream {
     pub addr: SocketAddr,
     hits: Arc<AtomicUsize>,
     requests: Arc<Mutex<Vec<Recorded>>>,
+    /// Extra delay applied to every answer (a stalled upstream), in ms.
+    stall_ms: Arc<AtomicU64>,
     stop: Arc<Mutex<Option<oneshot::Sender<()>>>>,
 }
 
 impl TestUpstream {
     pub async fn start() -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
-        Self::serve_on(listener)
+        Self::serve_on(listener, Default::default(), Default::default(), Default::default())
     }
 
     /// Starts on a given address (to bring an upstream back on the same port).
     pub async fn start_on(addr: SocketAddr) -> Self {
         let listener = TcpListener::bind(addr).await.expect("bind upstream");
-        Self::serve_on(listener)
+        Self::serve_on(listener, Default::default(), Default::default(), Default::default())
     }
 
-    fn serve_on(listener: TcpListener) -> Self {
+    /// Serves again on the same address after [`stop`](Self::stop), keeping the counters.
+    pub async fn restart(&self) -> Self {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let listener = loop {
+            match TcpListener::bind(self.addr).await {
+                Ok(listener) => break listener,
+                Err(err) if Instant::now() < deadline => {
+                    let _ = err;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(err) => panic!("cannot rebind upstream {}: {err}", self.addr),
+            }
+        };
+        Self::serve_on(
+            listener,
+            self.hits.clone(),
+            self.requests.clone(),
+            self.stall_ms.clone(),
+        )
+    }
+
+    /// Delays every answer by `stall` from now on (zero: no stall).
+    pub fn set_stall(&self, stall: Duration) {
+        self.stall_ms.store(stall.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    fn serve_on(
+        listener: TcpListener,
+        hits: Arc<AtomicUsize>,
+        requests: Arc<Mutex<Vec<Recorded>>>,
+        stall_ms: Arc<AtomicU64>,
+    ) -> Self {
         let addr = listener.local_addr().expect("local addr");
-        let hits = Arc::new(AtomicUsize::new(0));
-        let requests = Arc::new(Mutex::new(Vec::new()));
         let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
         let upstream = Self {
             addr,
             hits: hits.clone(),
             requests: requests.clone(),
+            stall_ms: stall_ms.clone(),
             stop: Arc::new(Mutex::new(Some(stop_tx))),
         };
         tokio::spawn(async move {
@@ -213,11 +245,13 @@ impl TestUpstream {
                 };
                 let hits = hits.clone();
                 let requests = requests.clone();
+                let stall_ms = stall_ms.clone();
                 connections.push(tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
                         let hits = hits.clone();
                         let requests = requests.clone();
-                        async move { answer(request, hits, requests).await }
+                        let stall = Duration::from_millis(stall_ms.load(Ordering::SeqCst));
+                        async move { answer(request, hits, requests, stall).await }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), service)
@@ -268,6 +302,7 @@ async fn answer(
     request: Request<Incoming>,
     hits: Arc<AtomicUsize>,
     requests: Arc<Mutex<Vec<Recorded>>>,
+    stall: Duration,
 ) -> Result<Response<http_body_util::combinators::BoxBody<Bytes, std::io::Error>>, std::io::Error> {
     let (parts, body) = request.into_parts();
     let body = body
@@ -285,6 +320,9 @@ async fn answer(
     });
     if let Some(ms) = header_num(&parts.headers, "x-upstream-delay-ms") {
         tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if !stall.is_zero() {
+        tokio::time::sleep(stall).await;
     }
     if parts.headers.contains_key("x-upstream-reset") {
         return Err(std::io::Error::other("reset requested"));
@@ -554,7 +592,11 @@ impl ProxyProcess {
     /// Spawns the binary with `args` plus `--listen` on a free port; waits until it accepts.
     pub fn spawn(args: &[&str]) -> Self {
         let port = free_port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
+        Self::spawn_on(format!("127.0.0.1:{port}").parse().expect("address"), args)
+    }
+
+    /// Spawns it listening on `addr` (to bring a killed proxy back on the same port).
+    pub fn spawn_on(addr: SocketAddr, args: &[&str]) -> Self {
         let child = Command::new(env!("CARGO_BIN_EXE_idemproxy"))
             .args(args)
             .args(["--listen", &addr.to_string(), "--log-filter", "warn"])
