@@ -12,6 +12,7 @@ pub mod idempotency;
 pub mod proxy;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;
 
 pub use config::Config;

@@ -66,15 +66,23 @@ pub struct ServerSection {
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsSection {
+    /// Certificate chain (PEM, leaf first) of the listener. With `key`, the listener speaks TLS
+    /// only (ALPN `h2` and `http/1.1`), and `X-Forwarded-Proto` is `https`.
     pub cert: Option<PathBuf>,
+    /// Private key (PEM: PKCS#8, PKCS#1 or SEC1) of `cert`.
     pub key: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreSection {
-    /// `redis://`, `rediss://` or `redis+cluster://h1:p1,h2:p2`. Absent: the embedded memory store.
+    /// `redis://`, `rediss://` (TLS), `redis+cluster://h1:p1,h2:p2` or `rediss+cluster://…`.
+    /// Absent: the embedded memory store.
     pub redis: Option<String>,
+    /// `rediss://` only: CA certificates (PEM) the Redis server's certificate is checked against,
+    /// *instead of* the bundled Mozilla roots (for a Redis with a private CA). Single server and
+    /// cluster alike.
+    pub ca_file: Option<PathBuf>,
     /// Prefix of every storage key.
     pub key_prefix: Option<String>,
     /// Memory store: most records kept at once.
@@ -98,7 +106,7 @@ pub struct UpstreamSection {
     pub pool_max_idle_per_host: Option<usize>,
     /// Forward the client's `Host` instead of the upstream's authority.
     pub preserve_host: Option<bool>,
-    /// Extra CA bundle (PEM) trusted for `https://` upstreams.
+    /// Extra CA certificates (PEM) trusted for `https://` upstreams, on top of the system's.
     pub ca_file: Option<PathBuf>,
 }
 
@@ -177,6 +185,9 @@ pub struct Cli {
     /// Redis URL (redis://, rediss://, redis+cluster://h1:p1,h2:p2) [default: embedded memory store].
     #[arg(long, env = "IDEMPROXY_REDIS")]
     pub redis: Option<String>,
+    /// CA certificates (PEM) trusted for rediss:// instead of the bundled roots.
+    #[arg(long, env = "IDEMPROXY_REDIS_CA")]
+    pub redis_ca: Option<PathBuf>,
     /// Methods guarded when they carry a key [default: POST].
     #[arg(long, env = "IDEMPROXY_METHODS", value_delimiter = ',')]
     pub methods: Option<Vec<String>>,
@@ -267,6 +278,7 @@ impl FileConfig {
         set(&mut self.log.format, &cli.log_format);
         set(&mut self.log.filter, &cli.log_filter);
         set(&mut self.store.redis, &cli.redis);
+        set(&mut self.store.ca_file, &cli.redis_ca);
         set(&mut self.store.memory_max_entries, &cli.memory_max_entries);
         set(&mut self.upstream.url, &cli.upstream);
         set(&mut self.upstream.timeout, &cli.upstream_timeout);

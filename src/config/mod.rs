@@ -176,8 +176,15 @@ pub struct UpstreamSettings {
 /// Which store keeps the records.
 #[derive(Debug, Clone)]
 pub enum StoreSettings {
-    Memory { max_entries: usize },
-    Redis { url: String, command_timeout: Duration },
+    Memory {
+        max_entries: usize,
+    },
+    Redis {
+        url: String,
+        command_timeout: Duration,
+        /// `rediss://`: CA certificates (PEM file) trusted instead of the bundled roots.
+        ca_file: Option<PathBuf>,
+    },
 }
 
 /// TLS termination on the proxy listener.
@@ -345,13 +352,23 @@ impl Config {
                         "expected redis://, rediss:// or redis+cluster:// URL",
                     ));
                 }
+                if file.store.ca_file.is_some() && !url.starts_with("rediss") {
+                    return Err(invalid(
+                        "store.ca_file",
+                        "only used with TLS: `store.redis` must be a rediss:// or rediss+cluster:// URL",
+                    ));
+                }
                 StoreSettings::Redis {
                     url,
                     command_timeout: positive(
                         "store.command_timeout",
                         file.store.command_timeout.unwrap_or(defaults::REDIS_COMMAND_TIMEOUT),
                     )?,
+                    ca_file: file.store.ca_file.clone(),
                 }
+            }
+            None if file.store.ca_file.is_some() => {
+                return Err(invalid("store.ca_file", "is set but `store.redis` is not"))
             }
             None => StoreSettings::Memory {
                 max_entries: at_least(

@@ -1,7 +1,9 @@
 //! The client-facing server: accept loop, connection limits and timeouts, graceful shutdown.
 //!
 //! Built as hyper-util's `server_graceful` example: one auto builder (HTTP/1.1 and HTTP/2 with
-//! prior knowledge on the same port), every connection watched by a `GracefulShutdown`.
+//! prior knowledge on the same port), every connection watched by a `GracefulShutdown`. With
+//! `tls.cert` and `tls.key` every connection is a TLS one first (rustls, ALPN `h2`/`http/1.1`),
+//! and the same builder serves the decrypted stream.
 
 pub mod guarded;
 pub mod headers;
@@ -17,12 +19,15 @@ use std::time::Duration;
 use http::HeaderValue;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, ServerSettings, StoreSettings};
+use crate::config::{Config, ConfigError, ServerSettings, StoreSettings};
 use crate::store::{AnyStore, MemoryStore, RedisStore, StoreError};
 use crate::telemetry::Metrics;
 use crate::upstream::Upstream;
@@ -33,6 +38,9 @@ use preface_deadline::PrefaceDeadline;
 pub enum ServeError {
     #[error("cannot set up the store: {0}")]
     Store(#[from] StoreError),
+    /// A file named by the configuration (TLS certificate or key, CA bundle) is unusable.
+    #[error("invalid configuration: {0}")]
+    Config(#[from] ConfigError),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
 }
@@ -50,15 +58,24 @@ pub struct State {
 
 impl State {
     pub async fn new(config: Config) -> Result<Self, ServeError> {
+        let upstream = Upstream::new(&config.upstream)?;
         let store = match &config.store {
             StoreSettings::Memory { max_entries } => AnyStore::Memory(MemoryStore::new(*max_entries)),
-            StoreSettings::Redis { url, command_timeout } => {
-                AnyStore::Redis(RedisStore::connect(url, *command_timeout).await?)
+            StoreSettings::Redis {
+                url,
+                command_timeout,
+                ca_file,
+            } => {
+                let ca_pem = ca_file
+                    .as_deref()
+                    .map(|path| crate::tls::read_ca_pem("store.ca_file", path))
+                    .transpose()?;
+                AnyStore::Redis(RedisStore::connect_with_ca(url, *command_timeout, ca_pem).await?)
             }
         };
         Ok(Self {
             metrics: Metrics::new(config.routes.iter().map(|r| &*r.name)),
-            upstream: Upstream::new(&config.upstream),
+            upstream,
             store,
             executions: TaskTracker::new(),
             config,
@@ -104,6 +121,63 @@ fn server_builder(settings: &ServerSettings) -> auto::Builder<TokioExecutor> {
     builder
 }
 
+/// How every accepted connection is served: the optional TLS handshake, then the auto builder.
+struct ConnectionServer {
+    state: Arc<State>,
+    builder: auto::Builder<TokioExecutor>,
+    /// `tls.cert` + `tls.key`, loaded once at start-up.
+    tls: Option<TlsAcceptor>,
+    header_read_timeout: Duration,
+}
+
+impl ConnectionServer {
+    /// Serves one accepted connection to its end; `permit` (a `max_connections` slot) is held
+    /// until then.
+    ///
+    /// The client has `server.header_read_timeout` from its connect to the bytes that choose the
+    /// protocol, the TLS handshake included: a client that connects and stays silent, before or
+    /// after the handshake, is dropped then (slowloris, spec §9).
+    async fn serve(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        watcher: Watcher,
+        permit: OwnedSemaphorePermit,
+    ) {
+        let deadline = Instant::now() + self.header_read_timeout;
+        match &self.tls {
+            None => self.serve_http(stream, peer, deadline, watcher).await,
+            Some(acceptor) => match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => self.serve_http(stream, peer, deadline, watcher).await,
+                Ok(Err(err)) => tracing::debug!(error = %err, %peer, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "no TLS handshake within the header read timeout"),
+            },
+        }
+        drop(permit);
+    }
+
+    /// HTTP/1.1 or HTTP/2 on `stream` (plain TCP or decrypted TLS), watched for graceful shutdown.
+    async fn serve_http<I>(&self, stream: I, peer: SocketAddr, deadline: Instant, watcher: Watcher)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let connection = Arc::new(ConnectionInfo::new(peer, self.tls.is_some()));
+        let state = self.state.clone();
+        let service =
+            hyper::service::service_fn(move |request| service::handle(state.clone(), connection.clone(), request));
+        // The protocol sniffing of the auto builder has no deadline of its own: bound it by the
+        // header read timeout, after which HTTP/1's own header timer takes over.
+        let stream = PrefaceDeadline::until(stream, deadline);
+        let conn = self
+            .builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        if let Err(err) = watcher.watch(conn).await {
+            tracing::debug!(error = %err, %peer, "connection ended with an error");
+        }
+    }
+}
+
 /// Runs the proxy on `listener` until `shutdown` resolves, then drains: stops accepting, lets
 /// in-flight requests finish within `server.shutdown_grace`, and returns. The admin listener
 /// (`admin_listen`), when configured, is bound here.
@@ -130,22 +204,31 @@ pub async fn serve_with_admin(
     admin: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    let tls = match &config.tls {
+        Some(settings) => Some(TlsAcceptor::from(crate::tls::listener_config(settings)?)),
+        None => None,
+    };
     let state = Arc::new(State::new(config).await?);
     let (stop_admin, admin_stopped) = watch::channel(false);
     if let Some(admin) = admin {
         tokio::spawn(crate::admin::serve(state.clone(), admin, admin_stopped));
     }
     let settings = state.config.server.clone();
-    let builder = server_builder(&settings);
     let graceful = GracefulShutdown::new();
     let permits = Arc::new(Semaphore::new(settings.max_connections));
-    let tls = state.config.tls.is_some();
     tracing::info!(
         listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        tls = tls.is_some(),
         store = state.store.kind(),
         routes = state.config.routes.len(),
         "idemproxy listening"
     );
+    let server = Arc::new(ConnectionServer {
+        state: state.clone(),
+        builder: server_builder(&settings),
+        tls,
+        header_read_timeout: settings.header_read_timeout,
+    });
     let mut shutdown = pin!(shutdown);
     loop {
         // At the connection limit, stop accepting: new connections wait in the kernel backlog.
@@ -169,21 +252,9 @@ pub async fn serve_with_admin(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let connection = Arc::new(ConnectionInfo::new(peer, tls));
-        let state = state.clone();
-        let service =
-            hyper::service::service_fn(move |request| service::handle(state.clone(), connection.clone(), request));
-        // The protocol sniffing of the auto builder has no deadline of its own: bound it by the
-        // header read timeout, after which HTTP/1's own header timer takes over.
-        let stream = PrefaceDeadline::new(stream, settings.header_read_timeout);
-        let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(err) = conn.await {
-                tracing::debug!(error = %err, %peer, "connection ended with an error");
-            }
-            drop(permit);
-        });
+        // Watched from accept on: shutdown waits for a connection still in its TLS handshake too
+        // (at most the header read timeout), and closes it gracefully once it is served.
+        tokio::spawn(server.clone().serve(stream, peer, graceful.watcher(), permit));
     }
     drop(listener);
     tracing::info!(grace = ?settings.shutdown_grace, "shutting down: draining in-flight requests");

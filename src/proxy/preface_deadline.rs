@@ -8,6 +8,9 @@
 //! with `TimedOut` at the deadline, and steps aside for good as soon as the bytes read decide the
 //! protocol, exactly when the auto builder stops its own detection; from then on HTTP/1's header
 //! timer and HTTP/2's keep-alive pings are in charge.
+//!
+//! On the TLS listener it wraps the decrypted stream, with the deadline set at accept: the
+//! handshake and the first request bytes share one `header_read_timeout`.
 
 use std::future::Future;
 use std::io;
@@ -16,7 +19,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
 /// RFC 9113 §3.4: the connection preface every HTTP/2 client sends first.
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -31,9 +34,14 @@ pub struct PrefaceDeadline<S> {
 impl<S> PrefaceDeadline<S> {
     /// Wraps `inner`; its reads fail with `TimedOut` if the protocol is not decided within `limit`.
     pub fn new(inner: S, limit: Duration) -> Self {
+        Self::until(inner, Instant::now() + limit)
+    }
+
+    /// Wraps `inner`; its reads fail with `TimedOut` if the protocol is not decided by `deadline`.
+    pub fn until(inner: S, deadline: Instant) -> Self {
         Self {
             inner,
-            undecided: Some((Box::pin(tokio::time::sleep(limit)), 0)),
+            undecided: Some((Box::pin(tokio::time::sleep_until(deadline)), 0)),
         }
     }
 }

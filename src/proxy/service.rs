@@ -4,9 +4,9 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::header::HOST;
+use http::header::{CONNECTION, HOST};
 use http::uri::PathAndQuery;
-use http::{Method, Request, Response, Uri, Version};
+use http::{HeaderValue, Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 
 use super::{guarded, headers, ConnectionInfo, State};
@@ -33,7 +33,7 @@ pub async fn handle(
     let _in_flight = state.metrics.in_flight();
     let method = request.method().clone();
     let mut log = RequestLog::default();
-    let (response, outcome) = match route_request(&state, &connection, request, &mut log).await {
+    let (mut response, outcome) = match route_request(&state, &connection, request, &mut log).await {
         Ok((response, outcome)) => (response, outcome),
         Err(err) => {
             let outcome = err.outcome();
@@ -51,6 +51,13 @@ pub async fn handle(
             (err.into_response(), outcome)
         }
     };
+    if method == Method::CONNECT {
+        // RFC 9110 §9.3.6: a client may send tunnel bytes right behind its CONNECT. It is refused,
+        // so close the connection after the answer: those bytes are never read as requests.
+        response
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
     state
         .metrics
         .request(log.route.as_ref().map(|r| r.index), &method, outcome);
@@ -78,6 +85,23 @@ async fn route_request(
     // Origin-form targets only (absolute-form is reduced to its path; `*` is refused).
     if !request.uri().path().starts_with('/') {
         return Err(ProxyError::BadRequest("the request target must be an absolute path"));
+    }
+    // RFC 9112 §3.2 / RFC 3986 §2: a request target is ASCII. hyper refuses invalid UTF-8 but lets
+    // raw UTF-8 through; other bytes must be percent-encoded.
+    if !request
+        .uri()
+        .path_and_query()
+        .map_or("", PathAndQuery::as_str)
+        .is_ascii()
+    {
+        return Err(ProxyError::BadRequest(
+            "the request target must be ASCII (percent-encode other bytes)",
+        ));
+    }
+    // RFC 9110 §4.2.4: userinfo in an http(s) URI "SHOULD" be treated as an error (it is used to
+    // obscure the authority); it would otherwise end up in `X-Forwarded-Host`.
+    if request.uri().authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(ProxyError::BadRequest("the request target must not contain userinfo"));
     }
     let route = state
         .config
@@ -117,12 +141,13 @@ pub fn upstream_request<B>(
     body: impl FnOnce(B) -> ProxyBody,
 ) -> Result<Request<ProxyBody>, ProxyError> {
     let (mut parts, incoming) = request.into_parts();
-    let client_host = parts.headers.get(HOST).cloned().or_else(|| {
-        parts
-            .uri
-            .authority()
-            .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok())
-    });
+    // RFC 9112 §3.2.2: with an absolute-form target, its authority is the request's host and a
+    // `Host` field is ignored (HTTP/2's `:authority` likewise wins over `Host`, RFC 9113 §8.3.1).
+    let client_host = parts
+        .uri
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        .or_else(|| parts.headers.get(HOST).cloned());
     parts.uri = upstream_uri(route, &parts.uri)?;
     headers::remove_hop_by_hop(&mut parts.headers);
     headers::set_forwarded(
