@@ -30,6 +30,9 @@ use tokio::net::TcpStream;
 use crate::body::ProxyBody;
 use crate::config::{ConfigError, UpstreamSettings};
 
+/// Largest read buffer of one upstream connection.
+const UPSTREAM_READ_BUFFER: usize = 64 * 1024;
+
 /// Why an upstream exchange failed, by whether the request may have reached the upstream.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -181,6 +184,9 @@ impl Upstream {
             .pool_max_idle_per_host(settings.pool_max_idle_per_host)
             .retry_canceled_requests(true)
             .set_host(false)
+            // Bounds what one upstream connection buffers while its client reads slowly
+            // (backpressure holds the rest in the kernel): 64 KiB, not hyper's ~400 KiB.
+            .http1_max_buf_size(UPSTREAM_READ_BUFFER)
             .build(connector);
         Ok(Self { client })
     }
