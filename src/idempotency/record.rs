@@ -142,6 +142,32 @@ impl Record {
         }
     }
 
+    /// A copy that shares no memory with anything else. A response's body and header values
+    /// are usually slices of the connection's read buffer; a record kept in memory for hours
+    /// must not pin whole buffers (kilobytes) for a few bytes.
+    pub fn detached(&self) -> Record {
+        match self {
+            Record::Completed { fingerprint, response } => Record::Completed {
+                fingerprint: *fingerprint,
+                response: StoredResponse {
+                    status: response.status,
+                    headers: response
+                        .headers
+                        .iter()
+                        .map(|(name, value)| {
+                            let mut copy = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+                            copy.set_sensitive(value.is_sensitive());
+                            (name.clone(), copy)
+                        })
+                        .collect(),
+                    body: response.body.as_ref().map(|b| Bytes::copy_from_slice(b)),
+                    completed_at_ms: response.completed_at_ms,
+                },
+            },
+            other => other.clone(),
+        }
+    }
+
     /// Name of the state, as the admin endpoint and logs show it.
     pub fn state_name(&self) -> &'static str {
         match self {
@@ -236,8 +262,10 @@ impl Record {
                 let mut headers = Vec::with_capacity(count.min(64));
                 for _ in 0..count {
                     let name_len = r.u16()? as usize;
-                    let name =
-                        HeaderName::from_bytes(r.take(name_len)?).map_err(|_| RecordError::Corrupt("header name"))?;
+                    // Lowercase only, as `encode` writes it: `from_bytes` would lowercase the
+                    // name and the record would no longer re-encode to its stored bytes.
+                    let name = HeaderName::from_lowercase(r.take(name_len)?)
+                        .map_err(|_| RecordError::Corrupt("header name"))?;
                     let value_len = r.u32()? as usize;
                     let value = HeaderValue::from_bytes(r.take(value_len)?)
                         .map_err(|_| RecordError::Corrupt("header value"))?;

@@ -143,11 +143,13 @@ impl Store for MemoryStore {
     }
 
     async fn complete(&self, key: &StorageKey, token: LeaseToken, record: &Record) -> Result<bool, StoreError> {
+        // Kept for up to `key_ttl`: its own exact-size copy, not slices of connection buffers.
+        let record = record.detached();
         let now = Instant::now();
         let mut inner = self.lock();
         match inner.live_mut(key, now) {
             Some(entry) if entry.owned_by(token) => {
-                entry.record = record.clone();
+                entry.record = record;
                 entry.lease = None;
                 Ok(true)
             }
