@@ -22,7 +22,16 @@ fn main() -> ExitCode {
         eprintln!("idemproxy: {err}");
         return ExitCode::from(2);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // One thread: a current-thread runtime, with no work stealing nor cross-thread wake-ups.
+    let runtime = if config.server.worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.server.worker_threads)
+            .enable_all()
+            .build()
+    };
+    let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("idemproxy: cannot start the runtime: {err}");

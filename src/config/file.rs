@@ -58,6 +58,9 @@ pub struct ServerSection {
     #[serde(default, with = "humantime_serde")]
     pub body_read_timeout: Option<Duration>,
     pub max_connections: Option<usize>,
+    /// Runtime threads; 1 runs everything on one thread (no cross-thread wake-ups). Default:
+    /// one per core the process may run on.
+    pub worker_threads: Option<usize>,
     pub max_header_bytes: Option<usize>,
     pub max_headers: Option<usize>,
     pub http2_max_concurrent_streams: Option<u32>,
@@ -245,6 +248,9 @@ pub struct Cli {
     /// Most client connections served at once [default: 10000].
     #[arg(long, env = "IDEMPROXY_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// Runtime worker threads; 1 = a single-threaded runtime [default: one per available core].
+    #[arg(long, env = "IDEMPROXY_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
     /// Largest request header block, bytes [default: 65536].
     #[arg(long, env = "IDEMPROXY_MAX_HEADER_BYTES")]
     pub max_header_bytes: Option<usize>,
@@ -288,6 +294,7 @@ impl FileConfig {
         set(&mut self.tls.cert, &cli.tls_cert);
         set(&mut self.tls.key, &cli.tls_key);
         set(&mut self.server.max_connections, &cli.max_connections);
+        set(&mut self.server.worker_threads, &cli.worker_threads);
         set(&mut self.server.max_header_bytes, &cli.max_header_bytes);
         set(&mut self.server.header_read_timeout, &cli.header_read_timeout);
         set(&mut self.server.shutdown_grace, &cli.shutdown_grace);

@@ -159,6 +159,8 @@ pub struct ServerSettings {
     pub http2_keepalive_interval: Duration,
     pub shutdown_grace: Duration,
     pub max_connections: usize,
+    /// Runtime threads (the binary's; tests bring their own runtime).
+    pub worker_threads: usize,
     pub max_header_bytes: usize,
     pub max_headers: usize,
     pub http2_max_concurrent_streams: u32,
@@ -305,6 +307,11 @@ impl Config {
                 defaults::MAX_CONNECTIONS,
                 1,
             )?,
+            worker_threads: match file.server.worker_threads {
+                Some(0) => return Err(invalid("server.worker_threads", "must be at least 1")),
+                Some(n) => n,
+                None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            },
             max_header_bytes: at_least(
                 "server.max_header_bytes",
                 file.server.max_header_bytes,
