@@ -118,7 +118,9 @@ async fn route_request(
                     .map_or(&b""[..], |v| v.as_bytes());
                 let storage_key = StorageKey::new(&state.config.key_prefix, &route.name, scope, key.as_bytes());
                 log.key_hash = Some(storage_key.short_hash());
-                return guarded::handle(state, connection, route, request, storage_key).await;
+                // Boxed: the guarded path's state machine is large, and the pass-through one should not
+                // carry (and move) it.
+                return Box::pin(guarded::handle(state, connection, route, request, storage_key)).await;
             }
             None if policy.require_key => return Err(ProxyError::MissingKey),
             None => {}
