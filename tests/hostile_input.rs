@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{ProxyProcess, TestProxy, TestUpstream};
+use common::{proc_status_kib, read_until_closed, ProxyProcess, TestProxy, TestUpstream};
 use http::Method;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -44,23 +44,6 @@ async fn exchange_then_eof(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
     read_until_closed(&mut stream, Duration::from_secs(10))
         .await
         .expect("the proxy closes the connection")
-}
-
-/// Reads until EOF (or a reset, which also closes the connection); `None` if still open after
-/// `limit`.
-async fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> Option<Vec<u8>> {
-    let mut received = Vec::new();
-    let read_all = async {
-        let mut buf = [0u8; 4096];
-        loop {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => received.extend_from_slice(&buf[..n]),
-            }
-        }
-    };
-    tokio::time::timeout(limit, read_all).await.ok()?;
-    Some(received)
 }
 
 /// Reads one response framed by `Content-Length` (the connection stays open).
@@ -839,17 +822,6 @@ async fn excess_connections_wait_until_one_closes() {
     }
 }
 
-/// A field of `/proc/<pid>/status` in KiB (`VmHWM`: peak resident set; `VmRSS`: current).
-fn status_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().strip_suffix("kB"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in /proc status"))
-}
-
 const SLOW_CLIENTS: usize = 200;
 const DOWNLOAD_BYTES: u64 = 8 * 1024 * 1024;
 const SLOW_READ_BYTES: usize = 4 * 1024;
@@ -871,7 +843,7 @@ async fn slow_readers_do_not_grow_memory_without_bound() {
     let upstream = TestUpstream::start().await;
     let proxy = ProxyProcess::spawn(&["--upstream", &upstream.url()]);
     let pid = proxy.pid();
-    let before = status_kib(pid, "VmHWM");
+    let before = proc_status_kib(pid, "VmHWM");
 
     let mut clients = Vec::new();
     for i in 0..SLOW_CLIENTS {
@@ -906,7 +878,7 @@ async fn slow_readers_do_not_grow_memory_without_bound() {
     let mut received = 0;
     let sampler = async {
         loop {
-            peak_during = peak_during.max(status_kib(pid, "VmRSS"));
+            peak_during = peak_during.max(proc_status_kib(pid, "VmRSS"));
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     };
@@ -923,8 +895,8 @@ async fn slow_readers_do_not_grow_memory_without_bound() {
         () = sampler => unreachable!(),
     }
     assert_eq!(upstream.hits(), SLOW_CLIENTS, "every download reached the upstream");
-    let peak = status_kib(pid, "VmHWM");
-    let rss = status_kib(pid, "VmRSS");
+    let peak = proc_status_kib(pid, "VmHWM");
+    let rss = proc_status_kib(pid, "VmRSS");
     eprintln!(
         "{SLOW_CLIENTS} slow readers of {} MiB each ({} MiB offered), {:.1} MiB read in all: proxy VmHWM {peak} KiB \
          ({:.1} MiB; {before} KiB at start), VmRSS now {rss} KiB, highest sampled VmRSS {peak_during} KiB",

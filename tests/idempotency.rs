@@ -34,6 +34,20 @@ fn hit(response: &common::TestResponse) -> u64 {
         .expect("upstream answer has a hit number")
 }
 
+/// Sends `n` POSTs with `headers` and body `{}` at once, the i-th to `url(i)`, each on its own
+/// connection.
+async fn keyed_posts_at_once(
+    n: usize,
+    url: impl Fn(usize) -> String,
+    headers: &[(&str, &str)],
+) -> Vec<common::TestResponse> {
+    join_all((0..n).map(|i| {
+        let url = url(i);
+        async move { TestClient::new().send(Method::POST, &url, headers, "{}").await }
+    }))
+    .await
+}
+
 async fn replay_is_identical(backend: Backend) {
     let upstream = TestUpstream::start().await;
     let proxy = backend.proxy(&upstream, "").await;
@@ -104,20 +118,12 @@ async fn concurrent_duplicates_execute_once(backend: Backend) {
     let upstream = TestUpstream::start().await;
     let proxy = backend.proxy(&upstream, "").await;
     let url = proxy.url("/orders");
-    let requests = (0..40).map(|_| {
-        let url = url.clone();
-        async move {
-            TestClient::new()
-                .send(
-                    Method::POST,
-                    &url,
-                    &[("idempotency-key", "storm"), ("x-upstream-delay-ms", "500")],
-                    "{}",
-                )
-                .await
-        }
-    });
-    let responses = join_all(requests).await;
+    let responses = keyed_posts_at_once(
+        40,
+        |_| url.clone(),
+        &[("idempotency-key", "storm"), ("x-upstream-delay-ms", "500")],
+    )
+    .await;
     let created = responses.iter().filter(|r| r.status == StatusCode::CREATED).count();
     let conflicts: Vec<_> = responses.iter().filter(|r| r.status == StatusCode::CONFLICT).collect();
     assert_eq!(upstream.hits(), 1);
@@ -147,20 +153,12 @@ async fn with_wait_every_duplicate_gets_the_one_result() {
         .proxy(&upstream, "on_conflict = \"wait\"\nwait_timeout = \"5s\"")
         .await;
     let url = proxy.url("/orders");
-    let requests = (0..40).map(|_| {
-        let url = url.clone();
-        async move {
-            TestClient::new()
-                .send(
-                    Method::POST,
-                    &url,
-                    &[("idempotency-key", "wait-storm"), ("x-upstream-delay-ms", "300")],
-                    "{}",
-                )
-                .await
-        }
-    });
-    let responses = join_all(requests).await;
+    let responses = keyed_posts_at_once(
+        40,
+        |_| url.clone(),
+        &[("idempotency-key", "wait-storm"), ("x-upstream-delay-ms", "300")],
+    )
+    .await;
     assert_eq!(upstream.hits(), 1);
     let first_body = responses[0].body.clone();
     for response in &responses {
@@ -180,20 +178,12 @@ async fn two_proxies_sharing_redis_execute_once() {
     let upstream = TestUpstream::start().await;
     let a = TestProxy::to_with_redis(&upstream, &redis, "").await;
     let b = TestProxy::to_with_redis(&upstream, &redis, "").await;
-    let requests = (0..20).map(|i| {
-        let url = if i % 2 == 0 { a.url("/orders") } else { b.url("/orders") };
-        async move {
-            TestClient::new()
-                .send(
-                    Method::POST,
-                    &url,
-                    &[("idempotency-key", "shared"), ("x-upstream-delay-ms", "300")],
-                    "{}",
-                )
-                .await
-        }
-    });
-    let responses = join_all(requests).await;
+    let responses = keyed_posts_at_once(
+        20,
+        |i| if i % 2 == 0 { a.url("/orders") } else { b.url("/orders") },
+        &[("idempotency-key", "shared"), ("x-upstream-delay-ms", "300")],
+    )
+    .await;
     assert_eq!(upstream.hits(), 1);
     assert_eq!(responses.iter().filter(|r| r.status == StatusCode::CREATED).count(), 1);
     assert_eq!(

@@ -7,7 +7,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{free_port, Recorded, RedisServer, TestClient, TestProxy, TestUpstream};
+use common::{free_port, read_until_closed, Recorded, RedisServer, TestClient, TestProxy, TestUpstream};
 use http::{Method, StatusCode, Version};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -49,23 +49,6 @@ async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
     read_until_closed(&mut stream, Duration::from_secs(10))
         .await
         .expect("the proxy closes the connection")
-}
-
-/// Reads until EOF (or a reset, which also closes the connection); `None` if still open after
-/// `limit`.
-async fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> Option<Vec<u8>> {
-    let mut received = Vec::new();
-    let read_all = async {
-        let mut buf = [0u8; 4096];
-        loop {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => received.extend_from_slice(&buf[..n]),
-            }
-        }
-    };
-    tokio::time::timeout(limit, read_all).await.ok()?;
-    Some(received)
 }
 
 /// Reads one HTTP/1.1 response framed by `Content-Length` and returns it as text.

@@ -5,12 +5,10 @@
 mod common;
 
 use std::convert::Infallible;
-use std::net::{SocketAddr, TcpStream as StdTcpStream};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
-use common::{free_port, TestUpstream};
+use common::{ProxyProcess, TestUpstream};
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Empty, StreamBody};
 use hyper::body::Frame;
@@ -20,68 +18,10 @@ use hyper_util::rt::TokioExecutor;
 const BODY_BYTES: u64 = 64 * 1024 * 1024;
 const PEAK_RSS_LIMIT_KIB: u64 = 48 * 1024;
 
-/// The `idemproxy` binary, killed when dropped.
-struct ProxyProcess {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl ProxyProcess {
-    fn start(upstream: &TestUpstream) -> Self {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("an address");
-        let child = Command::new(env!("CARGO_BIN_EXE_idemproxy"))
-            .args(["--listen", &addr.to_string(), "--upstream", &upstream.url()])
-            .args(["--log-format", "json", "--log-filter", "warn"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("the idemproxy binary starts");
-        let mut proxy = Self { child, addr };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while StdTcpStream::connect(addr).is_err() {
-            if let Ok(Some(status)) = proxy.child.try_wait() {
-                panic!("idemproxy exited at start-up: {status}");
-            }
-            assert!(Instant::now() < deadline, "idemproxy did not listen on {addr}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        proxy.assert_running();
-        proxy
-    }
-
-    fn assert_running(&mut self) {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            panic!("idemproxy exited: {status}");
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    /// A field of `/proc/<pid>/status` in KiB (`VmHWM` is the peak resident set).
-    fn status_kib(&self, field: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).expect("proc status");
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
-            .and_then(|v| v.trim().strip_suffix("kB"))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {field} in /proc status"))
-    }
-}
-
-impl Drop for ProxyProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_64_mib_download_streams_through_in_bounded_memory() {
     let upstream = TestUpstream::start().await;
-    let mut proxy = ProxyProcess::start(&upstream);
+    let mut proxy = ProxyProcess::spawn(&["--upstream", &upstream.url(), "--log-format", "json"]);
     let before = proxy.status_kib("VmHWM");
 
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
@@ -123,7 +63,7 @@ async fn a_64_mib_download_streams_through_in_bounded_memory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_64_mib_keyless_upload_streams_through_in_bounded_memory() {
     let upstream = TestUpstream::start().await;
-    let mut proxy = ProxyProcess::start(&upstream);
+    let mut proxy = ProxyProcess::spawn(&["--upstream", &upstream.url(), "--log-format", "json"]);
     let before = proxy.status_kib("VmHWM");
 
     const CHUNK: u64 = 64 * 1024;

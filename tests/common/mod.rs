@@ -623,6 +623,18 @@ impl ProxyProcess {
         self.child.id()
     }
 
+    /// A field of its `/proc/<pid>/status` in KiB (`VmHWM`: peak resident set; `VmRSS`: current).
+    pub fn status_kib(&self, field: &str) -> u64 {
+        proc_status_kib(self.pid(), field)
+    }
+
+    /// Panics if the process has exited.
+    pub fn assert_running(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("idemproxy exited: {status}");
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
@@ -638,4 +650,33 @@ impl Drop for ProxyProcess {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A field of `/proc/<pid>/status` in KiB (`VmHWM`: peak resident set; `VmRSS`: current).
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc status"))
+}
+
+/// Reads a raw socket until EOF (or a reset, which also closes the connection); `None` if it is
+/// still open after `limit`.
+pub async fn read_until_closed(stream: &mut tokio::net::TcpStream, limit: Duration) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut received = Vec::new();
+    let read_all = async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => received.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(limit, read_all).await.ok()?;
+    Some(received)
 }
