@@ -79,7 +79,9 @@ pub fn init_logging(format: LogFormat, filter: &str) -> Result<(), String> {
         Ok(env) if !env.is_empty() => EnvFilter::try_new(&env).map_err(|e| format!("RUST_LOG `{env}`: {e}"))?,
         _ => EnvFilter::try_new(filter).map_err(|e| format!("log filter `{filter}`: {e}"))?,
     };
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only on a terminal: a redirected log stays plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
     let result = match format {
         LogFormat::Json => builder
             .json()
