@@ -1,0 +1,338 @@
+//! The properties the fuzz targets check, one `check_*` function per target. A check panics when
+//! its property fails, which libFuzzer reports as a crash; it returns whether the input was
+//! accepted (parsed, decoded, loaded), so a replay can also insist that seed inputs stay valid.
+//!
+//! `tests/fuzz_regressions.rs` in the main crate includes this very file (`#[path]`) and replays
+//! every input under `fuzz/regressions/<target>/` through it, so CI checks the same properties
+//! without cargo-fuzz. Keep it free of dependencies the main crate's tests do not have.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use bytes::Bytes;
+use idemproxy::idempotency::key::{self, MAX_KEY_LEN};
+use idemproxy::idempotency::Record;
+use idemproxy::Config;
+
+/// `key_parser`: an accepted key is 1 to 255 printable ASCII characters; serialised as an
+/// sf-string (RFC 9651 §4.1.6) it parses back to itself; a bare key is the trimmed value.
+pub fn check_key(data: &[u8]) -> bool {
+    let Ok(parsed) = key::parse(data) else {
+        return false;
+    };
+    let k = parsed.as_bytes();
+    assert!(
+        !k.is_empty() && k.len() <= MAX_KEY_LEN,
+        "accepted a key of {} bytes",
+        k.len()
+    );
+    assert!(
+        k.iter().all(|b| (0x20..=0x7e).contains(b)),
+        "accepted a key with a character outside printable ASCII: {k:?}"
+    );
+    let requoted = key::parse(&quote(k)).map(|k| k.as_bytes().to_vec());
+    assert_eq!(requoted, Ok(k.to_vec()), "the key does not survive re-quoting");
+    let trimmed = data.trim_ascii();
+    if trimmed.first() != Some(&b'"') {
+        assert_eq!(k, trimmed, "a bare key must be the trimmed field value");
+    }
+    true
+}
+
+/// Serialises a key as an RFC 9651 sf-string.
+fn quote(raw: &[u8]) -> Vec<u8> {
+    let mut out = vec![b'"'];
+    for &b in raw {
+        if b == b'"' || b == b'\\' {
+            out.push(b'\\');
+        }
+        out.push(b);
+    }
+    out.push(b'"');
+    out
+}
+
+/// `record_decode`: decoding never panics, and a record that decodes re-encodes to the very same
+/// bytes (the encoding is canonical: the Redis scripts compare stored bytes at fixed offsets).
+pub fn check_record(data: &[u8]) -> bool {
+    let bytes = Bytes::copy_from_slice(data);
+    let Ok(record) = Record::decode(bytes.clone()) else {
+        return false;
+    };
+    let encoded = record.encode();
+    assert_eq!(
+        encoded, bytes,
+        "the decoded record {record:?} re-encodes to other bytes"
+    );
+    assert_eq!(Record::decode(encoded), Ok(record), "decode(encode(r)) != r");
+    true
+}
+
+/// `config_load`: arbitrary text (inputs that are not UTF-8 are skipped) never panics the loader,
+/// its error renders, and a configuration it accepts keeps the invariants the proxy relies on.
+pub fn check_config_bytes(data: &[u8]) -> bool {
+    match std::str::from_utf8(data) {
+        Ok(text) => check_config_text(text),
+        Err(_) => false,
+    }
+}
+
+/// `config_structured`: [`check_config_bytes`]'s property on TOML built by [`structured_toml`].
+pub fn check_config_structured(data: &[u8]) -> bool {
+    check_config_text(&structured_toml(data))
+}
+
+fn check_config_text(text: &str) -> bool {
+    match Config::from_toml(text) {
+        Ok(config) => {
+            check_config_invariants(&config);
+            true
+        }
+        Err(err) => {
+            assert!(!err.to_string().is_empty());
+            false
+        }
+    }
+}
+
+fn check_config_invariants(config: &Config) {
+    assert!(!config.routes.is_empty(), "a loaded config has no route");
+    let mut names = HashSet::new();
+    for (i, route) in config.routes.iter().enumerate() {
+        assert_eq!(route.index, i, "route index is not its position");
+        assert!(route.prefix.starts_with('/'), "prefix `{}` without `/`", route.prefix);
+        assert!(names.insert(&*route.name), "route name `{}` twice", route.name);
+        if i > 0 {
+            assert!(
+                config.routes[i - 1].prefix.len() >= route.prefix.len(),
+                "routes not longest first"
+            );
+        }
+        // A path equal to a prefix is served by that prefix's route (longest-prefix match).
+        let served_by = config.route_for(&route.prefix).map(|r| r.index);
+        assert_eq!(
+            served_by,
+            Some(i),
+            "path `{}` not served by its own route",
+            route.prefix
+        );
+        assert!(!route.timeout.is_zero(), "zero upstream timeout");
+        let policy = &route.policy;
+        assert!(!policy.methods.is_empty(), "no guarded method");
+        assert!(policy.lock_ttl >= Duration::from_millis(100), "lock_ttl below 100ms");
+        assert!(policy.lock_ttl <= policy.key_ttl, "lock_ttl above key_ttl");
+        assert!(policy.max_body_bytes > 0, "zero max_body_bytes");
+    }
+    assert!(!config.key_prefix.contains(['{', '}']), "hash tag in key_prefix");
+    assert!(config.server.max_connections >= 1);
+    assert!(config.server.max_header_bytes >= 8192);
+    assert!(config.server.max_headers >= 8);
+    assert!(config.server.http2_max_concurrent_streams >= 1);
+}
+
+/// Table headers the structured generator emits.
+pub const TABLES: &[&str] = &[
+    "[[route]]",
+    "[idempotency]",
+    "[route.idempotency]",
+    "[server]",
+    "[store]",
+    "[upstream]",
+    "[log]",
+    "[tls]",
+];
+
+/// Keys of `src/config/file.rs`, dotted where they sit in a table, plus the route's own keys.
+pub const KEYS: &[&str] = &[
+    "listen",
+    "admin_listen",
+    "admin_token",
+    "log.format",
+    "log.filter",
+    "server.header_read_timeout",
+    "server.body_read_timeout",
+    "server.http2_keepalive_interval",
+    "server.shutdown_grace",
+    "server.max_connections",
+    "server.max_header_bytes",
+    "server.max_headers",
+    "server.http2_max_concurrent_streams",
+    "tls.cert",
+    "tls.key",
+    "store.redis",
+    "store.ca_file",
+    "store.key_prefix",
+    "store.memory_max_entries",
+    "store.command_timeout",
+    "upstream.url",
+    "upstream.connect_timeout",
+    "upstream.timeout",
+    "upstream.pool_idle_timeout",
+    "upstream.pool_max_idle_per_host",
+    "upstream.preserve_host",
+    "upstream.ca_file",
+    "idempotency.enabled",
+    "idempotency.methods",
+    "idempotency.require_key",
+    "idempotency.scope_header",
+    "idempotency.key_ttl",
+    "idempotency.lock_ttl",
+    "idempotency.on_conflict",
+    "idempotency.wait_timeout",
+    "idempotency.store_failure",
+    "idempotency.max_body_bytes",
+    "idempotency.max_response_bytes",
+    "idempotency.record_server_errors",
+    "idempotency.unknown_outcome",
+    // Keys of a [[route]] (and of the table headers above, undotted).
+    "name",
+    "prefix",
+    "upstream",
+    "preserve_host",
+    "timeout",
+    "url",
+    "format",
+    "filter",
+    "redis",
+    "key_prefix",
+    "cert",
+    "key",
+    "methods",
+    "key_ttl",
+    "lock_ttl",
+    "on_conflict",
+    "unknown_outcome",
+    "max_headers",
+    "enabled",
+];
+
+/// TOML values: the valid ones of every key, their edges, and near misses.
+pub const VALUES: &[&str] = &[
+    // Durations.
+    "\"0s\"",
+    "\"1ms\"",
+    "\"99ms\"",
+    "\"100ms\"",
+    "\"30s\"",
+    "\"24h\"",
+    "\"1y\"",
+    "\"584542046090years\"",
+    "\"18446744073709551615s\"",
+    "\"18446744073709551616s\"",
+    "\"1s 999999999ns\"",
+    "\"-1s\"",
+    "\"\"",
+    // Addresses and URLs.
+    "\"127.0.0.1:8080\"",
+    "\"0.0.0.0:9090\"",
+    "\"[::1]:0\"",
+    "\"localhost:80\"",
+    "\"http://127.0.0.1:3000\"",
+    "\"https://api.example:443/base/\"",
+    "\"http://a:1?q=1\"",
+    "\"http://\"",
+    "\"http://user@[::1]:65536/\"",
+    "\"ftp://a:1\"",
+    "\"/relative\"",
+    "\"redis://127.0.0.1:6379\"",
+    "\"rediss://r:6380/0\"",
+    "\"redis+cluster://a:1,b:2\"",
+    "\"unix:///tmp/redis.sock\"",
+    "\"memcached://x\"",
+    // Prefixes and names.
+    "\"/\"",
+    "\"/pay\"",
+    "\"/pay/\"",
+    "\"/pay/refunds\"",
+    "\"//\"",
+    "\"pay\"",
+    "\"default\"",
+    "\"payments\"",
+    // Enumerations and headers.
+    "\"json\"",
+    "\"pretty\"",
+    "\"reject\"",
+    "\"wait\"",
+    "\"closed\"",
+    "\"open\"",
+    "\"retry\"",
+    "\"authorization\"",
+    "\" X-Tenant \"",
+    "\"bad header\"",
+    "\"idem:\"",
+    "\"{tag}\"",
+    "\"s3cret\"",
+    "\"/etc/cert.pem\"",
+    "\"info,idemproxy=debug\"",
+    // Method lists.
+    "[\"POST\"]",
+    "[\"patch\", \" post \"]",
+    "[]",
+    "[\"GET\"]",
+    "[1]",
+    // Integers and booleans.
+    "0",
+    "1",
+    "7",
+    "8",
+    "100",
+    "8191",
+    "8192",
+    "65536",
+    "4294967295",
+    "4294967296",
+    "9223372036854775807",
+    "-1",
+    "1.5",
+    "true",
+    "false",
+    // Tables.
+    "{}",
+    "{ require_key = true }",
+    "{ enabled = false, methods = [\"PATCH\"] }",
+];
+
+/// Builds a TOML document from `data`, so the fuzzer reaches the validation code behind the TOML
+/// parser instead of spending itself on syntax. Read as a sequence of lines:
+/// - `b % 8 == 0, t`: the table header `TABLES[t % len]`;
+/// - `b % 8 != 0, k, v`: `KEYS[k % len] = VALUES[v % len]` when `v < 0xF0`; otherwise the value is
+///   a TOML string of the next `n % 48` input bytes (`n` the byte after `v`, lossily UTF-8).
+pub fn structured_toml(data: &[u8]) -> String {
+    let mut out = String::new();
+    let mut it = data.iter().copied();
+    while let Some(op) = it.next() {
+        if op % 8 == 0 {
+            let Some(t) = it.next() else { break };
+            out.push_str(TABLES[usize::from(t) % TABLES.len()]);
+            out.push('\n');
+            continue;
+        }
+        let (Some(k), Some(v)) = (it.next(), it.next()) else {
+            break;
+        };
+        out.push_str(KEYS[usize::from(k) % KEYS.len()]);
+        out.push_str(" = ");
+        if v < 0xf0 {
+            out.push_str(VALUES[usize::from(v) % VALUES.len()]);
+        } else {
+            let n = it.next().map_or(0, |n| usize::from(n) % 48);
+            let raw: Vec<u8> = it.by_ref().take(n).collect();
+            push_toml_string(&mut out, &String::from_utf8_lossy(&raw));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+fn push_toml_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
