@@ -81,7 +81,10 @@ pub fn init_logging(format: LogFormat, filter: &str) -> Result<(), String> {
     };
     // Colours only on a terminal: a redirected log stays plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
     let result = match format {
         LogFormat::Json => builder
             .json()
