@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{proc_status_kib, read_until_closed, ProxyProcess, TestProxy, TestUpstream};
+use common::{find, proc_status_kib, read_one_response, read_until_closed, ProxyProcess, TestProxy, TestUpstream};
 use http::Method;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -20,10 +20,6 @@ use tokio::time::Instant;
 /// keys (`server.max_header_bytes = 16384`, ...).
 fn config(upstream_url: &str, top: &str) -> String {
     format!("log.filter = \"error\"\nupstream.url = \"{upstream_url}\"\n{top}\n")
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 /// Writes `bytes` on a new connection and reads until the proxy closes it. A write the proxy
@@ -44,35 +40,6 @@ async fn exchange_then_eof(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
     read_until_closed(&mut stream, Duration::from_secs(10))
         .await
         .expect("the proxy closes the connection")
-}
-
-/// Reads one response framed by `Content-Length` (the connection stays open).
-async fn read_one_response(stream: &mut TcpStream, limit: Duration) -> Option<Vec<u8>> {
-    let mut received = Vec::new();
-    let mut buf = [0u8; 4096];
-    let read = async {
-        loop {
-            if let Some(end) = find(&received, b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&received[..end]).to_ascii_lowercase();
-                let length: usize = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .and_then(|v| v.trim().parse().ok())
-                    .expect("the response has a content-length");
-                if received.len() >= end + 4 + length {
-                    return true;
-                }
-            }
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return false,
-                Ok(n) => received.extend_from_slice(&buf[..n]),
-            }
-        }
-    };
-    match tokio::time::timeout(limit, read).await {
-        Ok(true) => Some(received),
-        _ => None,
-    }
 }
 
 /// The status code of the first response in `answer` (`None` when there is none).

@@ -306,19 +306,7 @@ async fn lease_is_renewed_while_a_slow_upstream_runs() {
     let backend = Backend::redis();
     let proxy = backend.proxy(&upstream, "lock_ttl = \"300ms\"").await;
     let url = proxy.url("/orders");
-    let slow = {
-        let url = url.clone();
-        tokio::spawn(async move {
-            TestClient::new()
-                .send(
-                    Method::POST,
-                    &url,
-                    &[("idempotency-key", "slow"), ("x-upstream-delay-ms", "1500")],
-                    "{}",
-                )
-                .await
-        })
-    };
+    let slow = common::spawn_slow_keyed_post(&url, "slow", 1500);
     // Well past several lock_ttl periods, the lease must still be alive: 409, not a takeover
     // or outcome-unknown.
     tokio::time::sleep(Duration::from_millis(1000)).await;

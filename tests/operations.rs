@@ -123,19 +123,7 @@ async fn metrics_count_replays_conflicts_and_mismatches() {
     let proxy = TestProxy::start_with_admin(&format!("upstream.url = \"{}\"\n", upstream.url())).await;
     let client = TestClient::new();
     let url = proxy.url("/orders");
-    let slow = {
-        let url = url.clone();
-        tokio::spawn(async move {
-            TestClient::new()
-                .send(
-                    Method::POST,
-                    &url,
-                    &[("idempotency-key", "m"), ("x-upstream-delay-ms", "300")],
-                    "{}",
-                )
-                .await
-        })
-    };
+    let slow = common::spawn_slow_keyed_post(&url, "m", 300);
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(client.post_keyed(&url, "m", "{}").await.status, StatusCode::CONFLICT);
     slow.await.expect("task");

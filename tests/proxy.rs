@@ -7,9 +7,11 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{free_port, read_until_closed, Recorded, RedisServer, TestClient, TestProxy, TestUpstream};
+use common::{
+    free_port, read_one_response, read_until_closed, Recorded, RedisServer, TestClient, TestProxy, TestUpstream,
+};
 use http::{Method, StatusCode, Version};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -49,42 +51,6 @@ async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
     read_until_closed(&mut stream, Duration::from_secs(10))
         .await
         .expect("the proxy closes the connection")
-}
-
-/// Reads one HTTP/1.1 response framed by `Content-Length` and returns it as text.
-async fn read_one_response(stream: &mut TcpStream) -> String {
-    let mut received = Vec::new();
-    let mut buf = [0u8; 4096];
-    let read = async {
-        loop {
-            if let Some(end) = find(&received, b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&received[..end]).to_ascii_lowercase();
-                let length: usize = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .map(|v| v.trim().parse().expect("numeric content-length"))
-                    .expect("the response has a content-length");
-                if received.len() >= end + 4 + length {
-                    return;
-                }
-            }
-            let n = stream.read(&mut buf).await.expect("read response");
-            assert!(
-                n > 0,
-                "connection closed mid-response: {:?}",
-                String::from_utf8_lossy(&received)
-            );
-            received.extend_from_slice(&buf[..n]);
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(10), read)
-        .await
-        .expect("a response within 10s");
-    String::from_utf8(received).expect("utf-8 response")
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 /// RFC 9110 §7.6.1 on the request: `Connection`, every field it names, and the fixed
@@ -466,7 +432,10 @@ async fn idle_keep_alive_connection_is_closed() {
         .write_all(b"GET /ka HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .expect("write request");
-    let response = read_one_response(&mut stream).await;
+    let response = read_one_response(&mut stream, Duration::from_secs(10))
+        .await
+        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+        .expect("one whole response");
     assert!(response.starts_with("HTTP/1.1 201"), "{response}");
     let started = Instant::now();
     let rest = read_until_closed(&mut stream, Duration::from_secs(5))

@@ -680,3 +680,56 @@ pub async fn read_until_closed(stream: &mut tokio::net::TcpStream, limit: Durati
     tokio::time::timeout(limit, read_all).await.ok()?;
     Some(received)
 }
+
+/// Reads one HTTP/1.1 response framed by `Content-Length` from a raw socket (the connection stays
+/// open); `None` if it did not arrive whole within `limit`.
+pub async fn read_one_response(stream: &mut tokio::net::TcpStream, limit: Duration) -> Option<Vec<u8>> {
+    let mut received = Vec::new();
+    let mut buf = [0u8; 4096];
+    use tokio::io::AsyncReadExt;
+    let read = async {
+        loop {
+            if let Some(end) = find(&received, b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&received[..end]).to_ascii_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .expect("the response has a content-length");
+                if received.len() >= end + 4 + length {
+                    return true;
+                }
+            }
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => received.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    match tokio::time::timeout(limit, read).await {
+        Ok(true) => Some(received),
+        _ => None,
+    }
+}
+
+/// Where `needle` first occurs in `haystack`.
+pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Starts a keyed `POST {}` to `url` in the background whose upstream answer takes `delay_ms`
+/// (the "first request still running" of many tests).
+pub fn spawn_slow_keyed_post(url: &str, key: &str, delay_ms: u64) -> JoinHandle<TestResponse> {
+    let (url, key) = (url.to_owned(), key.to_owned());
+    tokio::spawn(async move {
+        let delay = delay_ms.to_string();
+        TestClient::new()
+            .send(
+                Method::POST,
+                &url,
+                &[("idempotency-key", &key), ("x-upstream-delay-ms", &delay)],
+                "{}",
+            )
+            .await
+    })
+}
