@@ -580,3 +580,52 @@ async fn pass_through_never_touches_the_store() {
         "pass-through traffic used the store: {store_calls:?}"
     );
 }
+
+#[tokio::test]
+async fn upstream_connections_are_kept_alive_and_shared_between_clients() {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::to(&upstream, "").await;
+    let client = TestClient::new();
+    for _ in 0..20 {
+        let response = client.send(Method::GET, &proxy.url("/one"), &[], "").await;
+        assert_eq!(response.status, StatusCode::CREATED);
+    }
+    assert_eq!(
+        upstream.connections(),
+        1,
+        "one client connection, one upstream connection"
+    );
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Each new client connection (a fresh client each time) finds the idle upstream connection
+    // the previous one gave back to the pool when it closed.
+    for _ in 0..5 {
+        let response = TestClient::new().send(Method::GET, &proxy.url("/fresh"), &[], "").await;
+        assert_eq!(response.status, StatusCode::CREATED);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(upstream.connections(), 1, "closed client connections give theirs back");
+    assert_eq!(upstream.hits(), 25);
+}
+
+#[tokio::test]
+async fn pooled_connection_closed_by_the_upstream_is_not_an_error() {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::to(&upstream, "").await;
+    let client = TestClient::new();
+    let response = client.send(Method::GET, &proxy.url("/before"), &[], "").await;
+    assert_eq!(response.status, StatusCode::CREATED);
+    // The upstream restarts: every connection the proxy holds (in the pool and for this client
+    // connection) is dead; the next requests go over new ones, and a keyed POST runs once.
+    upstream.stop();
+    let upstream = upstream.restart().await;
+    for _ in 0..3 {
+        let response = client.send(Method::GET, &proxy.url("/after"), &[], "").await;
+        assert_eq!(response.status, StatusCode::CREATED);
+    }
+    let before = upstream.hits();
+    let response = client.post_keyed(&proxy.url("/orders"), "restart-1", "{}").await;
+    assert_eq!(response.status, StatusCode::CREATED);
+    assert_eq!(upstream.hits(), before + 1);
+    assert!(upstream.connections() >= 2, "a new upstream connection was opened");
+}

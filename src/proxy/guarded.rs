@@ -22,7 +22,7 @@ use crate::error::ProxyError;
 use crate::idempotency::{replay, unix_ms, Fingerprint, LeaseToken, Record, StorageKey, UnknownCause};
 use crate::store::{Begin, BeginRequest, Store, StoreError};
 use crate::telemetry::{Metrics, Outcome, Renewal, StoreOp};
-use crate::upstream::{error_chain, Upstream, UpstreamError};
+use crate::upstream::{error_chain, Affinity, Upstream, UpstreamError};
 
 /// First and longest pause between two looks at a key in flight (`on_conflict = "wait"`).
 const WAIT_FIRST_POLL: Duration = Duration::from_millis(10);
@@ -31,7 +31,7 @@ const WAIT_MAX_POLL: Duration = Duration::from_millis(250);
 /// Handles a guarded request (its method is guarded and it carries a valid key).
 pub async fn handle(
     state: &Arc<State>,
-    connection: &ConnectionInfo,
+    connection: &Arc<ConnectionInfo>,
     route: &Arc<Route>,
     request: Request<Incoming>,
     key: StorageKey,
@@ -59,7 +59,10 @@ pub async fn handle(
             Err(StoreError::Unavailable(reason)) if policy.store_failure == StoreFailure::Open => {
                 tracing::warn!(%reason, key = %key.short_hash(), "store unavailable: forwarding without idempotency protection");
                 let request = upstream_request(route, connection, Request::from_parts(parts, body), ProxyBody::full)?;
-                let response = state.upstream.send(request, route.timeout).await?;
+                let response = state
+                    .upstream
+                    .send(route, Some(&connection.affinity), request, route.timeout)
+                    .await?;
                 return Ok((client_response(response, ProxyBody::stream), Outcome::FailOpen));
             }
             Err(err) => return Err(ProxyError::StoreUnavailable(err)),
@@ -69,6 +72,7 @@ pub async fn handle(
                 let request = upstream_request(route, connection, Request::from_parts(parts, body), ProxyBody::full)?;
                 let execution = Execution {
                     state: state.clone(),
+                    connection: connection.clone(),
                     route: route.clone(),
                     key,
                     token,
@@ -130,6 +134,8 @@ enum ResponseBody {
 /// its outcome recorded before the client is answered.
 struct Execution {
     state: Arc<State>,
+    /// The client connection, for its upstream connection affinity.
+    connection: Arc<ConnectionInfo>,
     route: Arc<Route>,
     key: StorageKey,
     token: LeaseToken,
@@ -141,8 +147,9 @@ impl Execution {
         let policy = &self.route.policy;
         let exchange = exchange(
             &self.state.upstream,
+            &self.route,
+            &self.connection.affinity,
             request,
-            self.route.timeout,
             policy.max_response_bytes,
         );
         let started = std::time::Instant::now();
@@ -277,12 +284,14 @@ impl Execution {
 /// Sends the request and reads the response body up to `max_body`, all within `timeout`.
 async fn exchange(
     upstream: &Upstream,
+    route: &Route,
+    affinity: &Affinity,
     request: Request<ProxyBody>,
-    timeout: Duration,
     max_body: u64,
 ) -> Result<Response<ResponseBody>, UpstreamError> {
+    let timeout = route.timeout;
     let work = async {
-        let response = upstream.send(request, timeout).await?;
+        let response = upstream.send_untimed(route, Some(affinity), request).await?;
         let (parts, body) = response.into_parts();
         let body = read_response_body(body, max_body).await?;
         Ok(Response::from_parts(parts, body))

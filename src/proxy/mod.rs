@@ -1,9 +1,11 @@
 //! The client-facing server: accept loop, connection limits and timeouts, graceful shutdown.
 //!
-//! Built as hyper-util's `server_graceful` example: one auto builder (HTTP/1.1 and HTTP/2 with
-//! prior knowledge on the same port), every connection watched by a `GracefulShutdown`. With
-//! `tls.cert` and `tls.key` every connection is a TLS one first (rustls, ALPN `h2`/`http/1.1`),
-//! and the same builder serves the decrypted stream.
+//! Built as hyper-util's `server_graceful` example, every connection watched by a
+//! `GracefulShutdown`. HTTP/1.1 and HTTP/2 with prior knowledge share the port: a plain TCP
+//! connection's first bytes are peeked at ([`preface_deadline::sniff`]) and hyper's server for
+//! that protocol serves it directly. With `tls.cert` and `tls.key` every connection is a TLS one
+//! first (rustls, ALPN `h2`/`http/1.1`), and hyper-util's auto builder serves the decrypted
+//! stream.
 
 pub mod guarded;
 pub mod headers;
@@ -17,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderValue;
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
@@ -30,8 +33,8 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, ConfigError, ServerSettings, StoreSettings};
 use crate::store::{AnyStore, MemoryStore, RedisStore, StoreError};
 use crate::telemetry::Metrics;
-use crate::upstream::Upstream;
-use preface_deadline::PrefaceDeadline;
+use crate::upstream::{Affinity, Upstream};
+use preface_deadline::{PrefaceDeadline, Protocol};
 
 /// A failure to start or run the server.
 #[derive(Debug, thiserror::Error)]
@@ -58,7 +61,7 @@ pub struct State {
 
 impl State {
     pub async fn new(config: Config) -> Result<Self, ServeError> {
-        let upstream = Upstream::new(&config.upstream)?;
+        let upstream = Upstream::new(&config.upstream, &config.routes)?;
         let store = match &config.store {
             StoreSettings::Memory { max_entries } => AnyStore::Memory(MemoryStore::new(*max_entries)),
             StoreSettings::Redis {
@@ -89,18 +92,48 @@ pub struct ConnectionInfo {
     pub client_ip: HeaderValue,
     /// `http` or `https`, for `X-Forwarded-Proto`.
     pub proto: HeaderValue,
+    /// The upstream connection this client connection used last, kept for its next request.
+    pub affinity: Affinity,
 }
 
 impl ConnectionInfo {
-    fn new(peer: SocketAddr, tls: bool) -> Self {
+    fn new(peer: SocketAddr, tls: bool, upstream: &Upstream) -> Self {
         let ip = peer.ip().to_canonical().to_string();
         Self {
             client_ip: HeaderValue::from_str(&ip).unwrap_or_else(|_| HeaderValue::from_static("unknown")),
             proto: HeaderValue::from_static(if tls { "https" } else { "http" }),
+            affinity: upstream.affinity(),
         }
     }
 }
 
+/// HTTP/1.1 server settings (the same as [`server_builder`]'s HTTP/1.1 half).
+fn http1_builder(settings: &ServerSettings) -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        // Also bounds how long an idle keep-alive connection waits for its next request.
+        .header_read_timeout(settings.header_read_timeout)
+        .max_buf_size(settings.max_header_bytes.max(8192))
+        .max_headers(settings.max_headers)
+        .keep_alive(true);
+    builder
+}
+
+/// HTTP/2 server settings (the same as [`server_builder`]'s HTTP/2 half).
+fn http2_builder(settings: &ServerSettings) -> http2::Builder<TokioExecutor> {
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(settings.http2_max_concurrent_streams)
+        .max_header_list_size(settings.max_header_bytes as u32)
+        .keep_alive_interval(settings.http2_keepalive_interval)
+        .keep_alive_timeout(Duration::from_secs(20));
+    builder
+}
+
+/// Both protocols behind one builder, for TLS connections (HTTP/1.1 or HTTP/2 by ALPN or by
+/// the client's first bytes).
 fn server_builder(settings: &ServerSettings) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -124,6 +157,10 @@ fn server_builder(settings: &ServerSettings) -> auto::Builder<TokioExecutor> {
 /// How every accepted connection is served: the optional TLS handshake, then the auto builder.
 struct ConnectionServer {
     state: Arc<State>,
+    /// Plain TCP connections, once [`preface_deadline::sniff`] has chosen the protocol.
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+    /// TLS connections.
     builder: auto::Builder<TokioExecutor>,
     /// `tls.cert` + `tls.key`, loaded once at start-up.
     tls: Option<TlsAcceptor>,
@@ -146,7 +183,7 @@ impl ConnectionServer {
     ) {
         let deadline = Instant::now() + self.header_read_timeout;
         match &self.tls {
-            None => self.serve_http(stream, peer, deadline, watcher).await,
+            None => self.serve_tcp(stream, peer, deadline, watcher).await,
             Some(acceptor) => match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
                 Ok(Ok(stream)) => self.serve_http(stream, peer, deadline, watcher).await,
                 Ok(Err(err)) => tracing::debug!(error = %err, %peer, "TLS handshake failed"),
@@ -156,12 +193,36 @@ impl ConnectionServer {
         drop(permit);
     }
 
-    /// HTTP/1.1 or HTTP/2 on `stream` (plain TCP or decrypted TLS), watched for graceful shutdown.
+    /// A plain TCP connection: its first bytes choose HTTP/1.1 or HTTP/2 (prior knowledge), then
+    /// hyper's server for that protocol serves it directly, watched for graceful shutdown.
+    async fn serve_tcp(&self, stream: TcpStream, peer: SocketAddr, deadline: Instant, watcher: Watcher) {
+        let protocol = match preface_deadline::sniff(&stream, deadline).await {
+            Ok(protocol) => protocol,
+            Err(err) => {
+                tracing::debug!(error = %err, %peer, "no request");
+                return;
+            }
+        };
+        let connection = Arc::new(ConnectionInfo::new(peer, false, &self.state.upstream));
+        let state = self.state.clone();
+        let service =
+            hyper::service::service_fn(move |request| service::handle(state.clone(), connection.clone(), request));
+        let io = TokioIo::new(stream);
+        let served = match protocol {
+            Protocol::Http1 => watcher.watch(self.http1.serve_connection(io, service)).await,
+            Protocol::Http2 => watcher.watch(self.http2.serve_connection(io, service)).await,
+        };
+        if let Err(err) = served {
+            tracing::debug!(error = %err, %peer, "connection ended with an error");
+        }
+    }
+
+    /// HTTP/1.1 or HTTP/2 on a decrypted TLS stream, watched for graceful shutdown.
     async fn serve_http<I>(&self, stream: I, peer: SocketAddr, deadline: Instant, watcher: Watcher)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let connection = Arc::new(ConnectionInfo::new(peer, self.tls.is_some()));
+        let connection = Arc::new(ConnectionInfo::new(peer, self.tls.is_some(), &self.state.upstream));
         let state = self.state.clone();
         let service =
             hyper::service::service_fn(move |request| service::handle(state.clone(), connection.clone(), request));
@@ -225,6 +286,8 @@ pub async fn serve_with_admin(
     );
     let server = Arc::new(ConnectionServer {
         state: state.clone(),
+        http1: http1_builder(&settings),
+        http2: http2_builder(&settings),
         builder: server_builder(&settings),
         tls,
         header_read_timeout: settings.header_read_timeout,

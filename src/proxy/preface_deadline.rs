@@ -10,7 +10,10 @@
 //! timer and HTTP/2's keep-alive pings are in charge.
 //!
 //! On the TLS listener it wraps the decrypted stream, with the deadline set at accept: the
-//! handshake and the first request bytes share one `header_read_timeout`.
+//! handshake and the first request bytes share one `header_read_timeout`. A plain TCP
+//! connection is not wrapped at all: [`sniff`] peeks at its first bytes under the same deadline
+//! and the connection is then served by hyper's HTTP/1.1 or HTTP/2 server directly, with no
+//! extra layer on any later read or write.
 
 use std::future::Future;
 use std::io;
@@ -23,6 +26,51 @@ use tokio::time::{Instant, Sleep};
 
 /// RFC 9113 §3.4: the connection preface every HTTP/2 client sends first.
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The protocol a client's first bytes chose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    /// HTTP/2 with prior knowledge (RFC 9113 §3.3): the client sent the preface.
+    Http2,
+}
+
+/// How long [`sniff`] waits before looking again at a partial preface.
+const PARTIAL_PREFACE_RETRY: Duration = Duration::from_millis(5);
+
+/// Peeks (without consuming) at `stream`'s first bytes until they are the whole HTTP/2 preface
+/// or differ from it, by `deadline` (`TimedOut` then). `UnexpectedEof` if the client closes first.
+pub async fn sniff(stream: &tokio::net::TcpStream, deadline: Instant) -> io::Result<Protocol> {
+    let mut first = [0u8; H2_PREFACE.len()];
+    loop {
+        let peeked = tokio::time::timeout_at(deadline, stream.peek(&mut first)).await;
+        let n = match peeked {
+            Ok(result) => result?,
+            Err(_) => return Err(timed_out()),
+        };
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed before a request"));
+        }
+        if first[..n] != H2_PREFACE[..n] {
+            return Ok(Protocol::Http1);
+        }
+        if n == H2_PREFACE.len() {
+            return Ok(Protocol::Http2);
+        }
+        // A prefix of the preface: the same bytes would be peeked again at once, so wait a bit.
+        if Instant::now() + PARTIAL_PREFACE_RETRY >= deadline {
+            return Err(timed_out());
+        }
+        tokio::time::sleep(PARTIAL_PREFACE_RETRY).await;
+    }
+}
+
+fn timed_out() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        "the client sent no request within the header read timeout",
+    )
+}
 
 /// An I/O stream whose reads time out until its first bytes have decided the protocol.
 pub struct PrefaceDeadline<S> {
@@ -68,10 +116,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for PrefaceDeadline<S> {
             }
             Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
             Poll::Pending => match deadline.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "the client sent no request within the header read timeout",
-                ))),
+                Poll::Ready(()) => Poll::Ready(Err(timed_out())),
                 Poll::Pending => Poll::Pending,
             },
         }
@@ -108,6 +153,56 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for PrefaceDeadline<S> {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A connected pair of loopback TCP streams (client, server).
+    async fn tcp_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        (client, server)
+    }
+
+    #[tokio::test]
+    async fn sniff_tells_http1_from_the_h2_preface_without_consuming() {
+        let (mut client, mut server) = tcp_pair().await;
+        client.write_all(b"POST / HTTP/1.1\r\n").await.expect("write");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        assert_eq!(sniff(&server, deadline).await.expect("decided"), Protocol::Http1);
+        let mut buf = [0u8; 4];
+        server.read_exact(&mut buf).await.expect("read");
+        assert_eq!(&buf, b"POST", "sniffing must leave the bytes for the server");
+
+        let (mut client, server) = tcp_pair().await;
+        client.write_all(&H2_PREFACE[..10]).await.expect("write");
+        let waiting = tokio::spawn(async move { sniff(&server, deadline).await });
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        client.write_all(&H2_PREFACE[10..]).await.expect("write");
+        assert_eq!(waiting.await.expect("join").expect("decided"), Protocol::Http2);
+    }
+
+    #[tokio::test]
+    async fn sniff_times_out_on_silence_and_on_a_partial_preface() {
+        let (_client, server) = tcp_pair().await;
+        let err = sniff(&server, Instant::now() + Duration::from_millis(100))
+            .await
+            .expect_err("silent");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+
+        let (mut client, server) = tcp_pair().await;
+        client.write_all(b"PRI * HTTP/2.0\r\n").await.expect("write");
+        let err = sniff(&server, Instant::now() + Duration::from_millis(100))
+            .await
+            .expect_err("partial");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+
+        let (client, server) = tcp_pair().await;
+        drop(client);
+        let err = sniff(&server, Instant::now() + Duration::from_secs(5))
+            .await
+            .expect_err("closed");
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
 
     async fn read_some(stream: &mut PrefaceDeadline<tokio::io::DuplexStream>) -> io::Result<Vec<u8>> {
         let mut buf = [0u8; 64];

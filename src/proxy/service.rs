@@ -75,7 +75,7 @@ pub async fn handle(
 
 async fn route_request(
     state: &Arc<State>,
-    connection: &ConnectionInfo,
+    connection: &Arc<ConnectionInfo>,
     request: Request<Incoming>,
     log: &mut RequestLog,
 ) -> Result<(Response<ProxyBody>, Outcome), ProxyError> {
@@ -128,7 +128,10 @@ async fn route_request(
     }
     let request = upstream_request(route, connection, request, ProxyBody::stream)?;
     let sent = Instant::now();
-    let response = state.upstream.send(request, route.timeout).await;
+    let response = state
+        .upstream
+        .send(route, Some(&connection.affinity), request, route.timeout)
+        .await;
     state.metrics.upstream_duration(route.index, sent.elapsed());
     Ok((client_response(response?, ProxyBody::stream), Outcome::Passthrough))
 }
@@ -150,7 +153,7 @@ pub fn upstream_request<B>(
         .authority()
         .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         .or_else(|| parts.headers.get(HOST).cloned());
-    parts.uri = upstream_uri(route, &parts.uri)?;
+    parts.uri = upstream_uri(route, std::mem::take(&mut parts.uri))?;
     headers::remove_hop_by_hop(&mut parts.headers);
     headers::set_forwarded(
         &mut parts.headers,
@@ -168,26 +171,26 @@ pub fn upstream_request<B>(
     Ok(Request::from_parts(parts, body(incoming)))
 }
 
-fn upstream_uri(route: &Route, uri: &Uri) -> Result<Uri, ProxyError> {
-    let target = &route.upstream;
-    let path_and_query = match (target.base_path.is_empty(), uri.path_and_query()) {
+/// The origin-form target sent upstream (RFC 9112 §3.2.1): the client's path and query, byte
+/// for byte, under the upstream's base path. Reuses the client's target when it already is one.
+fn upstream_uri(route: &Route, uri: Uri) -> Result<Uri, ProxyError> {
+    let base_path = &route.upstream.base_path;
+    if base_path.is_empty() && uri.scheme().is_none() && uri.authority().is_none() {
+        return Ok(uri);
+    }
+    let path_and_query = match (base_path.is_empty(), uri.path_and_query()) {
         (true, Some(pq)) => pq.clone(),
         (true, None) => PathAndQuery::from_static("/"),
         (false, pq) => {
             let pq = pq.map_or("/", PathAndQuery::as_str);
-            let mut joined = String::with_capacity(target.base_path.len() + pq.len());
-            joined.push_str(&target.base_path);
+            let mut joined = String::with_capacity(base_path.len() + pq.len());
+            joined.push_str(base_path);
             joined.push_str(pq);
             PathAndQuery::try_from(joined)
                 .map_err(|_| ProxyError::BadRequest("the request target is not a valid path"))?
         }
     };
-    Uri::builder()
-        .scheme(target.scheme.clone())
-        .authority(target.authority.clone())
-        .path_and_query(path_and_query)
-        .build()
-        .map_err(|_| ProxyError::BadRequest("the request target is not a valid path"))
+    Ok(Uri::from(path_and_query))
 }
 
 /// Turns an upstream response into the one sent to the client: hop-by-hop fields removed and

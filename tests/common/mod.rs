@@ -177,6 +177,8 @@ pub struct Recorded {
 pub struct TestUpstream {
     pub addr: SocketAddr,
     hits: Arc<AtomicUsize>,
+    /// TCP connections accepted (on this address, since the first start).
+    connections: Arc<AtomicUsize>,
     requests: Arc<Mutex<Vec<Recorded>>>,
     /// Extra delay applied to every answer (a stalled upstream), in ms.
     stall_ms: Arc<AtomicU64>,
@@ -186,13 +188,25 @@ pub struct TestUpstream {
 impl TestUpstream {
     pub async fn start() -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
-        Self::serve_on(listener, Default::default(), Default::default(), Default::default())
+        Self::serve_on(
+            listener,
+            Default::default(),
+            Default::default(),
+            Default::default(),
+            Default::default(),
+        )
     }
 
     /// Starts on a given address (to bring an upstream back on the same port).
     pub async fn start_on(addr: SocketAddr) -> Self {
         let listener = TcpListener::bind(addr).await.expect("bind upstream");
-        Self::serve_on(listener, Default::default(), Default::default(), Default::default())
+        Self::serve_on(
+            listener,
+            Default::default(),
+            Default::default(),
+            Default::default(),
+            Default::default(),
+        )
     }
 
     /// Serves again on the same address after [`stop`](Self::stop), keeping the counters.
@@ -211,6 +225,7 @@ impl TestUpstream {
         Self::serve_on(
             listener,
             self.hits.clone(),
+            self.connections.clone(),
             self.requests.clone(),
             self.stall_ms.clone(),
         )
@@ -224,6 +239,7 @@ impl TestUpstream {
     fn serve_on(
         listener: TcpListener,
         hits: Arc<AtomicUsize>,
+        connections: Arc<AtomicUsize>,
         requests: Arc<Mutex<Vec<Recorded>>>,
         stall_ms: Arc<AtomicU64>,
     ) -> Self {
@@ -232,10 +248,12 @@ impl TestUpstream {
         let upstream = Self {
             addr,
             hits: hits.clone(),
+            connections: connections.clone(),
             requests: requests.clone(),
             stall_ms: stall_ms.clone(),
             stop: Arc::new(Mutex::new(Some(stop_tx))),
         };
+        let connections_accepted = connections;
         tokio::spawn(async move {
             let mut connections = Vec::new();
             loop {
@@ -243,6 +261,7 @@ impl TestUpstream {
                     accepted = listener.accept() => match accepted { Ok(a) => a, Err(_) => continue },
                     _ = &mut stop_rx => break,
                 };
+                connections_accepted.fetch_add(1, Ordering::SeqCst);
                 let hits = hits.clone();
                 let requests = requests.clone();
                 let stall_ms = stall_ms.clone();
@@ -272,6 +291,11 @@ impl TestUpstream {
     /// Requests that reached the upstream (executions).
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
+    }
+
+    /// TCP connections the upstream accepted.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
     }
 
     pub fn requests(&self) -> Vec<Recorded> {
