@@ -735,6 +735,7 @@ for d in sorted(glob.glob(os.path.join(tmp, "runs", "*"))):
         "cpu_us_per_req": cpu, "cpu_us_per_req_total": sum(cpu.values()),
         "ticks": ticks, "roles": roles,
         "redis_calls": redis_delta, "redis_scripts_per_req": scripts / requests if requests else 0,
+        "redis_by_command": {c: n / requests for c, n in redis_delta.items()} if requests else {},
         "redis_calls_per_req": sum(redis_delta.values()) / requests if requests else 0,
         "peak_rss_mib": peaks.get(proxy_role, 0) / 1024 if proxy_role in peaks else None,
         "peaks_kib": peaks, "server_core_busy": server_busy, "server_core_foreign": foreign,
@@ -779,6 +780,8 @@ for key in ORDER:
         "cpu_total": med(r["cpu_us_per_req_total"] for r in rs),
         "cpu_total_rounds": [r["cpu_us_per_req_total"] for r in rs],
         "redis_scripts_per_req": med(r["redis_scripts_per_req"] for r in rs),
+        "redis_by_command": {c: med(r["redis_by_command"].get(c, 0) for r in rs)
+                             for c in sorted({c for r in rs for c in r["redis_by_command"]})},
         "redis_calls_per_req": med(r["redis_calls_per_req"] for r in rs),
         "uses_redis": "redis" in kinds,
         "peak_rss_mib": max(rss) if rss else None,
@@ -789,6 +792,12 @@ for key in ORDER:
         "requests": sum(r["requests"] for r in rs),
         "foreign": med(foreign) if foreign else None,
     }
+
+
+def by_command(calls):
+    """`SET 1.00 · EVALSHA 1.00 · GET 1.00`: Redis calls per request, most frequent first."""
+    shown = sorted(((n, c) for c, n in calls.items() if n >= 0.005), reverse=True)
+    return " · ".join(f"{c.upper()} {n:.2f}" for n, c in shown) or "none"
 
 
 def fmt(x, digits=1):
@@ -814,12 +823,13 @@ w(f"wrk -t{env['wrk_threads']} -c{env['conns']} on core(s) {env['load_cpus']}; e
   f"load average {env['loadavg_start']} → {env.get('loadavg_end', '?')}.")
 w("")
 w("Medians over the rounds. CPU: server utime+stime per completed request, from /proc/PID/stat "
-  "(proxy = idemproxy or nginx master+worker). Redis: `EVALSHA` calls and all commands "
-  "(including those run inside the scripts) per request, from INFO commandstats. "
+  "(proxy = idemproxy or nginx master+worker). Redis: calls per request by command, from INFO "
+  "commandstats, which also counts the commands Lua scripts run inside Redis (no round trip): "
+  "the exact round trips per request are the MONITOR calibration under the targets. "
   "RSS: proxy peak (VmHWM, reset before each run), max over rounds.")
 w("")
 w("| # | scenario | variant | req/s | p50 ms | p99 ms | CPU µs/req proxy | Redis | upstream | **total** "
-  "| Redis EVALSHA/req | Redis cmds/req (all) | peak RSS MiB | non-2xx | req/s per round |")
+  "| Redis calls/req by command | Redis cmds/req (all) | peak RSS MiB | non-2xx | req/s per round |")
 w("|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|---|")
 for key in ORDER:
     if key not in agg:
@@ -835,7 +845,7 @@ for key in ORDER:
         non2xx += f", socket errors: {a['socket_errors']}"
     w(f"| {num} | {scen} | {variant} | {a['rps']:,.0f} | {a['p50_ms']:.2f} | {a['p99_ms']:.2f} "
       f"| {fmt(c.get('proxy'))} | {fmt(c.get('redis'))} | {fmt(c.get('upstream'))} | **{fmt(a['cpu_total'])}** "
-      f"| {fmt(a['redis_scripts_per_req'], 2) if a['uses_redis'] else '—'} "
+      f"| {by_command(a['redis_by_command']) if a['uses_redis'] else '—'} "
       f"| {fmt(a['redis_calls_per_req'], 2) if a['uses_redis'] else '—'} "
       f"| {fmt(a['peak_rss_mib'])} | {non2xx} | {' / '.join(f'{x:,.0f}' for x in a['rps_rounds'])} |")
 w("")
@@ -903,7 +913,8 @@ def calib(name, expected, load):
         return
     n = int(c["requests"])
     per = int(c["top"]) / n
-    under_load = f"; under load {load['redis_scripts_per_req']:.3f} EVALSHA/req" if load else ""
+    under_load = (f"; under load (commandstats, script-internal calls included): "
+                  f"{by_command(load['redis_by_command'])}" if load else "")
     ok = int(c["ok"]) == n and abs(per - expected) < 1e-9
     check(label, ok, f"**{per:.2f}**/req top-level over {n} sequential requests ({c['commands'] or 'none'}; "
           f"{int(c['nested']) / n:.2f}/req inside scripts; {c['ok']}/{n} answered 200, {c['replayed']} replayed)"

@@ -98,6 +98,7 @@ fn decision(c: &mut Criterion) {
             fingerprint,
             owner: LeaseToken([1; 16]),
             started_at_ms: 0,
+            lease_until_ms: 0,
         },
         lease_left: Some(std::time::Duration::from_secs(10)),
     };

@@ -1,7 +1,9 @@
 //! The decision table of spec §4, as one pure function.
 //!
 //! Every store applies [`decide`]'s verdict atomically: the memory store calls it under its
-//! lock; the Redis begin script mirrors it in Lua (the store contract tests hold both to it).
+//! lock; the Redis store calls it on the record its `SET … NX GET` read (a verdict that changes
+//! that record, a takeover, is applied by a compare-and-set on it). The store contract tests
+//! hold both stores to it.
 
 use std::time::Duration;
 
@@ -89,6 +91,7 @@ mod tests {
                 fingerprint,
                 owner: LeaseToken([0; 16]),
                 started_at_ms: 0,
+                lease_until_ms: 0,
             },
             lease_left,
         }

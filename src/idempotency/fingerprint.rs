@@ -14,8 +14,8 @@ fn update_field(hasher: &mut Sha256, field: &[u8]) {
 
 /// Where a key's record lives: `prefix + "{" + hex(sha256(route, scope, key)) + "}"`.
 ///
-/// The braces are a Redis Cluster hash tag, so the record and its lease (`…}:lease`) always
-/// map to the same slot. Only the hash is stored: never the raw key nor the scope value.
+/// The braces are a Redis Cluster hash tag (any key derived from it maps to the record's slot).
+/// Only the hash is stored: never the raw key nor the scope value.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct StorageKey {
     record: String,
@@ -30,7 +30,7 @@ impl StorageKey {
         update_field(&mut hasher, scope);
         update_field(&mut hasher, key);
         let digest: [u8; 32] = hasher.finalize().into();
-        let mut record = String::with_capacity(prefix.len() + 2 + 64 + 6);
+        let mut record = String::with_capacity(prefix.len() + 2 + 64);
         record.push_str(prefix);
         record.push('{');
         record.push_str(&hex::encode(digest));
@@ -41,14 +41,6 @@ impl StorageKey {
     /// The record's key.
     pub fn record_key(&self) -> &str {
         &self.record
-    }
-
-    /// The lease's key (same hash tag as the record).
-    pub fn lease_key(&self) -> String {
-        let mut lease = String::with_capacity(self.record.len() + 6);
-        lease.push_str(&self.record);
-        lease.push_str(":lease");
-        lease
     }
 
     /// A short hash for logs and metrics: the first 6 bytes of the digest, hex.
@@ -122,7 +114,6 @@ mod tests {
         let record = key.record_key();
         assert!(record.starts_with("idem:{") && record.ends_with('}'), "{record}");
         assert_eq!(record.len(), "idem:{}".len() + 64);
-        assert_eq!(key.lease_key(), format!("{record}:lease"));
         assert!(!record.contains("k1") && !record.contains("Bearer"));
     }
 

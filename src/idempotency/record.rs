@@ -1,21 +1,23 @@
 //! A key's record (spec §4) and its compact, versioned byte encoding.
 //!
-//! Layout (all integers big-endian), version 1:
+//! Layout (all integers big-endian), version 2:
 //!
 //! | offset | size | field |
 //! | --- | --- | --- |
-//! | 0 | 1 | version (`1`) |
+//! | 0 | 1 | version (`2`) |
 //! | 1 | 1 | state: `1` InFlight, `2` Completed, `3` Unknown |
 //! | 2 | 32 | request fingerprint |
 //! | 34 | … | state fields |
 //!
-//! - InFlight: owner token (16), started_at ms (8).
+//! - InFlight: owner token (16), started_at ms (8), lease_until ms (8): exactly
+//!   [`IN_FLIGHT_LEN`] bytes. The lease lives in the record (version 1 kept it in a second key),
+//!   so that a request is decided by one plain `SET … NX GET` (spec §4).
 //! - Completed: completed_at ms (8), status (2), flags (1; bit 0: body stored), header count (2),
 //!   then per header name length (2), name, value length (4), value; then the body (the rest).
 //! - Unknown: since ms (8), cause (1).
 //!
-//! The Redis scripts read the state byte, the fingerprint and the owner token at these fixed
-//! offsets (`store::redis`), so they can decide without decoding. Decoding never panics:
+//! The Redis scripts read the state byte and the owner token at these fixed offsets
+//! (`store::redis`), so they can compare-and-set without decoding. Decoding never panics:
 //! any byte string that is not a valid record is [`RecordError`].
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -24,12 +26,16 @@ use http::{HeaderName, HeaderValue, StatusCode};
 use super::fingerprint::Fingerprint;
 
 /// Encoding version written by this build.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 pub const STATE_IN_FLIGHT: u8 = 1;
 pub const STATE_COMPLETED: u8 = 2;
 pub const STATE_UNKNOWN: u8 = 3;
 /// Offset of the owner token in an InFlight record.
 pub const TOKEN_OFFSET: usize = 34;
+/// Offset of the lease deadline in an InFlight record.
+pub const LEASE_OFFSET: usize = 58;
+/// Length of every InFlight record.
+pub const IN_FLIGHT_LEN: usize = 66;
 const HEADER_LEN: usize = 34;
 
 /// Identifies the proxy request that owns a key while it executes. Random, 16 bytes.
@@ -110,6 +116,8 @@ pub enum Record {
         fingerprint: Fingerprint,
         owner: LeaseToken,
         started_at_ms: u64,
+        /// Wall clock (Unix ms) at which the owner's lease lapses unless renewed.
+        lease_until_ms: u64,
     },
     Completed {
         fingerprint: Fingerprint,
@@ -184,11 +192,13 @@ impl Record {
                 fingerprint,
                 owner,
                 started_at_ms,
+                lease_until_ms,
             } => {
-                let mut out = BytesMut::with_capacity(HEADER_LEN + 24);
+                let mut out = BytesMut::with_capacity(IN_FLIGHT_LEN);
                 put_head(&mut out, STATE_IN_FLIGHT, fingerprint);
                 out.put_slice(&owner.0);
                 out.put_u64(*started_at_ms);
+                out.put_u64(*lease_until_ms);
                 out.freeze()
             }
             Record::Completed { fingerprint, response } => {
@@ -249,6 +259,7 @@ impl Record {
                     fingerprint,
                     owner: LeaseToken(owner),
                     started_at_ms: r.u64()?,
+                    lease_until_ms: r.u64()?,
                 }
             }
             STATE_COMPLETED => {
@@ -367,13 +378,14 @@ mod tests {
 
     fn record_strategy() -> impl Strategy<Value = Record> {
         prop_oneof![
-            (fingerprint_strategy(), any::<[u8; 16]>(), any::<u64>()).prop_map(|(fingerprint, t, started_at_ms)| {
-                Record::InFlight {
+            (fingerprint_strategy(), any::<[u8; 16]>(), any::<u64>(), any::<u64>()).prop_map(
+                |(fingerprint, t, started_at_ms, lease_until_ms)| Record::InFlight {
                     fingerprint,
                     owner: LeaseToken(t),
                     started_at_ms,
+                    lease_until_ms,
                 }
-            }),
+            ),
             (
                 fingerprint_strategy(),
                 100u16..=999,
@@ -434,21 +446,25 @@ mod tests {
             fingerprint: Fingerprint([9; 32]),
             owner,
             started_at_ms: 1,
+            lease_until_ms: 0x0102_0304_0506_0708,
         }
         .encode();
+        assert_eq!(bytes.len(), IN_FLIGHT_LEN);
+        assert_eq!(bytes[0], VERSION);
         assert_eq!(bytes[1], STATE_IN_FLIGHT);
         assert_eq!(&bytes[2..34], &[9; 32]);
         assert_eq!(&bytes[TOKEN_OFFSET..TOKEN_OFFSET + 16], &owner.0);
+        assert_eq!(&bytes[LEASE_OFFSET..], &[1, 2, 3, 4, 5, 6, 7, 8]);
     }
 
     #[test]
     fn corrupt_bytes_are_errors() {
         assert_eq!(Record::decode(Bytes::new()), Err(RecordError::Truncated));
         assert_eq!(
-            Record::decode(Bytes::from_static(&[2, 1])),
-            Err(RecordError::Version(2))
+            Record::decode(Bytes::from_static(&[1, 1])),
+            Err(RecordError::Version(1))
         );
-        let mut bad_state = vec![1u8, 9];
+        let mut bad_state = vec![VERSION, 9];
         bad_state.extend([0; 40]);
         assert_eq!(
             Record::decode(Bytes::from(bad_state)),

@@ -8,7 +8,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::{Begin, BeginRequest, KeyState, Store, StoreError};
-use crate::idempotency::{decide, Decision, Existing, LeaseToken, Record, StorageKey};
+use crate::idempotency::{decide, unix_ms, Decision, Existing, LeaseToken, Record, StorageKey};
 
 struct Entry {
     record: Record,
@@ -173,6 +173,9 @@ impl Store for MemoryStore {
         match inner.live_mut(key, now) {
             Some(entry) if entry.owned_by(token) => {
                 entry.lease = Some((token, now + lock_ttl));
+                if let Record::InFlight { lease_until_ms, .. } = &mut entry.record {
+                    *lease_until_ms = unix_ms().saturating_add(lock_ttl.as_millis() as u64);
+                }
                 Ok(true)
             }
             _ => Ok(false),

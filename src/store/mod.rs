@@ -49,6 +49,7 @@ impl BeginRequest<'_> {
             fingerprint: self.fingerprint,
             owner: self.token,
             started_at_ms: self.now_ms,
+            lease_until_ms: self.now_ms.saturating_add(self.lock_ttl.as_millis() as u64),
         }
     }
 

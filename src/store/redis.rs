@@ -1,15 +1,23 @@
 //! The Redis store (standalone through a `ConnectionManager`, or Redis Cluster).
 //!
-//! Each key has two Redis keys sharing one hash tag, so they always live on one cluster slot:
-//! the record `prefix{hash}` (expires `key_ttl` after creation; updates keep that expiry with
-//! `KEEPTTL`) and the lease `prefix{hash}:lease` (holds the owner's token, expires `lock_ttl`
-//! after its last renewal).
+//! Each key is one Redis key, the record `prefix{hash}` (expires `key_ttl` after creation;
+//! updates keep that expiry with `KEEPTTL`). While the key executes, the record is InFlight and
+//! carries its owner's token and lease deadline (`record`'s layout), so:
 //!
-//! Every operation is one round trip: `begin`, `complete`/`release` and `renew` are Lua scripts
-//! run with `EVALSHA` (loaded on first use, re-loaded automatically after a `NOSCRIPT`), which
-//! read the record's state byte, fingerprint and owner token at the fixed offsets of
-//! [`record`](crate::idempotency::record). A replay costs one command, a first execution two,
-//! plus one per lease renewal (spec §4).
+//! - `begin` is one native `SET record <InFlight> NX GET PX key_ttl` (Redis 7.0 or later): a nil
+//!   reply means this request now owns the key; otherwise the reply is the existing record,
+//!   decided by [`decide`] here. Only when that record is InFlight with a lapsed lease does a
+//!   second step follow (take over or mark Unknown, a compare-and-set script), since its
+//!   owner died: the rare path.
+//! - `complete`/`release` and `renew` are compare-and-set scripts on the owner token, run with
+//!   `EVALSHA` (loaded on first use, re-loaded automatically after a `NOSCRIPT`), which read the
+//!   record's state byte and token at the fixed offsets of [`record`](crate::idempotency::record).
+//!
+//! A replay costs one command (the `SET … NX GET`, which writes nothing when the key exists), a
+//! first execution two, plus one per lease renewal (spec §4).
+//!
+//! Lease deadlines are wall-clock milliseconds written by the owning proxy and read by the
+//! others: proxies sharing a Redis need clocks in sync to well within `lock_ttl` (NTP).
 
 use std::time::Duration;
 
@@ -19,64 +27,47 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisError, Script, Value};
 
 use super::{Begin, BeginRequest, KeyState, Store, StoreError};
-use crate::config::UnknownOutcome;
-use crate::idempotency::{decide, Existing, LeaseToken, Record, StorageKey};
+use crate::idempotency::{decide, unix_ms, Decision, Existing, LeaseToken, Record, StorageKey, CONFLICT_RETRY_AFTER};
 
-/// Decides an arriving request atomically (spec §4's table; mirrors `decide`).
-///
-/// KEYS: record, lease. ARGV: new InFlight record, owner token, key_ttl ms, lock_ttl ms,
-/// fingerprint, `retry`|`reject`, Unknown(lease lapsed) record.
-/// Returns `{0}` when this request now owns a new record, else `{1, record, lease PTTL}` with
-/// the record as it was before any takeover/mark-unknown this script applied. It only takes over
-/// (or marks Unknown) a well-formed InFlight record (version 1, state 1, exactly 58 bytes, the
-/// length `Record::decode` requires), so a record the caller will report as corrupt is never
-/// overwritten behind its back.
-const BEGIN_LUA: &str = r"
-local rec = redis.call('GET', KEYS[1])
-if not rec then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
-  redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[4])
-  return {0}
+/// How many times `begin` re-reads a key whose lapsed owner another proxy took over first.
+const TAKEOVER_ATTEMPTS: usize = 3;
+
+/// Compare-and-set on the whole record: replace ARGV[1] (an InFlight record whose lease lapsed,
+/// as `begin` read it) with ARGV[2], keeping the expiry. Returns 1 if done, 0 if the record
+/// changed meanwhile (renewed, completed, or taken over by another proxy).
+const TAKEOVER_LUA: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
 end
-local lease = redis.call('PTTL', KEYS[2])
-if lease <= 0 and #rec == 58 and string.byte(rec, 1) == 1 and string.byte(rec, 2) == 1
-   and string.sub(rec, 3, 34) == ARGV[5] then
-  if ARGV[6] == 'retry' then
-    redis.call('SET', KEYS[1], ARGV[1], 'KEEPTTL')
-    redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[4])
-  else
-    redis.call('SET', KEYS[1], ARGV[7], 'KEEPTTL')
-    redis.call('DEL', KEYS[2])
-  end
-end
-return {1, rec, lease}
+redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+return 1
 ";
 
 /// Compare-and-set on the owner token: replace the InFlight record with ARGV[2] (keeping its
-/// expiry) and drop the lease, or with an empty ARGV[2] delete both. Returns 1 if done.
+/// expiry), or with an empty ARGV[2] delete it. Returns 1 if done.
 const FINISH_LUA: &str = r"
 local rec = redis.call('GET', KEYS[1])
-if (not rec) or #rec ~= 58 or string.byte(rec, 1) ~= 1 or string.byte(rec, 2) ~= 1
+if (not rec) or #rec ~= 66 or string.byte(rec, 1) ~= 2 or string.byte(rec, 2) ~= 1
    or string.sub(rec, 35, 50) ~= ARGV[1] then
   return 0
 end
 if ARGV[2] == '' then
-  redis.call('DEL', KEYS[1], KEYS[2])
+  redis.call('DEL', KEYS[1])
 else
   redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
-  redis.call('DEL', KEYS[2])
 end
 return 1
 ";
 
-/// Compare-and-set on the owner token: (re)grant the lease for ARGV[2] ms. Returns 1 if done.
+/// Compare-and-set on the owner token: set the lease deadline (8 bytes, big-endian Unix ms) to
+/// ARGV[2]. Returns 1 if done.
 const RENEW_LUA: &str = r"
 local rec = redis.call('GET', KEYS[1])
-if (not rec) or #rec ~= 58 or string.byte(rec, 1) ~= 1 or string.byte(rec, 2) ~= 1
+if (not rec) or #rec ~= 66 or string.byte(rec, 1) ~= 2 or string.byte(rec, 2) ~= 1
    or string.sub(rec, 35, 50) ~= ARGV[1] then
   return 0
 end
-redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+redis.call('SET', KEYS[1], string.sub(rec, 1, 58) .. ARGV[2], 'KEEPTTL')
 return 1
 ";
 
@@ -118,7 +109,7 @@ impl redis::aio::ConnectionLike for Connection {
 pub struct RedisStore {
     connection: Connection,
     command_timeout: Duration,
-    begin: Script,
+    takeover: Script,
     finish: Script,
     renew: Script,
 }
@@ -179,7 +170,7 @@ impl RedisStore {
         Ok(Self {
             connection,
             command_timeout,
-            begin: Script::new(BEGIN_LUA),
+            takeover: Script::new(TAKEOVER_LUA),
             finish: Script::new(FINISH_LUA),
             renew: Script::new(RENEW_LUA),
         })
@@ -189,15 +180,26 @@ impl RedisStore {
         matches!(self.connection, Connection::Cluster(_))
     }
 
-    /// Runs one script with the record and lease keys, bounded by the command timeout.
+    /// Runs one script on the record key, bounded by the command timeout.
     async fn run(&self, script: &Script, key: &StorageKey, args: &[&[u8]]) -> Result<Value, StoreError> {
         let mut invocation = script.key(key.record_key());
-        invocation.key(key.lease_key());
         for arg in args {
             invocation.arg(*arg);
         }
         let mut connection = self.connection.clone();
         match tokio::time::timeout(self.command_timeout, invocation.invoke_async(&mut connection)).await {
+            Ok(result) => result.map_err(unavailable),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "no answer within {:?}",
+                self.command_timeout
+            ))),
+        }
+    }
+
+    /// Runs one command, bounded by the command timeout.
+    async fn command(&self, cmd: &Cmd) -> Result<Value, StoreError> {
+        let mut connection = self.connection.clone();
+        match tokio::time::timeout(self.command_timeout, cmd.query_async(&mut connection)).await {
             Ok(result) => result.map_err(unavailable),
             Err(_) => Err(StoreError::Unavailable(format!(
                 "no answer within {:?}",
@@ -237,52 +239,56 @@ fn as_int(value: &Value) -> Option<i64> {
     }
 }
 
-fn lease_left(pttl: i64) -> Option<Duration> {
-    (pttl > 0).then(|| Duration::from_millis(pttl as u64))
+/// Time left on an InFlight record's lease at `now_ms`; `None` once it has lapsed.
+fn lease_left_at(record: &Record, now_ms: u64) -> Option<Duration> {
+    match record {
+        Record::InFlight { lease_until_ms, .. } if *lease_until_ms > now_ms => {
+            Some(Duration::from_millis(lease_until_ms - now_ms))
+        }
+        _ => None,
+    }
 }
 
 impl Store for RedisStore {
     async fn begin(&self, request: &BeginRequest<'_>) -> Result<Begin, StoreError> {
         let in_flight = request.in_flight_record().encode();
-        let lapsed = request.lapsed_record().encode();
-        let mode: &[u8] = match request.unknown_outcome {
-            UnknownOutcome::Retry => b"retry",
-            UnknownOutcome::Reject => b"reject",
-        };
-        let reply = self
-            .run(
-                &self.begin,
-                request.key,
-                &[
-                    &in_flight,
-                    &request.token.0,
-                    &millis(request.key_ttl),
-                    &millis(request.lock_ttl),
-                    &request.fingerprint.0,
-                    mode,
-                    &lapsed,
-                ],
-            )
-            .await?;
-        let Value::Array(items) = reply else {
-            return Err(unexpected("begin", &reply));
-        };
-        match items.as_slice() {
-            [Value::Int(0)] => Ok(Begin::Owner),
-            [Value::Int(1), Value::BulkString(_), Value::Int(_)] => {
-                let mut items = items.into_iter();
-                let (Some(_), Some(Value::BulkString(bytes)), Some(pttl)) = (items.next(), items.next(), items.next())
-                else {
-                    return Err(StoreError::Unavailable("begin reply changed shape".into()));
-                };
-                let existing = Existing {
-                    record: Record::decode(Bytes::from(bytes))?,
-                    lease_left: as_int(&pttl).and_then(lease_left),
-                };
-                Ok(decide(Some(existing), &request.fingerprint, request.unknown_outcome).into())
+        let mut set = redis::cmd("SET");
+        set.arg(request.key.record_key())
+            .arg(&in_flight[..])
+            .arg("NX")
+            .arg("GET")
+            .arg("PX")
+            .arg(millis(request.key_ttl));
+        for _ in 0..TAKEOVER_ATTEMPTS {
+            let existing = match self.command(&set).await? {
+                Value::Nil => return Ok(Begin::Owner),
+                Value::BulkString(bytes) => Bytes::from(bytes),
+                other => return Err(unexpected("SET NX GET", &other)),
+            };
+            let record = Record::decode(existing.clone())?;
+            let lease_left = lease_left_at(&record, request.now_ms);
+            let decision = decide(
+                Some(Existing { record, lease_left }),
+                &request.fingerprint,
+                request.unknown_outcome,
+            );
+            let replacement = match decision {
+                Decision::TakeOver => in_flight.clone(),
+                Decision::MarkUnknown => request.lapsed_record().encode(),
+                decision => return Ok(decision.into()),
+            };
+            // The owner died (its lease lapsed): replace its record, unless it changed meanwhile.
+            let reply = self
+                .run(&self.takeover, request.key, &[&existing, &replacement])
+                .await?;
+            if as_int(&reply) == Some(1) {
+                return Ok(decision.into());
             }
-            _ => Err(unexpected("begin", &Value::Array(items))),
         }
+        // Other proxies keep changing this key's record: it is busy; the client retries later.
+        Ok(Begin::InFlight {
+            retry_after: CONFLICT_RETRY_AFTER,
+        })
     }
 
     async fn complete(&self, key: &StorageKey, token: LeaseToken, record: &Record) -> Result<bool, StoreError> {
@@ -296,33 +302,34 @@ impl Store for RedisStore {
     }
 
     async fn renew(&self, key: &StorageKey, token: LeaseToken, lock_ttl: Duration) -> Result<bool, StoreError> {
-        let reply = self.run(&self.renew, key, &[&token.0, &millis(lock_ttl)]).await?;
+        let lease_until = unix_ms().saturating_add(lock_ttl.as_millis() as u64);
+        let reply = self
+            .run(&self.renew, key, &[&token.0, &lease_until.to_be_bytes()])
+            .await?;
         Ok(as_int(&reply) == Some(1))
     }
 
     async fn lookup(&self, key: &StorageKey) -> Result<Option<KeyState>, StoreError> {
         let mut pipeline = redis::pipe();
-        pipeline
-            .get(key.record_key())
-            .pttl(key.record_key())
-            .pttl(key.lease_key());
-        let (record, record_pttl, lease_pttl): (Option<Vec<u8>>, i64, i64) = self.query(&pipeline).await?;
+        pipeline.get(key.record_key()).pttl(key.record_key());
+        let (record, record_pttl): (Option<Vec<u8>>, i64) = self.query(&pipeline).await?;
         let Some(record) = record else {
             return Ok(None);
         };
+        let record = Record::decode(Bytes::from(record))?;
         Ok(Some(KeyState {
             existing: Existing {
-                record: Record::decode(Bytes::from(record))?,
-                lease_left: lease_left(lease_pttl),
+                lease_left: lease_left_at(&record, unix_ms()),
+                record,
             },
-            expires_in: lease_left(record_pttl),
+            expires_in: (record_pttl > 0).then(|| Duration::from_millis(record_pttl as u64)),
         }))
     }
 
     async fn clear(&self, key: &StorageKey) -> Result<bool, StoreError> {
         let mut pipeline = redis::pipe();
-        pipeline.del(key.record_key()).del(key.lease_key());
-        let (records, _leases): (i64, i64) = self.query(&pipeline).await?;
+        pipeline.del(key.record_key());
+        let (records,): (i64,) = self.query(&pipeline).await?;
         Ok(records > 0)
     }
 
@@ -339,18 +346,24 @@ mod tests {
     use super::*;
     use crate::idempotency::Fingerprint;
 
-    /// The scripts recognise an InFlight record by its exact encoded length.
+    /// The scripts recognise an InFlight record by its version, state and exact length, find
+    /// the token at its offset, and rewrite the lease deadline that ends it.
     #[test]
-    fn scripts_know_the_in_flight_record_length() {
+    fn scripts_know_the_in_flight_record_layout() {
+        use crate::idempotency::record::{IN_FLIGHT_LEN, LEASE_OFFSET, TOKEN_OFFSET, VERSION};
         let record = Record::InFlight {
             fingerprint: Fingerprint([1; 32]),
             owner: LeaseToken([2; 16]),
             started_at_ms: u64::MAX,
+            lease_until_ms: u64::MAX,
         };
-        let len = record.encode().len();
-        assert_eq!(len, 58);
-        for script in [BEGIN_LUA, FINISH_LUA, RENEW_LUA] {
-            assert!(script.contains(&format!("#rec == {len}")) || script.contains(&format!("#rec ~= {len}")));
+        assert_eq!(record.encode().len(), IN_FLIGHT_LEN);
+        for script in [FINISH_LUA, RENEW_LUA] {
+            assert!(script.contains(&format!("#rec ~= {IN_FLIGHT_LEN}")));
+            assert!(script.contains(&format!("string.byte(rec, 1) ~= {VERSION}")));
+            // Lua strings are 1-based and `sub` is inclusive.
+            assert!(script.contains(&format!("string.sub(rec, {}, {})", TOKEN_OFFSET + 1, TOKEN_OFFSET + 16)));
         }
+        assert!(RENEW_LUA.contains(&format!("string.sub(rec, 1, {LEASE_OFFSET})")));
     }
 }
