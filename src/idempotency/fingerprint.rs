@@ -30,10 +30,13 @@ impl StorageKey {
         update_field(&mut hasher, scope);
         update_field(&mut hasher, key);
         let digest: [u8; 32] = hasher.finalize().into();
+        let mut hex = [0u8; 64];
+        // 64 hex digits for 32 bytes: the buffer has exactly the room needed.
+        let _ = hex::encode_to_slice(digest, &mut hex);
         let mut record = String::with_capacity(prefix.len() + 2 + 64);
         record.push_str(prefix);
         record.push('{');
-        record.push_str(&hex::encode(digest));
+        record.extend(hex.iter().map(|&b| char::from(b)));
         record.push('}');
         Self { record, digest }
     }

@@ -240,7 +240,8 @@ impl Record {
         }
     }
 
-    /// Decodes a stored record. The body of a Completed record is a zero-copy slice of `bytes`.
+    /// Decodes a stored record. The body and header values of a Completed record are zero-copy
+    /// slices of `bytes`.
     pub fn decode(bytes: Bytes) -> Result<Record, RecordError> {
         let mut r = Reader { bytes: &bytes, pos: 0 };
         let version = r.u8()?;
@@ -278,7 +279,10 @@ impl Record {
                     let name = HeaderName::from_lowercase(r.take(name_len)?)
                         .map_err(|_| RecordError::Corrupt("header name"))?;
                     let value_len = r.u32()? as usize;
-                    let value = HeaderValue::from_bytes(r.take(value_len)?)
+                    let start = r.pos;
+                    r.take(value_len)?;
+                    // A zero-copy slice of the stored record, like the body.
+                    let value = HeaderValue::from_maybe_shared(bytes.slice(start..r.pos))
                         .map_err(|_| RecordError::Corrupt("header value"))?;
                     headers.push((name, value));
                 }

@@ -160,9 +160,11 @@ impl RedisStore {
                 None => redis::Client::open(url),
             }
             .map_err(unavailable)?;
+            // No response timeout of the client's own: every command is bounded by
+            // `command_timeout` here (one timer per command, not two).
             let config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(command_timeout))
-                .set_response_timeout(Some(command_timeout))
+                .set_response_timeout(None)
                 .set_number_of_retries(2)
                 .set_max_delay(Duration::from_millis(500));
             Connection::Single(ConnectionManager::new_lazy_with_config(client, config).map_err(unavailable)?)
