@@ -32,6 +32,10 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// remove the Connection header field itself (or replace it with the intermediary's own
 /// control options for the forwarded message)." The fixed hop-by-hop fields go too.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the (few) names instead of a lookup per field.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     if headers.contains_key(CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(CONNECTION)
