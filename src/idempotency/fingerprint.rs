@@ -46,6 +46,11 @@ impl StorageKey {
         &self.record
     }
 
+    /// The key's SHA-256 digest (uniformly spread: picks a shard of the memory store).
+    pub fn digest(&self) -> &[u8; 32] {
+        &self.digest
+    }
+
     /// A short hash for logs and metrics: the first 6 bytes of the digest, hex.
     pub fn short_hash(&self) -> ShortHash {
         let mut short = [0u8; 6];
