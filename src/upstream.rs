@@ -395,7 +395,9 @@ impl Upstream {
             let reused = affinity.and_then(|a| a.take(pool)).or_else(|| self.pools.take(pool));
             let (mut sender, fresh) = match reused {
                 Some(sender) => (sender, false),
-                None => (self.connect(pool).await?, true),
+                // Boxed: the connect state (TCP, TLS handshake) is large and rarely needed, and
+                // every request's future would otherwise carry (and move) it.
+                None => (Box::pin(self.connect(pool)).await?, true),
             };
             match sender.try_send_request(request).await {
                 Ok(response) => {

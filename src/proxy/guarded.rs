@@ -80,7 +80,9 @@ pub async fn handle(
                 };
                 // Its own task: a client that goes away does not cancel the upstream call, and
                 // its result is still recorded for the client's retry (spec §5).
-                return match state.executions.spawn(execution.run(request)).await {
+                // Boxed before spawning: the execution's state machine is large, and the task
+                // would otherwise be moved through several frames on its way into the runtime.
+                return match state.executions.spawn(Box::pin(execution.run(request))).await {
                     Ok(result) => result,
                     Err(join) => Err(ProxyError::Upstream(UpstreamError::Failed(format!(
                         "execution task failed: {join}"
