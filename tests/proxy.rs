@@ -629,3 +629,62 @@ async fn pooled_connection_closed_by_the_upstream_is_not_an_error() {
     assert_eq!(upstream.hits(), before + 1);
     assert!(upstream.connections() >= 2, "a new upstream connection was opened");
 }
+
+/// RFC 9110 §6.2: a proxy sends its own HTTP version. An HTTP/1.0 upstream's answer reaches the
+/// client as HTTP/1.1 on a connection that stays open, with `Via: 1.0 idemproxy`, for pass-through
+/// and for an executed keyed POST alike.
+#[tokio::test]
+async fn http_1_0_upstream_answers_reach_the_client_as_http_1_1() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let upstream_addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                // Read the head and a body announced by Content-Length, then answer and close.
+                loop {
+                    let Ok(n) = tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    request.extend_from_slice(&buf[..n]);
+                    if let Some(end) = common::find(&request, b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&request[..end]).to_ascii_lowercase();
+                        let length = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if request.len() >= end + 4 + length {
+                            break;
+                        }
+                    }
+                }
+                let _ = stream
+                    .write_all(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok")
+                    .await;
+            });
+        }
+    });
+    let proxy = TestProxy::start(&format!("[upstream]\nurl = \"http://{upstream_addr}\"\n")).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    for request in [
+        &b"GET /plain HTTP/1.1\r\nHost: a\r\n\r\n"[..],
+        &b"POST /orders HTTP/1.1\r\nHost: a\r\nIdempotency-Key: \"v10\"\r\nContent-Length: 2\r\n\r\n{}"[..],
+    ] {
+        stream.write_all(request).await.expect("write");
+        let response = common::read_one_response(&mut stream, Duration::from_secs(10))
+            .await
+            .expect("a response on the same connection");
+        let text = String::from_utf8_lossy(&response).to_ascii_lowercase();
+        assert!(text.starts_with("http/1.1 200"), "{text}");
+        assert!(text.contains("via: 1.0 idemproxy"), "{text}");
+        assert!(text.ends_with("ok"), "{text}");
+    }
+}

@@ -201,8 +201,12 @@ pub fn client_response<B>(response: Response<B>, body: impl FnOnce(B) -> ProxyBo
     Response::from_parts(parts, body(upstream_body))
 }
 
-/// The header work of [`client_response`], for callers that keep the body.
+/// The header work of [`client_response`], for callers that keep the body. RFC 9110 §6.2:
+/// "Intermediaries ... MUST send their own HTTP-version in forwarded messages": the upstream's
+/// version is recorded in `Via`, and the client gets this proxy's (an HTTP/1.0 upstream must not
+/// turn the client's keep-alive HTTP/1.1 exchange into an HTTP/1.0 one).
 pub fn prepare_client_response(parts: &mut http::response::Parts) {
     headers::remove_hop_by_hop(&mut parts.headers);
     headers::append_via(&mut parts.headers, parts.version);
+    parts.version = Version::HTTP_11;
 }
