@@ -4,8 +4,7 @@
 //! `GracefulShutdown`. HTTP/1.1 and HTTP/2 with prior knowledge share the port: a plain TCP
 //! connection's first bytes are peeked at ([`preface_deadline::sniff`]) and hyper's server for
 //! that protocol serves it directly. With `tls.cert` and `tls.key` every connection is a TLS one
-//! first (rustls, ALPN `h2`/`http/1.1`), and hyper-util's auto builder serves the decrypted
-//! stream.
+//! first (rustls), and ALPN chooses the protocol (RFC 9113 §3.2: `h2`, otherwise HTTP/1.1).
 
 pub mod guarded;
 pub mod headers;
@@ -21,12 +20,12 @@ use std::time::Duration;
 use http::HeaderValue;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
@@ -107,7 +106,7 @@ impl ConnectionInfo {
     }
 }
 
-/// HTTP/1.1 server settings (the same as [`server_builder`]'s HTTP/1.1 half).
+/// HTTP/1.1 server settings.
 fn http1_builder(settings: &ServerSettings) -> http1::Builder {
     let mut builder = http1::Builder::new();
     builder
@@ -120,7 +119,7 @@ fn http1_builder(settings: &ServerSettings) -> http1::Builder {
     builder
 }
 
-/// HTTP/2 server settings (the same as [`server_builder`]'s HTTP/2 half).
+/// HTTP/2 server settings.
 fn http2_builder(settings: &ServerSettings) -> http2::Builder<TokioExecutor> {
     let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
@@ -132,36 +131,12 @@ fn http2_builder(settings: &ServerSettings) -> http2::Builder<TokioExecutor> {
     builder
 }
 
-/// Both protocols behind one builder, for TLS connections (HTTP/1.1 or HTTP/2 by ALPN or by
-/// the client's first bytes).
-fn server_builder(settings: &ServerSettings) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        // Also bounds how long an idle keep-alive connection waits for its next request.
-        .header_read_timeout(settings.header_read_timeout)
-        .max_buf_size(settings.max_header_bytes.max(8192))
-        .max_headers(settings.max_headers)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(settings.http2_max_concurrent_streams)
-        .max_header_list_size(settings.max_header_bytes as u32)
-        .keep_alive_interval(settings.http2_keepalive_interval)
-        .keep_alive_timeout(Duration::from_secs(20));
-    builder
-}
-
-/// How every accepted connection is served: the optional TLS handshake, then the auto builder.
+/// How every accepted connection is served: the optional TLS handshake, then hyper's server for
+/// the protocol the client chose.
 struct ConnectionServer {
     state: Arc<State>,
-    /// Plain TCP connections, once [`preface_deadline::sniff`] has chosen the protocol.
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
-    /// TLS connections.
-    builder: auto::Builder<TokioExecutor>,
     /// `tls.cert` + `tls.key`, loaded once at start-up.
     tls: Option<TlsAcceptor>,
     header_read_timeout: Duration,
@@ -185,7 +160,7 @@ impl ConnectionServer {
         match &self.tls {
             None => self.serve_tcp(stream, peer, deadline, watcher).await,
             Some(acceptor) => match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
-                Ok(Ok(stream)) => self.serve_http(stream, peer, deadline, watcher).await,
+                Ok(Ok(stream)) => self.serve_tls(stream, peer, deadline, watcher).await,
                 Ok(Err(err)) => tracing::debug!(error = %err, %peer, "TLS handshake failed"),
                 Err(_) => tracing::debug!(%peer, "no TLS handshake within the header read timeout"),
             },
@@ -193,17 +168,31 @@ impl ConnectionServer {
         drop(permit);
     }
 
-    /// A plain TCP connection: its first bytes choose HTTP/1.1 or HTTP/2 (prior knowledge), then
-    /// hyper's server for that protocol serves it directly, watched for graceful shutdown.
+    /// A plain TCP connection: its first bytes choose HTTP/1.1 or HTTP/2 (prior knowledge).
     async fn serve_tcp(&self, stream: TcpStream, peer: SocketAddr, deadline: Instant, watcher: Watcher) {
-        let protocol = match preface_deadline::sniff(&stream, deadline).await {
-            Ok(protocol) => protocol,
-            Err(err) => {
-                tracing::debug!(error = %err, %peer, "no request");
-                return;
-            }
+        match preface_deadline::sniff(&stream, deadline).await {
+            Ok(protocol) => self.serve_http(stream, protocol, peer, watcher).await,
+            Err(err) => tracing::debug!(error = %err, %peer, "no request"),
+        }
+    }
+
+    /// A decrypted TLS stream: ALPN chose the protocol. Its first bytes are still due by
+    /// `deadline` (a client silent after the handshake is dropped then).
+    async fn serve_tls(&self, stream: TlsStream<TcpStream>, peer: SocketAddr, deadline: Instant, watcher: Watcher) {
+        let protocol = match stream.get_ref().1.alpn_protocol() {
+            Some(b"h2") => Protocol::Http2,
+            _ => Protocol::Http1,
         };
-        let connection = Arc::new(ConnectionInfo::new(peer, false, &self.state.upstream));
+        let stream = PrefaceDeadline::until(stream, deadline);
+        self.serve_http(stream, protocol, peer, watcher).await;
+    }
+
+    /// Serves `protocol` on `stream` with hyper's server, watched for graceful shutdown.
+    async fn serve_http<I>(&self, stream: I, protocol: Protocol, peer: SocketAddr, watcher: Watcher)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let connection = Arc::new(ConnectionInfo::new(peer, self.tls.is_some(), &self.state.upstream));
         let state = self.state.clone();
         let service =
             hyper::service::service_fn(move |request| service::handle(state.clone(), connection.clone(), request));
@@ -213,27 +202,6 @@ impl ConnectionServer {
             Protocol::Http2 => watcher.watch(self.http2.serve_connection(io, service)).await,
         };
         if let Err(err) = served {
-            tracing::debug!(error = %err, %peer, "connection ended with an error");
-        }
-    }
-
-    /// HTTP/1.1 or HTTP/2 on a decrypted TLS stream, watched for graceful shutdown.
-    async fn serve_http<I>(&self, stream: I, peer: SocketAddr, deadline: Instant, watcher: Watcher)
-    where
-        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
-        let connection = Arc::new(ConnectionInfo::new(peer, self.tls.is_some(), &self.state.upstream));
-        let state = self.state.clone();
-        let service =
-            hyper::service::service_fn(move |request| service::handle(state.clone(), connection.clone(), request));
-        // The protocol sniffing of the auto builder has no deadline of its own: bound it by the
-        // header read timeout, after which HTTP/1's own header timer takes over.
-        let stream = PrefaceDeadline::until(stream, deadline);
-        let conn = self
-            .builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        if let Err(err) = watcher.watch(conn).await {
             tracing::debug!(error = %err, %peer, "connection ended with an error");
         }
     }
@@ -288,7 +256,6 @@ pub async fn serve_with_admin(
         state: state.clone(),
         http1: http1_builder(&settings),
         http2: http2_builder(&settings),
-        builder: server_builder(&settings),
         tls,
         header_read_timeout: settings.header_read_timeout,
     });

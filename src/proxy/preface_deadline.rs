@@ -1,19 +1,16 @@
-//! A deadline on the first bytes of a client connection, read to choose HTTP/1.1 or HTTP/2.
+//! A deadline on the first bytes of a client connection, which choose HTTP/1.1 or HTTP/2.
 //!
-//! hyper-util's `auto::Builder` first reads until it has either the 24-byte HTTP/2 client
-//! preface or bytes that differ from it, and that read has no timeout of its own: HTTP/1's
-//! `header_read_timeout` only starts once the protocol is chosen. A client that connects and
-//! sends nothing (or a prefix of the preface) would hold its connection, and a
-//! `max_connections` permit, forever (slowloris, spec §9). [`PrefaceDeadline`] fails those reads
-//! with `TimedOut` at the deadline, and steps aside for good as soon as the bytes read decide the
-//! protocol, exactly when the auto builder stops its own detection; from then on HTTP/1's header
-//! timer and HTTP/2's keep-alive pings are in charge.
+//! A client that connects and sends nothing (or a prefix of the HTTP/2 preface) must not hold
+//! its connection, and a `max_connections` permit, forever (slowloris, spec §9); HTTP/1's
+//! `header_read_timeout` and HTTP/2's keep-alive pings only take over once the protocol runs.
 //!
-//! On the TLS listener it wraps the decrypted stream, with the deadline set at accept: the
-//! handshake and the first request bytes share one `header_read_timeout`. A plain TCP
-//! connection is not wrapped at all: [`sniff`] peeks at its first bytes under the same deadline
-//! and the connection is then served by hyper's HTTP/1.1 or HTTP/2 server directly, with no
-//! extra layer on any later read or write.
+//! - A plain TCP connection is not wrapped at all: [`sniff`] peeks at its first bytes under the
+//!   deadline, and hyper's HTTP/1.1 or HTTP/2 server then serves it directly, with no extra layer
+//!   on any later read or write.
+//! - A TLS connection (protocol chosen by ALPN) is wrapped in [`PrefaceDeadline`], with the
+//!   deadline set at accept, so the handshake and the first request bytes share one
+//!   `header_read_timeout`: its reads fail with `TimedOut` at the deadline, and it steps aside
+//!   for good as soon as the bytes read are the whole preface or differ from it.
 
 use std::future::Future;
 use std::io;

@@ -187,14 +187,7 @@ pub struct TestUpstream {
 
 impl TestUpstream {
     pub async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
-        Self::serve_on(
-            listener,
-            Default::default(),
-            Default::default(),
-            Default::default(),
-            Default::default(),
-        )
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0))).await
     }
 
     /// Starts on a given address (to bring an upstream back on the same port).
