@@ -19,6 +19,7 @@
 //! Lease deadlines are wall-clock milliseconds written by the owning proxy and read by the
 //! others: proxies sharing a Redis need clocks in sync to well within `lock_ttl` (NTP).
 
+use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -189,30 +190,23 @@ impl RedisStore {
             invocation.arg(*arg);
         }
         let mut connection = self.connection.clone();
-        match tokio::time::timeout(self.command_timeout, invocation.invoke_async(&mut connection)).await {
-            Ok(result) => result.map_err(unavailable),
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "no answer within {:?}",
-                self.command_timeout
-            ))),
-        }
+        self.bounded(invocation.invoke_async(&mut connection)).await
     }
 
     /// Runs one command, bounded by the command timeout.
     async fn command(&self, cmd: &Cmd) -> Result<Value, StoreError> {
         let mut connection = self.connection.clone();
-        match tokio::time::timeout(self.command_timeout, cmd.query_async(&mut connection)).await {
-            Ok(result) => result.map_err(unavailable),
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "no answer within {:?}",
-                self.command_timeout
-            ))),
-        }
+        self.bounded(cmd.query_async(&mut connection)).await
     }
 
     async fn query<T: redis::FromRedisValue>(&self, pipeline: &Pipeline) -> Result<T, StoreError> {
         let mut connection = self.connection.clone();
-        match tokio::time::timeout(self.command_timeout, pipeline.query_async(&mut connection)).await {
+        self.bounded(pipeline.query_async(&mut connection)).await
+    }
+
+    /// `request`'s answer within `command_timeout`, or `Unavailable`.
+    async fn bounded<T>(&self, request: impl Future<Output = Result<T, RedisError>>) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.command_timeout, request).await {
             Ok(result) => result.map_err(unavailable),
             Err(_) => Err(StoreError::Unavailable(format!(
                 "no answer within {:?}",
