@@ -255,15 +255,26 @@ impl Affinity {
         }
     }
 
-    /// Holds `sender` if nothing is held; gives it back to the pool otherwise.
+    /// Holds `sender`, the connection this client connection used last. The one held before
+    /// goes back to the pool, unless it goes to the same origin (a concurrent HTTP/2 stream's
+    /// connection, still busy): then `sender` goes back instead.
     fn keep(&self, pool: usize, sender: Sender) {
         let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
-        if held.is_none() {
-            *held = Some((pool, sender));
-            return;
-        }
+        let returned = match held.take() {
+            Some((held_pool, held_sender)) if held_pool == pool && !held_sender.is_closed() => {
+                *held = Some((held_pool, held_sender));
+                (pool, sender)
+            }
+            previous => {
+                *held = Some((pool, sender));
+                match previous {
+                    Some(previous) => previous,
+                    None => return,
+                }
+            }
+        };
         drop(held);
-        self.pools.put_when_ready(pool, sender);
+        self.pools.put_when_ready(returned.0, returned.1);
     }
 }
 
