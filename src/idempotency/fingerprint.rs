@@ -36,7 +36,7 @@ impl StorageKey {
         let mut record = String::with_capacity(prefix.len() + 2 + 64);
         record.push_str(prefix);
         record.push('{');
-        record.extend(hex.iter().map(|&b| char::from(b)));
+        record.push_str(std::str::from_utf8(&hex).unwrap_or_default());
         record.push('}');
         Self { record, digest }
     }

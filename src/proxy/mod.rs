@@ -106,6 +106,26 @@ impl ConnectionInfo {
     }
 }
 
+/// Keeps a timer due within [`TIMER_ANCHOR_PERIOD`] armed in the runtime while the proxy serves.
+///
+/// tokio's timer driver wakes its own thread (an `eventfd` write, then an extra turn of the event
+/// loop) whenever a timer is armed that is due sooner than every timer the driver held when it
+/// last went to sleep. Every request arms timers (hyper's header read timeout, the upstream
+/// response timeout, store command timeouts, the lease renewal tick), seconds away but of
+/// different lengths: whenever the driver slept holding only longer ones, the next request paid
+/// that wake-up (measured: 0.6 to 0.7 `eventfd` writes per keyed first execution or keyless POST).
+/// With a timer always due within 100 ms, no request's timer is ever the soonest: those writes
+/// are gone (first execution −2 µs CPU per request, keyless POST −0.3 µs), for 10 timer wake-ups
+/// a second.
+async fn keep_timer_driver_armed() {
+    let mut tick = tokio::time::interval(TIMER_ANCHOR_PERIOD);
+    loop {
+        tick.tick().await;
+    }
+}
+
+const TIMER_ANCHOR_PERIOD: Duration = Duration::from_millis(100);
+
 /// HTTP/1.1 server settings.
 fn http1_builder(settings: &ServerSettings) -> http1::Builder {
     let mut builder = http1::Builder::new();
@@ -238,6 +258,7 @@ pub async fn serve_with_admin(
         None => None,
     };
     let state = Arc::new(State::new(config).await?);
+    let timer_anchor = tokio::spawn(keep_timer_driver_armed());
     let (stop_admin, admin_stopped) = watch::channel(false);
     if let Some(admin) = admin {
         tokio::spawn(crate::admin::serve(state.clone(), admin, admin_stopped));
@@ -297,5 +318,6 @@ pub async fn serve_with_admin(
         tracing::warn!("grace period over: closing the connections still open");
     }
     let _ = stop_admin.send(true);
+    timer_anchor.abort();
     Ok(())
 }
