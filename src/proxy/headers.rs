@@ -1,7 +1,7 @@
 //! Header handling of an intermediary (RFC 9110 §7.6).
 
 use http::header::{
-    HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, DATE, PROXY_AUTHORIZATION, TE, TRAILER,
+    Entry, HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, DATE, PROXY_AUTHORIZATION, TE, TRAILER,
     TRANSFER_ENCODING, UPGRADE, VIA,
 };
 use http::Version;
@@ -15,7 +15,7 @@ pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-
 
 /// Fields that describe one connection, never forwarded (RFC 9110 §7.6.1, plus the
 /// non-standard `Keep-Alive`/`Proxy-Connection` and `Proxy-Authorization`, meant for this hop).
-const HOP_BY_HOP: [HeaderName; 8] = [
+static HOP_BY_HOP: [HeaderName; 8] = [
     CONNECTION,
     KEEP_ALIVE,
     PROXY_CONNECTION,
@@ -32,31 +32,71 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// remove the Connection header field itself (or replace it with the intermediary's own
 /// control options for the forwarded message)." The fixed hop-by-hop fields go too.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none: one pass over the (few) names instead of a lookup per field.
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+    // One pass over the (few) names finds which fixed hop-by-hop fields are present: most
+    // messages carry none, or only `Connection`; absent ones cost no lookup.
+    let mut present = [false; 8];
+    let mut any = false;
+    for name in headers.keys() {
+        if let Some(index) = hop_by_hop_index(name) {
+            present[index] = true;
+            any = true;
+        }
+    }
+    if !any {
         return;
     }
-    if headers.contains_key(CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|option| HeaderName::from_bytes(option.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
+    // `Connection` is first in HOP_BY_HOP: take its values out, then remove what they name.
+    if present[0] {
+        if let Entry::Occupied(entry) = headers.entry(CONNECTION) {
+            let (_, values) = entry.remove_entry_mult();
+            let values: SmallValues = values.collect();
+            for value in &values {
+                let Ok(value) = value.to_str() else { continue };
+                for option in value.split(',').map(str::trim) {
+                    // Options that name no field, or a fixed hop-by-hop one removed below.
+                    if option.is_empty() || HOP_OPTIONS.iter().any(|known| option.eq_ignore_ascii_case(known)) {
+                        continue;
+                    }
+                    // A `&str` name is matched case-insensitively, without allocating.
+                    headers.remove(option);
+                }
+            }
+        }
+    }
+    for (name, present) in HOP_BY_HOP.iter().zip(present).skip(1) {
+        if present {
             headers.remove(name);
         }
     }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
+}
+
+/// `name`'s index in [`HOP_BY_HOP`]: one match on the name's text (a length switch and a
+/// compare), cheaper than comparing against each `HeaderName`.
+fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    match name.as_str() {
+        "connection" => Some(0),
+        "keep-alive" => Some(1),
+        "proxy-connection" => Some(2),
+        "te" => Some(3),
+        "trailer" => Some(4),
+        "transfer-encoding" => Some(5),
+        "upgrade" => Some(6),
+        "proxy-authorization" => Some(7),
+        _ => None,
     }
 }
+
+/// `Connection` options that need no lookup: `close` names no field, the rest are fixed
+/// hop-by-hop fields (lowercase, compared case-insensitively).
+const HOP_OPTIONS: [&str; 4] = ["close", "keep-alive", "te", "upgrade"];
+
+/// The values of one `Connection` field: nearly always one.
+type SmallValues = smallvec::SmallVec<[HeaderValue; 2]>;
 
 /// Whether a response field is stored for replay (spec §6): end-to-end fields only, and not
 /// `Date` (a replay gets a fresh one) nor the framing fields (recomputed for the stored body).
 pub fn is_replayed(name: &HeaderName) -> bool {
-    !(HOP_BY_HOP.contains(name) || name == DATE || name == CONTENT_LENGTH)
+    !(hop_by_hop_index(name).is_some() || name == DATE || name == CONTENT_LENGTH)
 }
 
 /// RFC 9110 §7.6.3: the `Via` entry this proxy adds, by the protocol version it received.
@@ -78,17 +118,19 @@ pub fn append_via(headers: &mut HeaderMap, version: Version) {
 /// what earlier proxies recorded (folded into one field); `Proto` and `Host` describe the
 /// request as this proxy received it.
 pub fn set_forwarded(headers: &mut HeaderMap, client_ip: &HeaderValue, proto: &HeaderValue, host: Option<HeaderValue>) {
-    let mut previous = headers.get_all(X_FORWARDED_FOR).iter();
-    let forwarded_for = match (previous.next(), previous.next()) {
-        (None, _) => client_ip.clone(),
-        (Some(only), None) => join(&[only.as_bytes()], client_ip.as_bytes()),
-        (Some(first), Some(second)) => {
-            let mut parts = vec![first.as_bytes(), second.as_bytes()];
-            parts.extend(previous.map(HeaderValue::as_bytes));
-            join(&parts, client_ip.as_bytes())
+    match headers.entry(X_FORWARDED_FOR) {
+        Entry::Vacant(entry) => {
+            entry.insert(client_ip.clone());
         }
-    };
-    headers.insert(X_FORWARDED_FOR, forwarded_for);
+        Entry::Occupied(mut entry) => {
+            let forwarded_for = {
+                let parts: smallvec::SmallVec<[&[u8]; 4]> = entry.iter().map(HeaderValue::as_bytes).collect();
+                join(&parts, client_ip.as_bytes())
+            };
+            // Replaces every earlier value: one folded field.
+            entry.insert(forwarded_for);
+        }
+    }
     headers.insert(X_FORWARDED_PROTO, proto.clone());
     match host {
         Some(host) => {
@@ -126,6 +168,37 @@ mod tests {
         headers.insert(TE, HeaderValue::from_static("trailers"));
         headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
         headers.insert(PROXY_AUTHORIZATION, HeaderValue::from_static("Basic x"));
+        headers.insert("x-kept", HeaderValue::from_static("1"));
+        remove_hop_by_hop(&mut headers);
+        let names: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["x-kept"]);
+    }
+
+    #[test]
+    fn hop_by_hop_index_matches_the_list() {
+        for (index, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop_index(name), Some(index), "{name}");
+        }
+        assert_eq!(hop_by_hop_index(&http::header::CONTENT_TYPE), None);
+    }
+
+    #[test]
+    fn connection_close_alone_goes_and_the_rest_stays() {
+        let mut headers = HeaderMap::new();
+        headers.insert(CONNECTION, HeaderValue::from_static("Close, Keep-Alive, x-absent"));
+        headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        headers.insert("x-kept", HeaderValue::from_static("1"));
+        remove_hop_by_hop(&mut headers);
+        let mut names: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, vec!["content-type", "x-kept"]);
+    }
+
+    #[test]
+    fn fixed_hop_by_hop_fields_go_without_connection() {
+        let mut headers = HeaderMap::new();
+        headers.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        headers.insert(PROXY_CONNECTION, HeaderValue::from_static("keep-alive"));
         headers.insert("x-kept", HeaderValue::from_static("1"));
         remove_hop_by_hop(&mut headers);
         let names: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
