@@ -7,8 +7,10 @@
 # It installs what is missing (wrk, nginx, redis-server, curl, python3, via apt-get), builds
 # idemproxy in release, and starts on free loopback ports: a fast upstream (nginx `return 200`,
 # or the hyper helper examples/bench_upstream.rs with UPSTREAM_KIND=hyper), a fresh redis-server
-# (no persistence), idemproxy twice (Redis store, embedded store), and nginx as a `proxy_pass`
-# peer with upstream keepalive. wrk runs on one core, every server on the other (taskset).
+# (no persistence), idemproxy twice (Redis store, embedded store), nginx as a `proxy_pass`
+# peer with upstream keepalive, and a bare hyper forwarder (examples/bench_floor.rs: what the
+# HTTP stack alone costs, shown as the floor under idemproxy's own work). wrk runs on one core,
+# every server on the other (taskset).
 # Each scenario interleaves its variants A/B/A/B for ROUNDS rounds. Measured per run: requests/s,
 # p50/p99 latency, server CPU µs per request (utime+stime from /proc/PID/stat, per process and
 # total), Redis commands per request (INFO commandstats), peak RSS (VmHWM, reset before each run).
@@ -196,27 +198,28 @@ check_alive() {
     done
 }
 
-read -r P_UP P_NGINX P_REDIS P_IDEM P_IDEM_ADMIN P_MEM P_MEM_ADMIN < <(
+read -r P_UP P_NGINX P_REDIS P_IDEM P_IDEM_ADMIN P_MEM P_MEM_ADMIN P_FLOOR < <(
     python3 -c '
 import socket
-socks = [socket.socket() for _ in range(7)]
+socks = [socket.socket() for _ in range(8)]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(*[s.getsockname()[1] for s in socks])
 '
 )
-[[ -n ${P_MEM_ADMIN:-} ]] || die "could not pick free ports"
+[[ -n ${P_FLOOR:-} ]] || die "could not pick free ports"
 
 # --- build ----------------------------------------------------------------------------------
 
 log "building idemproxy (release)"
-build_args=(--release --bin idemproxy)
+build_args=(--release --bin idemproxy --example bench_floor)
 [[ $UPSTREAM_KIND == hyper ]] && build_args+=(--example bench_upstream)
 (cd "$ROOT" && cargo build "${build_args[@]}") || die "cargo build failed"
 TARGET_DIR=$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps |
     python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
 # Copies, so a rebuild during the run (a shared target dir) cannot change what is measured.
 cp "$TARGET_DIR/release/idemproxy" "$TMP/idemproxy"
+cp "$TARGET_DIR/release/examples/bench_floor" "$TMP/bench_floor"
 [[ $UPSTREAM_KIND == hyper ]] && cp "$TARGET_DIR/release/examples/bench_upstream" "$TMP/bench_upstream"
 
 # --- servers --------------------------------------------------------------------------------
@@ -334,6 +337,9 @@ log "idemproxy (embedded store) on 127.0.0.1:$P_MEM"
 start_server idem_mem "${IDEM_ENV[@]}" "$TMP/idemproxy" --listen "127.0.0.1:$P_MEM" \
     --admin-listen "127.0.0.1:$P_MEM_ADMIN" --upstream "http://127.0.0.1:$P_UP" \
     --memory-max-entries "$MEMORY_MAX_ENTRIES" --log-filter "$PROXY_LOG"
+log "hyper floor (examples/bench_floor.rs) on 127.0.0.1:$P_FLOOR"
+start_server floor "$TMP/bench_floor" "127.0.0.1:$P_FLOOR" "127.0.0.1:$P_UP"
+wait_port floor "$P_FLOOR"
 wait_port idem_redis "$P_IDEM"
 wait_port idem_mem "$P_MEM"
 for admin in "$P_IDEM_ADMIN" "$P_MEM_ADMIN"; do
@@ -359,6 +365,7 @@ URL_DIRECT=http://127.0.0.1:$P_UP/orders
 URL_NGINX=http://127.0.0.1:$P_NGINX/orders
 URL_IDEM=http://127.0.0.1:$P_IDEM/orders
 URL_MEM=http://127.0.0.1:$P_MEM/orders
+URL_FLOOR=http://127.0.0.1:$P_FLOOR/orders
 
 # keyed_post URL KEY: prints "<status> <replayed:0|1>"
 keyed_post() {
@@ -372,7 +379,7 @@ keyed_post() {
 }
 
 RUN_SEED=$(date +%s)$(printf '%04x' $RANDOM)
-for url in "$URL_DIRECT" "$URL_NGINX" "$URL_IDEM" "$URL_MEM"; do
+for url in "$URL_DIRECT" "$URL_NGINX" "$URL_FLOOR" "$URL_IDEM" "$URL_MEM"; do
     code=$(curl -s -o /dev/null -w '%{http_code}' "$url") || die "GET $url failed"
     [[ $code == 200 ]] || die "GET $url answered $code, expected 200"
     code=$(curl -s -o /dev/null -w '%{http_code}' -H 'Content-Type: application/json' \
@@ -585,11 +592,13 @@ for group in $ONLY; do
         run_group get \
             "direct|$URL_DIRECT|get.lua||$U" \
             "nginx|$URL_NGINX|get.lua||proxy:nginx,$U" \
+            "hyper-floor|$URL_FLOOR|get.lua||proxy:floor,$U" \
             "idemproxy|$URL_IDEM|get.lua||proxy:idem_redis,$R,$U"
         ;;
     post)
         run_group post \
             "nginx|$URL_NGINX|post.lua||proxy:nginx,$U" \
+            "hyper-floor|$URL_FLOOR|post.lua||proxy:floor,$U" \
             "idemproxy|$URL_IDEM|post.lua||proxy:idem_redis,$R,$U"
         ;;
     new)
@@ -751,8 +760,10 @@ with open(os.path.join(tmp, "calibration")) as f:
 LABELS = {
     ("get", "direct"): ("1", "GET pass-through, small body", "direct to upstream"),
     ("get", "nginx"): ("1", "GET pass-through, small body", "nginx"),
+    ("get", "hyper-floor"): ("1", "GET pass-through, small body", "hyper floor (bare forwarder)"),
     ("get", "idemproxy"): ("1", "GET pass-through, small body", "idemproxy"),
     ("post", "nginx"): ("2", "keyless POST 1 KiB", "nginx"),
+    ("post", "hyper-floor"): ("2", "keyless POST 1 KiB", "hyper floor (bare forwarder)"),
     ("post", "idemproxy"): ("2", "keyless POST 1 KiB", "idemproxy"),
     ("new", "idemproxy-redis"): ("3", "keyed POST 1 KiB, every key new", "idemproxy, Redis"),
     ("replay", "idemproxy-redis"): ("4", "keyed POST 1 KiB, same key (replay)", "idemproxy, Redis"),
@@ -938,6 +949,43 @@ w("|---|---|---|")
 for name, measured, result in targets:
     w(f"| {name} | {measured} | **{result}** |")
 w("")
+
+# --- floors: what the targets leave for idemproxy's own work ---
+floors = []
+g_f, p_f = get("get", "hyper-floor"), get("post", "hyper-floor")
+if g_f and g_n and g_i:
+    floors.append(
+        f"GET: a bare hyper forwarder ([examples/bench_floor.rs](../../examples/bench_floor.rs): hyper's "
+        f"HTTP/1.1 server and client, nothing else) costs {g_f['cpu']['proxy']:.1f} µs = "
+        f"{g_f['cpu']['proxy'] / g_n['cpu']['proxy']:.2f}× nginx; idemproxy's own per-request work "
+        f"(routing, RFC 9110 header rewriting, timeouts, pooling, metrics) adds "
+        f"{g_i['cpu']['proxy'] - g_f['cpu']['proxy']:.1f} µs on top of it. The target leaves it "
+        f"{g_n['cpu']['proxy'] - g_f['cpu']['proxy']:.1f} µs.")
+if p_f and p_n and p_i:
+    floors.append(
+        f"keyless POST: bare hyper forwarder {p_f['cpu']['proxy']:.1f} µs = "
+        f"{p_f['cpu']['proxy'] / p_n['cpu']['proxy']:.2f}× nginx; idemproxy {p_i['cpu']['proxy']:.1f} µs.")
+if rep_r and rep_m and g_n:
+    least = rep_m["cpu_total"] + rep_r["cpu"].get("redis", 0)
+    floors.append(
+        f"replay (Redis) cannot cost less than the embedded-store replay (the same HTTP and fingerprint "
+        f"work, no round trip) plus Redis' own CPU for its one command: {rep_m['cpu_total']:.1f} + "
+        f"{rep_r['cpu'].get('redis', 0):.1f} = {least:.1f} µs = **{least / g_n['cpu_total']:.2f}×** nginx GET "
+        f"(target ≤ 0.6× = {0.6 * g_n['cpu_total']:.1f} µs), before the proxy's side of the round trip.")
+if new_r and p_i and p_n:
+    least = p_i["cpu"]["proxy"] + new_r["cpu"].get("redis", 0) + new_r["cpu"].get("upstream", 0)
+    floors.append(
+        f"first execution (Redis) cannot cost less than a keyless POST through idemproxy plus Redis' CPU "
+        f"for its two commands plus the upstream's: {p_i['cpu']['proxy']:.1f} + {new_r['cpu'].get('redis', 0):.1f} + "
+        f"{new_r['cpu'].get('upstream', 0):.1f} = {least:.1f} µs = **{least / p_n['cpu_total']:.2f}×** nginx "
+        f"keyless POST (target ≤ 1.5× = {1.5 * p_n['cpu_total']:.1f} µs), before fingerprinting and the "
+        f"proxy's side of two round trips.")
+if floors:
+    w("Floors (information: what the HTTP stack and Redis cost before any idemproxy work):")
+    w("")
+    for line in floors:
+        w(f"- {line}")
+    w("")
 
 info = []
 if new_m and p_n:
