@@ -96,7 +96,9 @@ impl ProxyError {
                     "Request body too large"
                 )
             }
-            ProxyError::ClientBody(_) => problem_type!(StatusCode::BAD_REQUEST, "bad-request", "Bad request"),
+            ProxyError::ClientBody(_) | ProxyError::Upstream(UpstreamError::ClientBody(_)) => {
+                problem_type!(StatusCode::BAD_REQUEST, "bad-request", "Bad request")
+            }
             ProxyError::BadRequest(_) => problem_type!(StatusCode::BAD_REQUEST, "bad-request", "Bad request"),
             ProxyError::NoRoute => problem_type!(StatusCode::NOT_FOUND, "no-route", "No route"),
             ProxyError::Conflict { .. } => {
@@ -145,7 +147,10 @@ impl ProxyError {
         match self {
             ProxyError::InvalidKey(_) | ProxyError::MissingKey => Outcome::InvalidKey,
             ProxyError::BodyTooLarge { .. } => Outcome::TooLarge,
-            ProxyError::ClientBody(_) | ProxyError::BadRequest(_) | ProxyError::NoRoute => Outcome::BadRequest,
+            ProxyError::ClientBody(_)
+            | ProxyError::Upstream(UpstreamError::ClientBody(_))
+            | ProxyError::BadRequest(_)
+            | ProxyError::NoRoute => Outcome::BadRequest,
             ProxyError::Conflict { .. } => Outcome::Conflict,
             ProxyError::Mismatch => Outcome::Mismatch,
             ProxyError::OutcomeUnknown(_) => Outcome::OutcomeUnknown,
@@ -227,5 +232,12 @@ mod tests {
             StatusCode::BAD_GATEWAY
         );
         assert_eq!(ProxyError::from(KeyError::Empty).status(), StatusCode::BAD_REQUEST);
+        // The client's streamed body failing is the client's error, not the upstream's.
+        let client_body = ProxyError::from(UpstreamError::ClientBody("invalid chunk size".into()));
+        assert_eq!(client_body.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(client_body.outcome(), Outcome::BadRequest);
+        let failed = ProxyError::from(UpstreamError::Failed("reset".into()));
+        assert_eq!(failed.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(failed.outcome(), Outcome::UpstreamError);
     }
 }

@@ -54,6 +54,11 @@ pub enum UpstreamError {
     /// Sent (or possibly sent): the exchange failed before a complete response (reset, truncation).
     #[error("the upstream connection failed: {0}")]
     Failed(String),
+    /// The client's request body failed while it was streamed upstream (malformed chunked
+    /// coding, a client gone mid-upload): the request's fault, answered `400`. The upstream may
+    /// have received part of it, never a complete request: hyper aborts it without its end.
+    #[error("the request body could not be read: {0}")]
+    ClientBody(String),
 }
 
 impl UpstreamError {
@@ -422,6 +427,9 @@ impl Upstream {
                     // Not written: the keep-alive race on a reused connection; a fresh one next.
                     Some(unsent) if !fresh => request = unsent,
                     Some(_) => return Err(UpstreamError::Connect(error_chain(err.error()))),
+                    None if is_client_body_error(err.error()) => {
+                        return Err(UpstreamError::ClientBody(error_chain(err.error())))
+                    }
                     None => return Err(UpstreamError::Failed(error_chain(err.error()))),
                 },
             }
@@ -449,6 +457,14 @@ impl Upstream {
         });
         Ok(sender)
     }
+}
+
+/// Whether the exchange failed on the request body the proxy was streaming: hyper reports an
+/// error from the outgoing body as a user error caused by it, and the only body that can fail is
+/// the client's (a streamed `Incoming`, whose errors are hyper's own).
+fn is_client_body_error(err: &hyper::Error) -> bool {
+    use std::error::Error as _;
+    err.is_user() && err.source().is_some_and(|cause| cause.is::<hyper::Error>())
 }
 
 /// Closes idle connections past `pool_idle_timeout`, until the pools are dropped.

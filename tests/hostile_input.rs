@@ -413,7 +413,8 @@ async fn invalid_chunk_sizes_on_keyed_posts_are_not_forwarded() {
 
 /// Invalid chunk sizes on a keyless POST, which streams: the upstream may have seen the head
 /// and the first chunk, but never a complete body: the proxy cuts the upstream request off
-/// (no terminating chunk) and answers the client `502` (the exchange failed part-way).
+/// (no terminating chunk) and answers the client `400` (its body was malformed, not the
+/// upstream's fault).
 #[tokio::test]
 async fn invalid_chunk_sizes_on_streamed_posts_never_complete_upstream() {
     let upstream = TestUpstream::start().await;
@@ -426,8 +427,8 @@ async fn invalid_chunk_sizes_on_streamed_posts_never_complete_upstream() {
     ] {
         let request = format!("POST /stream-{case} HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n{body}");
         let answer = exchange(proxy.addr, request.as_bytes()).await;
-        // The upstream exchange fails with the client's body: answered as an upstream failure.
-        assert_problem(&answer, 502, "upstream-error", case);
+        // The upstream exchange fails on the client's body: the client's error.
+        assert_problem(&answer, 400, "bad-request", case);
     }
     // A size larger than the data, then the client half-closes.
     let answer = exchange_then_eof(
@@ -435,7 +436,7 @@ async fn invalid_chunk_sizes_on_streamed_posts_never_complete_upstream() {
         b"POST /stream-short HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n100\r\nonly a little",
     )
     .await;
-    assert_problem(&answer, 502, "upstream-error", "short chunk");
+    assert_problem(&answer, 400, "bad-request", "short chunk");
     assert_eq!(
         upstream.hits(),
         0,
