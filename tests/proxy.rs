@@ -446,6 +446,46 @@ async fn idle_keep_alive_connection_is_closed() {
     assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
 }
 
+/// An HTTP/2 connection with no request in progress for `server.http2_idle_timeout` is closed
+/// gracefully (GOAWAY, RFC 9113 §6.8), as an idle HTTP/1.1 one is; a request that runs longer
+/// than the timeout keeps it open and is answered in full.
+#[tokio::test]
+async fn idle_http2_connection_is_closed_but_not_while_a_request_runs() {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&config(&upstream.url(), "server.http2_idle_timeout = \"400ms\"")).await;
+    let stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake::<_, _, Empty<bytes::Bytes>>(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2c handshake");
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let _ = closed_tx.send(connection.await);
+    });
+    let request = http::Request::get(proxy.url("/slow"))
+        .header("x-upstream-delay-ms", "1200")
+        .body(Empty::new())
+        .expect("request");
+    let response = sender
+        .send_request(request)
+        .await
+        .expect("the slow request is answered");
+    assert_eq!(response.status(), StatusCode::CREATED);
+    response.into_body().collect().await.expect("the whole body");
+    let answered = Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(5), closed_rx)
+        .await
+        .expect("the idle HTTP/2 connection is closed within 5s")
+        .expect("the connection task reports");
+    let idle = answered.elapsed();
+    assert!(closed.is_ok(), "closed gracefully: {closed:?}");
+    assert!(idle >= Duration::from_millis(300), "closed after only {idle:?} idle");
+    assert_eq!(upstream.hits(), 1);
+}
+
 /// Every method is passed through with its body, and nothing is stored: repeating a request
 /// executes it again.
 #[tokio::test]

@@ -54,6 +54,8 @@ pub struct ServerSection {
     #[serde(default, with = "humantime_serde")]
     pub http2_keepalive_interval: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
+    pub http2_idle_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
     pub shutdown_grace: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub body_read_timeout: Option<Duration>,

@@ -157,6 +157,8 @@ pub struct ServerSettings {
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
     pub http2_keepalive_interval: Duration,
+    /// An HTTP/2 connection with no stream open for this long is closed gracefully (GOAWAY).
+    pub http2_idle_timeout: Duration,
     pub shutdown_grace: Duration,
     pub max_connections: usize,
     /// Runtime threads (the binary's; tests bring their own runtime).
@@ -229,6 +231,8 @@ pub mod defaults {
     pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
     pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
     pub const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+    /// nginx closes idle keep-alive connections, HTTP/2 ones included, after 75 s.
+    pub const HTTP2_IDLE_TIMEOUT: Duration = Duration::from_secs(75);
     pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
     pub const MAX_CONNECTIONS: usize = 10_000;
     pub const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -299,6 +303,10 @@ impl Config {
                 file.server
                     .http2_keepalive_interval
                     .unwrap_or(defaults::HTTP2_KEEPALIVE_INTERVAL),
+            )?,
+            http2_idle_timeout: positive(
+                "server.http2_idle_timeout",
+                file.server.http2_idle_timeout.unwrap_or(defaults::HTTP2_IDLE_TIMEOUT),
             )?,
             shutdown_grace: file.server.shutdown_grace.unwrap_or(defaults::SHUTDOWN_GRACE),
             max_connections: at_least(

@@ -1,16 +1,19 @@
 //! The client-facing server: accept loop, connection limits and timeouts, graceful shutdown.
 //!
 //! Built as hyper-util's `server_graceful` example, every connection watched by a
-//! `GracefulShutdown`. HTTP/1.1 and HTTP/2 with prior knowledge share the port: a plain TCP
+//! `GracefulShutdown` (HTTP/2 ones close on its signal in their own loop, which also closes them
+//! once idle: [`idle`]). HTTP/1.1 and HTTP/2 with prior knowledge share the port: a plain TCP
 //! connection's first bytes are peeked at ([`preface_deadline::sniff`]) and hyper's server for
 //! that protocol serves it directly. With `tls.cert` and `tls.key` every connection is a TLS one
 //! first (rustls), and ALPN chooses the protocol (RFC 9113 §3.2: `h2`, otherwise HTTP/1.1).
 
 pub mod guarded;
 pub mod headers;
+pub mod idle;
 pub mod preface_deadline;
 pub mod service;
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::pin;
@@ -160,6 +163,10 @@ struct ConnectionServer {
     /// `tls.cert` + `tls.key`, loaded once at start-up.
     tls: Option<TlsAcceptor>,
     header_read_timeout: Duration,
+    http2_idle_timeout: Duration,
+    /// Becomes `true` when shutdown starts (HTTP/2 connections, which are not watched by the
+    /// `GracefulShutdown`, close on it; see [`serve_http`](Self::serve_http)).
+    stopping: watch::Receiver<bool>,
 }
 
 impl ConnectionServer {
@@ -214,12 +221,50 @@ impl ConnectionServer {
     {
         let connection = Arc::new(ConnectionInfo::new(peer, self.tls.is_some(), &self.state.upstream));
         let state = self.state.clone();
-        let service =
-            hyper::service::service_fn(move |request| service::handle(state.clone(), connection.clone(), request));
         let io = TokioIo::new(stream);
         let served = match protocol {
-            Protocol::Http1 => watcher.watch(self.http1.serve_connection(io, service)).await,
-            Protocol::Http2 => watcher.watch(self.http2.serve_connection(io, service)).await,
+            Protocol::Http1 => {
+                let service = hyper::service::service_fn(move |request| {
+                    service::handle(state.clone(), connection.clone(), request)
+                });
+                watcher.watch(self.http1.serve_connection(io, service)).await
+            }
+            Protocol::Http2 => {
+                // Each request counts as activity until its response body ends.
+                let activity = idle::StreamActivity::new();
+                let streams = activity.clone();
+                let service = hyper::service::service_fn(move |request| {
+                    let stream = streams.begin();
+                    let handling = service::handle(state.clone(), connection.clone(), request);
+                    async move {
+                        let response = handling.await?;
+                        Ok::<_, Infallible>(response.map(|body| idle::ActiveBody::new(body, stream)))
+                    }
+                });
+                // hyper-util's `GracefulShutdown` cannot also close a connection for idleness
+                // (its connection trait is sealed): the shutdown signal is watched here, and
+                // `watcher` is only held so that the drain waits for this connection.
+                let mut connection = pin!(self.http2.serve_connection(io, service));
+                let mut stopping = self.stopping.clone();
+                let mut closing = false;
+                let served = loop {
+                    tokio::select! {
+                        biased;
+                        served = connection.as_mut() => break served,
+                        _ = stopping.wait_for(|stopping| *stopping), if !closing => {
+                            connection.as_mut().graceful_shutdown();
+                            closing = true;
+                        }
+                        () = activity.idle_expired(self.http2_idle_timeout), if !closing => {
+                            tracing::debug!(%peer, "closing an idle HTTP/2 connection");
+                            connection.as_mut().graceful_shutdown();
+                            closing = true;
+                        }
+                    }
+                };
+                drop(watcher);
+                served
+            }
         };
         if let Err(err) = served {
             tracing::debug!(error = %err, %peer, "connection ended with an error");
@@ -261,6 +306,7 @@ pub async fn serve_with_admin(
     // Stops with this function, also when its future is dropped.
     let _timer_anchor = AbortOnDropHandle::new(tokio::spawn(keep_timer_driver_armed()));
     let (stop_admin, admin_stopped) = watch::channel(false);
+    let (stop_connections, stopping) = watch::channel(false);
     if let Some(admin) = admin {
         tokio::spawn(crate::admin::serve(state.clone(), admin, admin_stopped));
     }
@@ -280,6 +326,8 @@ pub async fn serve_with_admin(
         http2: http2_builder(&settings),
         tls,
         header_read_timeout: settings.header_read_timeout,
+        http2_idle_timeout: settings.http2_idle_timeout,
+        stopping,
     });
     let mut shutdown = pin!(shutdown);
     loop {
@@ -311,6 +359,7 @@ pub async fn serve_with_admin(
     drop(listener);
     tracing::info!(grace = ?settings.shutdown_grace, "shutting down: draining in-flight requests");
     state.executions.close();
+    stop_connections.send_replace(true);
     let drained = async {
         graceful.shutdown().await;
         state.executions.wait().await;
