@@ -441,6 +441,41 @@ async fn redis_down_fails_open_when_configured() {
     assert_eq!(upstream.hits(), 2, "unprotected: both were forwarded");
 }
 
+/// A full embedded store is a store failure like an unreachable Redis (spec §7): closed (the
+/// default), a new key gets `503`; with `store_failure = "open"` it is forwarded unprotected.
+/// Keys already stored still replay in both.
+#[tokio::test]
+async fn full_memory_store_follows_store_failure() {
+    let upstream = TestUpstream::start().await;
+    let config = |policy: &str| {
+        format!(
+            "upstream.url = \"{}\"\nlog.filter = \"error\"\nstore.memory_max_entries = 1\n[idempotency]\n{policy}\n",
+            upstream.url()
+        )
+    };
+    let closed = TestProxy::start(&config("")).await;
+    let open = TestProxy::start(&config("store_failure = \"open\"")).await;
+    let client = TestClient::new();
+    for proxy in [&closed, &open] {
+        let first = client.post_keyed(&proxy.url("/orders"), "first", "{}").await;
+        assert_eq!(first.status, StatusCode::CREATED, "the one record fits");
+    }
+    let refused = client.post_keyed(&closed.url("/orders"), "second", "{}").await;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(upstream.hits(), 2, "closed: the new key was not forwarded");
+    for _ in 0..2 {
+        let forwarded = client.post_keyed(&open.url("/orders"), "second", "{}").await;
+        assert_eq!(forwarded.status, StatusCode::CREATED);
+        assert_eq!(forwarded.header("idempotent-replayed"), None, "forwarded, not replayed");
+    }
+    assert_eq!(upstream.hits(), 4, "open: unprotected, both were forwarded");
+    for proxy in [&closed, &open] {
+        let replayed = client.post_keyed(&proxy.url("/orders"), "first", "{}").await;
+        assert_eq!(replayed.header("idempotent-replayed"), Some("true"));
+    }
+    assert_eq!(upstream.hits(), 4, "stored keys replay");
+}
+
 #[tokio::test]
 async fn redis_command_budget_is_two_per_execution_and_one_per_replay() {
     let redis = RedisServer::start();

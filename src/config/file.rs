@@ -214,7 +214,7 @@ pub struct Cli {
     /// With --on-conflict wait: longest wait before answering 409 [default: 10s].
     #[arg(long, env = "IDEMPROXY_WAIT_TIMEOUT", value_parser = humantime::parse_duration)]
     pub wait_timeout: Option<Duration>,
-    /// Store down: closed (503) or open (forward unprotected) [default: closed].
+    /// Store down or full: closed (503) or open (forward unprotected) [default: closed].
     #[arg(long, env = "IDEMPROXY_STORE_FAILURE")]
     pub store_failure: Option<String>,
     /// Largest guarded request body, bytes [default: 8388608].

@@ -56,8 +56,13 @@ pub async fn handle(
         };
         let begun = match timed(&state.metrics, StoreOp::Begin, state.store.begin(&begin)).await {
             Ok(begun) => begun,
-            Err(StoreError::Unavailable(reason)) if policy.store_failure == StoreFailure::Open => {
-                tracing::warn!(%reason, key = %key.short_hash(), "store unavailable: forwarding without idempotency protection");
+            // A full embedded store cannot take the key either: the operator chose availability.
+            // A corrupt record is not a failure to reach the store: the key may have been
+            // executed, so it is never forwarded unprotected.
+            Err(err @ (StoreError::Unavailable(_) | StoreError::Full(_)))
+                if policy.store_failure == StoreFailure::Open =>
+            {
+                tracing::warn!(reason = %err, key = %key.short_hash(), "store unavailable: forwarding without idempotency protection");
                 let request = upstream_request(route, connection, Request::from_parts(parts, body), ProxyBody::full)?;
                 let response = state
                     .upstream
