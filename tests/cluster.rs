@@ -19,11 +19,14 @@ struct RedisCluster {
 
 impl RedisCluster {
     fn start() -> Self {
-        let mut ports = Vec::new();
+        Self::start_on((0..3).map(|_| free_port()).collect())
+    }
+
+    /// A cluster of one master on each of `ports`.
+    fn start_on(ports: Vec<u16>) -> Self {
         let mut children = Vec::new();
         let mut dirs = Vec::new();
-        for _ in 0..3 {
-            let port = free_port();
+        for &port in &ports {
             let dir = tempfile::tempdir().expect("temp dir");
             let child = Command::new("redis-server")
                 .args([
@@ -44,7 +47,6 @@ impl RedisCluster {
                 .stderr(Stdio::null())
                 .spawn()
                 .expect("redis-server starts");
-            ports.push(port);
             children.push(child);
             dirs.push(dir);
         }
@@ -88,8 +90,7 @@ impl RedisCluster {
     }
 
     fn url(&self) -> String {
-        let nodes: Vec<String> = self.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        format!("redis+cluster://{}", nodes.join(","))
+        cluster_url(&self.ports)
     }
 
     /// Keys stored on each node.
@@ -105,6 +106,11 @@ impl RedisCluster {
             })
             .collect()
     }
+}
+
+fn cluster_url(ports: &[u16]) -> String {
+    let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    format!("redis+cluster://{}", nodes.join(","))
 }
 
 impl Drop for RedisCluster {
@@ -168,4 +174,49 @@ async fn two_proxies_on_a_three_master_cluster_execute_each_key_once() {
         per_node.iter().all(|n| *n > 0),
         "keys spread over all masters: {per_node:?}"
     );
+}
+
+/// Like with a single Redis, a proxy starts while its cluster is unreachable (and serves
+/// pass-through traffic): guarded requests are a store failure (`503`) until the cluster
+/// answers, then they are protected as usual.
+#[tokio::test]
+async fn a_proxy_starts_before_its_cluster_and_uses_it_once_it_is_up() {
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let upstream = TestUpstream::start().await;
+    let config = format!(
+        "upstream.url = \"{}\"\nstore.redis = \"{}\"\nstore.command_timeout = \"500ms\"\nlog.filter = \"error\"\n",
+        upstream.url(),
+        cluster_url(&ports)
+    );
+    let proxy = TestProxy::start(&config).await;
+    let client = TestClient::new();
+    let early = client.post_keyed(&proxy.url("/orders"), "early", "{}").await;
+    assert_eq!(
+        early.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "no cluster yet: a store failure"
+    );
+    let passthrough = client.send(Method::GET, &proxy.url("/"), &[], "").await;
+    assert_eq!(
+        passthrough.status,
+        StatusCode::CREATED,
+        "pass-through is served meanwhile"
+    );
+    assert_eq!(upstream.hits(), 1, "the guarded request was not forwarded");
+
+    let _cluster = tokio::task::spawn_blocking(move || RedisCluster::start_on(ports))
+        .await
+        .expect("the cluster starts");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let executed = loop {
+        let response = client.post_keyed(&proxy.url("/orders"), "later", "{}").await;
+        if response.status != StatusCode::SERVICE_UNAVAILABLE || Instant::now() > deadline {
+            break response;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(executed.status, StatusCode::CREATED, "executed once the cluster is up");
+    let replay = client.post_keyed(&proxy.url("/orders"), "later", "{}").await;
+    assert_eq!(replay.header("idempotent-replayed"), Some("true"));
+    assert_eq!(upstream.hits(), 2, "executed once, then replayed");
 }

@@ -20,12 +20,15 @@
 //! others: proxies sharing a Redis need clocks in sync to well within `lock_ttl` (NTP).
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisError, Script, Value};
+use tokio::sync::OnceCell;
 
 use super::{Begin, BeginRequest, KeyState, Store, StoreError};
 use crate::idempotency::{decide, unix_ms, Decision, Existing, LeaseToken, Record, StorageKey, CONFLICT_RETRY_AFTER};
@@ -75,14 +78,34 @@ return 1
 #[derive(Clone)]
 enum Connection {
     Single(ConnectionManager),
-    Cluster(ClusterConnection),
+    Cluster(Arc<LazyCluster>),
+}
+
+/// A cluster connection made on first use, like the single server's `ConnectionManager`: the
+/// proxy starts (and serves pass-through traffic) while the cluster is unreachable, and
+/// guarded requests count as a store failure until it answers. Once made, redis-rs follows the
+/// cluster's topology and reconnects to its nodes on its own.
+struct LazyCluster {
+    client: ClusterClient,
+    connection: OnceCell<ClusterConnection>,
+}
+
+impl LazyCluster {
+    /// The connection, made now if no attempt has succeeded yet (concurrent callers wait for one
+    /// attempt; after a failure the next caller tries again).
+    async fn get(&self) -> Result<ClusterConnection, RedisError> {
+        self.connection
+            .get_or_try_init(|| self.client.get_async_connection())
+            .await
+            .cloned()
+    }
 }
 
 impl redis::aio::ConnectionLike for Connection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> redis::RedisFuture<'a, Value> {
         match self {
             Connection::Single(c) => c.req_packed_command(cmd),
-            Connection::Cluster(c) => c.req_packed_command(cmd),
+            Connection::Cluster(lazy) => Box::pin(async move { lazy.get().await?.req_packed_command(cmd).await }),
         }
     }
 
@@ -94,14 +117,17 @@ impl redis::aio::ConnectionLike for Connection {
     ) -> redis::RedisFuture<'a, Vec<Value>> {
         match self {
             Connection::Single(c) => c.req_packed_commands(cmd, offset, count),
-            Connection::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+            Connection::Cluster(lazy) => {
+                Box::pin(async move { lazy.get().await?.req_packed_commands(cmd, offset, count).await })
+            }
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             Connection::Single(c) => c.get_db(),
-            Connection::Cluster(c) => c.get_db(),
+            // Redis Cluster has database 0 only.
+            Connection::Cluster(_) => 0,
         }
     }
 }
@@ -124,9 +150,10 @@ fn unexpected(what: &str, value: &Value) -> StoreError {
 }
 
 impl RedisStore {
-    /// Connects to `url`: `redis://host:port[/db]` or `rediss://…` for one server (reconnects on
-    /// its own; the first connection is made lazily, so the proxy starts while Redis is down),
-    /// `redis+cluster://h1:p1,h2:p2` (or `rediss+cluster://…`) for a cluster. `rediss` servers
+    /// Connects to `url`: `redis://host:port[/db]` or `rediss://…` for one server,
+    /// `redis+cluster://h1:p1,h2:p2` (or `rediss+cluster://…`) for a cluster. Either way the
+    /// first connection is made on first use and lost ones are made again, so the proxy starts
+    /// while Redis is down; only a malformed URL fails here. `rediss` servers
     /// are checked against the bundled Mozilla roots; see [`connect_with_ca`](Self::connect_with_ca).
     pub async fn connect(url: &str, command_timeout: Duration) -> Result<Self, StoreError> {
         Self::connect_with_ca(url, command_timeout, None).await
@@ -154,7 +181,10 @@ impl RedisStore {
                 builder = builder.certs(certificates);
             }
             let client = builder.build().map_err(unavailable)?;
-            Connection::Cluster(client.get_async_connection().await.map_err(unavailable)?)
+            Connection::Cluster(Arc::new(LazyCluster {
+                client,
+                connection: OnceCell::new(),
+            }))
         } else {
             let client = match certificates {
                 Some(certificates) => redis::Client::build_with_tls(url, certificates),
