@@ -1,13 +1,17 @@
 //! TLS plumbing shared by the listener, the upstream client and the Redis store: rustls with the
-//! pure-Rust `ring` crypto provider, and PEM files read once, at start-up, into errors that name
-//! the setting at fault.
+//! pure-Rust `ring` crypto provider, and PEM files read into errors that name the setting at
+//! fault: CA files once at start-up, the listener's certificate and key again whenever they
+//! change.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::SystemTime;
 
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 
 use crate::config::{ConfigError, TlsSettings};
 
@@ -71,9 +75,83 @@ pub fn read_ca_pem(key: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
     Ok(pem)
 }
 
-/// The rustls server configuration of the TLS listener (`tls.cert`, `tls.key`), with ALPN
-/// offering `h2` and `http/1.1`.
-pub fn listener_config(settings: &TlsSettings) -> Result<Arc<rustls::ServerConfig>, ConfigError> {
+/// The listener's certificate and key, re-read when their files change (`tls.reload_interval`):
+/// each handshake gets the pair current at its start, so a rotated certificate is served without
+/// a restart, and connections already open keep theirs.
+#[derive(Debug)]
+pub struct ListenerCertificate {
+    settings: TlsSettings,
+    current: RwLock<Arc<CertifiedKey>>,
+    /// What the files looked like at the last load attempt, good or bad (a pair that cannot be
+    /// used is reported once, not on every check).
+    seen: Mutex<Option<FilesStamp>>,
+}
+
+/// Modification time and length of the certificate and key files.
+type FilesStamp = [(Option<SystemTime>, u64); 2];
+
+fn stamp(settings: &TlsSettings) -> FilesStamp {
+    [&settings.cert, &settings.key].map(|path| match std::fs::metadata(path) {
+        Ok(meta) => (meta.modified().ok(), meta.len()),
+        Err(_) => (None, 0),
+    })
+}
+
+impl ListenerCertificate {
+    /// Loads the pair now; an error names the setting at fault.
+    pub fn load(settings: &TlsSettings) -> Result<Arc<Self>, ConfigError> {
+        let seen = stamp(settings);
+        let key = certified_key(settings)?;
+        Ok(Arc::new(Self {
+            settings: settings.clone(),
+            current: RwLock::new(Arc::new(key)),
+            seen: Mutex::new(Some(seen)),
+        }))
+    }
+
+    /// Re-reads the pair if the files changed since the last attempt. `Ok(true)`: new handshakes
+    /// get the new pair; `Err`: the changed files cannot be used, the previous pair stays.
+    pub fn reload_if_changed(&self) -> Result<bool, ConfigError> {
+        let now = stamp(&self.settings);
+        {
+            let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+            if seen.as_ref() == Some(&now) {
+                return Ok(false);
+            }
+            *seen = Some(now);
+        }
+        let key = certified_key(&self.settings)?;
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(key);
+        Ok(true)
+    }
+
+    /// Checks the files every `tls.reload_interval` for as long as the future runs.
+    pub async fn keep_reloading(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.settings.reload_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            match self.reload_if_changed() {
+                Ok(true) => tracing::info!(cert = %self.settings.cert.display(), "TLS certificate reloaded"),
+                Ok(false) => {}
+                Err(err) => tracing::warn!(
+                    error = %err,
+                    "TLS certificate files changed but cannot be used: still serving the previous certificate"
+                ),
+            }
+        }
+    }
+}
+
+impl ResolvesServerCert for ListenerCertificate {
+    fn resolve(&self, _client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.read().unwrap_or_else(PoisonError::into_inner).clone())
+    }
+}
+
+/// The certificate chain and private key of `settings`, checked to go together.
+fn certified_key(settings: &TlsSettings) -> Result<CertifiedKey, ConfigError> {
     let chain = read_certificates("tls.cert", &settings.cert)?;
     let key_pem = read("tls.key", &settings.key)?;
     let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
@@ -82,21 +160,26 @@ pub fn listener_config(settings: &TlsSettings) -> Result<Arc<rustls::ServerConfi
             format!("{}: no usable PEM private key: {e}", settings.key.display()),
         )
     })?;
+    CertifiedKey::from_der(chain, key, &crypto_provider()).map_err(|e| {
+        invalid(
+            "tls.key",
+            format!(
+                "{} does not go with the certificate in {}: {e}",
+                settings.key.display(),
+                settings.cert.display()
+            ),
+        )
+    })
+}
+
+/// The rustls server configuration of the TLS listener (`tls.cert`, `tls.key`), with ALPN
+/// offering `h2` and `http/1.1`, presenting `certificate`'s current pair.
+pub fn listener_config(certificate: Arc<ListenerCertificate>) -> Result<Arc<rustls::ServerConfig>, ConfigError> {
     let mut config = rustls::ServerConfig::builder_with_provider(crypto_provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| invalid("tls.cert", format!("no usable TLS protocol version: {e}")))?
         .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .map_err(|e| {
-            invalid(
-                "tls.key",
-                format!(
-                    "{} does not go with the certificate in {}: {e}",
-                    settings.key.display(),
-                    settings.cert.display()
-                ),
-            )
-        })?;
+        .with_cert_resolver(certificate);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }

@@ -332,6 +332,63 @@ async fn tls_listener_serves_http1_and_h2_and_says_https() {
     assert_eq!(upstream.hits(), 2);
 }
 
+/// The end-entity certificate the listener at `addr` presents to a new handshake.
+async fn served_certificate(ca: &TestCa, addr: SocketAddr) -> Vec<u8> {
+    let tls = ca.connect(addr, b"http/1.1").await;
+    let certificates = tls.get_ref().1.peer_certificates().expect("the server's certificates");
+    certificates[0].as_ref().to_vec()
+}
+
+/// The certificate in a PEM file, as DER.
+fn certificate_in(path: &Path) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::from_pem_file(path)
+        .expect("a PEM certificate")
+        .as_ref()
+        .to_vec()
+}
+
+/// The listener re-reads `tls.cert` and `tls.key` when they change (`tls.reload_interval`): new
+/// handshakes get a rotated pair without a restart, and files that cannot be used are refused
+/// with the previous certificate kept.
+#[tokio::test]
+async fn a_rotated_certificate_is_served_without_a_restart() {
+    let ca = TestCa::new();
+    let upstream = TestUpstream::start().await;
+    let proxy = tls_proxy(&ca, &upstream, "tls.reload_interval = \"100ms\"").await;
+    let cert_file = ca.dir.path().join("proxy.pem");
+    let first = served_certificate(&ca, proxy.addr).await;
+    assert_eq!(first, certificate_in(&cert_file));
+
+    // Unusable files (a certificate that is not PEM): refused, the previous pair stays.
+    let issued_pem = std::fs::read(&cert_file).expect("read the cert");
+    std::fs::write(&cert_file, b"not a certificate").expect("break the cert");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        served_certificate(&ca, proxy.addr).await,
+        first,
+        "still the first certificate"
+    );
+    std::fs::write(&cert_file, issued_pem).expect("restore the cert");
+
+    // Rotation: a new pair under the same file names (certificate first, then key: for a moment
+    // they do not go together, and that moment is refused too).
+    let rotated = ca.issue("proxy");
+    let expected = certificate_in(&rotated.cert);
+    assert_ne!(expected, first);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while served_certificate(&ca, proxy.addr).await != expected {
+        assert!(Instant::now() < deadline, "the rotated certificate is served within 5s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let request = Request::get("/after-rotation")
+        .header("host", "localhost")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let response = tls_request(&ca, proxy.addr, b"http/1.1", request).await;
+    assert_eq!(response.status, StatusCode::CREATED);
+}
+
 #[tokio::test]
 async fn plain_http_on_the_tls_listener_gets_no_answer() {
     let ca = TestCa::new();

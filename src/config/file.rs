@@ -76,6 +76,9 @@ pub struct TlsSection {
     pub cert: Option<PathBuf>,
     /// Private key (PEM: PKCS#8, PKCS#1 or SEC1) of `cert`.
     pub key: Option<PathBuf>,
+    /// How often `cert` and `key` are checked for changes (re-read when they change).
+    #[serde(default, with = "humantime_serde")]
+    pub reload_interval: Option<Duration>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]

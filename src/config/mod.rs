@@ -196,6 +196,8 @@ pub enum StoreSettings {
 pub struct TlsSettings {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// How often the files are checked; new handshakes get the new certificate once they change.
+    pub reload_interval: Duration,
 }
 
 /// The resolved, validated configuration.
@@ -231,6 +233,7 @@ pub mod defaults {
     pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
     pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
     pub const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+    pub const TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(60);
     /// nginx closes idle keep-alive connections, HTTP/2 ones included, after 75 s.
     pub const HTTP2_IDLE_TIMEOUT: Duration = Duration::from_secs(75);
     pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -334,7 +337,14 @@ impl Config {
                 .max(1),
         };
         let tls = match (file.tls.cert.clone(), file.tls.key.clone()) {
-            (Some(cert), Some(key)) => Some(TlsSettings { cert, key }),
+            (Some(cert), Some(key)) => Some(TlsSettings {
+                cert,
+                key,
+                reload_interval: positive(
+                    "tls.reload_interval",
+                    file.tls.reload_interval.unwrap_or(defaults::TLS_RELOAD_INTERVAL),
+                )?,
+            }),
             (None, None) => None,
             (Some(_), None) => return Err(invalid("tls.key", "`tls.cert` is set but `tls.key` is not")),
             (None, Some(_)) => return Err(invalid("tls.cert", "`tls.key` is set but `tls.cert` is not")),

@@ -160,7 +160,7 @@ struct ConnectionServer {
     state: Arc<State>,
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
-    /// `tls.cert` + `tls.key`, loaded once at start-up.
+    /// `tls.cert` + `tls.key` (re-read when they change: [`crate::tls::ListenerCertificate`]).
     tls: Option<TlsAcceptor>,
     header_read_timeout: Duration,
     http2_idle_timeout: Duration,
@@ -298,13 +298,18 @@ pub async fn serve_with_admin(
     admin: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    let tls = match &config.tls {
-        Some(settings) => Some(TlsAcceptor::from(crate::tls::listener_config(settings)?)),
+    let certificate = match &config.tls {
+        Some(settings) => Some(crate::tls::ListenerCertificate::load(settings)?),
+        None => None,
+    };
+    let tls = match &certificate {
+        Some(certificate) => Some(TlsAcceptor::from(crate::tls::listener_config(certificate.clone())?)),
         None => None,
     };
     let state = Arc::new(State::new(config).await?);
     // Stops with this function, also when its future is dropped.
     let _timer_anchor = AbortOnDropHandle::new(tokio::spawn(keep_timer_driver_armed()));
+    let _certificate_reloader = certificate.map(|c| AbortOnDropHandle::new(tokio::spawn(c.keep_reloading())));
     let (stop_admin, admin_stopped) = watch::channel(false);
     let (stop_connections, stopping) = watch::channel(false);
     if let Some(admin) = admin {
