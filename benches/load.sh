@@ -980,12 +980,19 @@ if new_r and p_i and p_n:
         f"{new_r['cpu'].get('upstream', 0):.1f} = {least:.1f} µs = **{least / p_n['cpu_total']:.2f}×** nginx "
         f"keyless POST (target ≤ 1.5× = {1.5 * p_n['cpu_total']:.1f} µs), before fingerprinting and the "
         f"proxy's side of two round trips.")
-if floors:
-    w("Floors (information: what the HTTP stack and Redis cost before any idemproxy work):")
-    w("")
-    for line in floors:
-        w(f"- {line}")
-    w("")
+
+
+def bullets(title, items):
+    """`title`, then `items` as a list; nothing when there are none."""
+    if items:
+        w(title)
+        w("")
+        for item in items:
+            w(f"- {item}")
+        w("")
+
+
+bullets("Floors (information: what the HTTP stack and Redis cost before any idemproxy work):", floors)
 
 info = []
 if new_m and p_n:
@@ -1015,12 +1022,7 @@ if g_i and g_n:
 if p_i and p_n:
     info.append(f"keyless POST vs nginx: {p_i['rps'] / p_n['rps']:.2f}× throughput, p99 {p_i['p99_ms']:.2f} vs {p_n['p99_ms']:.2f} ms, "
                 f"proxy CPU {p_i['cpu']['proxy'] / p_n['cpu']['proxy']:.2f}×, total CPU {p_i['cpu_total'] / p_n['cpu_total']:.2f}×")
-if info:
-    w("Also (information, no target):")
-    w("")
-    for line in info:
-        w(f"- {line}")
-    w("")
+bullets("Also (information, no target):", info)
 
 foreign = [a["foreign"] for a in agg.values() if a["foreign"] is not None]
 if foreign:
