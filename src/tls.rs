@@ -84,7 +84,7 @@ pub struct ListenerCertificate {
     current: RwLock<Arc<CertifiedKey>>,
     /// What the files looked like at the last load attempt, good or bad (a pair that cannot be
     /// used is reported once, not on every check).
-    seen: Mutex<Option<FilesStamp>>,
+    seen: Mutex<FilesStamp>,
 }
 
 /// Modification time and length of the certificate and key files.
@@ -105,7 +105,7 @@ impl ListenerCertificate {
         Ok(Arc::new(Self {
             settings: settings.clone(),
             current: RwLock::new(Arc::new(key)),
-            seen: Mutex::new(Some(seen)),
+            seen: Mutex::new(seen),
         }))
     }
 
@@ -115,10 +115,10 @@ impl ListenerCertificate {
         let now = stamp(&self.settings);
         {
             let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-            if seen.as_ref() == Some(&now) {
+            if *seen == now {
                 return Ok(false);
             }
-            *seen = Some(now);
+            *seen = now;
         }
         let key = certified_key(&self.settings)?;
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(key);
