@@ -6,7 +6,8 @@
 //! `{key}` is the `Idempotency-Key` value as the client sent it, URL-encoded; `?scope=` is the
 //! scope header's value (e.g. the client's `Authorization`), `?route=` the route's name when
 //! there are several. They are hashed exactly as on the request path. With `admin_token` set,
-//! the key endpoints need `Authorization: Bearer <token>`.
+//! the key endpoints need `Authorization: Bearer <token>`. Their errors are RFC 9457 problems,
+//! built by [`problem_response`] like the proxy's own.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -24,9 +25,12 @@ use tokio::sync::watch;
 
 use crate::body::ProxyBody;
 use crate::config::Route;
-use crate::idempotency::{key, unix_ms, Record, StorageKey};
-use crate::proxy::State;
-use crate::store::Store;
+use crate::error::{
+    insert_retry_after, problem_response, problem_type, Chain, Problem, ProblemType, STORE_RETRY_AFTER,
+};
+use crate::idempotency::{key, unix_ms, KeyError, Record, ShortHash, StorageKey};
+use crate::state::State;
+use crate::store::{KeyState, Store, StoreError};
 
 /// Longest wait for an upstream connection in `/readyz`.
 const READY_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
@@ -69,21 +73,14 @@ async fn handle(state: Arc<State>, request: Request<Incoming>) -> Result<Respons
             response
         }
         (method, _) if path.starts_with("/keys/") => {
-            if !authorized(&state, &request) {
-                let mut response = json_response(
-                    StatusCode::UNAUTHORIZED,
-                    &json!({"error": "a bearer token is required"}),
-                );
-                response
-                    .headers_mut()
-                    .insert(http::header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-                response
+            let answered = if !authorized(&state, &request) {
+                Err(AdminError::Unauthorized)
+            } else if matches!(*method, Method::GET | Method::DELETE) {
+                key_endpoint(&state, &request).await
             } else {
-                match *method {
-                    Method::GET | Method::DELETE => key_endpoint(&state, &request).await,
-                    _ => json_response(StatusCode::METHOD_NOT_ALLOWED, &json!({"error": "use GET or DELETE"})),
-                }
-            }
+                Err(AdminError::MethodNotAllowed)
+            };
+            answered.unwrap_or_else(|err| problem_response(&err))
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     };
@@ -158,10 +155,10 @@ struct KeyQuery {
     with_body: bool,
 }
 
-fn parse_key_query(state: &State, request: &Request<Incoming>) -> Result<KeyQuery, (StatusCode, String)> {
+fn parse_key_query(state: &State, request: &Request<Incoming>) -> Result<KeyQuery, AdminError> {
     let raw = request.uri().path().trim_start_matches("/keys/");
     let decoded: Vec<u8> = percent_encoding::percent_decode_str(raw).collect();
-    let key = key::parse(&decoded).map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
+    let key = key::parse(&decoded)?;
     let mut scope = String::new();
     let mut route_name = None;
     let mut with_body = false;
@@ -170,7 +167,7 @@ fn parse_key_query(state: &State, request: &Request<Incoming>) -> Result<KeyQuer
             "scope" => scope = value.into_owned(),
             "route" => route_name = Some(value.into_owned()),
             "body" => with_body = value == "true" || value == "1",
-            other => return Err((StatusCode::BAD_REQUEST, format!("unknown parameter `{other}`"))),
+            other => return Err(AdminError::UnknownParameter(other.to_owned())),
         }
     }
     let routes = &state.config.routes;
@@ -178,14 +175,9 @@ fn parse_key_query(state: &State, request: &Request<Incoming>) -> Result<KeyQuer
         Some(name) => routes
             .iter()
             .find(|r| *r.name == name)
-            .ok_or_else(|| (StatusCode::NOT_FOUND, format!("no route named `{name}`")))?,
+            .ok_or(AdminError::NoSuchRoute(name))?,
         None if routes.len() == 1 => &routes[0],
-        None => {
-            return Err((
-                StatusCode::BAD_REQUEST,
-                "several routes are configured: name one with ?route=".to_owned(),
-            ))
-        }
+        None => return Err(AdminError::RouteNeeded),
     };
     Ok(KeyQuery {
         key: StorageKey::new(&state.config.key_prefix, &route.name, scope.as_bytes(), key.as_bytes()),
@@ -194,47 +186,47 @@ fn parse_key_query(state: &State, request: &Request<Incoming>) -> Result<KeyQuer
     })
 }
 
-async fn key_endpoint(state: &State, request: &Request<Incoming>) -> Response<ProxyBody> {
-    let query = match parse_key_query(state, request) {
-        Ok(query) => query,
-        Err((status, message)) => return json_response(status, &json!({ "error": message })),
-    };
-    let key_hash = query.key.short_hash().to_string();
+async fn key_endpoint(state: &State, request: &Request<Incoming>) -> Result<Response<ProxyBody>, AdminError> {
+    let query = parse_key_query(state, request)?;
+    let key_hash = query.key.short_hash();
     if request.method() == Method::DELETE {
         return match state.store.clear(&query.key).await {
             Ok(true) => {
                 tracing::warn!(key = %key_hash, route = &*query.route.name, "key cleared by an operator");
-                json_response(StatusCode::OK, &json!({ "key_hash": key_hash, "cleared": true }))
+                Ok(json_response(
+                    StatusCode::OK,
+                    &json!({ "key_hash": key_hash.to_string(), "cleared": true }),
+                ))
             }
-            Ok(false) => json_response(
-                StatusCode::NOT_FOUND,
-                &json!({ "key_hash": key_hash, "error": "no such key" }),
-            ),
-            Err(err) => json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({ "error": err.to_string() })),
+            Ok(false) => Err(AdminError::NoSuchKey(key_hash)),
+            Err(err) => Err(AdminError::store(err)),
         };
     }
     let state_of_key = match state.store.lookup(&query.key).await {
         Ok(Some(state_of_key)) => state_of_key,
-        Ok(None) => {
-            return json_response(
-                StatusCode::NOT_FOUND,
-                &json!({ "key_hash": key_hash, "error": "no such key" }),
-            )
-        }
-        Err(err) => return json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({ "error": err.to_string() })),
+        Ok(None) => return Err(AdminError::NoSuchKey(key_hash)),
+        Err(err) => return Err(AdminError::store(err)),
     };
+    Ok(json_response(
+        StatusCode::OK,
+        &describe_key(&query, key_hash, state_of_key),
+    ))
+}
+
+/// The key lookup's answer: the record's state, ages and lease, and for a completed key its
+/// status and (with `?body=true`) its body.
+fn describe_key(query: &KeyQuery, key_hash: ShortHash, state_of_key: KeyState) -> serde_json::Value {
     let existing = state_of_key.existing;
-    let now = unix_ms();
     let since = match &existing.record {
         Record::InFlight { started_at_ms, .. } => *started_at_ms,
         Record::Completed { response, .. } => response.completed_at_ms,
         Record::Unknown { since_ms, .. } => *since_ms,
     };
     let mut answer = json!({
-        "key_hash": key_hash,
+        "key_hash": key_hash.to_string(),
         "route": &*query.route.name,
         "state": existing.record.state_name(),
-        "age_ms": now.saturating_sub(since),
+        "age_ms": unix_ms().saturating_sub(since),
         "lease_left_ms": existing.lease_left.map(|d| d.as_millis() as u64),
         "expires_in_ms": state_of_key.expires_in.map(|d| d.as_millis() as u64),
     });
@@ -243,24 +235,89 @@ async fn key_endpoint(state: &State, request: &Request<Incoming>) -> Response<Pr
             answer["status"] = json!(response.status.as_u16());
             answer["replayable"] = json!(response.body.is_some());
             answer["body_bytes"] = json!(response.body.as_ref().map(Bytes::len));
-            if query.with_body {
-                if let Some(body) = &response.body {
-                    answer["body"] = match std::str::from_utf8(body) {
-                        Ok(text) => json!(text),
-                        Err(_) => json!(hex::encode(body)),
-                    };
-                    answer["body_encoding"] = json!(if std::str::from_utf8(body).is_ok() {
-                        "utf-8"
-                    } else {
-                        "hex"
-                    });
-                }
+            if let Some(body) = response.body.as_ref().filter(|_| query.with_body) {
+                let (text, encoding) = match std::str::from_utf8(body) {
+                    Ok(text) => (json!(text), "utf-8"),
+                    Err(_) => (json!(hex::encode(body)), "hex"),
+                };
+                answer["body"] = text;
+                answer["body_encoding"] = json!(encoding);
             }
         }
         Record::Unknown { cause, .. } => answer["cause"] = json!(format!("{cause:?}")),
         Record::InFlight { .. } => {}
     }
-    json_response(StatusCode::OK, &answer)
+    answer
+}
+
+/// Why a key endpoint request failed (each a problem documented in `docs/errors.md`).
+#[derive(Debug, thiserror::Error)]
+enum AdminError {
+    #[error("a bearer token is required")]
+    Unauthorized,
+    #[error("use GET or DELETE")]
+    MethodNotAllowed,
+    #[error(transparent)]
+    InvalidKey(#[from] KeyError),
+    #[error("unknown parameter `{0}`")]
+    UnknownParameter(String),
+    #[error("no route named `{0}`")]
+    NoSuchRoute(String),
+    #[error("several routes are configured: name one with ?route=")]
+    RouteNeeded,
+    #[error("no such key")]
+    NoSuchKey(ShortHash),
+    #[error("the idempotency store is unavailable")]
+    Store(#[source] StoreError),
+}
+
+impl AdminError {
+    /// A store failure: logged with its cause, answered without it.
+    fn store(err: StoreError) -> Self {
+        tracing::warn!(error = %Chain(&err), "admin key endpoint: store unavailable");
+        AdminError::Store(err)
+    }
+}
+
+impl Problem for AdminError {
+    fn problem_type(&self) -> ProblemType {
+        match self {
+            AdminError::Unauthorized => problem_type!(StatusCode::UNAUTHORIZED, "admin-unauthorized", "Unauthorized"),
+            AdminError::MethodNotAllowed => {
+                problem_type!(StatusCode::METHOD_NOT_ALLOWED, "admin-method", "Method not allowed")
+            }
+            AdminError::InvalidKey(_) => {
+                problem_type!(StatusCode::BAD_REQUEST, "invalid-key", "Invalid Idempotency-Key")
+            }
+            AdminError::UnknownParameter(_) | AdminError::RouteNeeded => {
+                problem_type!(StatusCode::BAD_REQUEST, "bad-request", "Bad request")
+            }
+            AdminError::NoSuchRoute(_) => problem_type!(StatusCode::NOT_FOUND, "no-route", "No route"),
+            AdminError::NoSuchKey(_) => problem_type!(StatusCode::NOT_FOUND, "admin-no-such-key", "No such key"),
+            AdminError::Store(_) => problem_type!(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store-unavailable",
+                "Idempotency store unavailable"
+            ),
+        }
+    }
+
+    fn extension(&self) -> Option<(&'static str, serde_json::Value)> {
+        match self {
+            AdminError::NoSuchKey(hash) => Some(("key_hash", json!(hash.to_string()))),
+            _ => None,
+        }
+    }
+
+    fn add_headers(&self, headers: &mut http::HeaderMap) {
+        match self {
+            AdminError::Unauthorized => {
+                headers.insert(http::header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            AdminError::Store(_) => insert_retry_after(headers, STORE_RETRY_AFTER),
+            _ => {}
+        }
+    }
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {

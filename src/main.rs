@@ -1,4 +1,7 @@
 //! The `idemproxy` binary: CLI, config, logging, signals; everything else is the library.
+//!
+//! Exit codes: `0` after a graceful stop, `2` for a configuration error (flags, environment,
+//! config file, TLS files), `1` for a failure at run time (a listener that cannot be bound).
 
 use std::process::ExitCode;
 
@@ -7,6 +10,8 @@ use clap::Parser;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use idemproxy::config::{Cli, Config};
+use idemproxy::error::Chain;
+use idemproxy::ServeError;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -45,23 +50,25 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config) -> ExitCode {
-    let listener = match tokio::net::TcpListener::bind(config.listen).await {
-        Ok(listener) => listener,
-        Err(err) => {
-            tracing::error!(addr = %config.listen, error = %err, "cannot listen");
-            eprintln!("idemproxy: cannot listen on {}: {err}", config.listen);
-            return ExitCode::FAILURE;
-        }
+    let addr = config.listen;
+    let served = match tokio::net::TcpListener::bind(addr).await {
+        Ok(listener) => idemproxy::serve(config, listener, shutdown_signal()).await,
+        Err(source) => Err(ServeError::Bind {
+            listener: "listen",
+            addr,
+            source,
+        }),
     };
-    match idemproxy::serve(config, listener, shutdown_signal()).await {
+    match served {
         Ok(()) => {
             tracing::info!("stopped");
             ExitCode::SUCCESS
         }
         Err(err) => {
-            tracing::error!(error = %err, "idemproxy failed");
-            eprintln!("idemproxy: {err}");
-            ExitCode::FAILURE
+            let message = Chain(&err).to_string();
+            tracing::error!(error = %message, "idemproxy failed");
+            eprintln!("idemproxy: {message}");
+            ExitCode::from(if err.is_config() { 2 } else { 1 })
         }
     }
 }

@@ -82,13 +82,13 @@ fn completed(fp: u8, response: &StoredResponse) -> Record {
     }
 }
 
-fn in_flight() -> Begin {
+fn in_flight() -> Begin<LeaseToken> {
     Begin::InFlight {
         retry_after: CONFLICT_RETRY_AFTER,
     }
 }
 
-async fn begin<S: Store>(store: &S, request: &BeginRequest<'_>) -> Begin {
+async fn begin<S: Store>(store: &S, request: &BeginRequest<'_>) -> Begin<LeaseToken> {
     store.begin(request).await.expect("begin answers")
 }
 
@@ -110,7 +110,7 @@ mod contract {
     pub async fn new_key_owner_then_in_flight_then_mismatch<S: Store>(store: &S) {
         let k = key("new-key");
         let first = req(&k, FP);
-        assert_eq!(begin(store, &first).await, Begin::Owner);
+        assert_eq!(begin(store, &first).await, Begin::Owner(first.token));
         assert_eq!(begin(store, &req(&k, FP)).await, in_flight());
         let retry = request(&k, FP, KEY_TTL, LOCK_TTL, UnknownOutcome::Retry);
         assert_eq!(begin(store, &retry).await, in_flight());
@@ -120,7 +120,9 @@ mod contract {
         // None of them touched the first request's record.
         assert_eq!(record(store, &k).await, first.in_flight_record());
         // Keys are independent.
-        assert_eq!(begin(store, &req(&key("new-key-2"), FP)).await, Begin::Owner);
+        let fresh_key = key("new-key-2");
+        let attempt = req(&fresh_key, FP);
+        assert_eq!(begin(store, &attempt).await, Begin::Owner(attempt.token));
     }
 
     /// A completed key replays exactly what was stored (status, headers in order, body), every
@@ -139,7 +141,7 @@ mod contract {
         for (name, stored) in cases {
             let k = key(name);
             let owner = req(&k, FP);
-            assert_eq!(begin(store, &owner).await, Begin::Owner, "{name}");
+            assert_eq!(begin(store, &owner).await, Begin::Owner(owner.token), "{name}");
             assert_eq!(
                 store.complete(&k, owner.token, &completed(FP, &stored)).await,
                 Ok(true),
@@ -170,7 +172,7 @@ mod contract {
     pub async fn wrong_or_stale_token_is_refused<S: Store>(store: &S) {
         let k = key("wrong-token");
         let owner = req(&k, FP);
-        assert_eq!(begin(store, &owner).await, Begin::Owner);
+        assert_eq!(begin(store, &owner).await, Begin::Owner(owner.token));
         let intruder = LeaseToken::random();
         let stored = response(201, Some(b"ok"));
         assert_eq!(store.complete(&k, intruder, &completed(FP, &stored)).await, Ok(false));
@@ -214,7 +216,7 @@ mod contract {
         let k = key("takeover");
         let lock_ttl = Duration::from_millis(200);
         let a = request(&k, FP, KEY_TTL, lock_ttl, UnknownOutcome::Retry);
-        assert_eq!(begin(store, &a).await, Begin::Owner);
+        assert_eq!(begin(store, &a).await, Begin::Owner(a.token));
         tokio::time::sleep(Duration::from_millis(350)).await;
         // A different request still cannot take a lapsed key.
         let other = request(&k, OTHER_FP, KEY_TTL, lock_ttl, UnknownOutcome::Retry);
@@ -222,7 +224,7 @@ mod contract {
         assert_eq!(record(store, &k).await, a.in_flight_record());
 
         let b = request(&k, FP, KEY_TTL, LOCK_TTL, UnknownOutcome::Retry);
-        assert_eq!(begin(store, &b).await, Begin::Owner);
+        assert_eq!(begin(store, &b).await, Begin::Owner(b.token));
         let b_record = b.in_flight_record();
 
         let late = response(201, Some(b"from A"));
@@ -247,18 +249,19 @@ mod contract {
     pub async fn release_lets_a_retry_execute<S: Store>(store: &S) {
         let k = key("release");
         let a = req(&k, FP);
-        assert_eq!(begin(store, &a).await, Begin::Owner);
+        assert_eq!(begin(store, &a).await, Begin::Owner(a.token));
         assert_eq!(store.release(&k, a.token).await, Ok(true));
         assert_eq!(lookup(store, &k).await, None);
         assert_eq!(store.release(&k, a.token).await, Ok(false));
         // The retry may even be a different request: the key is free.
         let b = req(&k, OTHER_FP);
-        assert_eq!(begin(store, &b).await, Begin::Owner);
+        assert_eq!(begin(store, &b).await, Begin::Owner(b.token));
         // A's token owns nothing of B's.
         assert_eq!(store.release(&k, a.token).await, Ok(false));
         assert_eq!(record(store, &k).await, b.in_flight_record());
         assert_eq!(store.release(&k, b.token).await, Ok(true));
-        assert_eq!(begin(store, &req(&k, FP)).await, Begin::Owner);
+        let attempt = req(&k, FP);
+        assert_eq!(begin(store, &attempt).await, Begin::Owner(attempt.token));
     }
 
     /// Holds a 300ms lease for a second by renewing it every 100ms; a concurrent retry conflicts
@@ -270,7 +273,7 @@ mod contract {
     ) -> BeginRequest<'k> {
         let lock_ttl = Duration::from_millis(300);
         let owner = request(k, FP, KEY_TTL, lock_ttl, outcome);
-        assert_eq!(begin(store, &owner).await, Begin::Owner);
+        assert_eq!(begin(store, &owner).await, Begin::Owner(owner.token));
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(1) {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -339,7 +342,7 @@ mod contract {
         let owner = renew_for_a_second(store, &k, UnknownOutcome::Retry).await;
         tokio::time::sleep(Duration::from_millis(450)).await;
         let next = request(&k, FP, KEY_TTL, LOCK_TTL, UnknownOutcome::Retry);
-        assert_eq!(begin(store, &next).await, Begin::Owner);
+        assert_eq!(begin(store, &next).await, Begin::Owner(next.token));
         assert_eq!(record(store, &k).await, next.in_flight_record());
         assert_eq!(store.renew(&k, owner.token, LOCK_TTL).await, Ok(false));
         assert_eq!(
@@ -357,7 +360,7 @@ mod contract {
         ] {
             let k = key(&format!("unknown-{cause:?}"));
             let owner = req(&k, FP);
-            assert_eq!(begin(store, &owner).await, Begin::Owner);
+            assert_eq!(begin(store, &owner).await, Begin::Owner(owner.token));
             let unknown = Record::Unknown {
                 fingerprint: Fingerprint([FP; 32]),
                 since_ms: unix_ms(),
@@ -384,7 +387,7 @@ mod contract {
         let key_ttl = Duration::from_millis(300);
         let k = key("key-ttl");
         let owner = request(&k, FP, key_ttl, LOCK_TTL, UnknownOutcome::Reject);
-        assert_eq!(begin(store, &owner).await, Begin::Owner);
+        assert_eq!(begin(store, &owner).await, Begin::Owner(owner.token));
         let stored = response(201, Some(b"expiring"));
         assert_eq!(store.complete(&k, owner.token, &completed(FP, &stored)).await, Ok(true));
         let expires_in = lookup(store, &k).await.expect("record").expires_in.expect("an expiry");
@@ -394,13 +397,13 @@ mod contract {
         assert_eq!(lookup(store, &k).await, None);
         // Fresh: even a different request may use the key now.
         let fresh = request(&k, OTHER_FP, key_ttl, LOCK_TTL, UnknownOutcome::Reject);
-        assert_eq!(begin(store, &fresh).await, Begin::Owner);
+        assert_eq!(begin(store, &fresh).await, Begin::Owner(fresh.token));
         assert_eq!(record(store, &k).await, fresh.in_flight_record());
 
         // Completion keeps the expiry set at creation (it does not restart `key_ttl`).
         let k = key("key-ttl-kept");
         let owner = request(&k, FP, key_ttl, LOCK_TTL, UnknownOutcome::Reject);
-        assert_eq!(begin(store, &owner).await, Begin::Owner);
+        assert_eq!(begin(store, &owner).await, Begin::Owner(owner.token));
         tokio::time::sleep(Duration::from_millis(150)).await;
         assert_eq!(
             store
@@ -415,12 +418,13 @@ mod contract {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
         assert_eq!(lookup(store, &k).await, None);
-        assert_eq!(begin(store, &req(&k, FP)).await, Begin::Owner);
+        let attempt = req(&k, FP);
+        assert_eq!(begin(store, &attempt).await, Begin::Owner(attempt.token));
 
         // An InFlight record expires too (its owner's lease outliving it changes nothing).
         let k = key("key-ttl-in-flight");
         let owner = request(&k, FP, key_ttl, LOCK_TTL, UnknownOutcome::Reject);
-        assert_eq!(begin(store, &owner).await, Begin::Owner);
+        assert_eq!(begin(store, &owner).await, Begin::Owner(owner.token));
         tokio::time::sleep(Duration::from_millis(400)).await;
         assert_eq!(lookup(store, &k).await, None);
         assert_eq!(
@@ -429,7 +433,8 @@ mod contract {
                 .await,
             Ok(false)
         );
-        assert_eq!(begin(store, &req(&k, FP)).await, Begin::Owner);
+        let attempt = req(&k, FP);
+        assert_eq!(begin(store, &attempt).await, Begin::Owner(attempt.token));
     }
 
     /// Lookups show the record, the lease and the expiry; clear deletes a key whoever owns it.
@@ -439,7 +444,7 @@ mod contract {
         assert_eq!(store.clear(&k).await, Ok(false), "clearing a missing key");
 
         let owner = req(&k, FP);
-        assert_eq!(begin(store, &owner).await, Begin::Owner);
+        assert_eq!(begin(store, &owner).await, Begin::Owner(owner.token));
         let state = lookup(store, &k).await.expect("record");
         assert_eq!(state.existing.record, owner.in_flight_record());
         let lease = state.existing.lease_left.expect("leased");
@@ -466,7 +471,7 @@ mod contract {
         assert_eq!(lookup(store, &k).await, None);
         assert_eq!(store.clear(&k).await, Ok(false));
         let again = req(&k, OTHER_FP);
-        assert_eq!(begin(store, &again).await, Begin::Owner);
+        assert_eq!(begin(store, &again).await, Begin::Owner(again.token));
 
         // Clearing an InFlight key fences its owner off.
         assert_eq!(store.clear(&k).await, Ok(true));
@@ -479,7 +484,7 @@ mod contract {
 
         // Clearing an Unknown key (the operator's way out) lets the retry execute.
         let owner = req(&k, FP);
-        assert_eq!(begin(store, &owner).await, Begin::Owner);
+        assert_eq!(begin(store, &owner).await, Begin::Owner(owner.token));
         let unknown = Record::Unknown {
             fingerprint: Fingerprint([FP; 32]),
             since_ms: unix_ms(),
@@ -488,7 +493,8 @@ mod contract {
         assert_eq!(store.complete(&k, owner.token, &unknown).await, Ok(true));
         assert_eq!(begin(store, &req(&k, FP)).await, Begin::Unknown(UnknownCause::Timeout));
         assert_eq!(store.clear(&k).await, Ok(true));
-        assert_eq!(begin(store, &req(&k, FP)).await, Begin::Owner);
+        let attempt = req(&k, FP);
+        assert_eq!(begin(store, &attempt).await, Begin::Owner(attempt.token));
         assert_eq!(store.ping().await, Ok(()));
     }
 }
@@ -553,9 +559,9 @@ async fn memory_store_refuses_a_key_beyond_its_bound() {
     let (k1, k2, k3) = (key("full-1"), key("full-2"), key("full-3"));
     let short = Duration::from_millis(200);
     let first = request(&k1, FP, short, LOCK_TTL, UnknownOutcome::Reject);
-    assert_eq!(begin(&store, &first).await, Begin::Owner);
+    assert_eq!(begin(&store, &first).await, Begin::Owner(first.token));
     let second = req(&k2, FP);
-    assert_eq!(begin(&store, &second).await, Begin::Owner);
+    assert_eq!(begin(&store, &second).await, Begin::Owner(second.token));
     assert_eq!(store.begin(&req(&k3, FP)).await, Err(StoreError::Full(2)));
     assert_eq!(store.len(), 2);
     // Existing keys are still decided as usual.
@@ -564,11 +570,13 @@ async fn memory_store_refuses_a_key_beyond_its_bound() {
     assert_eq!(lookup(&store, &k3).await, None);
     // A released key frees its slot.
     assert_eq!(store.release(&k2, second.token).await, Ok(true));
-    assert_eq!(begin(&store, &req(&k3, FP)).await, Begin::Owner);
+    let attempt = req(&k3, FP);
+    assert_eq!(begin(&store, &attempt).await, Begin::Owner(attempt.token));
     assert_eq!(store.begin(&req(&k2, FP)).await, Err(StoreError::Full(2)));
     // So does an expired one.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(begin(&store, &req(&k2, FP)).await, Begin::Owner);
+    let attempt = req(&k2, FP);
+    assert_eq!(begin(&store, &attempt).await, Begin::Owner(attempt.token));
     assert_eq!(store.len(), 2);
 }
 
@@ -631,8 +639,11 @@ async fn redis_corrupt_record_is_an_error() {
     }
 
     assert_eq!(store.clear(&k).await, Ok(true));
-    assert_eq!(begin(&store, &req(&k, FP)).await, Begin::Owner);
-    assert_eq!(begin(&store, &req(&key("corrupt-after"), FP)).await, Begin::Owner);
+    let attempt = req(&k, FP);
+    assert_eq!(begin(&store, &attempt).await, Begin::Owner(attempt.token));
+    let fresh_key = key("corrupt-after");
+    let attempt = req(&fresh_key, FP);
+    assert_eq!(begin(&store, &attempt).await, Begin::Owner(attempt.token));
 }
 
 /// Calls per command name, sorted by name.
@@ -670,7 +681,7 @@ async fn redis_command_budget() {
     server.reset_stats();
     let k = key("budget-warm-up");
     let owner = req(&k, FP);
-    assert_eq!(begin(&store, &owner).await, Begin::Owner);
+    assert_eq!(begin(&store, &owner).await, Begin::Owner(owner.token));
     assert_eq!(store.renew(&k, owner.token, LOCK_TTL).await, Ok(true));
     assert_eq!(store.complete(&k, owner.token, &completed(FP, &stored)).await, Ok(true));
     // Sent: SET NX GET; EVALSHA, SCRIPT LOAD, EVALSHA twice. In the scripts: GET + SET twice.
@@ -683,7 +694,7 @@ async fn redis_command_budget() {
     server.reset_stats();
     let k = key("budget-first");
     let owner = req(&k, FP);
-    assert_eq!(begin(&store, &owner).await, Begin::Owner);
+    assert_eq!(begin(&store, &owner).await, Begin::Owner(owner.token));
     assert_eq!(store.complete(&k, owner.token, &completed(FP, &stored)).await, Ok(true));
     // Sent: SET NX GET, EVALSHA. In the script: GET, SET KEEPTTL.
     assert_eq!(store_calls(&server), pairs(&[("evalsha", 1), ("get", 1), ("set", 2)]));
@@ -696,7 +707,7 @@ async fn redis_command_budget() {
     // Conflict and mismatch: one each.
     let k = key("budget-conflict");
     let owner = req(&k, FP);
-    assert_eq!(begin(&store, &owner).await, Begin::Owner);
+    assert_eq!(begin(&store, &owner).await, Begin::Owner(owner.token));
     server.reset_stats();
     assert_eq!(begin(&store, &req(&k, FP)).await, in_flight());
     assert_eq!(begin(&store, &req(&k, OTHER_FP)).await, Begin::Mismatch);
@@ -719,7 +730,9 @@ async fn redis_command_budget() {
 async fn redis_down_then_back() {
     let mut server = RedisServer::start();
     let store = connect_redis(&server).await;
-    assert_eq!(begin(&store, &req(&key("down-before"), FP)).await, Begin::Owner);
+    let fresh_key = key("down-before");
+    let attempt = req(&fresh_key, FP);
+    assert_eq!(begin(&store, &attempt).await, Begin::Owner(attempt.token));
 
     server.kill();
     for i in 0..3 {
@@ -762,7 +775,7 @@ async fn redis_down_then_back() {
         let attempt = req(&k, FP);
         match store.begin(&attempt).await {
             Ok(decision) => {
-                assert_eq!(decision, Begin::Owner);
+                assert_eq!(decision, Begin::Owner(attempt.token));
                 break attempt;
             }
             Err(StoreError::Unavailable(e)) if Instant::now() < deadline => {

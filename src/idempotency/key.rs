@@ -26,6 +26,8 @@ pub enum KeyError {
     TooLong,
     #[error("the Idempotency-Key has a character outside printable ASCII at position {0}")]
     InvalidCharacter(usize),
+    #[error("the Idempotency-Key has whitespace at position {0}; a space is allowed only inside a quoted key (\"...\"), a tab nowhere")]
+    Whitespace(usize),
     #[error("the Idempotency-Key string has no closing quote")]
     Unterminated,
     #[error("the Idempotency-Key string has a bad escape at position {0} (only \\\" and \\\\ are allowed)")]
@@ -86,6 +88,7 @@ fn parse_bare(value: &[u8]) -> Result<Cow<'_, [u8]>, KeyError> {
         .iter()
         .position(|&b| !(0x21..=0x7e).contains(&b) || b == b'"' || b == b'\\')
     {
+        Some(pos) if value[pos].is_ascii_whitespace() => Err(KeyError::Whitespace(pos)),
         Some(pos) => Err(KeyError::InvalidCharacter(pos)),
         None => Ok(Cow::Borrowed(value)),
     }
@@ -123,6 +126,7 @@ fn parse_sf_string(value: &[u8]) -> Result<Cow<'_, [u8]>, KeyError> {
                     buf.push(b);
                 }
             }
+            b'\t' => return Err(KeyError::Whitespace(i + 1)),
             _ => return Err(KeyError::InvalidCharacter(i + 1)),
         }
         if owned.as_ref().is_some_and(|v| v.len() > MAX_KEY_LEN) || i >= MAX_KEY_LEN * 2 + 2 {
@@ -162,7 +166,9 @@ mod tests {
         assert_eq!(key("\"a\\nb\""), Err(KeyError::BadEscape(3)));
         assert_eq!(key("\"abc\";x=1"), Err(KeyError::TrailingCharacters));
         assert_eq!(key("\"a\", \"b\""), Err(KeyError::TrailingCharacters));
-        assert_eq!(key("a b"), Err(KeyError::InvalidCharacter(1)));
+        assert_eq!(key("a b"), Err(KeyError::Whitespace(1)));
+        assert_eq!(key("\"a\tb\""), Err(KeyError::Whitespace(2)));
+        assert!(KeyError::Whitespace(1).to_string().contains("whitespace at position 1"));
         assert!(matches!(key("ab\"c"), Err(KeyError::InvalidCharacter(2))));
         assert_eq!(key(&"k".repeat(256)), Err(KeyError::TooLong));
         assert_eq!(key(&format!("\"{}\"", "k".repeat(256))), Err(KeyError::TooLong));

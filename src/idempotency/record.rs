@@ -14,7 +14,8 @@
 //!   so that a request is decided by one plain `SET … NX GET` (spec §4).
 //! - Completed: completed_at ms (8), status (2), flags (1; bit 0: body stored), header count (2),
 //!   then per header name length (2), name, value length (4), value; then the body (the rest).
-//! - Unknown: since ms (8), cause (1).
+//! - Unknown: since ms (8), cause (1: `1` timeout, `2` upstream failed, `3` lease lapsed, `4`
+//!   interrupted).
 //!
 //! The Redis scripts read the state byte and the owner token at these fixed offsets
 //! (`store::redis`), so they can compare-and-set without decoding. Decoding never panics:
@@ -77,6 +78,9 @@ pub enum UnknownCause {
     UpstreamFailed,
     /// The owning proxy stopped renewing its lease (it died mid-request).
     LeaseLapsed,
+    /// The execution was cut short inside the proxy (a panic, a task dropped) after the
+    /// request may have been sent upstream (docs/behaviour.md §5).
+    Interrupted,
 }
 
 impl UnknownCause {
@@ -85,6 +89,7 @@ impl UnknownCause {
             Self::Timeout => 1,
             Self::UpstreamFailed => 2,
             Self::LeaseLapsed => 3,
+            Self::Interrupted => 4,
         }
     }
 
@@ -93,6 +98,7 @@ impl UnknownCause {
             1 => Ok(Self::Timeout),
             2 => Ok(Self::UpstreamFailed),
             3 => Ok(Self::LeaseLapsed),
+            4 => Ok(Self::Interrupted),
             _ => Err(RecordError::Corrupt("unknown cause")),
         }
     }
@@ -408,13 +414,14 @@ mod tests {
                         },
                     }
                 ),
-            (fingerprint_strategy(), any::<u64>(), 0usize..3).prop_map(|(fingerprint, since_ms, c)| Record::Unknown {
+            (fingerprint_strategy(), any::<u64>(), 0usize..4).prop_map(|(fingerprint, since_ms, c)| Record::Unknown {
                 fingerprint,
                 since_ms,
                 cause: [
                     UnknownCause::Timeout,
                     UnknownCause::UpstreamFailed,
-                    UnknownCause::LeaseLapsed
+                    UnknownCause::LeaseLapsed,
+                    UnknownCause::Interrupted
                 ][c],
             }),
         ]

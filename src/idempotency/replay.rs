@@ -5,7 +5,7 @@ use http::{HeaderMap, HeaderValue, Response};
 
 use super::record::StoredResponse;
 use crate::body::ProxyBody;
-use crate::proxy::headers::{is_replayed, IDEMPOTENT_REPLAYED};
+use crate::headers::{is_replayed, IDEMPOTENT_REPLAYED};
 
 /// What is kept of a first response: status, end-to-end headers, and the body when it fit.
 pub fn store(

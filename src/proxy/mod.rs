@@ -1,92 +1,34 @@
-//! The client-facing server: accept loop, connection limits and timeouts, graceful shutdown.
+//! The request path: route a request, pass it through or guard it, and answer every error in
+//! one place ([`handle`]).
 //!
-//! Built as hyper-util's `server_graceful` example, every connection watched by a
-//! `GracefulShutdown` (HTTP/2 ones close on its signal in their own loop, which also closes them
-//! once idle: [`idle`]). HTTP/1.1 and HTTP/2 with prior knowledge share the port: a plain TCP
-//! connection's first bytes are peeked at ([`preface_deadline::sniff`]) and hyper's server for
-//! that protocol serves it directly. With `tls.cert` and `tls.key` every connection is a TLS one
-//! first (rustls), and ALPN chooses the protocol (RFC 9113 §3.2: `h2`, otherwise HTTP/1.1).
+//! - [`forward`]: rewriting a request for the upstream and its response for the client, and the
+//!   one exchange with the upstream that pass-through, fail-open and guarded executions share.
+//! - [`guarded`]: a guarded request's life up to `begin` (docs/behaviour.md §4): body,
+//!   fingerprint, replay, conflict, wait.
+//! - [`execution`]: the owner's side of a key: the exchange under a renewed lease, and its
+//!   outcome recorded before the client is answered (docs/behaviour.md §5).
 
+pub mod execution;
+pub mod forward;
 pub mod guarded;
-pub mod headers;
-pub mod idle;
-pub mod preface_deadline;
-pub mod service;
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::Instant;
 
-use http::HeaderValue;
-use hyper::server::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
-use tokio::time::Instant;
-use tokio_rustls::server::TlsStream;
-use tokio_rustls::TlsAcceptor;
-use tokio_util::task::{AbortOnDropHandle, TaskTracker};
+use http::header::CONNECTION;
+use http::uri::PathAndQuery;
+use http::{HeaderValue, Method, Request, Response};
+use hyper::body::Incoming;
 
-use crate::config::{Config, ConfigError, ServerSettings, StoreSettings};
-use crate::store::{AnyStore, MemoryStore, RedisStore, StoreError};
-use crate::telemetry::Metrics;
+use crate::body::ProxyBody;
+use crate::config::Route;
+use crate::error::{Chain, ProxyError};
+use crate::idempotency::{key, ShortHash, StorageKey, IDEMPOTENCY_KEY};
+use crate::state::State;
+use crate::telemetry::Outcome;
 use crate::upstream::{Affinity, Upstream};
-use preface_deadline::{PrefaceDeadline, Protocol};
-
-/// A failure to start or run the server.
-#[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    #[error("cannot set up the store: {0}")]
-    Store(#[from] StoreError),
-    /// A file named by the configuration (TLS certificate or key, CA bundle) is unusable.
-    #[error("invalid configuration: {0}")]
-    Config(#[from] ConfigError),
-    #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
-}
-
-/// Everything a request handler needs, built once at start-up.
-pub struct State {
-    pub config: Config,
-    pub upstream: Upstream,
-    pub store: AnyStore,
-    pub metrics: Metrics,
-    /// Guarded executions run as their own tasks (a client that leaves does not cancel them);
-    /// shutdown waits for them too.
-    pub executions: TaskTracker,
-}
-
-impl State {
-    pub async fn new(config: Config) -> Result<Self, ServeError> {
-        let upstream = Upstream::new(&config.upstream, &config.routes)?;
-        let store = match &config.store {
-            StoreSettings::Memory { max_entries } => AnyStore::Memory(MemoryStore::new(*max_entries)),
-            StoreSettings::Redis {
-                url,
-                command_timeout,
-                ca_file,
-            } => {
-                let ca_pem = ca_file
-                    .as_deref()
-                    .map(|path| crate::tls::read_ca_pem("store.ca_file", path))
-                    .transpose()?;
-                AnyStore::Redis(RedisStore::connect_with_ca(url, *command_timeout, ca_pem).await?)
-            }
-        };
-        Ok(Self {
-            metrics: Metrics::new(config.routes.iter().map(|r| &*r.name)),
-            upstream,
-            store,
-            executions: TaskTracker::new(),
-            config,
-        })
-    }
-}
 
 /// What a handler knows of the connection a request came on, computed once per connection.
 pub struct ConnectionInfo {
@@ -99,7 +41,7 @@ pub struct ConnectionInfo {
 }
 
 impl ConnectionInfo {
-    fn new(peer: SocketAddr, tls: bool, upstream: &Upstream) -> Self {
+    pub fn new(peer: SocketAddr, tls: bool, upstream: &Upstream) -> Self {
         let ip = peer.ip().to_canonical().to_string();
         Self {
             client_ip: HeaderValue::from_str(&ip).unwrap_or_else(|_| HeaderValue::from_static("unknown")),
@@ -109,269 +51,133 @@ impl ConnectionInfo {
     }
 }
 
-/// Keeps a timer due within [`TIMER_ANCHOR_PERIOD`] armed in the runtime while the proxy serves.
-///
-/// tokio's timer driver wakes its own thread (an `eventfd` write, then an extra turn of the event
-/// loop) whenever a timer is armed that is due sooner than every timer the driver held when it
-/// last went to sleep. Every request arms timers (hyper's header read timeout, the upstream
-/// response timeout, store command timeouts, the lease renewal tick), seconds away but of
-/// different lengths: whenever the driver slept holding only longer ones, the next request paid
-/// that wake-up (measured: 0.6 to 0.7 `eventfd` writes per keyed first execution or keyless POST).
-/// With a timer always due within 100 ms, no request's timer is ever the soonest: those writes
-/// are gone (first execution −2 µs CPU per request, keyless POST −0.4 µs), for 10 timer wake-ups
-/// a second.
-async fn keep_timer_driver_armed() {
-    let mut tick = tokio::time::interval(TIMER_ANCHOR_PERIOD);
-    loop {
-        tick.tick().await;
+/// What the access log line says about one request, filled in as it is handled.
+#[derive(Default)]
+pub struct RequestLog {
+    pub route: Option<Arc<Route>>,
+    pub key_hash: Option<ShortHash>,
+}
+
+impl RequestLog {
+    fn route_name(&self) -> &str {
+        self.route.as_ref().map_or("-", |r| &r.name)
     }
 }
 
-const TIMER_ANCHOR_PERIOD: Duration = Duration::from_millis(100);
-
-/// HTTP/1.1 server settings.
-fn http1_builder(settings: &ServerSettings) -> http1::Builder {
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        // Also bounds how long an idle keep-alive connection waits for its next request.
-        .header_read_timeout(settings.header_read_timeout)
-        .max_buf_size(settings.max_header_bytes.max(8192))
-        .max_headers(settings.max_headers)
-        .keep_alive(true);
-    builder
-}
-
-/// HTTP/2 server settings.
-fn http2_builder(settings: &ServerSettings) -> http2::Builder<TokioExecutor> {
-    let mut builder = http2::Builder::new(TokioExecutor::new());
-    builder
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(settings.http2_max_concurrent_streams)
-        .max_header_list_size(settings.max_header_bytes as u32)
-        .keep_alive_interval(settings.http2_keepalive_interval)
-        .keep_alive_timeout(Duration::from_secs(20));
-    builder
-}
-
-/// How every accepted connection is served: the optional TLS handshake, then hyper's server for
-/// the protocol the client chose.
-struct ConnectionServer {
+/// Handles one request; every error becomes its problem response here.
+pub async fn handle(
     state: Arc<State>,
-    http1: http1::Builder,
-    http2: http2::Builder<TokioExecutor>,
-    /// `tls.cert` + `tls.key` (re-read when they change: [`crate::tls::ListenerCertificate`]).
-    tls: Option<TlsAcceptor>,
-    header_read_timeout: Duration,
-    http2_idle_timeout: Duration,
-    /// Becomes `true` when shutdown starts (HTTP/2 connections, which are not watched by the
-    /// `GracefulShutdown`, close on it; see [`serve_http`](Self::serve_http)).
-    stopping: watch::Receiver<bool>,
-}
-
-impl ConnectionServer {
-    /// Serves one accepted connection to its end; `permit` (a `max_connections` slot) is held
-    /// until then.
-    ///
-    /// The client has `server.header_read_timeout` from its connect to the bytes that choose the
-    /// protocol, the TLS handshake included: a client that connects and stays silent, before or
-    /// after the handshake, is dropped then (slowloris, spec §9).
-    async fn serve(
-        self: Arc<Self>,
-        stream: TcpStream,
-        peer: SocketAddr,
-        watcher: Watcher,
-        permit: OwnedSemaphorePermit,
-    ) {
-        let deadline = Instant::now() + self.header_read_timeout;
-        match &self.tls {
-            None => self.serve_tcp(stream, peer, deadline, watcher).await,
-            Some(acceptor) => match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
-                Ok(Ok(stream)) => self.serve_tls(stream, peer, deadline, watcher).await,
-                Ok(Err(err)) => tracing::debug!(error = %err, %peer, "TLS handshake failed"),
-                Err(_) => tracing::debug!(%peer, "no TLS handshake within the header read timeout"),
-            },
-        }
-        drop(permit);
-    }
-
-    /// A plain TCP connection: its first bytes choose HTTP/1.1 or HTTP/2 (prior knowledge).
-    async fn serve_tcp(&self, stream: TcpStream, peer: SocketAddr, deadline: Instant, watcher: Watcher) {
-        match preface_deadline::sniff(&stream, deadline).await {
-            Ok(protocol) => self.serve_http(stream, protocol, peer, watcher).await,
-            Err(err) => tracing::debug!(error = %err, %peer, "no request"),
-        }
-    }
-
-    /// A decrypted TLS stream: ALPN chose the protocol. Its first bytes are still due by
-    /// `deadline` (a client silent after the handshake is dropped then).
-    async fn serve_tls(&self, stream: TlsStream<TcpStream>, peer: SocketAddr, deadline: Instant, watcher: Watcher) {
-        let protocol = match stream.get_ref().1.alpn_protocol() {
-            Some(b"h2") => Protocol::Http2,
-            _ => Protocol::Http1,
-        };
-        let stream = PrefaceDeadline::until(stream, deadline);
-        self.serve_http(stream, protocol, peer, watcher).await;
-    }
-
-    /// Serves `protocol` on `stream` with hyper's server, watched for graceful shutdown.
-    async fn serve_http<I>(&self, stream: I, protocol: Protocol, peer: SocketAddr, watcher: Watcher)
-    where
-        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
-        let connection = Arc::new(ConnectionInfo::new(peer, self.tls.is_some(), &self.state.upstream));
-        let state = self.state.clone();
-        let io = TokioIo::new(stream);
-        let served = match protocol {
-            Protocol::Http1 => {
-                let service = hyper::service::service_fn(move |request| {
-                    service::handle(state.clone(), connection.clone(), request)
-                });
-                watcher.watch(self.http1.serve_connection(io, service)).await
-            }
-            Protocol::Http2 => {
-                // Each request counts as activity until its response body ends.
-                let activity = idle::StreamActivity::new();
-                let streams = activity.clone();
-                let service = hyper::service::service_fn(move |request| {
-                    let stream = streams.begin();
-                    let handling = service::handle(state.clone(), connection.clone(), request);
-                    async move {
-                        let response = handling.await?;
-                        Ok::<_, Infallible>(response.map(|body| idle::ActiveBody::new(body, stream)))
-                    }
-                });
-                // hyper-util's `GracefulShutdown` cannot also close a connection for idleness
-                // (its connection trait is sealed): the shutdown signal is watched here, and
-                // `watcher` is only held so that the drain waits for this connection.
-                let mut connection = pin!(self.http2.serve_connection(io, service));
-                let mut stopping = self.stopping.clone();
-                let mut closing = false;
-                let served = loop {
-                    tokio::select! {
-                        biased;
-                        served = connection.as_mut() => break served,
-                        _ = stopping.wait_for(|stopping| *stopping), if !closing => {
-                            connection.as_mut().graceful_shutdown();
-                            closing = true;
-                        }
-                        () = activity.idle_expired(self.http2_idle_timeout), if !closing => {
-                            tracing::debug!(%peer, "closing an idle HTTP/2 connection");
-                            connection.as_mut().graceful_shutdown();
-                            closing = true;
-                        }
-                    }
-                };
-                drop(watcher);
-                served
-            }
-        };
-        if let Err(err) = served {
-            tracing::debug!(error = %err, %peer, "connection ended with an error");
-        }
-    }
-}
-
-/// Runs the proxy on `listener` until `shutdown` resolves, then drains: stops accepting, lets
-/// in-flight requests finish within `server.shutdown_grace`, and returns. The admin listener
-/// (`admin_listen`), when configured, is bound here.
-pub async fn serve(
-    config: Config,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), ServeError> {
-    let admin = match config.admin_listen {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| ServeError::Bind { addr, source })?,
-        ),
-        None => None,
+    connection: Arc<ConnectionInfo>,
+    request: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let started = Instant::now();
+    let _in_flight = state.metrics.in_flight();
+    let method = request.method().clone();
+    let mut log = RequestLog::default();
+    let (mut response, outcome) = match route_request(&state, &connection, request, &mut log).await {
+        Ok(answered) => answered,
+        Err(err) => rescue(err, &log),
     };
-    serve_with_admin(config, listener, admin, shutdown).await
-}
-
-/// [`serve`] with an admin listener the caller bound (tests bind port 0).
-pub async fn serve_with_admin(
-    config: Config,
-    listener: TcpListener,
-    admin: Option<TcpListener>,
-    shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), ServeError> {
-    let certificate = match &config.tls {
-        Some(settings) => Some(crate::tls::ListenerCertificate::load(settings)?),
-        None => None,
-    };
-    let tls = match &certificate {
-        Some(certificate) => Some(TlsAcceptor::from(crate::tls::listener_config(certificate.clone())?)),
-        None => None,
-    };
-    let state = Arc::new(State::new(config).await?);
-    // Stops with this function, also when its future is dropped.
-    let _timer_anchor = AbortOnDropHandle::new(tokio::spawn(keep_timer_driver_armed()));
-    let _certificate_reloader = certificate.map(|c| AbortOnDropHandle::new(tokio::spawn(c.keep_reloading())));
-    let (stop_admin, admin_stopped) = watch::channel(false);
-    let (stop_connections, stopping) = watch::channel(false);
-    if let Some(admin) = admin {
-        tokio::spawn(crate::admin::serve(state.clone(), admin, admin_stopped));
+    if method == Method::CONNECT {
+        // RFC 9110 §9.3.6: a client may send tunnel bytes right behind its CONNECT. It is refused,
+        // so close the connection after the answer: those bytes are never read as requests.
+        response
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
     }
-    let settings = state.config.server.clone();
-    let graceful = GracefulShutdown::new();
-    let permits = Arc::new(Semaphore::new(settings.max_connections));
+    state
+        .metrics
+        .request(log.route.as_ref().map(|r| r.index), &method, outcome);
     tracing::info!(
-        listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-        tls = tls.is_some(),
-        store = state.store.kind(),
-        routes = state.config.routes.len(),
-        "idemproxy listening"
+        route = log.route_name(),
+        method = method.as_str(),
+        status = response.status().as_u16(),
+        outcome = outcome.as_str(),
+        duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+        key = log.key_hash.map(tracing::field::display),
+        "request"
     );
-    let server = Arc::new(ConnectionServer {
-        state: state.clone(),
-        http1: http1_builder(&settings),
-        http2: http2_builder(&settings),
-        tls,
-        header_read_timeout: settings.header_read_timeout,
-        http2_idle_timeout: settings.http2_idle_timeout,
-        stopping,
-    });
-    let mut shutdown = pin!(shutdown);
-    loop {
-        // At the connection limit, stop accepting: new connections wait in the kernel backlog.
-        let permit = tokio::select! {
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-            () = &mut shutdown => break,
-        };
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %err, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        let _ = stream.set_nodelay(true);
-        // Watched from accept on: shutdown waits for a connection still in its TLS handshake too
-        // (at most the header read timeout), and closes it gracefully once it is served.
-        tokio::spawn(server.clone().serve(stream, peer, graceful.watcher(), permit));
+    Ok(response)
+}
+
+/// The one place an error becomes a response: logged with its cause when the operator should
+/// hear of it, counted as its outcome.
+fn rescue(err: ProxyError, log: &RequestLog) -> (Response<ProxyBody>, Outcome) {
+    if err.is_operational() {
+        tracing::warn!(
+            error = %Chain(&err),
+            source = err.source_of_error().as_str(),
+            route = log.route_name(),
+            key = log.key_hash.map(tracing::field::display),
+            "request failed"
+        );
     }
-    drop(listener);
-    tracing::info!(grace = ?settings.shutdown_grace, "shutting down: draining in-flight requests");
-    state.executions.close();
-    stop_connections.send_replace(true);
-    let drained = async {
-        graceful.shutdown().await;
-        state.executions.wait().await;
-    };
-    if tokio::time::timeout(settings.shutdown_grace, drained).await.is_err() {
-        tracing::warn!("grace period over: closing the connections still open");
+    let outcome = err.outcome();
+    (err.into_response(), outcome)
+}
+
+/// Checks the request target (docs/behaviour.md §9), finds the route, and passes the request
+/// through or guards it (§1).
+async fn route_request(
+    state: &Arc<State>,
+    connection: &Arc<ConnectionInfo>,
+    request: Request<Incoming>,
+    log: &mut RequestLog,
+) -> Result<(Response<ProxyBody>, Outcome), ProxyError> {
+    check_target(&request)?;
+    let route = state
+        .config
+        .route_for(request.uri().path())
+        .ok_or(ProxyError::NoRoute)?;
+    log.route = Some(route.clone());
+    let policy = &route.policy;
+    if policy.guards(request.method()) {
+        match key::from_fields(request.headers().get_all(IDEMPOTENCY_KEY))? {
+            Some(key) => {
+                let scope = request
+                    .headers()
+                    .get(&policy.scope_header)
+                    .map_or(&b""[..], |v| v.as_bytes());
+                let storage_key = StorageKey::new(&state.config.key_prefix, &route.name, scope, key.as_bytes());
+                log.key_hash = Some(storage_key.short_hash());
+                // Boxed: the guarded path's state machine is large, and the pass-through one should not
+                // carry (and move) it.
+                return Box::pin(guarded::handle(state, connection, route, request, storage_key)).await;
+            }
+            None if policy.require_key => return Err(ProxyError::MissingKey),
+            None => {}
+        }
     }
-    let _ = stop_admin.send(true);
+    let request = forward::upstream_request(route, connection, request, ProxyBody::stream)?;
+    let response = forward::pass_through(state, connection, route, request).await?;
+    Ok((response, Outcome::Passthrough))
+}
+
+/// Refuses targets a reverse proxy must not forward.
+fn check_target<B>(request: &Request<B>) -> Result<(), ProxyError> {
+    if request.method() == Method::CONNECT {
+        return Err(ProxyError::BadRequest("CONNECT is not supported by a reverse proxy"));
+    }
+    // Origin-form targets only (absolute-form is reduced to its path; `*` is refused).
+    if !request.uri().path().starts_with('/') {
+        return Err(ProxyError::BadRequest("the request target must be an absolute path"));
+    }
+    // RFC 9112 §3.2 / RFC 3986 §2: a request target is ASCII. hyper refuses invalid UTF-8 but lets
+    // raw UTF-8 through; other bytes must be percent-encoded.
+    if !request
+        .uri()
+        .path_and_query()
+        .map_or("", PathAndQuery::as_str)
+        .is_ascii()
+    {
+        return Err(ProxyError::BadRequest(
+            "the request target must be ASCII (percent-encode other bytes)",
+        ));
+    }
+    // RFC 9110 §4.2.4: userinfo in an http(s) URI "SHOULD" be treated as an error (it is used to
+    // obscure the authority); it would otherwise end up in `X-Forwarded-Host`.
+    if request.uri().authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(ProxyError::BadRequest("the request target must not contain userinfo"));
+    }
     Ok(())
 }

@@ -159,7 +159,7 @@ impl MemoryStore {
         self.len() == 0
     }
 
-    fn begin_now(&self, request: &BeginRequest<'_>, now: Instant) -> Result<Begin, StoreError> {
+    fn begin_now(&self, request: &BeginRequest<'_>, now: Instant) -> Result<Begin<LeaseToken>, StoreError> {
         if self.len() >= self.max_entries {
             // Full, unless other shards hold expired records: evict them all (one shard locked
             // at a time) before refusing a new key.
@@ -204,12 +204,12 @@ impl MemoryStore {
             }
             Decision::InFlight { .. } | Decision::Mismatch | Decision::Replay(_) | Decision::Unknown(_) => {}
         }
-        Ok(decision.into())
+        Ok(Begin::applied(decision, request.token))
     }
 }
 
 impl Store for MemoryStore {
-    async fn begin(&self, request: &BeginRequest<'_>) -> Result<Begin, StoreError> {
+    async fn begin(&self, request: &BeginRequest<'_>) -> Result<Begin<LeaseToken>, StoreError> {
         self.begin_now(request, Instant::now())
     }
 
@@ -284,6 +284,11 @@ mod tests {
     use crate::config::UnknownOutcome;
     use crate::idempotency::Fingerprint;
 
+    /// Whether `begun` made `request` the key's owner, with its own token.
+    fn owns(begun: Result<Begin<LeaseToken>, StoreError>, request: &BeginRequest<'_>) -> bool {
+        begun == Ok(Begin::Owner(request.token))
+    }
+
     fn request(key: &StorageKey, key_ttl: Duration) -> BeginRequest<'_> {
         BeginRequest {
             key,
@@ -301,23 +306,17 @@ mod tests {
         let store = MemoryStore::new(2);
         let now = Instant::now();
         let keys: Vec<_> = (0..3).map(|i| StorageKey::new("t:", "r", b"", &[i])).collect();
-        assert_eq!(
-            store.begin_now(&request(&keys[0], Duration::from_secs(1)), now),
-            Ok(Begin::Owner)
-        );
-        assert_eq!(
-            store.begin_now(&request(&keys[1], Duration::from_secs(60)), now),
-            Ok(Begin::Owner)
-        );
+        let begun = request(&keys[0], Duration::from_secs(1));
+        assert!(owns(store.begin_now(&begun, now), &begun));
+        let begun = request(&keys[1], Duration::from_secs(60));
+        assert!(owns(store.begin_now(&begun, now), &begun));
         assert_eq!(
             store.begin_now(&request(&keys[2], Duration::from_secs(60)), now),
-            Err(StoreError::Full(2)).map(|_: ()| Begin::Owner)
+            Err(StoreError::Full(2))
         );
         let later = now + Duration::from_secs(2);
-        assert_eq!(
-            store.begin_now(&request(&keys[2], Duration::from_secs(60)), later),
-            Ok(Begin::Owner)
-        );
+        let begun = request(&keys[2], Duration::from_secs(60));
+        assert!(owns(store.begin_now(&begun, later), &begun));
         assert_eq!(store.len(), 2);
     }
 
@@ -334,7 +333,7 @@ mod tests {
         for (i, key) in keys.iter().enumerate() {
             let ttl = Duration::from_secs(if i % 2 == 0 { 1 } else { 60 });
             let begun = request(key, ttl);
-            assert_eq!(store.begin_now(&begun, now), Ok(Begin::Owner));
+            assert!(owns(store.begin_now(&begun, now), &begun));
             owners.push(begun.token);
         }
         assert_eq!(store.len(), 500);
@@ -352,19 +351,15 @@ mod tests {
                     .map(|_| ()),
                 Ok(())
             );
-            assert_eq!(
-                small.begin_now(&request(key, Duration::from_secs(1)), now),
-                Ok(Begin::Owner)
-            );
+            let begun = request(key, Duration::from_secs(1));
+            assert!(owns(small.begin_now(&begun, now), &begun));
         }
         assert_eq!(
             small.begin_now(&request(&keys[3], Duration::from_secs(1)), now),
             Err(StoreError::Full(3))
         );
-        assert_eq!(
-            small.begin_now(&request(&keys[3], Duration::from_secs(1)), later),
-            Ok(Begin::Owner)
-        );
+        let begun = request(&keys[3], Duration::from_secs(1));
+        assert!(owns(small.begin_now(&begun, later), &begun));
         assert_eq!(small.len(), 1);
     }
 }

@@ -1,8 +1,11 @@
 //! Where records live: a small async trait and its two implementations, the embedded
 //! [`MemoryStore`] (one sidecar, no Redis) and the [`RedisStore`] (many instances, standalone or
-//! Redis Cluster). Both hold to [`decide`](crate::idempotency::decide); one contract test suite
-//! (`tests/store_contract.rs`) runs against each.
+//! Redis Cluster), chosen at start-up as an [`AnyStore`]. Both hold to
+//! [`decide`](crate::idempotency::decide); one contract test suite (`tests/store_contract.rs`)
+//! runs against each. Owning a key is a value, the [`Lease`] (docs/behaviour.md §4).
 
+mod any;
+pub mod lease;
 pub mod memory;
 pub mod redis;
 
@@ -10,22 +13,62 @@ use std::future::Future;
 use std::time::Duration;
 
 use crate::config::UnknownOutcome;
+use crate::error::chain::BoxError;
 use crate::idempotency::{
     Decision, Existing, Fingerprint, LeaseToken, Record, RecordError, StorageKey, StoredResponse, UnknownCause,
 };
 
+pub use self::any::AnyStore;
+pub use self::lease::Lease;
 pub use self::memory::MemoryStore;
 pub use self::redis::RedisStore;
 
-/// A store failure. `Unavailable` is what `store_failure = "open"` forwards through.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// A store failure. `Unavailable` (and `Full`) are what `store_failure = "open"` forwards
+/// through; a `Corrupt` record never is: its key may have been executed.
+#[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("store unreachable: {0}")]
-    Unavailable(String),
-    #[error("stored record is unreadable: {0}")]
+    #[error("the store is unavailable")]
+    Unavailable(#[source] StoreFault),
+    #[error("stored record is unreadable")]
     Corrupt(#[from] RecordError),
-    #[error("memory store is full ({0} records)")]
+    #[error("the embedded store is full ({0} records)")]
     Full(usize),
+}
+
+/// Why the store could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreFault {
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// The connection or the server failed (refused, reset, a Redis error reply).
+    #[error(transparent)]
+    Unreachable(BoxError),
+    #[error("unexpected reply to {command}: {reply}")]
+    UnexpectedReply { command: &'static str, reply: String },
+}
+
+impl StoreError {
+    /// The store could not be reached, because of `cause`.
+    pub fn unreachable(cause: impl Into<BoxError>) -> Self {
+        StoreError::Unavailable(StoreFault::Unreachable(cause.into()))
+    }
+
+    /// No answer within `limit`.
+    pub fn timeout(limit: Duration) -> Self {
+        StoreError::Unavailable(StoreFault::Timeout(limit))
+    }
+}
+
+/// Errors compare by kind and text (tests compare results; causes are not comparable).
+impl PartialEq for StoreError {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (StoreError::Unavailable(a), StoreError::Unavailable(b)) => a.to_string() == b.to_string(),
+            (StoreError::Corrupt(a), StoreError::Corrupt(b)) => a == b,
+            (StoreError::Full(a), StoreError::Full(b)) => a == b,
+            _ => false,
+        }
+    }
 }
 
 /// An arriving guarded request, as the store sees it.
@@ -63,11 +106,13 @@ impl BeginRequest<'_> {
     }
 }
 
-/// What `begin` gives an arriving guarded request (a typed lock result, as Pingora's cache lock).
+/// What `begin` gives an arriving guarded request: a typed lock result, as Pingora's cache
+/// lock. A store answers `Begin<LeaseToken>` (the token the key is now owned with);
+/// [`Lease::begin`] turns that into `Begin<Lease>`, the value that owns the key.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Begin {
-    /// This request owns the key with its token: execute it upstream.
-    Owner,
+pub enum Begin<O> {
+    /// This request owns the key: execute it upstream.
+    Owner(O),
     /// Replay this stored response.
     Replay(StoredResponse),
     /// Another request with this key still runs.
@@ -78,10 +123,24 @@ pub enum Begin {
     Unknown(UnknownCause),
 }
 
-impl From<Decision> for Begin {
-    fn from(decision: Decision) -> Self {
+impl<O> Begin<O> {
+    /// The same answer with its owner turned into `P` by `own`.
+    pub fn map_owner<P>(self, own: impl FnOnce(O) -> P) -> Begin<P> {
+        match self {
+            Begin::Owner(owner) => Begin::Owner(own(owner)),
+            Begin::Replay(response) => Begin::Replay(response),
+            Begin::InFlight { retry_after } => Begin::InFlight { retry_after },
+            Begin::Mismatch => Begin::Mismatch,
+            Begin::Unknown(cause) => Begin::Unknown(cause),
+        }
+    }
+}
+
+impl Begin<LeaseToken> {
+    /// A store's answer once it has applied `decision` for the request holding `token`.
+    pub fn applied(decision: Decision, token: LeaseToken) -> Self {
         match decision {
-            Decision::Execute | Decision::TakeOver => Begin::Owner,
+            Decision::Execute | Decision::TakeOver => Begin::Owner(token),
             Decision::MarkUnknown => Begin::Unknown(UnknownCause::LeaseLapsed),
             Decision::InFlight { retry_after } => Begin::InFlight { retry_after },
             Decision::Mismatch => Begin::Mismatch,
@@ -96,7 +155,7 @@ impl From<Decision> for Begin {
 /// lease lapsed can never overwrite or delete a newer owner's record.
 pub trait Store: Send + Sync + 'static {
     /// Decides an arriving guarded request and applies the decision (spec §4's table).
-    fn begin(&self, request: &BeginRequest<'_>) -> impl Future<Output = Result<Begin, StoreError>> + Send;
+    fn begin(&self, request: &BeginRequest<'_>) -> impl Future<Output = Result<Begin<LeaseToken>, StoreError>> + Send;
 
     /// Replaces the owner's InFlight record with `record` (Completed or Unknown), keeping the
     /// key's expiry, and drops the lease. `Ok(false)`: `token` no longer owns the key.
@@ -134,54 +193,4 @@ pub struct KeyState {
     pub existing: Existing,
     /// Time until the record expires; `None` if it has no expiry.
     pub expires_in: Option<Duration>,
-}
-
-/// The store chosen by the configuration.
-pub enum AnyStore {
-    Memory(MemoryStore),
-    Redis(RedisStore),
-}
-
-macro_rules! dispatch {
-    ($self:ident, $store:ident => $call:expr) => {
-        match $self {
-            AnyStore::Memory($store) => $call.await,
-            AnyStore::Redis($store) => $call.await,
-        }
-    };
-}
-
-impl Store for AnyStore {
-    async fn begin(&self, request: &BeginRequest<'_>) -> Result<Begin, StoreError> {
-        dispatch!(self, s => s.begin(request))
-    }
-    async fn complete(&self, key: &StorageKey, token: LeaseToken, record: &Record) -> Result<bool, StoreError> {
-        dispatch!(self, s => s.complete(key, token, record))
-    }
-    async fn release(&self, key: &StorageKey, token: LeaseToken) -> Result<bool, StoreError> {
-        dispatch!(self, s => s.release(key, token))
-    }
-    async fn renew(&self, key: &StorageKey, token: LeaseToken, lock_ttl: Duration) -> Result<bool, StoreError> {
-        dispatch!(self, s => s.renew(key, token, lock_ttl))
-    }
-    async fn lookup(&self, key: &StorageKey) -> Result<Option<KeyState>, StoreError> {
-        dispatch!(self, s => s.lookup(key))
-    }
-    async fn clear(&self, key: &StorageKey) -> Result<bool, StoreError> {
-        dispatch!(self, s => s.clear(key))
-    }
-    async fn ping(&self) -> Result<(), StoreError> {
-        dispatch!(self, s => s.ping())
-    }
-}
-
-impl AnyStore {
-    /// Which store this is, for logs.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            AnyStore::Memory(_) => "memory",
-            AnyStore::Redis(s) if s.is_cluster() => "redis-cluster",
-            AnyStore::Redis(_) => "redis",
-        }
-    }
 }

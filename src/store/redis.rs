@@ -30,7 +30,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisError, Script, Value};
 use tokio::sync::OnceCell;
 
-use super::{Begin, BeginRequest, KeyState, Store, StoreError};
+use super::{Begin, BeginRequest, KeyState, Store, StoreError, StoreFault};
 use crate::idempotency::{decide, unix_ms, Decision, Existing, LeaseToken, Record, StorageKey, CONFLICT_RETRY_AFTER};
 
 /// How many times `begin` re-reads a key whose lapsed owner another proxy took over first.
@@ -142,11 +142,14 @@ pub struct RedisStore {
 }
 
 fn unavailable(err: RedisError) -> StoreError {
-    StoreError::Unavailable(err.to_string())
+    StoreError::unreachable(err)
 }
 
-fn unexpected(what: &str, value: &Value) -> StoreError {
-    StoreError::Unavailable(format!("unexpected reply to {what}: {value:?}"))
+fn unexpected(what: &'static str, value: &Value) -> StoreError {
+    StoreError::Unavailable(StoreFault::UnexpectedReply {
+        command: what,
+        reply: format!("{value:?}"),
+    })
 }
 
 impl RedisStore {
@@ -238,12 +241,26 @@ impl RedisStore {
     async fn bounded<T>(&self, request: impl Future<Output = Result<T, RedisError>>) -> Result<T, StoreError> {
         match tokio::time::timeout(self.command_timeout, request).await {
             Ok(result) => result.map_err(unavailable),
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "no answer within {:?}",
-                self.command_timeout
-            ))),
+            Err(_) => Err(StoreError::timeout(self.command_timeout)),
         }
     }
+}
+
+/// `url` with the password of its user information replaced by `***`, for logs:
+/// `redis://user:secret@host:6379/0` → `redis://user:***@host:6379/0`.
+pub fn redacted_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    let user = match rest[..at].split_once(':') {
+        Some((user, _password)) => format!("{user}:***"),
+        None => rest[..at].to_owned(),
+    };
+    format!("{scheme}://{user}@{}", &rest[at + 1..])
 }
 
 /// `redis+cluster://a:1,b:2` → `("redis", "a:1,b:2")`.
@@ -276,7 +293,7 @@ fn lease_left_at(record: &Record, now_ms: u64) -> Option<Duration> {
 }
 
 impl Store for RedisStore {
-    async fn begin(&self, request: &BeginRequest<'_>) -> Result<Begin, StoreError> {
+    async fn begin(&self, request: &BeginRequest<'_>) -> Result<Begin<LeaseToken>, StoreError> {
         let in_flight = request.in_flight_record().encode();
         let mut set = redis::cmd("SET");
         set.arg(request.key.record_key())
@@ -287,7 +304,7 @@ impl Store for RedisStore {
             .arg(millis(request.key_ttl));
         for _ in 0..TAKEOVER_ATTEMPTS {
             let existing = match self.command(&set).await? {
-                Value::Nil => return Ok(Begin::Owner),
+                Value::Nil => return Ok(Begin::Owner(request.token)),
                 Value::BulkString(bytes) => Bytes::from(bytes),
                 other => return Err(unexpected("SET NX GET", &other)),
             };
@@ -301,14 +318,14 @@ impl Store for RedisStore {
             let replacement = match decision {
                 Decision::TakeOver => in_flight.clone(),
                 Decision::MarkUnknown => request.lapsed_record().encode(),
-                decision => return Ok(decision.into()),
+                decision => return Ok(Begin::applied(decision, request.token)),
             };
             // The owner died (its lease lapsed): replace its record, unless it changed meanwhile.
             let reply = self
                 .run(&self.takeover, request.key, &[&existing, &replacement])
                 .await?;
             if as_int(&reply) == Some(1) {
-                return Ok(decision.into());
+                return Ok(Begin::applied(decision, request.token));
             }
         }
         // Other proxies keep changing this key's record: it is busy; the client retries later.
@@ -371,6 +388,18 @@ impl Store for RedisStore {
 mod tests {
     use super::*;
     use crate::idempotency::Fingerprint;
+
+    #[test]
+    fn urls_are_logged_without_their_password() {
+        assert_eq!(
+            redacted_url("redis://user:s3cret@h:6379/0"),
+            "redis://user:***@h:6379/0"
+        );
+        assert_eq!(redacted_url("rediss://:s3cret@h:6380"), "rediss://:***@h:6380");
+        assert_eq!(redacted_url("redis://h:6379"), "redis://h:6379");
+        assert_eq!(redacted_url("redis+cluster://a:1,b:2"), "redis+cluster://a:1,b:2");
+        assert_eq!(redacted_url("redis://u:p@ss@h:1/2"), "redis://u:***@h:1/2");
+    }
 
     /// The scripts recognise an InFlight record by its version, state and exact length, find
     /// the token at its offset, and rewrite the lease deadline that ends it.

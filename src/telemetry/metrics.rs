@@ -4,6 +4,7 @@
 //! (route, method, outcome) series is created on first use and kept in a slot indexed by the
 //! route's position, a method index and the outcome.
 
+use std::future::Future;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -199,6 +200,14 @@ impl Metrics {
         if !ok {
             self.store_errors[index].inc();
         }
+    }
+
+    /// Awaits a store call, recording its latency and whether it failed.
+    pub async fn timed<T, E>(&self, op: StoreOp, call: impl Future<Output = Result<T, E>>) -> Result<T, E> {
+        let started = std::time::Instant::now();
+        let result = call.await;
+        self.store_call(op, started.elapsed(), result.is_ok());
+        result
     }
 
     pub fn lease_renewal(&self, renewal: Renewal) {

@@ -36,10 +36,14 @@ pub enum Outcome {
     UpstreamError,
     /// A request the proxy refused as malformed (400/404).
     BadRequest,
+    /// Guarded, its key's first response was too large to store: not replayable (502).
+    NotReplayable,
+    /// The proxy failed inside (an execution panicked): a bug (500).
+    Internal,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 12] = [
+    pub const ALL: [Outcome; 14] = [
         Outcome::Passthrough,
         Outcome::Executed,
         Outcome::Replayed,
@@ -52,6 +56,8 @@ impl Outcome {
         Outcome::TooLarge,
         Outcome::UpstreamError,
         Outcome::BadRequest,
+        Outcome::NotReplayable,
+        Outcome::Internal,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -68,6 +74,8 @@ impl Outcome {
             Outcome::TooLarge => "too_large",
             Outcome::UpstreamError => "upstream_error",
             Outcome::BadRequest => "bad_request",
+            Outcome::NotReplayable => "not_replayable",
+            Outcome::Internal => "internal_error",
         }
     }
 }

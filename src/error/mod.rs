@@ -1,0 +1,447 @@
+//! The errors of each layer that reach a client, and the one place that turns them into
+//! responses (linkerd2-proxy's error rescue).
+//!
+//! Every response the proxy makes itself is an RFC 9457 problem (`application/problem+json`)
+//! with a stable `type`, a `title`, the `status` and a `detail`, plus a
+//! `Link: <…>; rel="describedby"` to the section of `docs/errors.md` that explains it
+//! (docs/behaviour.md §8). Request-path errors ([`ProxyError`]) and admin errors
+//! (`crate::admin::AdminError`) both describe themselves through [`Problem`];
+//! [`problem_response`] alone builds the response. A problem's `detail` is written for the
+//! client: causes from inside the proxy (OS errors, Redis replies) go to the log, never to it.
+
+use std::borrow::Cow;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, LINK, RETRY_AFTER};
+use http::{HeaderMap, HeaderValue, Response, StatusCode};
+
+pub mod chain;
+
+pub use self::chain::{BoxError, Chain};
+
+use crate::body::ProxyBody;
+use crate::config::ConfigError;
+use crate::idempotency::key::KeyError;
+use crate::idempotency::record::UnknownCause;
+use crate::store::StoreError;
+use crate::telemetry::Outcome;
+use crate::upstream::UpstreamError;
+
+/// Where the problem types are documented; each `type` is this plus `#slug`.
+macro_rules! docs_url {
+    () => {
+        "https://github.com/idemproxy/idemproxy/blob/main/docs/errors.md"
+    };
+}
+pub(crate) use docs_url;
+
+/// Who caused a failure (as Pingora's `ErrorSource`): what logs and alerts need to tell a
+/// client's mistake from an outage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorSource {
+    /// The request itself: a bad key, a body too large, a reused key.
+    Client,
+    /// The upstream, or the exchange with it.
+    Upstream,
+    /// The idempotency store.
+    Store,
+    /// The proxy itself (a bug).
+    Internal,
+}
+
+impl ErrorSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorSource::Client => "client",
+            ErrorSource::Upstream => "upstream",
+            ErrorSource::Store => "store",
+            ErrorSource::Internal => "internal",
+        }
+    }
+}
+
+/// Everything that can end a proxied request with a response the proxy makes itself.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error(transparent)]
+    InvalidKey(#[from] KeyError),
+    #[error("this endpoint requires an Idempotency-Key header")]
+    MissingKey,
+    #[error("the request body is larger than {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    #[error("the request body could not be read")]
+    ClientBody(#[source] BoxError),
+    #[error("the request body was not received within {0:?}")]
+    ClientBodyTimeout(Duration),
+    #[error("the request could not be proxied: {0}")]
+    BadRequest(&'static str),
+    #[error("no route serves this path")]
+    NoRoute,
+    #[error("a request with this Idempotency-Key is still being processed; retry later")]
+    Conflict { retry_after: Duration },
+    #[error("this Idempotency-Key was already used with a different request")]
+    Mismatch,
+    #[error("{}", unknown_detail(*.0))]
+    OutcomeUnknown(UnknownCause),
+    #[error("the first response to this Idempotency-Key was too large to store, so it cannot be replayed")]
+    NotReplayable,
+    #[error("the idempotency store is unavailable")]
+    StoreUnavailable(#[from] StoreError),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// The execution of a guarded request failed inside the proxy (it panicked): a bug. Its
+    /// key was released, or marked per `unknown_outcome` if the request may have been sent.
+    #[error("the request failed inside the proxy")]
+    ExecutionFailed(#[source] tokio::task::JoinError),
+}
+
+fn unknown_detail(cause: UnknownCause) -> &'static str {
+    match cause {
+        UnknownCause::Timeout => "the request was sent upstream but no complete response came back in time; it may or may not have taken effect, so it will not be sent again: reconcile with the service before retrying with a new key",
+        UnknownCause::UpstreamFailed => "the request was sent upstream but the connection failed before a complete response; it may or may not have taken effect, so it will not be sent again: reconcile with the service before retrying with a new key",
+        UnknownCause::LeaseLapsed => "the proxy executing this request stopped before it finished; it may or may not have taken effect, so it will not be sent again: reconcile with the service before retrying with a new key",
+        UnknownCause::Interrupted => "the proxy's execution of this request was interrupted after it may have been sent upstream; it may or may not have taken effect, so it will not be sent again: reconcile with the service before retrying with a new key",
+    }
+}
+
+/// The fixed parts of one problem type.
+#[derive(Debug, Clone, Copy)]
+pub struct ProblemType {
+    pub status: StatusCode,
+    /// `docs_url#slug`
+    pub type_uri: &'static str,
+    pub title: &'static str,
+    /// `<type_uri>; rel="describedby"`, prebuilt.
+    pub link: &'static str,
+}
+
+/// A [`ProblemType`] documented under `slug` in `docs/errors.md`.
+macro_rules! problem_type {
+    ($status:expr, $slug:literal, $title:literal) => {
+        $crate::error::ProblemType {
+            status: $status,
+            type_uri: concat!($crate::error::docs_url!(), "#", $slug),
+            title: $title,
+            link: concat!("<", $crate::error::docs_url!(), "#", $slug, ">; rel=\"describedby\""),
+        }
+    };
+}
+pub(crate) use problem_type;
+
+/// An error that is answered with an RFC 9457 problem.
+pub trait Problem: std::error::Error {
+    /// Status, type, title and link.
+    fn problem_type(&self) -> ProblemType;
+
+    /// The `detail` member: what the client may read (never an internal cause).
+    fn detail(&self) -> Cow<'static, str> {
+        Cow::Owned(self.to_string())
+    }
+
+    /// An extension member (RFC 9457 §3.2), if any.
+    fn extension(&self) -> Option<(&'static str, serde_json::Value)> {
+        None
+    }
+
+    /// Fields the response carries besides the problem's own (`Retry-After`, …).
+    fn add_headers(&self, _headers: &mut HeaderMap) {}
+}
+
+/// The problem+json response for `problem`: the only place error responses are built.
+pub fn problem_response(problem: &dyn Problem) -> Response<ProxyBody> {
+    let kind = problem.problem_type();
+    let mut body = serde_json::json!({
+        "type": kind.type_uri,
+        "title": kind.title,
+        "status": kind.status.as_u16(),
+        "detail": problem.detail(),
+    });
+    if let Some((name, value)) = problem.extension() {
+        body[name] = value;
+    }
+    let body = serde_json::to_vec(&body).map(Bytes::from).unwrap_or_default();
+    let mut response = Response::new(ProxyBody::full(body));
+    *response.status_mut() = kind.status;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+    headers.insert(LINK, HeaderValue::from_static(kind.link));
+    problem.add_headers(headers);
+    response
+}
+
+/// `Retry-After` (RFC 9110 §10.2.3) in whole seconds, at least one.
+pub fn insert_retry_after(headers: &mut HeaderMap, after: Duration) {
+    headers.insert(RETRY_AFTER, HeaderValue::from(after.as_secs().max(1)));
+}
+
+/// How long a client waits before retrying when the store is unavailable.
+pub const STORE_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+impl Problem for ProxyError {
+    fn problem_type(&self) -> ProblemType {
+        match self {
+            ProxyError::InvalidKey(_) => {
+                problem_type!(StatusCode::BAD_REQUEST, "invalid-key", "Invalid Idempotency-Key")
+            }
+            ProxyError::MissingKey => problem_type!(StatusCode::BAD_REQUEST, "missing-key", "Idempotency-Key required"),
+            ProxyError::BodyTooLarge { .. } => {
+                problem_type!(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body-too-large",
+                    "Request body too large"
+                )
+            }
+            ProxyError::ClientBody(_)
+            | ProxyError::ClientBodyTimeout(_)
+            | ProxyError::BadRequest(_)
+            | ProxyError::Upstream(UpstreamError::ClientBody(_)) => {
+                problem_type!(StatusCode::BAD_REQUEST, "bad-request", "Bad request")
+            }
+            ProxyError::NoRoute => problem_type!(StatusCode::NOT_FOUND, "no-route", "No route"),
+            ProxyError::Conflict { .. } => {
+                problem_type!(StatusCode::CONFLICT, "request-in-progress", "Request in progress")
+            }
+            ProxyError::Mismatch => problem_type!(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "key-reused",
+                "Idempotency-Key reused with a different request"
+            ),
+            ProxyError::OutcomeUnknown(UnknownCause::Timeout) => {
+                problem_type!(StatusCode::GATEWAY_TIMEOUT, "outcome-unknown", "Outcome unknown")
+            }
+            ProxyError::OutcomeUnknown(_) => {
+                problem_type!(StatusCode::BAD_GATEWAY, "outcome-unknown", "Outcome unknown")
+            }
+            ProxyError::NotReplayable => problem_type!(
+                StatusCode::BAD_GATEWAY,
+                "response-not-replayable",
+                "Response cannot be replayed"
+            ),
+            ProxyError::StoreUnavailable(_) => problem_type!(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store-unavailable",
+                "Idempotency store unavailable"
+            ),
+            ProxyError::Upstream(UpstreamError::Connect(_)) => {
+                problem_type!(StatusCode::BAD_GATEWAY, "upstream-unreachable", "Upstream unreachable")
+            }
+            ProxyError::Upstream(UpstreamError::Timeout(_)) => {
+                problem_type!(StatusCode::GATEWAY_TIMEOUT, "upstream-timeout", "Upstream timeout")
+            }
+            ProxyError::Upstream(UpstreamError::Failed(_)) => {
+                problem_type!(StatusCode::BAD_GATEWAY, "upstream-error", "Upstream error")
+            }
+            ProxyError::ExecutionFailed(_) => {
+                problem_type!(StatusCode::INTERNAL_SERVER_ERROR, "internal-error", "Internal error")
+            }
+        }
+    }
+
+    fn detail(&self) -> Cow<'static, str> {
+        match self {
+            // The store's own error (an OS error, a Redis reply) is logged, not shown.
+            ProxyError::StoreUnavailable(StoreError::Full(_)) => Cow::Borrowed(
+                "the idempotency store is full; nothing was forwarded: retry later",
+            ),
+            ProxyError::StoreUnavailable(StoreError::Corrupt(_)) => Cow::Borrowed(
+                "the record of this Idempotency-Key cannot be read; it may have been executed, so it is not forwarded: contact the operator",
+            ),
+            ProxyError::StoreUnavailable(_) => Cow::Borrowed(
+                "the idempotency store is unavailable; nothing was forwarded: retry later",
+            ),
+            other => Cow::Owned(other.to_string()),
+        }
+    }
+
+    fn add_headers(&self, headers: &mut HeaderMap) {
+        match self {
+            ProxyError::Conflict { retry_after } => insert_retry_after(headers, *retry_after),
+            ProxyError::StoreUnavailable(_) => insert_retry_after(headers, STORE_RETRY_AFTER),
+            _ => {}
+        }
+    }
+}
+
+impl ProxyError {
+    /// The HTTP status this error is answered with.
+    pub fn status(&self) -> StatusCode {
+        self.problem_type().status
+    }
+
+    /// Who caused it.
+    pub fn source_of_error(&self) -> ErrorSource {
+        match self {
+            ProxyError::InvalidKey(_)
+            | ProxyError::MissingKey
+            | ProxyError::BodyTooLarge { .. }
+            | ProxyError::ClientBody(_)
+            | ProxyError::ClientBodyTimeout(_)
+            | ProxyError::BadRequest(_)
+            | ProxyError::NoRoute
+            | ProxyError::Conflict { .. }
+            | ProxyError::Mismatch
+            | ProxyError::Upstream(UpstreamError::ClientBody(_)) => ErrorSource::Client,
+            ProxyError::OutcomeUnknown(_) | ProxyError::NotReplayable | ProxyError::Upstream(_) => {
+                ErrorSource::Upstream
+            }
+            ProxyError::StoreUnavailable(_) => ErrorSource::Store,
+            ProxyError::ExecutionFailed(_) => ErrorSource::Internal,
+        }
+    }
+
+    /// The metrics/log outcome this error counts as.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            ProxyError::InvalidKey(_) | ProxyError::MissingKey => Outcome::InvalidKey,
+            ProxyError::BodyTooLarge { .. } => Outcome::TooLarge,
+            ProxyError::ClientBody(_)
+            | ProxyError::ClientBodyTimeout(_)
+            | ProxyError::Upstream(UpstreamError::ClientBody(_))
+            | ProxyError::BadRequest(_)
+            | ProxyError::NoRoute => Outcome::BadRequest,
+            ProxyError::Conflict { .. } => Outcome::Conflict,
+            ProxyError::Mismatch => Outcome::Mismatch,
+            ProxyError::OutcomeUnknown(_) => Outcome::OutcomeUnknown,
+            ProxyError::NotReplayable => Outcome::NotReplayable,
+            ProxyError::StoreUnavailable(_) => Outcome::StoreUnavailable,
+            ProxyError::Upstream(_) => Outcome::UpstreamError,
+            ProxyError::ExecutionFailed(_) => Outcome::Internal,
+        }
+    }
+
+    /// Whether the operator should hear of it (logged at warn or error with its cause).
+    pub fn is_operational(&self) -> bool {
+        !matches!(self.source_of_error(), ErrorSource::Client) && !matches!(self, ProxyError::NotReplayable)
+    }
+
+    /// The problem+json response for this error.
+    pub fn into_response(self) -> Response<ProxyBody> {
+        problem_response(&self)
+    }
+}
+
+/// A failure to start or run the server (exit code 2 for configuration, 1 otherwise).
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot set up the store")]
+    Store(#[from] StoreError),
+    /// A file named by the configuration (TLS certificate or key, CA bundle) is unusable.
+    #[error("invalid configuration: {0}")]
+    Config(#[from] ConfigError),
+    /// `listener` is the setting that names the address (`listen`, `admin_listen`).
+    #[error("cannot listen on {addr} (`{listener}`)")]
+    Bind {
+        listener: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl ServeError {
+    /// Whether the configuration is at fault (exit code 2) rather than the environment (1).
+    pub fn is_config(&self) -> bool {
+        matches!(self, ServeError::Config(_))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    async fn problem_json(response: Response<ProxyBody>) -> serde_json::Value {
+        let body = response.into_body().collect().await.expect("body").to_bytes();
+        serde_json::from_slice(&body).expect("json")
+    }
+
+    #[tokio::test]
+    async fn conflict_is_problem_json_with_retry_after_and_link() {
+        let response = ProxyError::Conflict {
+            retry_after: Duration::from_secs(1),
+        }
+        .into_response();
+        assert_eq!(response.status(), StatusCode::CONFLICT);
+        assert_eq!(response.headers()[CONTENT_TYPE], "application/problem+json");
+        assert_eq!(response.headers()[RETRY_AFTER], "1");
+        assert!(response.headers()[LINK]
+            .to_str()
+            .expect("ascii")
+            .ends_with("errors.md#request-in-progress>; rel=\"describedby\""));
+        let json = problem_json(response).await;
+        assert_eq!(json["status"], 409);
+        assert!(json["type"].as_str().expect("type").ends_with("#request-in-progress"));
+        assert_eq!(json["title"], "Request in progress");
+    }
+
+    #[tokio::test]
+    async fn store_unavailable_keeps_the_cause_out_of_the_answer() {
+        let cause = std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "Connection refused (os error 111)",
+        );
+        let err = ProxyError::StoreUnavailable(StoreError::unreachable(cause));
+        assert_eq!(err.source_of_error(), ErrorSource::Store);
+        assert!(
+            Chain(&err).to_string().contains("os error 111"),
+            "the log has the cause"
+        );
+        let response = err.into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[RETRY_AFTER], "1");
+        let json = problem_json(response).await;
+        let detail = json["detail"].as_str().expect("detail");
+        assert!(!detail.contains("os error"), "{detail}");
+        assert!(detail.contains("nothing was forwarded"), "{detail}");
+    }
+
+    #[tokio::test]
+    async fn a_failed_execution_is_an_internal_500() {
+        let join = tokio::spawn(async { panic!("boom") }).await.expect_err("panicked");
+        let err = ProxyError::ExecutionFailed(join);
+        assert_eq!(err.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(err.outcome(), Outcome::Internal);
+        assert_eq!(err.source_of_error(), ErrorSource::Internal);
+        let json = problem_json(err.into_response()).await;
+        assert!(json["type"].as_str().expect("type").ends_with("#internal-error"));
+        assert!(!json["detail"].as_str().expect("detail").contains("boom"));
+    }
+
+    #[tokio::test]
+    async fn statuses_outcomes_and_sources() {
+        assert_eq!(ProxyError::Mismatch.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(ProxyError::Mismatch.source_of_error(), ErrorSource::Client);
+        assert_eq!(
+            ProxyError::BodyTooLarge { limit: 1 }.status(),
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
+        assert_eq!(
+            ProxyError::OutcomeUnknown(UnknownCause::Timeout).status(),
+            StatusCode::GATEWAY_TIMEOUT
+        );
+        assert_eq!(
+            ProxyError::OutcomeUnknown(UnknownCause::LeaseLapsed).status(),
+            StatusCode::BAD_GATEWAY
+        );
+        assert_eq!(ProxyError::from(KeyError::Empty).status(), StatusCode::BAD_REQUEST);
+        // Not replayable counts as itself, not as a replay.
+        assert_eq!(ProxyError::NotReplayable.outcome(), Outcome::NotReplayable);
+        let timeout = ProxyError::from(UpstreamError::Timeout(Duration::from_secs(1)));
+        assert_eq!(timeout.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(timeout.outcome(), Outcome::UpstreamError);
+        assert_eq!(timeout.source_of_error(), ErrorSource::Upstream);
+        // The client's streamed body failing is the client's error, not the upstream's.
+        let client_body = ProxyError::from(UpstreamError::ClientBody(crate::upstream::hyper_error().await));
+        assert_eq!(client_body.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(client_body.outcome(), Outcome::BadRequest);
+        assert_eq!(client_body.source_of_error(), ErrorSource::Client);
+        let failed = ProxyError::from(UpstreamError::Failed(crate::upstream::hyper_error().await));
+        assert_eq!(failed.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(failed.outcome(), Outcome::UpstreamError);
+        let body_timeout = ProxyError::ClientBodyTimeout(Duration::from_secs(1));
+        assert_eq!(body_timeout.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(body_timeout.outcome(), Outcome::BadRequest);
+    }
+}

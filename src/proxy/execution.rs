@@ -1,0 +1,260 @@
+//! The owner's side of a key (docs/behaviour.md §5): one upstream exchange, its lease kept alive
+//! meanwhile, and its outcome ([`settle`]) recorded before the client is answered.
+
+use std::future::Future;
+use std::pin::pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Body;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use super::{forward, ConnectionInfo};
+use crate::body::ProxyBody;
+use crate::config::Route;
+use crate::error::{Chain, ProxyError};
+use crate::idempotency::{replay, settle, unix_ms, Exchange, Record, Settlement, StoredResponse, UnknownCause};
+use crate::state::State;
+use crate::store::{AnyStore, Lease};
+use crate::telemetry::{Outcome, Renewal, StoreOp};
+use crate::upstream::UpstreamError;
+
+/// Executes `request` upstream as the owner of `lease`'s key, in its own task: a client that
+/// goes away does not cancel the upstream call, and its result is still recorded for the
+/// client's retry. An execution that panics is answered `500`; its dropped lease settles the
+/// key ([`Lease`]'s drop).
+pub async fn execute(
+    state: &Arc<State>,
+    connection: &Arc<ConnectionInfo>,
+    route: &Arc<Route>,
+    lease: Lease<AnyStore>,
+    request: Request<ProxyBody>,
+) -> Result<(Response<ProxyBody>, Outcome), ProxyError> {
+    let execution = Execution {
+        state: state.clone(),
+        connection: connection.clone(),
+        route: route.clone(),
+    };
+    // Boxed before spawning: the execution's state machine is large, and the task would
+    // otherwise be moved through several frames on its way into the runtime.
+    match state.executions.spawn(Box::pin(execution.run(lease, request))).await {
+        Ok(result) => result,
+        Err(join) => Err(ProxyError::ExecutionFailed(join)),
+    }
+}
+
+/// An upstream response body, read up to `max_response_bytes`.
+enum ResponseBody {
+    /// The whole body: stored and replayable.
+    Buffered(Bytes),
+    /// Over the limit: what was read, then the rest, streamed to the client and not stored.
+    Oversized { prefix: Bytes, rest: Incoming },
+}
+
+impl ResponseBody {
+    /// The body a replay can send, if it was read whole.
+    fn replayable(&self) -> Option<Bytes> {
+        match self {
+            ResponseBody::Buffered(bytes) => Some(bytes.clone()),
+            ResponseBody::Oversized { .. } => None,
+        }
+    }
+
+    fn into_client_body(self) -> ProxyBody {
+        match self {
+            ResponseBody::Buffered(bytes) => ProxyBody::full(bytes),
+            ResponseBody::Oversized { prefix, rest } => ProxyBody::Stream {
+                prefix: (!prefix.is_empty()).then_some(prefix),
+                rest,
+            },
+        }
+    }
+}
+
+/// What one execution needs besides its lease.
+struct Execution {
+    state: Arc<State>,
+    /// The client connection, for its upstream connection affinity.
+    connection: Arc<ConnectionInfo>,
+    route: Arc<Route>,
+}
+
+impl Execution {
+    async fn run(
+        self,
+        lease: Lease<AnyStore>,
+        request: Request<ProxyBody>,
+    ) -> Result<(Response<ProxyBody>, Outcome), ProxyError> {
+        let policy = &self.route.policy;
+        let max_body = policy.max_response_bytes;
+        let exchange = forward::exchange(&self.state, &self.connection, &self.route, request, |body| {
+            read_response_body(body, max_body)
+        });
+        lease.mark_sent();
+        let result = self.renewing(&lease, exchange).await;
+        let settlement = settle(exchanged(&result), policy);
+        match result {
+            Ok(response) => {
+                let (parts, body) = response.into_parts();
+                let stored = || {
+                    Some(replay::store(
+                        parts.status,
+                        &parts.headers,
+                        body.replayable(),
+                        unix_ms(),
+                    ))
+                };
+                self.settle_key(lease, settlement, stored).await;
+                Ok((Response::from_parts(parts, body.into_client_body()), Outcome::Executed))
+            }
+            Err(err) => {
+                if !matches!(err, UpstreamError::Connect(_)) {
+                    tracing::warn!(error = %Chain(&err), key = %lease.key().short_hash(), "outcome unknown: the request was sent but no complete response came back");
+                }
+                self.settle_key(lease, settlement, || None).await;
+                match settlement {
+                    Settlement::MarkUnknown(cause) => Err(ProxyError::OutcomeUnknown(cause)),
+                    Settlement::Record | Settlement::Release => Err(err.into()),
+                }
+            }
+        }
+    }
+
+    /// Runs `work`, renewing the lease every third of `lock_ttl` so a slow upstream is never
+    /// taken for a dead proxy (docs/behaviour.md §4).
+    async fn renewing<F: Future>(&self, lease: &Lease<AnyStore>, work: F) -> F::Output {
+        let period = self.route.policy.lock_ttl / 3;
+        let mut work = pin!(work);
+        let mut ticker = tokio::time::interval_at(Instant::now() + period, period);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                output = &mut work => return output,
+                _ = ticker.tick() => self.renew(lease).await,
+            }
+        }
+    }
+
+    async fn renew(&self, lease: &Lease<AnyStore>) {
+        let metrics = &self.state.metrics;
+        match metrics.timed(StoreOp::Renew, lease.renew()).await {
+            Ok(true) => metrics.lease_renewal(Renewal::Renewed),
+            Ok(false) => {
+                metrics.lease_renewal(Renewal::Lost);
+                tracing::warn!(key = %lease.key().short_hash(), "lease lost: another request now owns this key");
+            }
+            Err(err) => {
+                metrics.lease_renewal(Renewal::Failed);
+                tracing::warn!(error = %Chain(&err), key = %lease.key().short_hash(), "lease renewal failed");
+            }
+        }
+    }
+
+    /// Applies `settlement` through `lease`; `answer` is the response to record, if the
+    /// exchange produced one.
+    async fn settle_key(
+        &self,
+        lease: Lease<AnyStore>,
+        settlement: Settlement,
+        answer: impl FnOnce() -> Option<StoredResponse>,
+    ) {
+        let fingerprint = lease.fingerprint();
+        match (settlement, answer()) {
+            (Settlement::Record, Some(response)) => {
+                self.record(lease, Record::Completed { fingerprint, response }).await
+            }
+            (Settlement::MarkUnknown(cause), _) => {
+                let since_ms = unix_ms();
+                self.record(
+                    lease,
+                    Record::Unknown {
+                        fingerprint,
+                        since_ms,
+                        cause,
+                    },
+                )
+                .await
+            }
+            // Only a complete answer is recorded: without one, nothing is left to replay.
+            (Settlement::Record, None) | (Settlement::Release, _) => self.release(lease).await,
+        }
+    }
+
+    /// Records the outcome (compare-and-set on the token). A failure is logged: the lease then
+    /// lapses and retries learn the outcome is unknown, which keeps the at-most-once promise.
+    async fn record(&self, lease: Lease<AnyStore>, record: Record) {
+        let key = lease.key().short_hash();
+        match self
+            .state
+            .metrics
+            .timed(StoreOp::Complete, lease.complete(&record))
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(%key, state = record.state_name(), "not recorded: this request no longer owns the key")
+            }
+            Err(err) => {
+                tracing::error!(error = %Chain(&err), %key, state = record.state_name(), "outcome not recorded: retries will get outcome-unknown once the lease lapses")
+            }
+        }
+    }
+
+    async fn release(&self, lease: Lease<AnyStore>) {
+        let key = lease.key().short_hash();
+        if let Err(err) = self.state.metrics.timed(StoreOp::Release, lease.release()).await {
+            tracing::error!(error = %Chain(&err), %key, "key not released: retries will get outcome-unknown once the lease lapses");
+        }
+    }
+}
+
+/// How the exchange ended, as [`settle`] sees it.
+fn exchanged<B>(result: &Result<Response<B>, UpstreamError>) -> Exchange {
+    match result {
+        Ok(response) => Exchange::Answered(response.status()),
+        Err(UpstreamError::Connect(_)) => Exchange::NotSent,
+        Err(UpstreamError::Timeout(_)) => Exchange::NoCompleteAnswer(UnknownCause::Timeout),
+        Err(UpstreamError::Failed(_) | UpstreamError::ClientBody(_)) => {
+            Exchange::NoCompleteAnswer(UnknownCause::UpstreamFailed)
+        }
+    }
+}
+
+/// Reads a response body up to `max` bytes; a larger one is kept as what was read plus the
+/// rest of the stream.
+async fn read_response_body(mut body: Incoming, max: u64) -> Result<ResponseBody, UpstreamError> {
+    if body.size_hint().lower() > max {
+        return Ok(ResponseBody::Oversized {
+            prefix: Bytes::new(),
+            rest: body,
+        });
+    }
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut total: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(UpstreamError::Failed)?.into_data() else {
+            continue;
+        };
+        total += data.len() as u64;
+        chunks.push(data);
+        if total > max {
+            return Ok(ResponseBody::Oversized {
+                prefix: concat(chunks),
+                rest: body,
+            });
+        }
+    }
+    Ok(ResponseBody::Buffered(concat(chunks)))
+}
+
+fn concat(mut chunks: Vec<Bytes>) -> Bytes {
+    match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.pop().unwrap_or_default(),
+        _ => chunks.concat().into(),
+    }
+}

@@ -1,0 +1,62 @@
+//! What every request handler (proxy and admin) shares, built once at start-up.
+
+use std::sync::Arc;
+
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, StoreSettings};
+use crate::error::ServeError;
+use crate::store::{AnyStore, MemoryStore, RedisStore};
+use crate::telemetry::Metrics;
+use crate::upstream::Upstream;
+
+/// The proxy's shared state.
+pub struct State {
+    pub config: Config,
+    pub upstream: Upstream,
+    pub store: Arc<AnyStore>,
+    pub metrics: Metrics,
+    /// Guarded executions run as their own tasks (a client that leaves does not cancel them);
+    /// shutdown waits for them too.
+    pub executions: TaskTracker,
+}
+
+impl State {
+    /// Builds the upstream client and the store `config` names. Redis is connected to lazily:
+    /// only a malformed URL or an unusable CA file fails here.
+    pub async fn new(config: Config) -> Result<Self, ServeError> {
+        let upstream = Upstream::new(&config.upstream, &config.routes)?;
+        let store = match &config.store {
+            StoreSettings::Memory { max_entries } => AnyStore::Memory(MemoryStore::new(*max_entries)),
+            StoreSettings::Redis {
+                url,
+                command_timeout,
+                ca_file,
+            } => {
+                let ca_pem = ca_file
+                    .as_deref()
+                    .map(|path| crate::tls::read_ca_pem("store.ca_file", path))
+                    .transpose()?;
+                AnyStore::Redis(RedisStore::connect_with_ca(url, *command_timeout, ca_pem).await?)
+            }
+        };
+        Ok(Self {
+            metrics: Metrics::new(config.routes.iter().map(|r| &*r.name)),
+            upstream,
+            store: Arc::new(store),
+            executions: TaskTracker::new(),
+            config,
+        })
+    }
+
+    /// The store as the start-up log names it: its kind, and for Redis its URL without the
+    /// password.
+    pub fn store_description(&self) -> String {
+        match &self.config.store {
+            StoreSettings::Memory { max_entries } => format!("memory (at most {max_entries} records)"),
+            StoreSettings::Redis { url, .. } => {
+                format!("{} {}", self.store.kind(), crate::store::redis::redacted_url(url))
+            }
+        }
+    }
+}

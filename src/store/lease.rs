@@ -1,0 +1,261 @@
+//! Owning a key while its request executes, as a value (Pingora's cache-lock permit).
+//!
+//! [`Lease::begin`] mints the owner token, asks the store, and hands the request a
+//! [`Lease`] when it now owns the key (docs/behaviour.md §4). The lease is the only way to act
+//! on the key as its owner: [`renew`](Lease::renew) it while the upstream runs, then either
+//! [`complete`](Lease::complete) it with the outcome's record or [`release`](Lease::release)
+//! it; both consume the lease, so it cannot be used after it has settled the key.
+//!
+//! A lease dropped before it settled (its execution panicked, or its task was dropped) does
+//! not leave the key `InFlight` until the lease lapses: it releases the key if the request was
+//! never sent upstream, and otherwise settles it as `unknown_outcome` says (marks it
+//! `Unknown(Interrupted)`, or releases it) (docs/behaviour.md §5).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{Begin, BeginRequest, Store, StoreError};
+use crate::config::UnknownOutcome;
+use crate::idempotency::{unix_ms, Fingerprint, LeaseToken, Record, StorageKey, UnknownCause};
+
+/// What an arriving guarded request asks of the store.
+#[derive(Debug, Clone, Copy)]
+pub struct Claim<'a> {
+    pub key: &'a StorageKey,
+    pub fingerprint: Fingerprint,
+    pub key_ttl: Duration,
+    pub lock_ttl: Duration,
+    pub unknown_outcome: UnknownOutcome,
+}
+
+/// Ownership of one key. See the module documentation.
+#[must_use = "a lease must be completed or released"]
+pub struct Lease<S: Store> {
+    store: Arc<S>,
+    key: StorageKey,
+    token: LeaseToken,
+    fingerprint: Fingerprint,
+    lock_ttl: Duration,
+    unknown_outcome: UnknownOutcome,
+    /// Set once the request may have reached the upstream.
+    sent: AtomicBool,
+    /// Set once `complete` or `release` has run: nothing is left to do on drop.
+    settled: bool,
+}
+
+impl<S: Store> Lease<S> {
+    /// Asks `store` for `claim.key`: `Begin::Owner(lease)` when this request now owns it.
+    pub async fn begin(store: &Arc<S>, claim: Claim<'_>) -> Result<Begin<Self>, StoreError> {
+        let request = BeginRequest {
+            key: claim.key,
+            fingerprint: claim.fingerprint,
+            token: LeaseToken::random(),
+            key_ttl: claim.key_ttl,
+            lock_ttl: claim.lock_ttl,
+            unknown_outcome: claim.unknown_outcome,
+            now_ms: unix_ms(),
+        };
+        let begun = store.begin(&request).await?;
+        Ok(begun.map_owner(|token| Lease {
+            store: store.clone(),
+            key: claim.key.clone(),
+            token,
+            fingerprint: claim.fingerprint,
+            lock_ttl: claim.lock_ttl,
+            unknown_outcome: claim.unknown_outcome,
+            sent: AtomicBool::new(false),
+            settled: false,
+        }))
+    }
+
+    /// The key this lease owns.
+    pub fn key(&self) -> &StorageKey {
+        &self.key
+    }
+
+    /// The fingerprint of the request that owns the key.
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.fingerprint
+    }
+
+    /// Notes that the request is about to be sent upstream: from now on, a lease dropped
+    /// unsettled cannot know whether the upstream acted.
+    pub fn mark_sent(&self) {
+        self.sent.store(true, Ordering::Relaxed);
+    }
+
+    /// Extends the lease to `lock_ttl` from now. `Ok(false)`: another request owns the key now.
+    pub async fn renew(&self) -> Result<bool, StoreError> {
+        self.store.renew(&self.key, self.token, self.lock_ttl).await
+    }
+
+    /// Replaces the key's `InFlight` record with `record` (Completed or Unknown).
+    /// `Ok(false)`: this lease no longer owned the key (it lapsed and was taken over).
+    pub async fn complete(mut self, record: &Record) -> Result<bool, StoreError> {
+        let result = self.store.complete(&self.key, self.token, record).await;
+        self.settled = true;
+        result
+    }
+
+    /// Deletes the key's record, so a retry executes. `Ok(false)`: no longer the owner.
+    pub async fn release(mut self) -> Result<bool, StoreError> {
+        let result = self.store.release(&self.key, self.token).await;
+        self.settled = true;
+        result
+    }
+}
+
+impl<S: Store> Drop for Lease<S> {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::error!(key = %self.key.short_hash(), "lease dropped outside a runtime: the key stays in flight until its lease lapses");
+            return;
+        };
+        let sent = *self.sent.get_mut();
+        let store = self.store.clone();
+        let key = self.key.clone();
+        let token = self.token;
+        let unknown = (sent && self.unknown_outcome == UnknownOutcome::Reject).then(|| Record::Unknown {
+            fingerprint: self.fingerprint,
+            since_ms: unix_ms(),
+            cause: UnknownCause::Interrupted,
+        });
+        runtime.spawn(async move {
+            let settled = match &unknown {
+                Some(record) => store.complete(&key, token, record).await,
+                None => store.release(&key, token).await,
+            };
+            let state = if unknown.is_some() { "Unknown" } else { "released" };
+            match settled {
+                Ok(_) => tracing::warn!(key = %key.short_hash(), sent, state, "execution interrupted: key settled"),
+                Err(err) => {
+                    tracing::error!(key = %key.short_hash(), error = %crate::error::chain::Chain(&err), "execution interrupted and its key not settled: retries get outcome-unknown once the lease lapses")
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::idempotency::record::StoredResponse;
+    use crate::store::{KeyState, MemoryStore};
+
+    const FP: Fingerprint = Fingerprint([7; 32]);
+
+    fn claim(key: &StorageKey, unknown_outcome: UnknownOutcome) -> Claim<'_> {
+        Claim {
+            key,
+            fingerprint: FP,
+            key_ttl: Duration::from_secs(60),
+            lock_ttl: Duration::from_secs(30),
+            unknown_outcome,
+        }
+    }
+
+    async fn owned(store: &Arc<MemoryStore>, key: &StorageKey, unknown: UnknownOutcome) -> Lease<MemoryStore> {
+        match Lease::begin(store, claim(key, unknown)).await {
+            Ok(Begin::Owner(lease)) => lease,
+            other => panic!("expected to own the key, got {:?}", other.map(|b| b.map_owner(|_| ()))),
+        }
+    }
+
+    /// Waits for the task a dropped lease spawned, and returns the key's state.
+    async fn settled_state(store: &MemoryStore, key: &StorageKey) -> Option<KeyState> {
+        for _ in 0..100 {
+            let state = store.lookup(key).await.expect("lookup");
+            if !matches!(&state, Some(s) if matches!(s.existing.record, Record::InFlight { .. })) {
+                return state;
+            }
+            tokio::task::yield_now().await;
+        }
+        store.lookup(key).await.expect("lookup")
+    }
+
+    #[tokio::test]
+    async fn only_one_request_owns_a_key_and_completing_settles_it() {
+        let store = Arc::new(MemoryStore::new(10));
+        let key = StorageKey::new("t:", "r", b"", b"k1");
+        let lease = owned(&store, &key, UnknownOutcome::Reject).await;
+        let second = Lease::begin(&store, claim(&key, UnknownOutcome::Reject)).await;
+        assert!(matches!(second, Ok(Begin::InFlight { .. })));
+        assert_eq!(lease.renew().await, Ok(true));
+        let record = Record::Completed {
+            fingerprint: FP,
+            response: StoredResponse {
+                status: http::StatusCode::CREATED,
+                headers: vec![],
+                body: Some(bytes::Bytes::from_static(b"done")),
+                completed_at_ms: 0,
+            },
+        };
+        assert_eq!(lease.complete(&record).await, Ok(true));
+        let replay = Lease::begin(&store, claim(&key, UnknownOutcome::Reject)).await;
+        assert!(matches!(replay, Ok(Begin::Replay(r)) if r.status == http::StatusCode::CREATED));
+    }
+
+    #[tokio::test]
+    async fn a_released_key_executes_again() {
+        let store = Arc::new(MemoryStore::new(10));
+        let key = StorageKey::new("t:", "r", b"", b"k2");
+        let lease = owned(&store, &key, UnknownOutcome::Reject).await;
+        assert_eq!(lease.release().await, Ok(true));
+        let _again = owned(&store, &key, UnknownOutcome::Reject).await;
+    }
+
+    #[tokio::test]
+    async fn a_lease_dropped_before_sending_releases_its_key() {
+        let store = Arc::new(MemoryStore::new(10));
+        let key = StorageKey::new("t:", "r", b"", b"k3");
+        drop(owned(&store, &key, UnknownOutcome::Reject).await);
+        assert_eq!(settled_state(&store, &key).await, None);
+    }
+
+    #[tokio::test]
+    async fn a_lease_dropped_after_sending_marks_its_key_unknown() {
+        let store = Arc::new(MemoryStore::new(10));
+        let key = StorageKey::new("t:", "r", b"", b"k4");
+        let lease = owned(&store, &key, UnknownOutcome::Reject).await;
+        lease.mark_sent();
+        drop(lease);
+        let state = settled_state(&store, &key).await.expect("the key is kept");
+        assert!(matches!(
+            state.existing.record,
+            Record::Unknown {
+                cause: UnknownCause::Interrupted,
+                ..
+            }
+        ));
+        let retry = Lease::begin(&store, claim(&key, UnknownOutcome::Reject)).await;
+        assert!(matches!(retry, Ok(Begin::Unknown(UnknownCause::Interrupted))));
+    }
+
+    #[tokio::test]
+    async fn a_lease_dropped_after_sending_with_unknown_outcome_retry_releases_its_key() {
+        let store = Arc::new(MemoryStore::new(10));
+        let key = StorageKey::new("t:", "r", b"", b"k5");
+        let lease = owned(&store, &key, UnknownOutcome::Retry).await;
+        lease.mark_sent();
+        drop(lease);
+        assert_eq!(settled_state(&store, &key).await, None);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_execution_does_not_leave_its_key_in_flight() {
+        let store = Arc::new(MemoryStore::new(10));
+        let key = StorageKey::new("t:", "r", b"", b"k6");
+        let lease = owned(&store, &key, UnknownOutcome::Reject).await;
+        let execution = tokio::spawn(async move {
+            lease.mark_sent();
+            panic!("a bug in the execution");
+        });
+        assert!(execution.await.expect_err("it panicked").is_panic());
+        let state = settled_state(&store, &key).await.expect("the key is kept");
+        assert_eq!(state.existing.record.state_name(), "Unknown");
+    }
+}
