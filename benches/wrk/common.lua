@@ -2,7 +2,7 @@
 -- Gives every thread a number (`tid`), builds the 1 KiB POST body, counts response statuses when
 -- asked (`count_statuses = true` before loading this file, or WRK_COUNT_STATUSES=1; every
 -- scenario of load.sh does), and prints one machine-readable `BENCH ...` line from wrk's `done`
--- callback, which load.sh parses.
+-- callback, which benches/load/parse.py reads (and checks against wrk's own summary).
 
 local threads = {}
 

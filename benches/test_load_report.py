@@ -1,0 +1,423 @@
+"""Tests of the load benchmark's parsers and report (benches/load/), on small synthetic runs and
+a real wrk output. Run: python3 -m unittest discover -s benches -p 'test_*.py'"""
+
+from __future__ import annotations
+
+import json
+import unittest
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from load import chart, parse, report
+from load.config import ConfigError, from_env
+
+TESTDATA = Path(__file__).resolve().parent / "testdata"
+CLK_TCK = 100
+REQUESTS = 10_000  # with CLK_TCK = 100, one clock tick is 1 µs per request
+
+ENV = {
+    "date": "2026-01-02T03:04:05Z", "quick": "0", "duration": "10", "warmup": "3", "rounds": "3",
+    "conns": "32", "wrk_threads": "1", "storm_wave": "320", "proxy_log": "warn", "upstream_kind": "nginx",
+    "load_cpus": "0", "server_cpus": "1", "clk_tck": str(CLK_TCK), "ncpu": "2", "cpu_model": "Test CPU",
+    "kernel": "6.1.0", "nginx": "1.22.1", "redis": "7.0.15", "wrk": "4.1.0", "rustc": "1.95.0",
+    "commit": "abc1234", "dirty": "0", "loadavg_start": "0.10 0.20 0.30", "loadavg_end": "0.40 0.50 0.60",
+}
+ROLES = {
+    ("get", "direct"): {"upstream": "upstream"},
+    ("get", "nginx"): {"nginx": "proxy", "upstream": "upstream"},
+    ("get", "hyper-floor"): {"floor": "proxy", "upstream": "upstream"},
+    ("get", "idemproxy"): {"idem_redis": "proxy", "redis": "redis", "upstream": "upstream"},
+    ("post", "nginx"): {"nginx": "proxy", "upstream": "upstream"},
+    ("post", "hyper-floor"): {"floor": "proxy", "upstream": "upstream"},
+    ("post", "idemproxy"): {"idem_redis": "proxy", "redis": "redis", "upstream": "upstream"},
+    ("new", "idemproxy-redis"): {"idem_redis": "proxy", "redis": "redis", "upstream": "upstream"},
+    ("new", "idemproxy-embedded"): {"idem_mem": "proxy", "upstream": "upstream"},
+    ("replay", "idemproxy-redis"): {"idem_redis": "proxy", "redis": "redis", "upstream": "upstream"},
+    ("replay", "idemproxy-embedded"): {"idem_mem": "proxy", "upstream": "upstream"},
+    ("storm", "idemproxy-redis"): {"idem_redis": "proxy", "redis": "redis", "upstream": "upstream"},
+    ("storm", "idemproxy-embedded"): {"idem_mem": "proxy", "upstream": "upstream"},
+}
+ALL_ROLES = ("upstream", "nginx", "floor", "redis", "idem_redis", "idem_mem")
+
+
+def bench(requests=REQUESTS, rps=10_000.0, p50_us=500, p99_us=1200, s2xx=None, s409=0, s5xx=0):
+    """A BENCH line's fields, as benches/wrk/common.lua prints them."""
+    s2xx = requests - s409 - s5xx if s2xx is None else s2xx
+    return {
+        "requests": requests, "duration_us": round(requests / rps * 1e6), "bytes": 100 * requests,
+        "err_connect": 0, "err_read": 0, "err_write": 0, "err_timeout": 0, "non2xx3xx": s409 + s5xx,
+        "p50_us": p50_us, "p90_us": p50_us + 100, "p99_us": p99_us, "max_us": 5000, "mean_us": p50_us,
+        "status_counted": 1, "s2xx": s2xx, "s3xx": 0, "s409": s409, "s4xx": 0, "s5xx": s5xx, "sother": 0,
+    }
+
+
+def sample(ticks=None, redis=None, stat=None):
+    """A /proc + Redis sample: every role at `ticks` (role -> ticks), cores from `stat`."""
+    return {"ticks": {r: (ticks or {}).get(r, 1000) for r in ALL_ROLES}, "redis": dict(redis or {}),
+            "stat": stat or {0: (0, 0), 1: (0, 0)}}
+
+
+def run(group, variant, round_=1, rps=10_000.0, cpu=None, redis_calls=None, peaks=None, **bench_kw):
+    """A run built by report.build_run; `cpu`: kind -> µs/req; `redis_calls`: command -> calls."""
+    roles = ROLES[(group, variant)]
+    by_kind = {kind: role for role, kind in roles.items()}
+    post_ticks = {by_kind[k]: 1000 + round(us) for k, us in (cpu or {}).items()}
+    pre = sample(redis={"info": 5})
+    post = sample(post_ticks, redis={"info": 7, **(redis_calls or {})})
+    peaks = peaks or {"idem_redis": 18 * 1024, "idem_mem": 30 * 1024, "nginx": 14 * 1024}
+    meta = {"group": group, "variant": variant, "round": round_, "roles": roles}
+    return report.build_run(meta, bench(rps=rps, **bench_kw), pre, post, peaks, CLK_TCK, None)
+
+
+def full_runs():
+    """Every variant of the benchmark, one round each, with round numbers for the targets."""
+    return [
+        run("get", "direct", cpu={"upstream": 5}, rps=125_000),
+        run("get", "nginx", cpu={"proxy": 12, "upstream": 6}, rps=55_000),
+        run("get", "hyper-floor", cpu={"proxy": 12, "upstream": 5}, rps=57_000),
+        run("get", "idemproxy", cpu={"proxy": 13, "redis": 0, "upstream": 5}, rps=52_000),
+        run("post", "nginx", cpu={"proxy": 14, "upstream": 7}, rps=46_000),
+        run("post", "hyper-floor", cpu={"proxy": 12, "upstream": 5}, rps=55_000),
+        run("post", "idemproxy", cpu={"proxy": 15, "redis": 0, "upstream": 6}, rps=46_000),
+        run("new", "idemproxy-redis", cpu={"proxy": 27, "redis": 12, "upstream": 7}, rps=21_000,
+            redis_calls={"set": 2 * REQUESTS, "get": REQUESTS, "evalsha": REQUESTS}),
+        run("new", "idemproxy-embedded", cpu={"proxy": 26, "upstream": 7}, rps=29_000,
+            peaks={"idem_redis": 18 * 1024, "idem_mem": 40 * 1024, "nginx": 14 * 1024}),
+        run("replay", "idemproxy-redis", cpu={"proxy": 12, "redis": 2}, rps=69_000,
+            redis_calls={"set": REQUESTS}),
+        run("replay", "idemproxy-embedded", cpu={"proxy": 10}, rps=100_000),
+        run("storm", "idemproxy-redis", cpu={"proxy": 13, "redis": 2}, rps=66_000, s409=300,
+            redis_calls={"set": REQUESTS}),
+        run("storm", "idemproxy-embedded", cpu={"proxy": 11}, rps=88_000, s409=500),
+    ]
+
+
+CALIBRATION = {
+    "first-execution": {"requests": "100", "ok": "100", "replayed": "0", "top": "200", "nested": "200",
+                        "commands": "EVALSHA=100,SET=100"},
+    "replay": {"requests": "100", "ok": "100", "replayed": "100", "top": "100", "nested": "0",
+               "commands": "SET=100"},
+}
+
+
+def wrk_text(rps="1000.00", p50="575.00us", p99="1.20ms", bench_line=None):
+    """wrk's output with --latency and the BENCH line of common.lua: 1000 requests in 1 s."""
+    requests = 1000
+    fields = bench(requests=requests, rps=1000.0, p50_us=575, p99_us=1203)
+    line = bench_line or "BENCH " + " ".join(f"{k}={v}" for k, v in fields.items())
+    return (f"Running 1s test @ http://127.0.0.1:1/orders\n  1 threads and 32 connections\n"
+            f"  Thread Stats   Avg      Stdev     Max   +/- Stdev\n"
+            f"    Latency   600.00us  100.00us   5.00ms   90.00%\n"
+            f"    Req/Sec     1.00k   100.00     1.10k    80.00%\n"
+            f"  Latency Distribution\n     50%  {p50}\n     75%  650.00us\n     90%  800.00us\n     99%  {p99}\n"
+            f"  {requests} requests in 1.00s, 97.66KB read\nRequests/sec: {rps:>9}\nTransfer/sec:     97.66KB\n"
+            f"{line}\n")
+
+
+class WrkParsing(unittest.TestCase):
+    def test_duration_units(self):
+        self.assertEqual(parse.duration_us("575.00us"), 575)
+        self.assertEqual(parse.duration_us("1.20ms"), 1200)
+        self.assertEqual(parse.duration_us("2.50s"), 2_500_000)
+        self.assertEqual(parse.duration_us("1.50m"), 90_000_000)
+        with self.assertRaises(parse.ParseError):
+            parse.duration_us("1.20 parsecs")
+
+    def test_summary(self):
+        s = parse.wrk_summary(wrk_text(p50="0.98ms", p99="1.05s"))
+        self.assertEqual(s["requests"], 1000)
+        self.assertEqual(s["rps"], 1000.0)
+        self.assertAlmostEqual(s["p50_us"], 980)
+        self.assertAlmostEqual(s["p99_us"], 1_050_000)
+
+    def test_output_is_the_bench_line_checked_against_the_summary(self):
+        out = parse.wrk_output(wrk_text())
+        self.assertEqual((out["requests"], out["p50_us"], out["p99_us"], out["s2xx"]), (1000, 575, 1203, 1000))
+
+    def test_disagreement_with_the_summary_is_an_error(self):
+        for text in (wrk_text(rps="990.00"), wrk_text(p99="1.50ms"), wrk_text(p50="575.00ms"),
+                     wrk_text().replace("1000 requests in", "999 requests in")):
+            with self.assertRaises(parse.ParseError):
+                parse.wrk_output(text)
+
+    def test_missing_pieces_are_errors(self):
+        with self.assertRaisesRegex(parse.ParseError, "no BENCH"):
+            parse.wrk_output(wrk_text(bench_line="done"))
+        with self.assertRaisesRegex(parse.ParseError, "malformed"):
+            parse.wrk_output(wrk_text(bench_line="BENCH requests=x"))
+        no_latency = "\n".join(line for line in wrk_text().splitlines() if "%  " not in line)
+        with self.assertRaisesRegex(parse.ParseError, "--latency"):
+            parse.wrk_output(no_latency)
+
+    def test_real_wrk_output(self):
+        # Captured from benches/load.sh runs (QUICK=1 ONLY=get DURATION=1): ms and us latencies.
+        cases = {
+            "wrk-get-idemproxy.out": (8777, 1_010_614, 8684.82, 3788, 3790, 28688, 28690),
+            "wrk-get-direct.out": (24676, 1_015_068, 24309.70, 263, 263, 11637, 11640),
+        }
+        for name, (requests, duration_us, rps, p50, p50_printed, p99, p99_printed) in cases.items():
+            with self.subTest(name):
+                text = (TESTDATA / name).read_text()
+                out, summary = parse.wrk_output(text), parse.wrk_summary(text)
+                self.assertEqual((out["requests"], out["duration_us"], out["p50_us"], out["p99_us"]),
+                                 (requests, duration_us, p50, p99))
+                self.assertEqual((out["status_counted"], out["s2xx"], out["non2xx3xx"]), (1, requests, 0))
+                self.assertEqual(summary["rps"], rps)
+                self.assertAlmostEqual(summary["p50_us"], p50_printed)
+                self.assertAlmostEqual(summary["p99_us"], p99_printed)
+
+
+class ProcAndRedisParsing(unittest.TestCase):
+    def test_proc_stat_with_an_awkward_command_name(self):
+        fields = "S 1 2 3 4 5 6 7 8 9 10 {} {} 0 0 20 0 1 0".format(150, 25)
+        self.assertEqual(parse.proc_ticks(f"4242 (we (ird) name) {fields}"), 175)
+        self.assertEqual(parse.proc_stat_fields(f"4242 (a) b) {fields}")[1], "1")
+
+    def test_cpu_us_per_request_from_two_samples(self):
+        # 50 ticks at 100 Hz = 0.5 s of CPU over 10,000 requests = 50 µs each.
+        self.assertAlmostEqual(report.cpu_us_per_request(100, 150, 100, 10_000), 50.0)
+        self.assertAlmostEqual(report.cpu_us_per_request(7, 7, 100, 10_000), 0.0)
+
+    def test_proc_stat_cores(self):
+        text = "cpu  9 9 9 9 9 9 9 9 0 0\ncpu0 10 1 5 100 4 1 2 0 0 0\ncpu1 1 0 1 50 0 0 0 1 0 0\nintr 1\n"
+        self.assertEqual(parse.cpu_times(text), {0: (19, 123), 1: (3, 53)})
+
+    def test_vm_hwm(self):
+        self.assertEqual(parse.vm_hwm_kib("Name:\tx\nVmPeak:\t 9 kB\nVmHWM:\t   18852 kB\n"), 18852)
+        with self.assertRaises(parse.ParseError):
+            parse.vm_hwm_kib("Name:\tx\n")
+
+    def test_commandstats(self):
+        text = ("# Commandstats\r\ncmdstat_set:calls=20,usec=5,usec_per_call=0.25\r\n"
+                "cmdstat_evalsha:calls=10,usec=9\r\ncmdstat_info:calls=3,usec=1\r\n")
+        self.assertEqual(parse.commandstats(text), {"set": 20, "evalsha": 10, "info": 3})
+
+    def test_monitor(self):
+        lines = ["OK", '1700000000.000001 [0 127.0.0.1:5000] "EVALSHA" "abc" "1" "k"',
+                 '1700000000.000002 [0 lua] "get" "k"', '1700000000.000003 [0 lua] "set" "k" "v"',
+                 '1700000000.000004 [0 127.0.0.1:5000] "set" "k2" "v"']
+        self.assertEqual(parse.monitor(lines), {"top": 2, "nested": 2, "commands": "EVALSHA=1,SET=1"})
+
+    def test_cpu_ids(self):
+        self.assertEqual(parse.cpu_ids("0,2-4"), {0, 2, 3, 4})
+        self.assertIsNone(parse.cpu_ids(None))
+
+
+class Runs(unittest.TestCase):
+    def test_build_run(self):
+        r = run("new", "idemproxy-redis", cpu={"proxy": 27, "redis": 12, "upstream": 7},
+                redis_calls={"set": 2 * REQUESTS, "get": REQUESTS, "evalsha": REQUESTS})
+        self.assertEqual(r["cpu_us_per_req"], {"proxy": 27.0, "redis": 12.0, "upstream": 7.0})
+        self.assertEqual(r["cpu_us_per_req_total"], 46.0)
+        self.assertEqual(r["redis_calls"], {"set": 20_000, "get": 10_000, "evalsha": 10_000})  # no INFO
+        self.assertEqual(r["redis_calls_per_req"], 4.0)
+        self.assertEqual(r["redis_scripts_per_req"], 1.0)
+        self.assertEqual(r["redis_by_command"], {"set": 2.0, "get": 1.0, "evalsha": 1.0})
+        self.assertEqual(r["peak_rss_mib"], 18.0)
+        self.assertAlmostEqual(r["rps"], 10_000.0)
+        self.assertEqual((r["p50_ms"], r["p99_ms"]), (0.5, 1.2))
+
+    def test_floor_has_no_peak_rss(self):
+        self.assertIsNone(run("get", "hyper-floor", cpu={"proxy": 12})["peak_rss_mib"])
+
+    def test_core_shares(self):
+        pre = {0: (0, 0), 1: (100, 1000)}
+        post = {0: (50, 100), 1: (190, 1100)}
+        # core 1: 90 of 100 jiffies busy, 80 of them ours: 10 % foreign.
+        busy, foreign = report.core_shares(pre, post, {1}, 80)
+        self.assertAlmostEqual(busy, 0.9)
+        self.assertAlmostEqual(foreign, 0.1)
+        self.assertEqual(report.core_shares(pre, post, None, 80), (None, None))
+
+    def test_median_across_interleaved_rounds(self):
+        runs = []
+        for round_, (a, b) in enumerate([(100, 10), (400, 40), (200, 20)], 1):
+            runs.append(run("get", "nginx", round_, rps=a * 100, cpu={"proxy": a / 10, "upstream": 1}))
+            runs.append(run("get", "idemproxy", round_, rps=b * 100, cpu={"proxy": b, "upstream": 1},
+                            peaks={"idem_redis": 1024 * b, "idem_mem": 0, "nginx": 0}))
+        agg = report.aggregate(runs)
+        self.assertEqual(list(agg), [("get", "nginx"), ("get", "idemproxy")])
+        nginx, idem = agg[("get", "nginx")], agg[("get", "idemproxy")]
+        self.assertEqual(nginx["rounds"], 3)
+        self.assertAlmostEqual(nginx["rps"], 20_000)
+        self.assertEqual(nginx["rps_rounds"], [10_000, 40_000, 20_000])
+        self.assertAlmostEqual(nginx["cpu"]["proxy"], 20.0)
+        self.assertAlmostEqual(idem["cpu_total"], 21.0)
+        self.assertEqual(list(idem["cpu"]), ["proxy", "redis", "upstream"])
+        self.assertEqual(idem["peak_rss_mib"], 40.0)  # the max, not the median
+        self.assertEqual(idem["requests"], 3 * REQUESTS)
+
+    def test_redis_commands_per_request(self):
+        runs = [run("replay", "idemproxy-redis", r, cpu={"proxy": 12, "redis": 2}, redis_calls={"set": n})
+                for r, n in enumerate((REQUESTS, 3 * REQUESTS, REQUESTS // 2), 1)]
+        a = report.aggregate(runs)[("replay", "idemproxy-redis")]
+        self.assertEqual(a["redis_calls_per_req"], 1.0)
+        self.assertEqual(a["redis_by_command"], {"set": 1.0})
+        self.assertTrue(a["uses_redis"])
+        self.assertEqual(report.by_command({"set": 2.0, "get": 1.0, "evalsha": 1.004}),
+                         "SET 2.00 · EVALSHA 1.00 · GET 1.00")
+        self.assertEqual(report.by_command({"get": 0.001}), "none")
+
+    def test_embedded_growth(self):
+        runs = [run("get", "nginx", cpu={"proxy": 1}, peaks={"idem_mem": 1000, "idem_redis": 0, "nginx": 0}),
+                run("new", "idemproxy-embedded", cpu={"proxy": 1},
+                    peaks={"idem_mem": 1000 + 2 * REQUESTS, "idem_redis": 0, "nginx": 0})]
+        self.assertAlmostEqual(report.embedded_growth_kib(runs), 2.0)
+        self.assertIsNone(report.embedded_growth_kib(runs[:1]))
+
+
+class Targets(unittest.TestCase):
+    def results(self, runs, calibration=CALIBRATION):
+        return {name: (measured, result)
+                for name, measured, result in report.targets(report.aggregate(runs), calibration)}
+
+    def test_all_measured(self):
+        results = self.results(full_runs())
+        self.assertEqual([r for _, r in results.values()], ["FAIL", "FAIL", "FAIL", "PASS", "PASS", "PASS", "PASS"])
+        get = results["GET pass-through: idemproxy CPU µs/req ≤ nginx's"][0]
+        self.assertIn("13.0 vs 12.0 µs = **1.08×**", get)
+        new = results["keyed first execution (Redis): total CPU ≤ 1.5 × nginx keyless POST total"][0]
+        self.assertEqual(new, "46.0 µs vs 1.5 × 21.0 = 31.5 µs (**2.19×** nginx POST)")
+        storm = results["retry storm (Redis): ≥ 0.5 × replay throughput, no 5xx"][0]
+        self.assertIn("66,000 vs 69,000 req/s = **0.96×**; 2xx 9700, 409 300", storm)
+        self.assertIn("SET 2.00 · GET 1.00 · EVALSHA 1.00", results["Redis commands: exactly 2 per first execution"][0])
+        self.assertEqual(results["peak RSS < 64 MiB under load (idemproxy, Redis store)"][0], "**18.0 MiB**")
+
+    def test_ratios_at_the_limit_pass(self):
+        runs = [run("get", "nginx", cpu={"proxy": 12, "upstream": 6}),
+                run("get", "idemproxy", cpu={"proxy": 12, "upstream": 6}),
+                run("replay", "idemproxy-redis", cpu={"proxy": 9, "redis": 1}, redis_calls={"set": REQUESTS})]
+        results = self.results(runs, {})
+        self.assertEqual(results["GET pass-through: idemproxy CPU µs/req ≤ nginx's"][1], "PASS")
+        # 10.0 ≤ 0.6 × 18.0 = 10.8
+        self.assertEqual(results["replay (Redis): total CPU ≤ 0.6 × nginx GET total"][1], "PASS")
+
+    def test_storm_with_5xx_fails(self):
+        runs = [run("replay", "idemproxy-redis", cpu={"proxy": 12}, rps=60_000),
+                run("storm", "idemproxy-redis", cpu={"proxy": 12}, rps=50_000, s5xx=1)]
+        self.assertEqual(self.results(runs, {})["retry storm (Redis): ≥ 0.5 × replay throughput, no 5xx"][1], "FAIL")
+
+    def test_calibration_needs_every_request_answered(self):
+        cal = {"replay": dict(CALIBRATION["replay"], ok="99")}
+        self.assertEqual(self.results([], cal)["Redis commands: exactly 1 per replay"][1], "FAIL")
+        cal = {"replay": dict(CALIBRATION["replay"], top="101")}
+        self.assertEqual(self.results([], cal)["Redis commands: exactly 1 per replay"][1], "FAIL")
+
+    def test_nothing_run_is_not_applicable(self):
+        results = self.results([], {})
+        self.assertEqual(len(results), 7)
+        self.assertEqual(set(results.values()), {("not run", "n/a")})
+
+
+class FloorsAndRatios(unittest.TestCase):
+    def test_floors(self):
+        floors = report.floors(report.aggregate(full_runs()))
+        self.assertEqual(len(floors), 4)
+        self.assertIn("costs 12.0 µs = 1.00× nginx; idemproxy's own per-request work", floors[0])
+        self.assertIn("adds 1.0 µs on top of it. The target leaves it 0.0 µs.", floors[0])
+        self.assertEqual(floors[1], "keyless POST: bare hyper forwarder 12.0 µs = 0.86× nginx; idemproxy 15.0 µs.")
+        self.assertIn("10.0 + 2.0 = 12.0 µs = **0.67×** nginx GET (target ≤ 0.6× = 10.8 µs)", floors[2])
+        self.assertIn("15.0 + 12.0 + 7.0 = 34.0 µs = **1.62×** nginx keyless POST", floors[3])
+
+    def test_floors_need_their_variants(self):
+        self.assertEqual(report.floors(report.aggregate(full_runs()[4:7])), [
+            "keyless POST: bare hyper forwarder 12.0 µs = 0.86× nginx; idemproxy 15.0 µs."])
+
+    def test_information(self):
+        runs = full_runs()
+        info = report.information(report.aggregate(runs), runs)
+        self.assertIn("replay, embedded: 10.0 µs total = 0.56× nginx GET (target ≤ 0.6×)", info)
+        self.assertIn("peak RSS, embedded store: 40.0 MiB (it holds every record of the run in memory; "
+                      "it grew ≈ 1.0 KiB per stored record in scenario 5)", info)
+        self.assertTrue(any(line.startswith("GET vs nginx: 0.95× throughput") for line in info))
+
+
+class Outputs(unittest.TestCase):
+    def outputs(self, env=ENV, runs=None):
+        runs = full_runs() if runs is None else runs
+        agg = report.aggregate(runs)
+        rows = report.targets(agg, CALIBRATION)
+        logs = {"idemproxy (Redis store)": {("WARN", "slow upstream"): 2}, "idemproxy (embedded store)": {}}
+        md = report.markdown(env, agg, runs, rows, logs)
+        return runs, agg, rows, md
+
+    def test_markdown_table_shape(self):
+        _, agg, _, md = self.outputs()
+        lines = md.splitlines()
+        start = lines.index(report.TABLE_HEAD[0])
+        table = lines[start:start + 2 + len(agg)]
+        self.assertEqual(table[1], report.TABLE_HEAD[1])
+        self.assertEqual({line.count("|") for line in table}, {16})
+        self.assertEqual(lines[start + 2 + len(agg)], "")
+        numbers = [line.split("|")[1].strip() for line in table[2:]]
+        self.assertEqual(numbers, ["1"] * 4 + ["2"] * 3 + ["3", "4", "5", "5", "6", "6"])
+        self.assertIn("| 1 | GET pass-through, small body | direct to upstream | 125,000 | 0.50 | 1.20 | — | — "
+                      "| 5.0 | **5.0** | — | — | — | 0 (409: 0, 5xx: 0) | 125,000 |", table)
+        self.assertIn("| SET 2.00 · GET 1.00 · EVALSHA 1.00 | 4.00 |", table[9])
+
+    def test_markdown_sections(self):
+        _, _, rows, md = self.outputs()
+        self.assertTrue(md.startswith("# idemproxy load benchmark\n"))
+        for heading in ("## Targets (issue 5)", "Floors (information:", "Also (information, no target):",
+                        'Proxy logs (warn and error lines): \n\n- idemproxy (Redis store): 2 × WARN "slow upstream"'):
+            self.assertIn(heading, md)
+        self.assertEqual(md.count("| **PASS** |") + md.count("| **FAIL** |"), len(rows))
+        self.assertTrue(md.endswith("(`QUICK=1` for a smoke run).\n"))
+
+    def test_quick_run_is_labelled(self):
+        _, _, _, md = self.outputs(dict(ENV, quick="1", dirty="2"))
+        self.assertIn("(QUICK smoke run: numbers are indicative only)", md.splitlines()[0])
+        self.assertIn("commit `abc1234` (+2 uncommitted files)", md)
+
+    def test_json_round_trip(self):
+        runs, agg, rows, _ = self.outputs()
+        data = json.loads(report.to_json(ENV, CALIBRATION, runs, agg, rows))
+        self.assertEqual(data["env"], ENV)
+        self.assertEqual(data["calibration"], CALIBRATION)
+        self.assertEqual(data["runs"], runs)
+        # The stored runs are enough to recompute the medians and targets.
+        again = report.aggregate(data["runs"])
+        self.assertEqual([{"group": k[0], "variant": k[1], **v} for k, v in again.items()], data["aggregate"])
+        self.assertEqual([(t["target"], t["measured"], t["result"]) for t in data["targets"]],
+                         report.targets(again, data["calibration"]))
+
+    def test_svg_is_well_formed(self):
+        env = dict(ENV, commit="<a&b>")
+        _, agg, _, _ = self.outputs(env)
+        root = ET.fromstring(chart.svg(env, agg))
+        self.assertEqual(root.tag, "{http://www.w3.org/2000/svg}svg")
+        ns = {"s": "http://www.w3.org/2000/svg"}
+        labels = [t.text for t in root.findall("s:text", ns) if t.get("text-anchor") == "end"]
+        self.assertEqual(len(labels), len(agg))
+        self.assertEqual(labels[0], "1. GET · direct to upstream")
+        self.assertIn("<a&b>", root.find("s:text", ns).text)
+        rps_bars = [r for r in root.findall("s:rect", ns) if r.get("fill") == "#59a14f"]
+        self.assertEqual(max(float(r.get("width")) for r in rps_bars), chart.PANEL_W)
+
+    def test_empty_run_gives_an_empty_chart(self):
+        ET.fromstring(chart.svg(ENV, {}))
+
+    def test_log_summary(self):
+        lines = ['{"level":"WARN","fields":{"message":"slow"}}', "not json", "[1]",
+                 '{"level":"info","fields":{"message":"up"}}', '{"level":"ERROR","message":"boom"}',
+                 '{"level":"WARN","fields":{"message":"slow"}}']
+        self.assertEqual(report.log_summary(lines), {("WARN", "slow"): 2, ("ERROR", "boom"): 1})
+
+
+class Settings(unittest.TestCase):
+    def test_defaults_and_quick(self):
+        s = from_env({}, Path("/r"), 2)
+        self.assertEqual((s.duration, s.warmup, s.rounds, s.conns, s.only[-1]), (10, 3, 3, 32, "storm"))
+        self.assertEqual((s.load_cpus, s.server_cpus, s.out_dir), ("0", "1", Path("/r/benches/results")))
+        q = from_env({"QUICK": "1", "ONLY": "get get new"}, Path("/r"), 1)
+        self.assertEqual((q.duration, q.warmup, q.only, q.pinned), (2, 1, ("get", "new"), False))
+
+    def test_bad_values(self):
+        for env in ({"DURATION": "0"}, {"ROUNDS": "x"}, {"ONLY": "get put"}, {"UPSTREAM_KIND": "apache"},
+                    {"SERVER_CPUS": "one"}):
+            with self.assertRaises(ConfigError):
+                from_env(env, Path("/r"), 2)
+
+
+if __name__ == "__main__":
+    unittest.main()
