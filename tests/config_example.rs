@@ -375,3 +375,135 @@ fn env_and_flags_override_the_file() {
         stderr(&output)
     );
 }
+
+/// Every key of the file form (`FileConfig::keys`, outside `[[route]]`) appears in the example,
+/// set or commented out, so a new setting cannot go undocumented there.
+#[test]
+fn example_covers_every_key_of_the_file_form() {
+    let text = example_text();
+    let mut section = String::new();
+    let mut found: Vec<String> = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.to_owned();
+            continue;
+        }
+        let setting = commented_setting(line).unwrap_or(line);
+        if let Some((key, _)) = setting.split_once(" = ") {
+            if !setting.starts_with('#') {
+                found.push(if section.is_empty() {
+                    key.to_owned()
+                } else {
+                    format!("{section}.{key}")
+                });
+            }
+        }
+    }
+    let keys = idemproxy::config::FileConfig::keys();
+    assert!(keys.len() > 40, "{keys:?}");
+    for key in keys {
+        assert!(found.contains(&key), "config/idemproxy.toml does not mention `{key}`");
+    }
+}
+
+#[test]
+fn check_config_refuses_what_would_stop_the_proxy_from_starting() {
+    let output = check_config(Path::new(EXAMPLE), &[], &["--log-filter", "idemproxy=loud"]);
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("`log.filter`"), "{}", stderr(&output));
+
+    let output = check_config(
+        Path::new(EXAMPLE),
+        &[],
+        &["--redis", "redis://:s3cret@redis.internal:port"],
+    );
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("`store.redis`"), "{}", stderr(&output));
+    assert!(!stderr(&output).contains("s3cret"), "{}", stderr(&output));
+
+    let output = check_config(
+        Path::new(EXAMPLE),
+        &[("IDEMPROXY_REDIS", "redis+cluster://:s3cret@a:7000,b:x")],
+        &[],
+    );
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("`store.redis`"), "{}", stderr(&output));
+    assert!(!stderr(&output).contains("s3cret"), "{}", stderr(&output));
+
+    // A well-formed URL is accepted without connecting to it.
+    let output = check_config(
+        Path::new(EXAMPLE),
+        &[],
+        &["--redis", "redis+cluster://127.0.0.1:1,127.0.0.1:2"],
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+}
+
+#[test]
+fn a_shorter_key_ttl_alone_shortens_the_lease() {
+    let file = temp_config("");
+    let output = check_config(
+        file.path(),
+        &[],
+        &["--upstream", "http://127.0.0.1:9", "--key-ttl", "2s"],
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    let output = check_config(Path::new(EXAMPLE), &[], &["--key-ttl", "2s"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+
+    let output = check_config(
+        file.path(),
+        &[],
+        &[
+            "--upstream",
+            "http://127.0.0.1:9",
+            "--key-ttl",
+            "2s",
+            "--lock-ttl",
+            "30s",
+        ],
+    );
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("route `default`: lock_ttl 30s must not exceed key_ttl 2s"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn listen_addresses_may_name_a_host() {
+    let output = check_config(
+        Path::new(EXAMPLE),
+        &[],
+        &["--listen", "localhost:8080", "--admin-listen", "localhost:9090"],
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+
+    let output = check_config(
+        Path::new(EXAMPLE),
+        &[("IDEMPROXY_LISTEN", "no-such-host.invalid:8080")],
+        &[],
+    );
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("`listen`"), "{}", stderr(&output));
+}
+
+#[test]
+fn a_bad_enumerated_flag_is_a_clap_error() {
+    let output = check_config(Path::new(EXAMPLE), &[], &["--on-conflict", "sometimes"]);
+    assert_eq!(output.status.code(), Some(2));
+    let err = stderr(&output);
+    assert!(
+        err.contains("--on-conflict") && err.contains("[possible values: reject, wait]"),
+        "{err}"
+    );
+
+    let output = check_config(
+        Path::new(EXAMPLE),
+        &[],
+        &["--on-conflict", "wait", "--log-format", "pretty"],
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+}

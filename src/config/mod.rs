@@ -1,18 +1,43 @@
-//! Configuration: the file/env/flag layers (`file`) resolved into one validated [`Config`].
+//! Configuration: the file/env/flag layers (`file`) resolved into one validated [`Config`]
+//! (`resolve`).
 //!
 //! Resolution happens once at start-up; the request path only reads the resolved values
-//! (parsed `Uri`s, `HeaderName`s, `Method`s), never strings.
+//! (parsed `Uri`s, `HeaderName`s, `Method`s, enums), never strings.
+//!
+//! # Adding a setting
+//!
+//! 1. A field on its section struct in `file.rs` (`ServerSection`, `PolicySection`, …): an
+//!    `Option<T>` whose name is the TOML key, whose doc comment is the `--help` text, with
+//!    `#[arg(long, env = "IDEMPROXY_…")]` for a flag (or `#[arg(skip)]` for a file-only key) and,
+//!    for a duration, `#[serde(default, with = "humantime_serde")]` plus
+//!    `value_parser = humantime::parse_duration`. An enumerated value is an enum deriving
+//!    `Deserialize` (lowercase) and `ValueEnum`, parsed with `keyed::<T>("section.key")`.
+//!    Nothing else in `file.rs`: the file < env < flags layering and the `[route.idempotency]`
+//!    overlay are generic (the `section!` macro).
+//! 2. Its field on the resolved type in this file (`ServerSettings`, `Policy`, …), and its default
+//!    in [`defaults`] if it has one.
+//! 3. Its line in the section's resolver in `resolve.rs`, which applies the default, validates
+//!    the value and names the key in any error.
+//!
+//! Then document it in `config/idemproxy.toml` (a test insists every key of the file form is
+//! there) and the README.
 
 mod file;
+mod resolve;
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use clap::ValueEnum;
 use http::{HeaderName, Method, Uri};
+use serde::Deserialize;
 
-pub use file::{Cli, FileConfig, PolicySection, RouteSection};
+pub use file::{
+    Cli, FileConfig, LogSection, PolicySection, RouteSection, ServerSection, StoreSection, TlsSection, UpstreamSection,
+};
 
 /// A configuration problem found at start-up. The message names the key at fault.
 #[derive(Debug, thiserror::Error)]
@@ -35,15 +60,19 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     }
 }
 
-/// Output format of the logs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Output format of the logs (`log.format`, `--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
+    /// One JSON object per line.
     Json,
+    /// Human-readable lines.
     Pretty,
 }
 
-/// What a retry gets while the first request with its key still runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a retry gets while the first request with its key still runs (`on_conflict`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
 pub enum OnConflict {
     /// `409 Conflict` with `Retry-After`.
     Reject,
@@ -51,8 +80,9 @@ pub enum OnConflict {
     Wait,
 }
 
-/// What guarded requests get while the store is unreachable (spec §7).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What guarded requests get while the store is unreachable (spec §7; `store_failure`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
 pub enum StoreFailure {
     /// `503` + `Retry-After`; nothing is forwarded.
     Closed,
@@ -60,14 +90,34 @@ pub enum StoreFailure {
     Open,
 }
 
-/// What happens to a key whose execution may or may not have reached the upstream (spec §5).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What happens to a key whose execution may or may not have reached the upstream (spec §5;
+/// `unknown_outcome`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
 pub enum UnknownOutcome {
     /// Mark the key `Unknown`: every retry gets the outcome-unknown problem (at most once).
     Reject,
     /// Release the key: a retry executes again (at least once).
     Retry,
 }
+
+/// Displays an enumerated setting the way the file and the flags spell it (`reject`, `json`).
+macro_rules! display_as_spelled {
+    ($($enum:ty),*) => {
+        $(
+            impl fmt::Display for $enum {
+                fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    match self.to_possible_value() {
+                        Some(value) => f.write_str(value.get_name()),
+                        None => Ok(()),
+                    }
+                }
+            }
+        )*
+    };
+}
+
+display_as_spelled!(LogFormat, OnConflict, StoreFailure, UnknownOutcome);
 
 /// The resolved idempotency policy of one route.
 #[derive(Debug, Clone)]
@@ -222,7 +272,10 @@ pub mod defaults {
     use std::time::Duration;
     pub const LISTEN: &str = "127.0.0.1:8080";
     pub const KEY_TTL: Duration = Duration::from_secs(24 * 3600);
+    /// Lease of an executing request; an unset `lock_ttl` is this or `key_ttl`, the shorter.
     pub const LOCK_TTL: Duration = Duration::from_secs(30);
+    /// The shortest `lock_ttl` accepted.
+    pub const MIN_LOCK_TTL: Duration = Duration::from_millis(100);
     pub const WAIT_TIMEOUT: Duration = Duration::from_secs(10);
     pub const MAX_BODY_BYTES: u64 = 8 * 1024 * 1024;
     pub const MAX_RESPONSE_BYTES: u64 = 8 * 1024 * 1024;
@@ -245,6 +298,11 @@ pub mod defaults {
     pub const REDIS_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
     pub const KEY_PREFIX: &str = "idem:";
     pub const SCOPE_HEADER: &str = "authorization";
+    pub const LOG_FORMAT: super::LogFormat = super::LogFormat::Json;
+    pub const LOG_FILTER: &str = "info";
+    pub const ON_CONFLICT: super::OnConflict = super::OnConflict::Reject;
+    pub const STORE_FAILURE: super::StoreFailure = super::StoreFailure::Closed;
+    pub const UNKNOWN_OUTCOME: super::UnknownOutcome = super::UnknownOutcome::Reject;
 }
 
 impl Config {
@@ -261,173 +319,25 @@ impl Config {
 
     /// Parses config text (no env, no flags): what tests and `--check-config` build on.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let file = FileConfig::parse(text).map_err(|source| ConfigError::Parse {
-            path: PathBuf::from("<inline>"),
-            source: Box::new(source),
-        })?;
+        let file = FileConfig::parse(text).map_err(|err| file::parse_error(Path::new("<inline>"), text, err))?;
         Self::from_file(file)
     }
 
     /// Resolves the layered file form into a validated configuration.
     pub fn from_file(file: FileConfig) -> Result<Self, ConfigError> {
-        let listen = parse_addr("listen", file.listen.as_deref().unwrap_or(defaults::LISTEN))?;
-        let admin_listen = file
-            .admin_listen
-            .as_deref()
-            .map(|a| parse_addr("admin_listen", a))
-            .transpose()?;
-        if let Some(addr) = admin_listen {
-            if !addr.ip().is_loopback() && file.admin_token.is_none() {
-                return Err(invalid(
-                    "admin_listen",
-                    format!("{addr} is not a loopback address; set `admin_token` to expose the admin listener"),
-                ));
-            }
-        }
-        if matches!(file.admin_token.as_deref(), Some("")) {
-            return Err(invalid("admin_token", "must not be empty"));
-        }
-        let log_format = match file.log.format.as_deref().unwrap_or("json") {
-            "json" => LogFormat::Json,
-            "pretty" => LogFormat::Pretty,
-            other => return Err(invalid("log.format", format!("`{other}`: expected json or pretty"))),
-        };
-        let server = ServerSettings {
-            header_read_timeout: positive(
-                "server.header_read_timeout",
-                file.server.header_read_timeout.unwrap_or(defaults::HEADER_READ_TIMEOUT),
-            )?,
-            body_read_timeout: positive(
-                "server.body_read_timeout",
-                file.server.body_read_timeout.unwrap_or(defaults::BODY_READ_TIMEOUT),
-            )?,
-            http2_keepalive_interval: positive(
-                "server.http2_keepalive_interval",
-                file.server
-                    .http2_keepalive_interval
-                    .unwrap_or(defaults::HTTP2_KEEPALIVE_INTERVAL),
-            )?,
-            http2_idle_timeout: positive(
-                "server.http2_idle_timeout",
-                file.server.http2_idle_timeout.unwrap_or(defaults::HTTP2_IDLE_TIMEOUT),
-            )?,
-            shutdown_grace: file.server.shutdown_grace.unwrap_or(defaults::SHUTDOWN_GRACE),
-            max_connections: at_least(
-                "server.max_connections",
-                file.server.max_connections,
-                defaults::MAX_CONNECTIONS,
-                1,
-            )?,
-            worker_threads: match file.server.worker_threads {
-                Some(0) => return Err(invalid("server.worker_threads", "must be at least 1")),
-                Some(n) => n,
-                None => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            },
-            max_header_bytes: at_least(
-                "server.max_header_bytes",
-                file.server.max_header_bytes,
-                defaults::MAX_HEADER_BYTES,
-                8192,
-            )?,
-            max_headers: at_least("server.max_headers", file.server.max_headers, defaults::MAX_HEADERS, 8)?,
-            http2_max_concurrent_streams: file
-                .server
-                .http2_max_concurrent_streams
-                .unwrap_or(defaults::HTTP2_MAX_CONCURRENT_STREAMS)
-                .max(1),
-        };
-        let tls = match (file.tls.cert.clone(), file.tls.key.clone()) {
-            (Some(cert), Some(key)) => Some(TlsSettings {
-                cert,
-                key,
-                reload_interval: positive(
-                    "tls.reload_interval",
-                    file.tls.reload_interval.unwrap_or(defaults::TLS_RELOAD_INTERVAL),
-                )?,
-            }),
-            (None, None) => None,
-            (Some(_), None) => return Err(invalid("tls.key", "`tls.cert` is set but `tls.key` is not")),
-            (None, Some(_)) => return Err(invalid("tls.cert", "`tls.key` is set but `tls.cert` is not")),
-        };
-        let upstream = UpstreamSettings {
-            connect_timeout: positive(
-                "upstream.connect_timeout",
-                file.upstream.connect_timeout.unwrap_or(defaults::CONNECT_TIMEOUT),
-            )?,
-            pool_idle_timeout: file.upstream.pool_idle_timeout.unwrap_or(defaults::POOL_IDLE_TIMEOUT),
-            pool_max_idle_per_host: file
-                .upstream
-                .pool_max_idle_per_host
-                .unwrap_or(defaults::POOL_MAX_IDLE_PER_HOST),
-            ca_file: file.upstream.ca_file.clone(),
-        };
-        let store = match file.store.redis.clone() {
-            Some(url) => {
-                let known = [
-                    "redis://",
-                    "rediss://",
-                    "redis+cluster://",
-                    "rediss+cluster://",
-                    "redis+unix://",
-                    "unix://",
-                ];
-                if !known.iter().any(|p| url.starts_with(p)) {
-                    return Err(invalid(
-                        "store.redis",
-                        "expected redis://, rediss:// or redis+cluster:// URL",
-                    ));
-                }
-                if file.store.ca_file.is_some() && !url.starts_with("rediss") {
-                    return Err(invalid(
-                        "store.ca_file",
-                        "only used with TLS: `store.redis` must be a rediss:// or rediss+cluster:// URL",
-                    ));
-                }
-                StoreSettings::Redis {
-                    url,
-                    command_timeout: positive(
-                        "store.command_timeout",
-                        file.store.command_timeout.unwrap_or(defaults::REDIS_COMMAND_TIMEOUT),
-                    )?,
-                    ca_file: file.store.ca_file.clone(),
-                }
-            }
-            None if file.store.ca_file.is_some() => {
-                return Err(invalid("store.ca_file", "is set but `store.redis` is not"))
-            }
-            None => StoreSettings::Memory {
-                max_entries: at_least(
-                    "store.memory_max_entries",
-                    file.store.memory_max_entries,
-                    defaults::MEMORY_MAX_ENTRIES,
-                    1,
-                )?,
-            },
-        };
-        let key_prefix = file
-            .store
-            .key_prefix
-            .clone()
-            .unwrap_or_else(|| defaults::KEY_PREFIX.to_owned());
-        if key_prefix.contains(['{', '}']) {
-            return Err(invalid(
-                "store.key_prefix",
-                "must not contain `{` or `}` (they form the Redis Cluster hash tag)",
-            ));
-        }
-        let routes = resolve_routes(&file)?;
+        let (listen, admin_listen) = resolve::listeners(&file)?;
         Ok(Config {
             listen,
             admin_listen,
-            admin_token: file.admin_token,
-            log_format,
-            log_filter: file.log.filter.unwrap_or_else(|| "info".to_owned()),
-            server,
-            tls,
-            upstream,
-            store,
-            key_prefix,
-            routes,
+            admin_token: file.admin_token.clone(),
+            log_format: file.log.format.unwrap_or(defaults::LOG_FORMAT),
+            log_filter: resolve::log_filter(&file.log)?,
+            server: resolve::server(&file.server)?,
+            tls: resolve::tls(&file.tls)?,
+            upstream: resolve::upstream(&file.upstream)?,
+            store: resolve::store(&file.store)?,
+            key_prefix: resolve::key_prefix(&file.store)?,
+            routes: resolve::routes(&file)?,
         })
     }
 
@@ -458,196 +368,7 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
         path: path.to_owned(),
         source,
     })?;
-    FileConfig::parse(&text).map_err(|source| ConfigError::Parse {
-        path: path.to_owned(),
-        source: Box::new(source),
-    })
-}
-
-fn parse_addr(key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
-    text.parse()
-        .map_err(|e| invalid(key, format!("`{text}` is not an address like 127.0.0.1:8080: {e}")))
-}
-
-fn positive(key: &str, value: Duration) -> Result<Duration, ConfigError> {
-    if value.is_zero() {
-        return Err(invalid(key, "must be greater than zero"));
-    }
-    Ok(value)
-}
-
-fn at_least(key: &str, value: Option<usize>, default: usize, min: usize) -> Result<usize, ConfigError> {
-    let value = value.unwrap_or(default);
-    if value < min {
-        return Err(invalid(key, format!("{value} is below the minimum {min}")));
-    }
-    Ok(value)
-}
-
-fn resolve_routes(file: &FileConfig) -> Result<Arc<[Arc<Route>]>, ConfigError> {
-    let default_timeout = positive(
-        "upstream.timeout",
-        file.upstream.timeout.unwrap_or(defaults::UPSTREAM_TIMEOUT),
-    )?;
-    let default_preserve = file.upstream.preserve_host.unwrap_or(false);
-    let default_upstream = file
-        .upstream
-        .url
-        .as_deref()
-        .map(|u| UpstreamTarget::parse("upstream.url", u))
-        .transpose()?;
-    let mut routes = Vec::with_capacity(file.routes.len() + 1);
-    for (i, section) in file.routes.iter().enumerate() {
-        let key = |field: &str| format!("route[{i}].{field}");
-        if !section.prefix.starts_with('/') {
-            return Err(invalid(
-                key("prefix"),
-                format!("`{}` must start with `/`", section.prefix),
-            ));
-        }
-        let upstream = match &section.upstream {
-            Some(u) => UpstreamTarget::parse(&key("upstream"), u)?,
-            None => default_upstream
-                .clone()
-                .ok_or_else(|| invalid(key("upstream"), "no upstream for this route and no `upstream.url`"))?,
-        };
-        let policy = resolve_policy(
-            &key("idempotency"),
-            &file.idempotency.overlaid_with(&section.idempotency),
-        )?;
-        routes.push(Route {
-            index: 0,
-            name: section.name.as_deref().unwrap_or(&section.prefix).into(),
-            prefix: section.prefix.clone(),
-            upstream,
-            preserve_host: section.preserve_host.unwrap_or(default_preserve),
-            timeout: positive(&key("timeout"), section.timeout.unwrap_or(default_timeout))?,
-            policy,
-        });
-    }
-    let has_catch_all = routes.iter().any(|r| r.prefix == "/");
-    if !has_catch_all {
-        match default_upstream {
-            Some(upstream) => routes.push(Route {
-                index: 0,
-                name: "default".into(),
-                prefix: "/".to_owned(),
-                upstream,
-                preserve_host: default_preserve,
-                timeout: default_timeout,
-                policy: resolve_policy("idempotency", &file.idempotency)?,
-            }),
-            None if routes.is_empty() => {
-                return Err(invalid(
-                    "upstream.url",
-                    "no upstream: pass --upstream URL (or IDEMPROXY_UPSTREAM), or set `upstream.url` or a [[route]]",
-                ))
-            }
-            None => {}
-        }
-    }
-    let mut names = std::collections::HashSet::new();
-    for r in &routes {
-        if !names.insert(&*r.name) {
-            return Err(invalid("route.name", format!("`{}` is used by two routes", r.name)));
-        }
-    }
-    let mut prefixes = std::collections::HashSet::new();
-    for r in &routes {
-        if !prefixes.insert(r.prefix.as_str()) {
-            return Err(invalid("route.prefix", format!("`{}` is used by two routes", r.prefix)));
-        }
-    }
-    routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
-    for (index, route) in routes.iter_mut().enumerate() {
-        route.index = index;
-    }
-    Ok(routes.into_iter().map(Arc::new).collect())
-}
-
-fn resolve_policy(key: &str, section: &PolicySection) -> Result<Policy, ConfigError> {
-    let field = |f: &str| format!("{key}.{f}");
-    let methods = match &section.methods {
-        None => vec![Method::POST],
-        Some(list) => {
-            if list.is_empty() {
-                return Err(invalid(field("methods"), "must name at least one method"));
-            }
-            list.iter()
-                .map(|m| {
-                    let m = m.trim().to_ascii_uppercase();
-                    match m.as_str() {
-                        "POST" => Ok(Method::POST),
-                        "PATCH" => Ok(Method::PATCH),
-                        other => Err(invalid(
-                            field("methods"),
-                            format!("`{other}` cannot be guarded: POST and PATCH are the non-idempotent methods"),
-                        )),
-                    }
-                })
-                .collect::<Result<Vec<_>, _>>()?
-        }
-    };
-    let scope_header = section.scope_header.as_deref().unwrap_or(defaults::SCOPE_HEADER);
-    let scope_header = HeaderName::from_bytes(scope_header.trim().as_bytes())
-        .map_err(|_| invalid(field("scope_header"), format!("`{scope_header}` is not a header name")))?;
-    let key_ttl = positive(&field("key_ttl"), section.key_ttl.unwrap_or(defaults::KEY_TTL))?;
-    let lock_ttl = positive(&field("lock_ttl"), section.lock_ttl.unwrap_or(defaults::LOCK_TTL))?;
-    if lock_ttl < Duration::from_millis(100) {
-        return Err(invalid(field("lock_ttl"), "must be at least 100ms"));
-    }
-    if lock_ttl > key_ttl {
-        return Err(invalid(field("lock_ttl"), "must not exceed key_ttl"));
-    }
-    let on_conflict = match section.on_conflict.as_deref().unwrap_or("reject") {
-        "reject" => OnConflict::Reject,
-        "wait" => OnConflict::Wait,
-        other => {
-            return Err(invalid(
-                field("on_conflict"),
-                format!("`{other}`: expected reject or wait"),
-            ))
-        }
-    };
-    let store_failure = match section.store_failure.as_deref().unwrap_or("closed") {
-        "closed" => StoreFailure::Closed,
-        "open" => StoreFailure::Open,
-        other => {
-            return Err(invalid(
-                field("store_failure"),
-                format!("`{other}`: expected closed or open"),
-            ))
-        }
-    };
-    let unknown_outcome = match section.unknown_outcome.as_deref().unwrap_or("reject") {
-        "reject" => UnknownOutcome::Reject,
-        "retry" => UnknownOutcome::Retry,
-        other => {
-            return Err(invalid(
-                field("unknown_outcome"),
-                format!("`{other}`: expected reject or retry"),
-            ))
-        }
-    };
-    let max_body_bytes = section.max_body_bytes.unwrap_or(defaults::MAX_BODY_BYTES);
-    if max_body_bytes == 0 {
-        return Err(invalid(field("max_body_bytes"), "must be greater than zero"));
-    }
-    Ok(Policy {
-        enabled: section.enabled.unwrap_or(true),
-        methods,
-        require_key: section.require_key.unwrap_or(false),
-        scope_header,
-        key_ttl,
-        lock_ttl,
-        on_conflict,
-        wait_timeout: section.wait_timeout.unwrap_or(defaults::WAIT_TIMEOUT),
-        store_failure,
-        max_body_bytes,
-        max_response_bytes: section.max_response_bytes.unwrap_or(defaults::MAX_RESPONSE_BYTES),
-        record_server_errors: section.record_server_errors.unwrap_or(true),
-        unknown_outcome,
-    })
+    FileConfig::parse(&text).map_err(|err| file::parse_error(path, &text, err))
 }
 
 #[cfg(test)]
@@ -716,8 +437,14 @@ mod tests {
         )
         .expect("parses");
         let cli = Cli {
-            require_key: Some(true),
-            key_ttl: Some(Duration::from_secs(60)),
+            settings: FileConfig {
+                idempotency: PolicySection {
+                    require_key: Some(true),
+                    key_ttl: Some(Duration::from_secs(60)),
+                    ..PolicySection::default()
+                },
+                ..FileConfig::default()
+            },
             ..Cli::default()
         };
         file.apply_cli(&cli);
@@ -734,5 +461,133 @@ mod tests {
         assert!(err.to_string().contains("admin_listen"), "{err}");
         Config::from_toml("upstream.url = \"http://a:1\"\nadmin_listen = \"0.0.0.0:9090\"\nadmin_token = \"s3cret\"")
             .expect("a token makes it valid");
+    }
+    fn error_of(text: &str) -> String {
+        match Config::from_toml(text) {
+            Ok(_) => panic!("expected this config to be refused:\n{text}"),
+            Err(err) => err.to_string(),
+        }
+    }
+
+    #[test]
+    fn enums_are_spelled_alike_in_the_file_on_the_command_line_and_in_display() {
+        fn check<T: ValueEnum + fmt::Display + PartialEq + fmt::Debug + serde::de::DeserializeOwned>() {
+            #[derive(Deserialize)]
+            struct Doc<T> {
+                value: T,
+            }
+            for variant in T::value_variants() {
+                let spelled = variant.to_string();
+                let from_file: Doc<T> = toml::from_str(&format!("value = \"{spelled}\"")).expect("parses");
+                assert_eq!(&from_file.value, variant);
+                assert_eq!(&T::from_str(&spelled, false).expect("a flag value"), variant);
+            }
+        }
+        check::<LogFormat>();
+        check::<OnConflict>();
+        check::<StoreFailure>();
+        check::<UnknownOutcome>();
+        assert_eq!(OnConflict::Wait.to_string(), "wait");
+        assert_eq!(LogFormat::Pretty.to_string(), "pretty");
+    }
+
+    #[test]
+    fn a_bad_enum_in_a_route_names_the_route_key() {
+        let err = error_of(
+            "upstream.url = \"http://a:1\"\n[[route]]\nprefix = \"/a\"\nidempotency.unknown_outcome = \"later\"",
+        );
+        assert!(err.contains("`route[0].idempotency.unknown_outcome`"), "{err}");
+        assert!(err.contains("`reject` or `retry`"), "{err}");
+        let err = error_of("upstream.url = \"http://a:1\"\nlog.format = \"xml\"");
+        assert!(err.contains("`log.format`"), "{err}");
+    }
+
+    #[test]
+    fn a_log_filter_that_does_not_parse_is_refused() {
+        for filter in ["idemproxy=loud", "info,[{"] {
+            let err = error_of(&format!("upstream.url = \"http://a:1\"\nlog.filter = \"{filter}\""));
+            assert!(err.contains("`log.filter`"), "{err}");
+        }
+        let config =
+            Config::from_toml("upstream.url = \"http://a:1\"\nlog.filter = \"warn,idemproxy=debug\"").expect("valid");
+        assert_eq!(config.log_filter, "warn,idemproxy=debug");
+    }
+
+    #[test]
+    fn redis_urls_are_parsed_without_connecting_and_without_echoing_passwords() {
+        let store = |url: &str| Config::from_toml(&format!("upstream.url = \"http://a:1\"\nstore.redis = \"{url}\""));
+        for url in [
+            "redis://:s3cret@127.0.0.1:notaport",
+            "redis://:s3cret@0.0.0.0:6379",
+            "redis://user:s3cret@127.0.0.1:6379/zero",
+            "redis+cluster://:s3cret@a:1,b:port",
+            "redis+cluster://a:1,",
+            "rediss+cluster://",
+        ] {
+            let err = store(url).expect_err(url).to_string();
+            assert!(err.contains("`store.redis`"), "{url}: {err}");
+            assert!(!err.contains("s3cret"), "{url}: {err}");
+        }
+        let err = store("redis+cluster://a:1,b:port").expect_err("bad node").to_string();
+        assert!(err.contains("node 2"), "{err}");
+        for url in [
+            "redis://:s3cret@127.0.0.1:1/0",
+            "rediss://redis.internal:6380",
+            "redis+cluster://a:1,b:2",
+            "rediss+cluster://user:pw@a:1,b:2",
+            "unix:///tmp/redis.sock",
+        ] {
+            let config = store(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert!(matches!(config.store, StoreSettings::Redis { .. }));
+        }
+    }
+
+    #[test]
+    fn an_unset_lock_ttl_follows_a_shorter_key_ttl() {
+        let config = Config::from_toml("upstream.url = \"http://a:1\"\nidempotency.key_ttl = \"2s\"").expect("valid");
+        assert_eq!(config.routes[0].policy.key_ttl, Duration::from_secs(2));
+        assert_eq!(config.routes[0].policy.lock_ttl, Duration::from_secs(2));
+
+        let config = Config::from_toml(
+            "upstream.url = \"http://a:1\"\n[[route]]\nprefix = \"/a\"\nidempotency.key_ttl = \"10s\"",
+        )
+        .expect("valid");
+        let policy = &config.route_for("/a").expect("a route").policy;
+        assert_eq!(policy.lock_ttl, Duration::from_secs(10));
+        assert_eq!(
+            config.route_for("/b").expect("default").policy.lock_ttl,
+            defaults::LOCK_TTL
+        );
+
+        let err =
+            error_of("upstream.url = \"http://a:1\"\nidempotency.key_ttl = \"2s\"\nidempotency.lock_ttl = \"30s\"");
+        assert!(err.contains("`idempotency.lock_ttl`"), "{err}");
+        assert!(
+            err.contains("route `default`: lock_ttl 30s must not exceed key_ttl 2s"),
+            "{err}"
+        );
+
+        let err = error_of("upstream.url = \"http://a:1\"\nidempotency.key_ttl = \"50ms\"");
+        assert!(err.contains("`idempotency.key_ttl`") && err.contains("100ms"), "{err}");
+    }
+
+    #[test]
+    fn listen_addresses_may_be_host_names() {
+        let config = Config::from_toml(
+            "upstream.url = \"http://a:1\"\nlisten = \"localhost:8080\"\nadmin_listen = \"localhost:9090\"",
+        )
+        .expect("localhost resolves");
+        assert!(config.listen.ip().is_loopback(), "{}", config.listen);
+        assert_eq!(config.listen.port(), 8080);
+        assert_eq!(config.admin_listen.map(|a| a.port()), Some(9090));
+        assert_eq!(config.admin_token, None, "a loopback admin listener needs no token");
+
+        let err = error_of("upstream.url = \"http://a:1\"\nlisten = \"no-such-host.invalid:8080\"");
+        assert!(
+            err.contains("`listen`") && err.contains("no-such-host.invalid:8080"),
+            "{err}"
+        );
+        let err = error_of("upstream.url = \"http://a:1\"\nadmin_listen = \"localhost\"");
+        assert!(err.contains("`admin_listen`"), "{err}");
     }
 }
