@@ -126,13 +126,9 @@ impl Drop for RedisCluster {
 async fn two_proxies_on_a_three_master_cluster_execute_each_key_once() {
     let cluster = RedisCluster::start();
     let upstream = TestUpstream::start().await;
-    let config = format!(
-        "upstream.url = \"{}\"\nstore.redis = \"{}\"\nlog.filter = \"warn\"\n",
-        upstream.url(),
-        cluster.url()
-    );
-    let a = TestProxy::start(&config).await;
-    let b = TestProxy::start(&config).await;
+    let store = format!("store.redis = \"{}\"", cluster.url());
+    let a = TestProxy::to(&upstream).config(&store).start().await;
+    let b = TestProxy::to(&upstream).config(&store).start().await;
     // 30 keys spread over the slots, each sent 4 times at once through both proxies.
     let requests = (0..30).flat_map(|k| {
         let urls = [a.url("/orders"), b.url("/orders"), a.url("/orders"), b.url("/orders")];
@@ -183,12 +179,13 @@ async fn two_proxies_on_a_three_master_cluster_execute_each_key_once() {
 async fn a_proxy_starts_before_its_cluster_and_uses_it_once_it_is_up() {
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let upstream = TestUpstream::start().await;
-    let config = format!(
-        "upstream.url = \"{}\"\nstore.redis = \"{}\"\nstore.command_timeout = \"500ms\"\nlog.filter = \"error\"\n",
-        upstream.url(),
-        cluster_url(&ports)
-    );
-    let proxy = TestProxy::start(&config).await;
+    let proxy = TestProxy::to(&upstream)
+        .config(&format!(
+            "store.redis = \"{}\"\nstore.command_timeout = \"500ms\"",
+            cluster_url(&ports)
+        ))
+        .start()
+        .await;
     let client = TestClient::new();
     let early = client.post_keyed(&proxy.url("/orders"), "early", "{}").await;
     assert_eq!(

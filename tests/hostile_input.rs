@@ -16,12 +16,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
-/// Proxy config with a catch-all route to `upstream_url`; `top` holds extra top-level dotted
-/// keys (`server.max_header_bytes = 16384`, ...).
-fn config(upstream_url: &str, top: &str) -> String {
-    format!("log.filter = \"error\"\nupstream.url = \"{upstream_url}\"\n{top}\n")
-}
-
 /// Writes `bytes` on a new connection and reads until the proxy closes it. A write the proxy
 /// refuses half-way (it answered and closed early) is not an error: the answer is what counts.
 async fn exchange(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
@@ -250,7 +244,7 @@ const SMUGGLED: &str = "GET /smuggled HTTP/1.1\r\nHost: api.example\r\n\r\n";
 async fn content_length_with_chunked_is_never_smuggled() {
     let upstream = TestUpstream::start().await;
     let tap = Tap::start(upstream.addr).await;
-    let proxy = TestProxy::start(&config(&tap.url(), "")).await;
+    let proxy = TestProxy::to_url(tap.url()).start().await;
 
     // CL.TE: a front end reading Content-Length would end the body after the size line and
     // take `GET /smuggled` as the next request; read as chunked it is body data.
@@ -338,7 +332,7 @@ async fn content_length_with_chunked_is_never_smuggled() {
 #[tokio::test]
 async fn two_different_content_lengths_are_400() {
     let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::start(&config(&upstream.url(), "")).await;
+    let proxy = TestProxy::to(&upstream).start().await;
     for (case, payload) in [
         (
             "two fields",
@@ -372,7 +366,7 @@ async fn two_different_content_lengths_are_400() {
 #[tokio::test]
 async fn invalid_chunk_sizes_on_keyed_posts_are_not_forwarded() {
     let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::start(&config(&upstream.url(), "")).await;
+    let proxy = TestProxy::to(&upstream).start().await;
     let head = |key: &str| {
         format!("POST /chunks HTTP/1.1\r\nHost: a\r\nIdempotency-Key: {key}\r\nTransfer-Encoding: chunked\r\n\r\n")
     };
@@ -419,7 +413,7 @@ async fn invalid_chunk_sizes_on_keyed_posts_are_not_forwarded() {
 async fn invalid_chunk_sizes_on_streamed_posts_never_complete_upstream() {
     let upstream = TestUpstream::start().await;
     let tap = Tap::start(upstream.addr).await;
-    let proxy = TestProxy::start(&config(&tap.url(), "")).await;
+    let proxy = TestProxy::to_url(tap.url()).start().await;
     for (case, body) in [
         ("zz", "5\r\nhello\r\nzz\r\nabc\r\n0\r\n\r\n"),
         ("negative", "5\r\nhello\r\n-1\r\nabc\r\n0\r\n\r\n"),
@@ -460,7 +454,7 @@ async fn invalid_chunk_sizes_on_streamed_posts_never_complete_upstream() {
 #[tokio::test]
 async fn obs_fold_is_400() {
     let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::start(&config(&upstream.url(), "")).await;
+    let proxy = TestProxy::to(&upstream).start().await;
     for (case, payload) in [
         (
             "space",
@@ -486,11 +480,10 @@ async fn obs_fold_is_400() {
 #[tokio::test]
 async fn header_block_over_the_limits_is_431() {
     let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::start(&config(
-        &upstream.url(),
-        "server.max_header_bytes = 16384\nserver.max_headers = 20",
-    ))
-    .await;
+    let proxy = TestProxy::to(&upstream)
+        .config("server.max_header_bytes = 16384\nserver.max_headers = 20")
+        .start()
+        .await;
     let big = "v".repeat(20 * 1024);
     for (case, payload) in [
         (
@@ -548,7 +541,7 @@ async fn header_block_over_the_limits_is_431() {
 #[tokio::test]
 async fn nul_cr_lf_in_field_values() {
     let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::start(&config(&upstream.url(), "")).await;
+    let proxy = TestProxy::to(&upstream).start().await;
     for (case, payload) in [
         ("NUL", &b"GET /ctl HTTP/1.1\r\nHost: a\r\nX-Value: a\0b\r\n\r\n"[..]),
         ("bare CR", b"GET /ctl HTTP/1.1\r\nHost: a\r\nX-Value: a\rb\r\n\r\n"),
@@ -602,7 +595,7 @@ async fn nul_cr_lf_in_field_values() {
 #[tokio::test]
 async fn absolute_form_goes_to_the_configured_upstream_and_asterisk_form_is_400() {
     let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::start(&config(&upstream.url(), "")).await;
+    let proxy = TestProxy::to(&upstream).start().await;
     for (target, host) in [
         ("http://example.com/path?q=1", "example.com"),
         ("https://example.com:8443/path?q=1", "other.example"),
@@ -652,7 +645,7 @@ async fn absolute_form_goes_to_the_configured_upstream_and_asterisk_form_is_400(
 #[tokio::test]
 async fn connect_is_400_and_not_tunnelled() {
     let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::start(&config(&upstream.url(), "")).await;
+    let proxy = TestProxy::to(&upstream).start().await;
     let answer = exchange(
         proxy.addr,
         b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\nGET /tunnelled HTTP/1.1\r\nHost: example.com\r\n\r\n",
@@ -679,7 +672,7 @@ async fn connect_is_400_and_not_tunnelled() {
 #[tokio::test]
 async fn non_utf8_request_target_is_400() {
     let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::start(&config(&upstream.url(), "")).await;
+    let proxy = TestProxy::to(&upstream).start().await;
     for (case, payload) in [
         ("0xff 0xfe", &b"GET /a\xff\xfe HTTP/1.1\r\nHost: a\r\n\r\n"[..]),
         (
@@ -723,7 +716,7 @@ async fn non_utf8_request_target_is_400() {
 #[tokio::test]
 async fn ten_kib_idempotency_key_is_400_invalid_key() {
     let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::start(&config(&upstream.url(), "")).await;
+    let proxy = TestProxy::to(&upstream).start().await;
     let key = "k".repeat(10 * 1024);
     for key in [key.clone(), format!("\"{key}\"")] {
         let request = format!(
@@ -742,11 +735,10 @@ async fn ten_kib_idempotency_key_is_400_invalid_key() {
 #[tokio::test]
 async fn excess_connections_wait_until_one_closes() {
     let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::start(&config(
-        &upstream.url(),
-        "server.max_connections = 4\nserver.header_read_timeout = \"20s\"",
-    ))
-    .await;
+    let proxy = TestProxy::to(&upstream)
+        .config("server.max_connections = 4\nserver.header_read_timeout = \"20s\"")
+        .start()
+        .await;
     let mut held = Vec::new();
     for i in 0..4 {
         let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");

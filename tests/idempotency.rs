@@ -1,46 +1,21 @@
 //! Idempotency-Key enforcement end to end (spec §1-§8), against a real upstream and a real
-//! `redis-server`; the rows that do not depend on the store run against both stores.
+//! `redis-server`. Every behaviour that does not depend on the store is written once and runs
+//! against each store (`memory::<behaviour>`, `redis::<behaviour>`: the `per_store!` list below;
+//! another store is one more line there and a `common::Backend` variant);
+//! what only one store can show (two proxies sharing Redis, Redis down, its command budget; a
+//! full embedded store) follows as single tests.
 
 mod common;
 
 use std::time::Duration;
 
-use common::{ProxyProcess, RedisServer, TestClient, TestProxy, TestUpstream};
+use common::{per_store, Backend, ProxyProcess, RedisServer, TestClient, TestProxy, TestResponse, TestUpstream};
 use futures::future::join_all;
 use http::{Method, StatusCode};
 
-/// Which store a test's proxy uses.
-enum Backend {
-    Memory,
-    Redis(RedisServer),
-}
-
-impl Backend {
-    fn redis() -> Self {
-        Backend::Redis(RedisServer::start())
-    }
-
-    async fn proxy(&self, upstream: &TestUpstream, idempotency_toml: &str) -> TestProxy {
-        match self {
-            Backend::Memory => TestProxy::to(upstream, idempotency_toml).await,
-            Backend::Redis(redis) => TestProxy::to_with_redis(upstream, redis, idempotency_toml).await,
-        }
-    }
-}
-
-fn hit(response: &common::TestResponse) -> u64 {
-    response.json()["hit"]
-        .as_u64()
-        .expect("upstream answer has a hit number")
-}
-
 /// Sends `n` POSTs with `headers` and body `{}` at once, the i-th to `url(i)`, each on its own
 /// connection.
-async fn keyed_posts_at_once(
-    n: usize,
-    url: impl Fn(usize) -> String,
-    headers: &[(&str, &str)],
-) -> Vec<common::TestResponse> {
+async fn keyed_posts_at_once(n: usize, url: impl Fn(usize) -> String, headers: &[(&str, &str)]) -> Vec<TestResponse> {
     join_all((0..n).map(|i| {
         let url = url(i);
         async move { TestClient::new().send(Method::POST, &url, headers, "{}").await }
@@ -48,9 +23,20 @@ async fn keyed_posts_at_once(
     .await
 }
 
-async fn replay_is_identical(backend: Backend) {
+/// `POST {}` to `url` with `Idempotency-Key: key` and the `extra` headers.
+async fn post_keyed_with(client: &TestClient, url: &str, key: &str, extra: &[(&str, &str)]) -> TestResponse {
+    let headers: Vec<_> = [("idempotency-key", key)]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect();
+    client.send(Method::POST, url, &headers, "{}").await
+}
+
+// ---- Every store --------------------------------------------------------------------------
+
+async fn replay_is_identical_and_marked(store: Backend) {
     let upstream = TestUpstream::start().await;
-    let proxy = backend.proxy(&upstream, "").await;
+    let proxy = store.proxy(&upstream).start().await;
     let client = TestClient::new();
     let url = proxy.url("/orders?src=app");
     let first = client
@@ -86,21 +72,9 @@ async fn replay_is_identical(backend: Backend) {
     assert_eq!(upstream.hits(), 1);
 }
 
-#[tokio::test]
-async fn replay_is_identical_and_marked_redis() {
-    replay_is_identical(Backend::redis()).await;
-}
-
-#[tokio::test]
-async fn replay_is_identical_and_marked_memory() {
-    replay_is_identical(Backend::Memory).await;
-}
-
-#[tokio::test]
-async fn same_key_with_changed_body_or_path_is_422() {
+async fn same_key_with_changed_body_or_path_is_422(store: Backend) {
     let upstream = TestUpstream::start().await;
-    let backend = Backend::redis();
-    let proxy = backend.proxy(&upstream, "").await;
+    let proxy = store.proxy(&upstream).start().await;
     let client = TestClient::new();
     let first = client.post_keyed(&proxy.url("/orders"), "k-422", "{\"n\":1}").await;
     assert_eq!(first.status, StatusCode::CREATED);
@@ -114,9 +88,9 @@ async fn same_key_with_changed_body_or_path_is_422() {
     assert_eq!(upstream.hits(), 1);
 }
 
-async fn concurrent_duplicates_execute_once(backend: Backend) {
+async fn forty_concurrent_duplicates_execute_once(store: Backend) {
     let upstream = TestUpstream::start().await;
-    let proxy = backend.proxy(&upstream, "").await;
+    let proxy = store.proxy(&upstream).start().await;
     let url = proxy.url("/orders");
     let responses = keyed_posts_at_once(
         40,
@@ -135,22 +109,12 @@ async fn concurrent_duplicates_execute_once(backend: Backend) {
     }
 }
 
-#[tokio::test]
-async fn forty_concurrent_duplicates_execute_once_redis() {
-    concurrent_duplicates_execute_once(Backend::redis()).await;
-}
-
-#[tokio::test]
-async fn forty_concurrent_duplicates_execute_once_memory() {
-    concurrent_duplicates_execute_once(Backend::Memory).await;
-}
-
-#[tokio::test]
-async fn with_wait_every_duplicate_gets_the_one_result() {
+async fn with_wait_every_duplicate_gets_the_one_result(store: Backend) {
     let upstream = TestUpstream::start().await;
-    let backend = Backend::redis();
-    let proxy = backend
-        .proxy(&upstream, "on_conflict = \"wait\"\nwait_timeout = \"5s\"")
+    let proxy = store
+        .proxy(&upstream)
+        .idempotency("on_conflict = \"wait\"\nwait_timeout = \"5s\"")
+        .start()
         .await;
     let url = proxy.url("/orders");
     let responses = keyed_posts_at_once(
@@ -172,12 +136,317 @@ async fn with_wait_every_duplicate_gets_the_one_result() {
     assert_eq!(replayed, 39);
 }
 
+async fn keys_are_scoped_by_authorization(store: Backend) {
+    let upstream = TestUpstream::start().await;
+    let proxy = store.proxy(&upstream).start().await;
+    let client = TestClient::new();
+    let url = proxy.url("/orders");
+    let as_alice = [("authorization", "Bearer alice")];
+    let alice = post_keyed_with(&client, &url, "k", &as_alice).await;
+    let bob = post_keyed_with(&client, &url, "k", &[("authorization", "Bearer bob")]).await;
+    assert_eq!(alice.status, StatusCode::CREATED);
+    assert_eq!(bob.status, StatusCode::CREATED);
+    assert_ne!(alice.hit(), bob.hit());
+    assert_eq!(bob.header("idempotent-replayed"), None);
+    let alice_again = post_keyed_with(&client, &url, "k", &as_alice).await;
+    assert_eq!(alice_again.hit(), alice.hit());
+    assert_eq!(upstream.hits(), 2);
+    // The store holds hashes only: neither the key nor the credential appears in it (where it
+    // can be read from outside: Redis).
+    if let Some(keys) = store.stored_keys() {
+        assert_eq!(keys.len(), 2, "{keys:?}");
+        assert!(keys.iter().all(|k| !k.contains("alice") && !k.contains("bob")));
+    }
+}
+
+async fn server_errors_are_recorded_by_default(store: Backend) {
+    let upstream = TestUpstream::start().await;
+    let proxy = store.proxy(&upstream).start().await;
+    let client = TestClient::new();
+    let url = proxy.url("/orders");
+    let first = post_keyed_with(&client, &url, "k5xx", &[("x-upstream-status", "503")]).await;
+    let again = post_keyed_with(&client, &url, "k5xx", &[("x-upstream-status", "503")]).await;
+    assert_eq!(first.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(again.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(again.body, first.body);
+    assert_eq!(upstream.hits(), 1);
+}
+
+async fn server_errors_release_the_key_when_not_recorded(store: Backend) {
+    let upstream = TestUpstream::start().await;
+    let proxy = store
+        .proxy(&upstream)
+        .idempotency("record_server_errors = false")
+        .start()
+        .await;
+    let client = TestClient::new();
+    let url = proxy.url("/orders");
+    let failed = post_keyed_with(&client, &url, "k5xx", &[("x-upstream-status", "500")]).await;
+    assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR);
+    let retried = client.post_keyed(&url, "k5xx", "{}").await;
+    assert_eq!(retried.status, StatusCode::CREATED);
+    assert_eq!(retried.header("idempotent-replayed"), None);
+    assert_eq!(upstream.hits(), 2);
+}
+
+async fn keys_expire_after_key_ttl(store: Backend) {
+    let upstream = TestUpstream::start().await;
+    let proxy = store
+        .proxy(&upstream)
+        .idempotency("key_ttl = \"1s\"\nlock_ttl = \"500ms\"")
+        .start()
+        .await;
+    let client = TestClient::new();
+    let url = proxy.url("/orders");
+    let first = client.post_keyed(&url, "short-lived", "{}").await;
+    let replay = client.post_keyed(&url, "short-lived", "{}").await;
+    assert_eq!(replay.header("idempotent-replayed"), Some("true"));
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let after = client.post_keyed(&url, "short-lived", "{}").await;
+    assert_eq!(after.status, StatusCode::CREATED);
+    assert_eq!(after.header("idempotent-replayed"), None);
+    assert_ne!(after.hit(), first.hit());
+    assert_eq!(upstream.hits(), 2);
+}
+
+async fn lease_is_renewed_while_a_slow_upstream_runs(store: Backend) {
+    let upstream = TestUpstream::start().await;
+    let proxy = store.proxy(&upstream).idempotency("lock_ttl = \"300ms\"").start().await;
+    let url = proxy.url("/orders");
+    let slow = common::spawn_slow_keyed_post(&url, "slow", 1500);
+    // Well past several lock_ttl periods, the lease must still be alive: 409, not a takeover
+    // or outcome-unknown.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let during = TestClient::new().post_keyed(&url, "slow", "{}").await;
+    assert_eq!(during.status, StatusCode::CONFLICT, "{during:?}");
+    let first = slow.await.expect("task");
+    assert_eq!(first.status, StatusCode::CREATED);
+    let after = TestClient::new().post_keyed(&url, "slow", "{}").await;
+    assert_eq!(after.header("idempotent-replayed"), Some("true"));
+    assert_eq!(upstream.hits(), 1);
+}
+
+async fn upstream_slower_than_timeout_is_504_then_outcome_unknown(store: Backend) {
+    let upstream = TestUpstream::start().await;
+    let proxy = store
+        .proxy(&upstream)
+        .config("upstream.timeout = \"300ms\"")
+        .start()
+        .await;
+    let client = TestClient::new();
+    let url = proxy.url("/orders");
+    let too_slow = [("x-upstream-delay-ms", "1000")];
+    let first = post_keyed_with(&client, &url, "too-slow", &too_slow).await;
+    assert_eq!(first.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(first.problem_type().ends_with("#outcome-unknown"));
+    let retry = post_keyed_with(&client, &url, "too-slow", &too_slow).await;
+    assert_eq!(retry.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(retry.problem_type().ends_with("#outcome-unknown"));
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let later = client.post_keyed(&url, "too-slow", "{}").await;
+    assert!(later.problem_type().ends_with("#outcome-unknown"));
+    assert_eq!(upstream.hits(), 1);
+}
+
+async fn timeout_with_unknown_outcome_retry_runs_again(store: Backend) {
+    let upstream = TestUpstream::start().await;
+    let proxy = store
+        .proxy(&upstream)
+        .config("upstream.timeout = \"300ms\"")
+        .idempotency("unknown_outcome = \"retry\"")
+        .start()
+        .await;
+    let client = TestClient::new();
+    let url = proxy.url("/orders");
+    let first = post_keyed_with(&client, &url, "again", &[("x-upstream-delay-ms", "1000")]).await;
+    assert_eq!(first.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(first.problem_type().ends_with("#upstream-timeout"));
+    let retry = client.post_keyed(&url, "again", "{}").await;
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert_eq!(upstream.hits(), 2);
+}
+
+async fn client_disconnect_does_not_cancel_and_the_retry_gets_the_replay(store: Backend) {
+    let upstream = TestUpstream::start().await;
+    let proxy = store.proxy(&upstream).start().await;
+    let url = proxy.url("/orders");
+    let gone = tokio::time::timeout(
+        Duration::from_millis(150),
+        post_keyed_with(&TestClient::new(), &url, "left", &[("x-upstream-delay-ms", "500")]),
+    )
+    .await;
+    assert!(gone.is_err(), "the client gave up before the answer");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let retry = TestClient::new().post_keyed(&url, "left", "{}").await;
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert_eq!(retry.header("idempotent-replayed"), Some("true"));
+    assert_eq!(retry.hit(), 1);
+    assert_eq!(upstream.hits(), 1);
+}
+
+async fn invalid_keys_are_400_and_not_forwarded(store: Backend) {
+    let upstream = TestUpstream::start().await;
+    let proxy = store.proxy(&upstream).start().await;
+    let client = TestClient::new();
+    let url = proxy.url("/orders");
+    let long = "k".repeat(256);
+    for key in ["", "\"unterminated", "two words", "\"a\";param=1", long.as_str()] {
+        let response = client.send(Method::POST, &url, &[("idempotency-key", key)], "{}").await;
+        assert_eq!(response.status, StatusCode::BAD_REQUEST, "key {key:?}");
+        assert!(response.problem_type().ends_with("#invalid-key"));
+    }
+    let twice = client
+        .send(
+            Method::POST,
+            &url,
+            &[("idempotency-key", "a"), ("idempotency-key", "a")],
+            "{}",
+        )
+        .await;
+    assert_eq!(twice.status, StatusCode::BAD_REQUEST);
+    assert_eq!(upstream.hits(), 0);
+}
+
+async fn require_key_refuses_keyless_guarded_methods_only(store: Backend) {
+    let upstream = TestUpstream::start().await;
+    let proxy = store.proxy(&upstream).idempotency("require_key = true").start().await;
+    let client = TestClient::new();
+    let url = proxy.url("/orders");
+    let keyless = client.send(Method::POST, &url, &[], "{}").await;
+    assert_eq!(keyless.status, StatusCode::BAD_REQUEST);
+    assert!(keyless.problem_type().ends_with("#missing-key"));
+    assert_eq!(
+        client.send(Method::GET, &url, &[], "").await.status,
+        StatusCode::CREATED
+    );
+    assert_eq!(upstream.hits(), 1);
+}
+
+async fn patch_is_guarded_only_when_configured(store: Backend) {
+    let upstream = TestUpstream::start().await;
+    let proxy = store
+        .proxy(&upstream)
+        .idempotency("methods = [\"POST\", \"PATCH\"]")
+        .start()
+        .await;
+    let client = TestClient::new();
+    let url = proxy.url("/orders/1");
+    let keyed = [("idempotency-key", "p")];
+    let first = client.send(Method::PATCH, &url, &keyed, "{}").await;
+    let again = client.send(Method::PATCH, &url, &keyed, "{}").await;
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(again.body, first.body);
+    let put = client.send(Method::PUT, &url, &keyed, "{}").await;
+    let put_again = client.send(Method::PUT, &url, &keyed, "{}").await;
+    assert_ne!(put.body, put_again.body, "PUT passes through");
+    assert_eq!(upstream.hits(), 3);
+}
+
+async fn oversized_request_body_is_413_before_forwarding(store: Backend) {
+    let upstream = TestUpstream::start().await;
+    let proxy = store
+        .proxy(&upstream)
+        .idempotency("max_body_bytes = 1024")
+        .start()
+        .await;
+    let client = TestClient::new();
+    let url = proxy.url("/orders");
+    let big = "x".repeat(2048);
+    let response = client.post_keyed(&url, "big", &big).await;
+    assert_eq!(response.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(response.problem_type().ends_with("#body-too-large"));
+    let keyless = client.send(Method::POST, &url, &[], big.clone()).await;
+    assert_eq!(keyless.status, StatusCode::CREATED, "keyless requests are not limited");
+    assert_eq!(upstream.hits(), 1);
+}
+
+async fn oversized_response_is_streamed_once_and_never_replayed(store: Backend) {
+    let upstream = TestUpstream::start().await;
+    let proxy = store
+        .proxy(&upstream)
+        .idempotency("max_response_bytes = 100000")
+        .start()
+        .await;
+    let client = TestClient::new();
+    let url = proxy.url("/export");
+    let huge = [("x-upstream-body-bytes", "1000000")];
+    let first = post_keyed_with(&client, &url, "huge", &huge).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert_eq!(first.body.len(), 1_000_000);
+    let retry = post_keyed_with(&client, &url, "huge", &huge).await;
+    assert_eq!(retry.status, StatusCode::BAD_GATEWAY);
+    assert!(retry.problem_type().ends_with("#response-not-replayable"));
+    assert_eq!(upstream.hits(), 1);
+}
+
+async fn unreachable_upstream_releases_the_key(store: Backend) {
+    let upstream = TestUpstream::start().await;
+    let addr = upstream.addr;
+    upstream.stop();
+    drop(upstream);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let proxy = TestProxy::to_url(format!("http://{addr}")).store(&store).start().await;
+    let client = TestClient::new();
+    let url = proxy.url("/orders");
+    let refused = client.post_keyed(&url, "retry-me", "{}").await;
+    assert_eq!(refused.status, StatusCode::BAD_GATEWAY);
+    assert!(refused.problem_type().ends_with("#upstream-unreachable"));
+    let upstream = TestUpstream::start_on(addr).await;
+    let retried = client.post_keyed(&url, "retry-me", "{}").await;
+    assert_eq!(retried.status, StatusCode::CREATED);
+    assert_eq!(upstream.hits(), 1);
+}
+
+async fn upstream_reset_after_sending_is_outcome_unknown(store: Backend) {
+    let upstream = TestUpstream::start().await;
+    let proxy = store.proxy(&upstream).start().await;
+    let client = TestClient::new();
+    let url = proxy.url("/orders");
+    let first = post_keyed_with(&client, &url, "reset", &[("x-upstream-reset", "1")]).await;
+    assert_eq!(first.status, StatusCode::BAD_GATEWAY);
+    assert!(first.problem_type().ends_with("#outcome-unknown"));
+    let retry = client.post_keyed(&url, "reset", "{}").await;
+    assert!(retry.problem_type().ends_with("#outcome-unknown"));
+    assert_eq!(upstream.hits(), 1);
+}
+
+per_store! {
+    stores {
+        memory => Backend::memory(),
+        redis => Backend::redis(),
+    }
+    tests {
+        replay_is_identical_and_marked,
+        same_key_with_changed_body_or_path_is_422,
+        forty_concurrent_duplicates_execute_once,
+        with_wait_every_duplicate_gets_the_one_result,
+        keys_are_scoped_by_authorization,
+        server_errors_are_recorded_by_default,
+        server_errors_release_the_key_when_not_recorded,
+        keys_expire_after_key_ttl,
+        lease_is_renewed_while_a_slow_upstream_runs,
+        upstream_slower_than_timeout_is_504_then_outcome_unknown,
+        timeout_with_unknown_outcome_retry_runs_again,
+        client_disconnect_does_not_cancel_and_the_retry_gets_the_replay,
+        invalid_keys_are_400_and_not_forwarded,
+        require_key_refuses_keyless_guarded_methods_only,
+        patch_is_guarded_only_when_configured,
+        oversized_request_body_is_413_before_forwarding,
+        oversized_response_is_streamed_once_and_never_replayed,
+        unreachable_upstream_releases_the_key,
+        upstream_reset_after_sending_is_outcome_unknown,
+    }
+}
+
+// ---- Redis only: a store shared between proxies, Redis outages, the Redis command budget ----
+
 #[tokio::test]
 async fn two_proxies_sharing_redis_execute_once() {
     let redis = RedisServer::start();
     let upstream = TestUpstream::start().await;
-    let a = TestProxy::to_with_redis(&upstream, &redis, "").await;
-    let b = TestProxy::to_with_redis(&upstream, &redis, "").await;
+    let a = TestProxy::to(&upstream).redis(&redis).start().await;
+    let b = TestProxy::to(&upstream).redis(&redis).start().await;
     let responses = keyed_posts_at_once(
         20,
         |i| if i % 2 == 0 { a.url("/orders") } else { b.url("/orders") },
@@ -199,206 +468,10 @@ async fn two_proxies_sharing_redis_execute_once() {
 }
 
 #[tokio::test]
-async fn keys_are_scoped_by_authorization() {
-    let upstream = TestUpstream::start().await;
-    let backend = Backend::redis();
-    let proxy = backend.proxy(&upstream, "").await;
-    let client = TestClient::new();
-    let url = proxy.url("/orders");
-    let alice = client
-        .send(
-            Method::POST,
-            &url,
-            &[("idempotency-key", "k"), ("authorization", "Bearer alice")],
-            "{}",
-        )
-        .await;
-    let bob = client
-        .send(
-            Method::POST,
-            &url,
-            &[("idempotency-key", "k"), ("authorization", "Bearer bob")],
-            "{}",
-        )
-        .await;
-    assert_eq!(alice.status, StatusCode::CREATED);
-    assert_eq!(bob.status, StatusCode::CREATED);
-    assert_ne!(hit(&alice), hit(&bob));
-    assert_eq!(bob.header("idempotent-replayed"), None);
-    let alice_again = client
-        .send(
-            Method::POST,
-            &url,
-            &[("idempotency-key", "k"), ("authorization", "Bearer alice")],
-            "{}",
-        )
-        .await;
-    assert_eq!(hit(&alice_again), hit(&alice));
-    assert_eq!(upstream.hits(), 2);
-    // The store holds hashes only: neither the key nor the credential appears in Redis.
-    if let Backend::Redis(redis) = &backend {
-        let keys: Vec<String> = redis.query(redis::cmd("KEYS").arg("*"));
-        assert_eq!(keys.len(), 2, "{keys:?}");
-        assert!(keys.iter().all(|k| !k.contains("alice") && !k.contains("bob")));
-    }
-}
-
-#[tokio::test]
-async fn server_errors_are_recorded_by_default() {
-    let upstream = TestUpstream::start().await;
-    let backend = Backend::redis();
-    let proxy = backend.proxy(&upstream, "").await;
-    let client = TestClient::new();
-    let url = proxy.url("/orders");
-    let headers = [("idempotency-key", "k5xx"), ("x-upstream-status", "503")];
-    let first = client.send(Method::POST, &url, &headers, "{}").await;
-    let again = client.send(Method::POST, &url, &headers, "{}").await;
-    assert_eq!(first.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(again.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(again.header("idempotent-replayed"), Some("true"));
-    assert_eq!(again.body, first.body);
-    assert_eq!(upstream.hits(), 1);
-}
-
-#[tokio::test]
-async fn server_errors_release_the_key_when_not_recorded() {
-    let upstream = TestUpstream::start().await;
-    let backend = Backend::redis();
-    let proxy = backend.proxy(&upstream, "record_server_errors = false").await;
-    let client = TestClient::new();
-    let url = proxy.url("/orders");
-    let failed = client
-        .send(
-            Method::POST,
-            &url,
-            &[("idempotency-key", "k5xx"), ("x-upstream-status", "500")],
-            "{}",
-        )
-        .await;
-    assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR);
-    let retried = client.post_keyed(&url, "k5xx", "{}").await;
-    assert_eq!(retried.status, StatusCode::CREATED);
-    assert_eq!(retried.header("idempotent-replayed"), None);
-    assert_eq!(upstream.hits(), 2);
-}
-
-#[tokio::test]
-async fn keys_expire_after_key_ttl() {
-    let upstream = TestUpstream::start().await;
-    let backend = Backend::redis();
-    let proxy = backend.proxy(&upstream, "key_ttl = \"1s\"\nlock_ttl = \"500ms\"").await;
-    let client = TestClient::new();
-    let url = proxy.url("/orders");
-    let first = client.post_keyed(&url, "short-lived", "{}").await;
-    let replay = client.post_keyed(&url, "short-lived", "{}").await;
-    assert_eq!(replay.header("idempotent-replayed"), Some("true"));
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    let after = client.post_keyed(&url, "short-lived", "{}").await;
-    assert_eq!(after.status, StatusCode::CREATED);
-    assert_eq!(after.header("idempotent-replayed"), None);
-    assert_ne!(hit(&after), hit(&first));
-    assert_eq!(upstream.hits(), 2);
-}
-
-#[tokio::test]
-async fn lease_is_renewed_while_a_slow_upstream_runs() {
-    let upstream = TestUpstream::start().await;
-    let backend = Backend::redis();
-    let proxy = backend.proxy(&upstream, "lock_ttl = \"300ms\"").await;
-    let url = proxy.url("/orders");
-    let slow = common::spawn_slow_keyed_post(&url, "slow", 1500);
-    // Well past several lock_ttl periods, the lease must still be alive: 409, not a takeover
-    // or outcome-unknown.
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    let during = TestClient::new().post_keyed(&url, "slow", "{}").await;
-    assert_eq!(during.status, StatusCode::CONFLICT, "{during:?}");
-    let first = slow.await.expect("task");
-    assert_eq!(first.status, StatusCode::CREATED);
-    let after = TestClient::new().post_keyed(&url, "slow", "{}").await;
-    assert_eq!(after.header("idempotent-replayed"), Some("true"));
-    assert_eq!(upstream.hits(), 1);
-}
-
-#[tokio::test]
-async fn upstream_slower_than_timeout_is_504_then_outcome_unknown() {
-    let upstream = TestUpstream::start().await;
-    let redis = RedisServer::start();
-    let proxy = TestProxy::start(&format!(
-        "upstream.url = \"{}\"\nupstream.timeout = \"300ms\"\nstore.redis = \"{}\"\n",
-        upstream.url(),
-        redis.url()
-    ))
-    .await;
-    let client = TestClient::new();
-    let url = proxy.url("/orders");
-    let headers = [("idempotency-key", "too-slow"), ("x-upstream-delay-ms", "1000")];
-    let first = client.send(Method::POST, &url, &headers, "{}").await;
-    assert_eq!(first.status, StatusCode::GATEWAY_TIMEOUT);
-    assert!(first.problem_type().ends_with("#outcome-unknown"));
-    let retry = client.send(Method::POST, &url, &headers, "{}").await;
-    assert_eq!(retry.status, StatusCode::GATEWAY_TIMEOUT);
-    assert!(retry.problem_type().ends_with("#outcome-unknown"));
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    let later = client.post_keyed(&url, "too-slow", "{}").await;
-    assert!(later.problem_type().ends_with("#outcome-unknown"));
-    assert_eq!(upstream.hits(), 1);
-}
-
-#[tokio::test]
-async fn timeout_with_unknown_outcome_retry_runs_again() {
-    let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::start(&format!(
-        "upstream.url = \"{}\"\nupstream.timeout = \"300ms\"\nidempotency.unknown_outcome = \"retry\"\n",
-        upstream.url()
-    ))
-    .await;
-    let client = TestClient::new();
-    let url = proxy.url("/orders");
-    let first = client
-        .send(
-            Method::POST,
-            &url,
-            &[("idempotency-key", "again"), ("x-upstream-delay-ms", "1000")],
-            "{}",
-        )
-        .await;
-    assert_eq!(first.status, StatusCode::GATEWAY_TIMEOUT);
-    assert!(first.problem_type().ends_with("#upstream-timeout"));
-    let retry = client.post_keyed(&url, "again", "{}").await;
-    assert_eq!(retry.status, StatusCode::CREATED);
-    assert_eq!(upstream.hits(), 2);
-}
-
-#[tokio::test]
-async fn client_disconnect_does_not_cancel_and_the_retry_gets_the_replay() {
-    let upstream = TestUpstream::start().await;
-    let backend = Backend::redis();
-    let proxy = backend.proxy(&upstream, "").await;
-    let url = proxy.url("/orders");
-    let gone = tokio::time::timeout(
-        Duration::from_millis(150),
-        TestClient::new().send(
-            Method::POST,
-            &url,
-            &[("idempotency-key", "left"), ("x-upstream-delay-ms", "500")],
-            "{}",
-        ),
-    )
-    .await;
-    assert!(gone.is_err(), "the client gave up before the answer");
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    let retry = TestClient::new().post_keyed(&url, "left", "{}").await;
-    assert_eq!(retry.status, StatusCode::CREATED);
-    assert_eq!(retry.header("idempotent-replayed"), Some("true"));
-    assert_eq!(hit(&retry), 1);
-    assert_eq!(upstream.hits(), 1);
-}
-
-#[tokio::test]
 async fn redis_down_fails_closed_and_recovers_without_restart() {
     let mut redis = RedisServer::start();
     let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::to_with_redis(&upstream, &redis, "").await;
+    let proxy = TestProxy::to(&upstream).redis(&redis).start().await;
     let client = TestClient::new();
     let url = proxy.url("/orders");
     assert_eq!(
@@ -430,7 +503,11 @@ async fn redis_down_fails_closed_and_recovers_without_restart() {
 async fn redis_down_fails_open_when_configured() {
     let mut redis = RedisServer::start();
     let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::to_with_redis(&upstream, &redis, "store_failure = \"open\"").await;
+    let proxy = TestProxy::to(&upstream)
+        .redis(&redis)
+        .idempotency("store_failure = \"open\"")
+        .start()
+        .await;
     redis.kill();
     let client = TestClient::new();
     let url = proxy.url("/orders");
@@ -441,46 +518,11 @@ async fn redis_down_fails_open_when_configured() {
     assert_eq!(upstream.hits(), 2, "unprotected: both were forwarded");
 }
 
-/// A full embedded store is a store failure like an unreachable Redis (spec §7): closed (the
-/// default), a new key gets `503`; with `store_failure = "open"` it is forwarded unprotected.
-/// Keys already stored still replay in both.
-#[tokio::test]
-async fn full_memory_store_follows_store_failure() {
-    let upstream = TestUpstream::start().await;
-    let config = |policy: &str| {
-        format!(
-            "upstream.url = \"{}\"\nlog.filter = \"error\"\nstore.memory_max_entries = 1\n[idempotency]\n{policy}\n",
-            upstream.url()
-        )
-    };
-    let closed = TestProxy::start(&config("")).await;
-    let open = TestProxy::start(&config("store_failure = \"open\"")).await;
-    let client = TestClient::new();
-    for proxy in [&closed, &open] {
-        let first = client.post_keyed(&proxy.url("/orders"), "first", "{}").await;
-        assert_eq!(first.status, StatusCode::CREATED, "the one record fits");
-    }
-    let refused = client.post_keyed(&closed.url("/orders"), "second", "{}").await;
-    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(upstream.hits(), 2, "closed: the new key was not forwarded");
-    for _ in 0..2 {
-        let forwarded = client.post_keyed(&open.url("/orders"), "second", "{}").await;
-        assert_eq!(forwarded.status, StatusCode::CREATED);
-        assert_eq!(forwarded.header("idempotent-replayed"), None, "forwarded, not replayed");
-    }
-    assert_eq!(upstream.hits(), 4, "open: unprotected, both were forwarded");
-    for proxy in [&closed, &open] {
-        let replayed = client.post_keyed(&proxy.url("/orders"), "first", "{}").await;
-        assert_eq!(replayed.header("idempotent-replayed"), Some("true"));
-    }
-    assert_eq!(upstream.hits(), 4, "stored keys replay");
-}
-
 #[tokio::test]
 async fn redis_command_budget_is_two_per_execution_and_one_per_replay() {
     let redis = RedisServer::start();
     let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::to_with_redis(&upstream, &redis, "").await;
+    let proxy = TestProxy::to(&upstream).redis(&redis).start().await;
     let client = TestClient::new();
     let url = proxy.url("/orders");
     // Warm up: loads the scripts once.
@@ -518,134 +560,9 @@ async fn redis_command_budget_is_two_per_execution_and_one_per_replay() {
     assert_eq!(stats(&redis), expect(&[("set", 10)]), "one round trip per replay");
 }
 
-#[tokio::test]
-async fn invalid_keys_are_400_and_not_forwarded() {
-    let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::to(&upstream, "").await;
-    let client = TestClient::new();
-    let url = proxy.url("/orders");
-    let long = "k".repeat(256);
-    for key in ["", "\"unterminated", "two words", "\"a\";param=1", long.as_str()] {
-        let response = client.send(Method::POST, &url, &[("idempotency-key", key)], "{}").await;
-        assert_eq!(response.status, StatusCode::BAD_REQUEST, "key {key:?}");
-        assert!(response.problem_type().ends_with("#invalid-key"));
-    }
-    let twice = client
-        .send(
-            Method::POST,
-            &url,
-            &[("idempotency-key", "a"), ("idempotency-key", "a")],
-            "{}",
-        )
-        .await;
-    assert_eq!(twice.status, StatusCode::BAD_REQUEST);
-    assert_eq!(upstream.hits(), 0);
-}
-
-#[tokio::test]
-async fn require_key_refuses_keyless_guarded_methods_only() {
-    let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::to(&upstream, "require_key = true").await;
-    let client = TestClient::new();
-    let url = proxy.url("/orders");
-    let keyless = client.send(Method::POST, &url, &[], "{}").await;
-    assert_eq!(keyless.status, StatusCode::BAD_REQUEST);
-    assert!(keyless.problem_type().ends_with("#missing-key"));
-    assert_eq!(
-        client.send(Method::GET, &url, &[], "").await.status,
-        StatusCode::CREATED
-    );
-    assert_eq!(upstream.hits(), 1);
-}
-
-#[tokio::test]
-async fn patch_is_guarded_only_when_configured() {
-    let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::to(&upstream, "methods = [\"POST\", \"PATCH\"]").await;
-    let client = TestClient::new();
-    let url = proxy.url("/orders/1");
-    let first = client
-        .send(Method::PATCH, &url, &[("idempotency-key", "p")], "{}")
-        .await;
-    let again = client
-        .send(Method::PATCH, &url, &[("idempotency-key", "p")], "{}")
-        .await;
-    assert_eq!(again.header("idempotent-replayed"), Some("true"));
-    assert_eq!(again.body, first.body);
-    let put = client.send(Method::PUT, &url, &[("idempotency-key", "p")], "{}").await;
-    let put_again = client.send(Method::PUT, &url, &[("idempotency-key", "p")], "{}").await;
-    assert_ne!(put.body, put_again.body, "PUT passes through");
-    assert_eq!(upstream.hits(), 3);
-}
-
-#[tokio::test]
-async fn oversized_request_body_is_413_before_forwarding() {
-    let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::to(&upstream, "max_body_bytes = 1024").await;
-    let client = TestClient::new();
-    let url = proxy.url("/orders");
-    let big = "x".repeat(2048);
-    let response = client.post_keyed(&url, "big", &big).await;
-    assert_eq!(response.status, StatusCode::PAYLOAD_TOO_LARGE);
-    assert!(response.problem_type().ends_with("#body-too-large"));
-    let keyless = client.send(Method::POST, &url, &[], big.clone()).await;
-    assert_eq!(keyless.status, StatusCode::CREATED, "keyless requests are not limited");
-    assert_eq!(upstream.hits(), 1);
-}
-
-#[tokio::test]
-async fn oversized_response_is_streamed_once_and_never_replayed() {
-    let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::to(&upstream, "max_response_bytes = 100000").await;
-    let client = TestClient::new();
-    let url = proxy.url("/export");
-    let headers = [("idempotency-key", "huge"), ("x-upstream-body-bytes", "1000000")];
-    let first = client.send(Method::POST, &url, &headers, "{}").await;
-    assert_eq!(first.status, StatusCode::CREATED);
-    assert_eq!(first.body.len(), 1_000_000);
-    let retry = client.send(Method::POST, &url, &headers, "{}").await;
-    assert_eq!(retry.status, StatusCode::BAD_GATEWAY);
-    assert!(retry.problem_type().ends_with("#response-not-replayable"));
-    assert_eq!(upstream.hits(), 1);
-}
-
-#[tokio::test]
-async fn unreachable_upstream_releases_the_key() {
-    let upstream = TestUpstream::start().await;
-    let addr = upstream.addr;
-    upstream.stop();
-    drop(upstream);
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let proxy = TestProxy::start(&format!("upstream.url = \"http://{addr}\"\nlog.filter = \"warn\"\n")).await;
-    let client = TestClient::new();
-    let url = proxy.url("/orders");
-    let refused = client.post_keyed(&url, "retry-me", "{}").await;
-    assert_eq!(refused.status, StatusCode::BAD_GATEWAY);
-    assert!(refused.problem_type().ends_with("#upstream-unreachable"));
-    let upstream = TestUpstream::start_on(addr).await;
-    let retried = client.post_keyed(&url, "retry-me", "{}").await;
-    assert_eq!(retried.status, StatusCode::CREATED);
-    assert_eq!(upstream.hits(), 1);
-}
-
-#[tokio::test]
-async fn upstream_reset_after_sending_is_outcome_unknown() {
-    let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::to(&upstream, "").await;
-    let client = TestClient::new();
-    let url = proxy.url("/orders");
-    let headers = [("idempotency-key", "reset"), ("x-upstream-reset", "1")];
-    let first = client.send(Method::POST, &url, &headers, "{}").await;
-    assert_eq!(first.status, StatusCode::BAD_GATEWAY);
-    assert!(first.problem_type().ends_with("#outcome-unknown"));
-    let retry = client.post_keyed(&url, "reset", "{}").await;
-    assert!(retry.problem_type().ends_with("#outcome-unknown"));
-    assert_eq!(upstream.hits(), 1);
-}
-
 /// Kills a proxy process (SIGKILL) while its request runs upstream; the other proxy's retry
 /// must not execute again.
-async fn proxy_killed_mid_request(unknown_outcome: &str) -> (common::TestResponse, usize) {
+async fn proxy_killed_mid_request(unknown_outcome: &str) -> (TestResponse, usize) {
     let redis = RedisServer::start();
     let upstream = TestUpstream::start().await;
     let redis_url = redis.url();
@@ -660,12 +577,13 @@ async fn proxy_killed_mid_request(unknown_outcome: &str) -> (common::TestRespons
         "--unknown-outcome",
         unknown_outcome,
     ]);
-    let survivor = TestProxy::to_with_redis(
-        &upstream,
-        &redis,
-        &format!("lock_ttl = \"500ms\"\nunknown_outcome = \"{unknown_outcome}\""),
-    )
-    .await;
+    let survivor = TestProxy::to(&upstream)
+        .redis(&redis)
+        .idempotency(&format!(
+            "lock_ttl = \"500ms\"\nunknown_outcome = \"{unknown_outcome}\""
+        ))
+        .start()
+        .await;
     let url = doomed.url("/orders");
     let in_flight = tokio::spawn(async move {
         TestClient::new()
@@ -712,4 +630,36 @@ async fn proxy_killed_mid_request_reexecutes_with_unknown_outcome_retry() {
     let (after, hits) = proxy_killed_mid_request("retry").await;
     assert_eq!(after.status, StatusCode::CREATED);
     assert_eq!(hits, 2, "at-least-once by choice: the retry ran again");
+}
+
+// ---- Memory only ------------------------------------------------------------------------------
+
+/// A full embedded store is a store failure like an unreachable Redis (spec §7): closed (the
+/// default), a new key gets `503`; with `store_failure = "open"` it is forwarded unprotected.
+/// Keys already stored still replay in both.
+#[tokio::test]
+async fn full_memory_store_follows_store_failure() {
+    let upstream = TestUpstream::start().await;
+    let one_entry = || TestProxy::to(&upstream).config("store.memory_max_entries = 1");
+    let closed = one_entry().start().await;
+    let open = one_entry().idempotency("store_failure = \"open\"").start().await;
+    let client = TestClient::new();
+    for proxy in [&closed, &open] {
+        let first = client.post_keyed(&proxy.url("/orders"), "first", "{}").await;
+        assert_eq!(first.status, StatusCode::CREATED, "the one record fits");
+    }
+    let refused = client.post_keyed(&closed.url("/orders"), "second", "{}").await;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(upstream.hits(), 2, "closed: the new key was not forwarded");
+    for _ in 0..2 {
+        let forwarded = client.post_keyed(&open.url("/orders"), "second", "{}").await;
+        assert_eq!(forwarded.status, StatusCode::CREATED);
+        assert_eq!(forwarded.header("idempotent-replayed"), None, "forwarded, not replayed");
+    }
+    assert_eq!(upstream.hits(), 4, "open: unprotected, both were forwarded");
+    for proxy in [&closed, &open] {
+        let replayed = client.post_keyed(&proxy.url("/orders"), "first", "{}").await;
+        assert_eq!(replayed.header("idempotent-replayed"), Some("true"));
+    }
+    assert_eq!(upstream.hits(), 4, "stored keys replay");
 }

@@ -88,12 +88,7 @@ async fn admin_get(proxy: &TestProxy, path: &str, headers: &[(&str, &str)]) -> c
 async fn readyz_follows_redis_and_healthz_the_process() {
     let mut redis = RedisServer::start();
     let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::start_with_admin(&format!(
-        "upstream.url = \"{}\"\nstore.redis = \"{}\"\nstore.command_timeout = \"300ms\"\n",
-        upstream.url(),
-        redis.url()
-    ))
-    .await;
+    let proxy = TestProxy::to(&upstream).redis(&redis).admin().start().await;
     assert_eq!(admin_get(&proxy, "/readyz", &[]).await.status, StatusCode::OK);
     redis.kill();
     assert_eq!(
@@ -120,7 +115,7 @@ async fn readyz_follows_redis_and_healthz_the_process() {
 #[tokio::test]
 async fn metrics_count_replays_conflicts_and_mismatches() {
     let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::start_with_admin(&format!("upstream.url = \"{}\"\n", upstream.url())).await;
+    let proxy = TestProxy::to(&upstream).admin().start().await;
     let client = TestClient::new();
     let url = proxy.url("/orders");
     let slow = common::spawn_slow_keyed_post(&url, "m", 300);
@@ -165,12 +160,12 @@ async fn metrics_count_replays_conflicts_and_mismatches() {
 async fn unknown_key_is_seen_by_lookup_and_runs_again_after_clear() {
     let redis = RedisServer::start();
     let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::start_with_admin(&format!(
-        "upstream.url = \"{}\"\nupstream.timeout = \"200ms\"\nstore.redis = \"{}\"\nadmin_token = \"s3cret\"\n",
-        upstream.url(),
-        redis.url()
-    ))
-    .await;
+    let proxy = TestProxy::to(&upstream)
+        .redis(&redis)
+        .config("upstream.timeout = \"200ms\"\nadmin_token = \"s3cret\"")
+        .admin()
+        .start()
+        .await;
     let client = TestClient::new();
     let url = proxy.url("/orders");
     let auth = ("authorization", "Bearer client-7");

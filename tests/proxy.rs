@@ -15,12 +15,6 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-/// Proxy config with a catch-all route to `upstream_url`; `top` holds extra top-level dotted
-/// keys (`upstream.timeout = "300ms"`, `server.header_read_timeout = "500ms"`, ...).
-fn config(upstream_url: &str, top: &str) -> String {
-    format!("log.filter = \"warn\"\nupstream.url = \"{upstream_url}\"\n{top}\n")
-}
-
 /// The one request the upstream received.
 fn only_request(upstream: &TestUpstream) -> Recorded {
     let requests = upstream.requests();
@@ -58,7 +52,7 @@ async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
 #[tokio::test]
 async fn hop_by_hop_request_fields_are_not_forwarded() {
     let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::start(&config(&upstream.url(), "")).await;
+    let proxy = TestProxy::to(&upstream).start().await;
     let request = "GET /hop?q=1 HTTP/1.1\r\n\
                    Host: api.example\r\n\
                    Connection: close, X-Secret\r\n\
@@ -103,7 +97,7 @@ async fn hop_by_hop_request_fields_are_not_forwarded() {
 #[tokio::test]
 async fn hop_by_hop_response_fields_are_not_forwarded() {
     let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::start(&config(&upstream.url(), "")).await;
+    let proxy = TestProxy::to(&upstream).start().await;
     let response = TestClient::new()
         .send(
             Method::GET,
@@ -150,7 +144,7 @@ async fn hop_by_hop_response_fields_are_not_forwarded() {
 #[tokio::test]
 async fn forwarding_fields_host_and_target_by_default() {
     let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::start(&config(&upstream.url(), "")).await;
+    let proxy = TestProxy::to(&upstream).start().await;
     let target = "/a%2Fb/c;v=1/..%2F~x?x=1&y=%20&x=2&e=&plus=a+b";
     let response = TestClient::new()
         .send(
@@ -185,7 +179,7 @@ async fn forwarding_fields_host_and_target_by_default() {
 #[tokio::test]
 async fn x_forwarded_for_starts_with_the_client_address() {
     let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::start(&config(&upstream.url(), "")).await;
+    let proxy = TestProxy::to(&upstream).start().await;
     let response = TestClient::new().send(Method::GET, &proxy.url("/"), &[], "").await;
     assert_eq!(response.status, StatusCode::CREATED);
     let seen = only_request(&upstream);
@@ -200,7 +194,10 @@ async fn x_forwarded_for_starts_with_the_client_address() {
 #[tokio::test]
 async fn preserve_host_forwards_the_client_host() {
     let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::start(&config(&upstream.url(), "upstream.preserve_host = true")).await;
+    let proxy = TestProxy::to(&upstream)
+        .config("upstream.preserve_host = true")
+        .start()
+        .await;
     let response = TestClient::new()
         .send(Method::GET, &proxy.url("/p?q=%41"), &[("host", "shop.example")], "")
         .await;
@@ -215,7 +212,7 @@ async fn preserve_host_forwards_the_client_host() {
 #[tokio::test]
 async fn h2c_prior_knowledge_is_proxied_to_http1_upstream() {
     let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::start(&config(&upstream.url(), "")).await;
+    let proxy = TestProxy::to(&upstream).start().await;
     let client = TestClient::http2();
     let response = client
         .send(
@@ -283,7 +280,7 @@ fn assert_problem(response: &common::TestResponse, status: StatusCode, slug: &st
 #[tokio::test]
 async fn refused_upstream_is_502_problem() {
     let dead = format!("http://127.0.0.1:{}", free_port());
-    let proxy = TestProxy::start(&config(&dead, "")).await;
+    let proxy = TestProxy::to_url(dead).start().await;
     let response = TestClient::new().send(Method::GET, &proxy.url("/x"), &[], "").await;
     assert_problem(&response, StatusCode::BAD_GATEWAY, "upstream-unreachable");
     let keyless_post = TestClient::new().send(Method::POST, &proxy.url("/x"), &[], "{}").await;
@@ -295,7 +292,10 @@ async fn refused_upstream_is_502_problem() {
 #[tokio::test]
 async fn slow_upstream_is_504_problem_at_the_timeout() {
     let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::start(&config(&upstream.url(), "upstream.timeout = \"300ms\"")).await;
+    let proxy = TestProxy::to(&upstream)
+        .config("upstream.timeout = \"300ms\"")
+        .start()
+        .await;
     let started = Instant::now();
     let response = TestClient::new()
         .send(Method::GET, &proxy.url("/slow"), &[("x-upstream-delay-ms", "2000")], "")
@@ -310,7 +310,7 @@ async fn slow_upstream_is_504_problem_at_the_timeout() {
 #[tokio::test]
 async fn garbage_bytes_do_not_stop_the_server() {
     let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::start(&config(&upstream.url(), "")).await;
+    let proxy = TestProxy::to(&upstream).start().await;
     for garbage in [
         &b"\x00\xff GARBAGE\r\n\r\n"[..],
         b"GET\r\n\r\n",
@@ -334,7 +334,7 @@ async fn garbage_bytes_do_not_stop_the_server() {
 #[tokio::test]
 async fn graceful_shutdown_finishes_in_flight_requests() {
     let upstream = TestUpstream::start().await;
-    let mut proxy = TestProxy::start(&config(&upstream.url(), "")).await;
+    let mut proxy = TestProxy::to(&upstream).start().await;
     let url = proxy.url("/slow");
     let in_flight = tokio::spawn(async move {
         TestClient::new()
@@ -375,22 +375,40 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
     );
 }
 
+/// A proxy to `upstream` that gives a client 500ms to send a request head
+/// (`server.header_read_timeout`), for the slowloris tests.
+async fn proxy_with_short_header_read_timeout(upstream: &TestUpstream) -> TestProxy {
+    TestProxy::to(upstream)
+        .config("server.header_read_timeout = \"500ms\"")
+        .start()
+        .await
+}
+
+/// A new connection to `addr` on which `bytes` were written.
+async fn connect_and_write(addr: SocketAddr, bytes: &[u8]) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(bytes).await.expect("write");
+    stream
+}
+
+/// Waits (up to 5s, else panics saying `after`) until the proxy closes `stream`; returns what
+/// it sent until then and how long that took.
+async fn wait_until_closed(stream: &mut TcpStream, after: &str) -> (Vec<u8>, Duration) {
+    let started = Instant::now();
+    let received = read_until_closed(stream, Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|| panic!("after {after}: not disconnected within 5s"));
+    (received, started.elapsed())
+}
+
 /// Slowloris: a client that starts a request head and stalls is disconnected after
 /// `server.header_read_timeout`.
 #[tokio::test]
 async fn slow_header_client_is_disconnected() {
     let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::start(&config(&upstream.url(), "server.header_read_timeout = \"500ms\"")).await;
-    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
-        .await
-        .expect("write partial head");
-    let started = Instant::now();
-    let received = read_until_closed(&mut stream, Duration::from_secs(5))
-        .await
-        .expect("disconnected within 5s");
-    let elapsed = started.elapsed();
+    let proxy = proxy_with_short_header_read_timeout(&upstream).await;
+    let mut stream = connect_and_write(proxy.addr, b"GET / HTTP/1.1\r\nHost: x\r\n").await;
+    let (received, elapsed) = wait_until_closed(&mut stream, "a partial head").await;
     assert!(elapsed >= Duration::from_millis(400), "closed after only {elapsed:?}");
     let received = String::from_utf8_lossy(&received);
     assert!(
@@ -406,15 +424,10 @@ async fn slow_header_client_is_disconnected() {
 #[tokio::test]
 async fn silent_client_is_disconnected() {
     let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::start(&config(&upstream.url(), "server.header_read_timeout = \"500ms\"")).await;
+    let proxy = proxy_with_short_header_read_timeout(&upstream).await;
     for first_bytes in [&b""[..], b"PRI * HTTP/2.0\r\n"] {
-        let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
-        stream.write_all(first_bytes).await.expect("write");
-        let started = Instant::now();
-        let received = read_until_closed(&mut stream, Duration::from_secs(5))
-            .await
-            .unwrap_or_else(|| panic!("after {first_bytes:?}: not disconnected within 5s"));
-        let elapsed = started.elapsed();
+        let mut stream = connect_and_write(proxy.addr, first_bytes).await;
+        let (received, elapsed) = wait_until_closed(&mut stream, &format!("{first_bytes:?}")).await;
         assert!(elapsed >= Duration::from_millis(400), "closed after only {elapsed:?}");
         assert!(received.is_empty(), "{received:?}");
     }
@@ -426,22 +439,14 @@ async fn silent_client_is_disconnected() {
 #[tokio::test]
 async fn idle_keep_alive_connection_is_closed() {
     let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::start(&config(&upstream.url(), "server.header_read_timeout = \"500ms\"")).await;
-    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
-    stream
-        .write_all(b"GET /ka HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .expect("write request");
+    let proxy = proxy_with_short_header_read_timeout(&upstream).await;
+    let mut stream = connect_and_write(proxy.addr, b"GET /ka HTTP/1.1\r\nHost: x\r\n\r\n").await;
     let response = read_one_response(&mut stream, Duration::from_secs(10))
         .await
         .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
         .expect("one whole response");
     assert!(response.starts_with("HTTP/1.1 201"), "{response}");
-    let started = Instant::now();
-    let rest = read_until_closed(&mut stream, Duration::from_secs(5))
-        .await
-        .expect("idle connection closed within 5s");
-    let elapsed = started.elapsed();
+    let (rest, elapsed) = wait_until_closed(&mut stream, "an idle keep-alive period").await;
     assert!(elapsed >= Duration::from_millis(400), "closed after only {elapsed:?}");
     assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
 }
@@ -455,7 +460,10 @@ async fn idle_http2_connection_is_closed_but_not_while_a_request_runs() {
     use hyper_util::rt::{TokioExecutor, TokioIo};
 
     let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::start(&config(&upstream.url(), "server.http2_idle_timeout = \"400ms\"")).await;
+    let proxy = TestProxy::to(&upstream)
+        .config("server.http2_idle_timeout = \"400ms\"")
+        .start()
+        .await;
     let stream = TcpStream::connect(proxy.addr).await.expect("connect");
     let (mut sender, connection) =
         hyper::client::conn::http2::handshake::<_, _, Empty<bytes::Bytes>>(TokioExecutor::new(), TokioIo::new(stream))
@@ -491,7 +499,7 @@ async fn idle_http2_connection_is_closed_but_not_while_a_request_runs() {
 #[tokio::test]
 async fn every_method_passes_through_with_its_body() {
     let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::start(&config(&upstream.url(), "")).await;
+    let proxy = TestProxy::to(&upstream).start().await;
     let client = TestClient::new();
     let cases = [
         (Method::GET, ""),
@@ -541,7 +549,7 @@ async fn every_method_passes_through_with_its_body() {
 #[tokio::test]
 async fn keyless_post_is_executed_every_time() {
     let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::start(&config(&upstream.url(), "")).await;
+    let proxy = TestProxy::to(&upstream).start().await;
     let client = TestClient::new();
     for n in 1..=3 {
         let response = client
@@ -559,7 +567,7 @@ async fn keyless_post_is_executed_every_time() {
 #[tokio::test]
 async fn idempotency_key_on_get_is_forwarded_untouched() {
     let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::start(&config(&upstream.url(), "")).await;
+    let proxy = TestProxy::to(&upstream).start().await;
     let client = TestClient::new();
     for (n, key) in ["\"quoted-key\"", "bare-key", "\"a\", \"b\""].iter().enumerate() {
         let response = client
@@ -588,7 +596,7 @@ async fn idempotency_key_on_get_is_forwarded_untouched() {
 async fn pass_through_never_touches_the_store() {
     let redis = RedisServer::start();
     let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::to_with_redis(&upstream, &redis, "").await;
+    let proxy = TestProxy::to(&upstream).redis(&redis).start().await;
     redis.reset_stats();
     let client = TestClient::new();
     for method in [
@@ -624,7 +632,7 @@ async fn pass_through_never_touches_the_store() {
 #[tokio::test]
 async fn upstream_connections_are_kept_alive_and_shared_between_clients() {
     let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::to(&upstream, "").await;
+    let proxy = TestProxy::to(&upstream).start().await;
     let client = TestClient::new();
     for _ in 0..20 {
         let response = client.send(Method::GET, &proxy.url("/one"), &[], "").await;
@@ -651,7 +659,7 @@ async fn upstream_connections_are_kept_alive_and_shared_between_clients() {
 #[tokio::test]
 async fn pooled_connection_closed_by_the_upstream_is_not_an_error() {
     let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::to(&upstream, "").await;
+    let proxy = TestProxy::to(&upstream).start().await;
     let client = TestClient::new();
     let response = client.send(Method::GET, &proxy.url("/before"), &[], "").await;
     assert_eq!(response.status, StatusCode::CREATED);
@@ -712,7 +720,7 @@ async fn http_1_0_upstream_answers_reach_the_client_as_http_1_1() {
             });
         }
     });
-    let proxy = TestProxy::start(&format!("[upstream]\nurl = \"http://{upstream_addr}\"\n")).await;
+    let proxy = TestProxy::to_url(format!("http://{upstream_addr}")).start().await;
     let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
     for request in [
         &b"GET /plain HTTP/1.1\r\nHost: a\r\n\r\n"[..],

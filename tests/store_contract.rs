@@ -2,8 +2,8 @@ mod common;
 
 // The store contract (spec §4-§5): one suite, run against every store.
 //
-// Each contract is a generic `async fn(&S) where S: Store` in `contract`; the `contract_tests!`
-// macro instantiates it once per store (`memory_store::<name>` on a fresh `MemoryStore`,
+// Each contract is a generic `async fn(&S) where S: Store` in `contract`; `per_store!` (in
+// `common`) instantiates it once per store (`memory_store::<name>` on a fresh `MemoryStore`,
 // `redis_store::<name>` on a fresh `RedisStore` backed by its own `redis-server`). Every contract
 // uses keys of its own, so the suite could also share one server. Store-specific behaviour (the
 // memory store's bound; Redis corrupt records, command budget and outages) follows at the end.
@@ -19,7 +19,8 @@ use idemproxy::idempotency::{
 };
 use idemproxy::store::{Begin, BeginRequest, KeyState, MemoryStore, RedisStore, Store, StoreError};
 
-use common::RedisServer;
+use common::{per_store, RedisServer};
+use contract::*;
 
 const KEY_TTL: Duration = Duration::from_secs(60);
 const LOCK_TTL: Duration = Duration::from_secs(30);
@@ -506,45 +507,39 @@ async fn connect_redis(server: &RedisServer) -> RedisStore {
         .expect("connect to redis")
 }
 
-macro_rules! contract_tests {
-    ($($name:ident),* $(,)?) => {
-        mod memory_store {
-            use super::*;
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    let store = MemoryStore::new(1024);
-                    contract::$name(&store).await;
-                }
-            )*
-        }
-
-        mod redis_store {
-            use super::*;
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    let server = RedisServer::start();
-                    let store = connect_redis(&server).await;
-                    contract::$name(&store).await;
-                }
-            )*
-        }
-    };
+/// A `RedisStore` on a `redis-server` of its own (dropped after the store).
+struct FreshRedisStore {
+    store: RedisStore,
+    _server: RedisServer,
 }
 
-contract_tests!(
-    new_key_owner_then_in_flight_then_mismatch,
-    completed_key_replays,
-    wrong_or_stale_token_is_refused,
-    takeover_fences_the_lapsed_owner,
-    release_lets_a_retry_execute,
-    lapsed_lease_with_reject_marks_unknown,
-    lapsed_lease_with_retry_takes_over,
-    unknown_record_is_sticky,
-    key_ttl_expiry,
-    lookup_and_clear,
-);
+impl FreshRedisStore {
+    async fn start() -> Self {
+        let server = RedisServer::start();
+        let store = connect_redis(&server).await;
+        Self { store, _server: server }
+    }
+}
+
+// Each test makes its own store (the temporary lives until the contract is done).
+per_store! {
+    stores {
+        memory_store => &MemoryStore::new(1024),
+        redis_store => &FreshRedisStore::start().await.store,
+    }
+    tests {
+        new_key_owner_then_in_flight_then_mismatch,
+        completed_key_replays,
+        wrong_or_stale_token_is_refused,
+        takeover_fences_the_lapsed_owner,
+        release_lets_a_retry_execute,
+        lapsed_lease_with_reject_marks_unknown,
+        lapsed_lease_with_retry_takes_over,
+        unknown_record_is_sticky,
+        key_ttl_expiry,
+        lookup_and_clear,
+    }
+}
 
 // ---- Memory store only ----------------------------------------------------------------------
 //

@@ -18,6 +18,21 @@ use hyper_util::rt::TokioExecutor;
 const BODY_BYTES: u64 = 64 * 1024 * 1024;
 const PEAK_RSS_LIMIT_KIB: u64 = 48 * 1024;
 
+/// The proxy is still running and its peak resident set (`VmHWM`; `before` KiB before `transfer`)
+/// stayed under [`PEAK_RSS_LIMIT_KIB`].
+fn assert_peak_rss_bounded(proxy: &mut ProxyProcess, what: &str, transfer: &str, before: u64) {
+    proxy.assert_running();
+    let peak = proxy.status_kib("VmHWM");
+    eprintln!(
+        "{what}: proxy VmHWM {peak} KiB ({:.1} MiB; {before} KiB before {transfer})",
+        peak as f64 / 1024.0
+    );
+    assert!(
+        peak < PEAK_RSS_LIMIT_KIB,
+        "proxy peak RSS {peak} KiB is not under {PEAK_RSS_LIMIT_KIB} KiB"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_64_mib_download_streams_through_in_bounded_memory() {
     let upstream = TestUpstream::start().await;
@@ -48,16 +63,7 @@ async fn a_64_mib_download_streams_through_in_bounded_memory() {
         .expect("the download completes within 120s");
     assert_eq!(received, BODY_BYTES);
 
-    proxy.assert_running();
-    let peak = proxy.status_kib("VmHWM");
-    eprintln!(
-        "64 MiB download: proxy VmHWM {peak} KiB ({:.1} MiB; {before} KiB before the download)",
-        peak as f64 / 1024.0
-    );
-    assert!(
-        peak < PEAK_RSS_LIMIT_KIB,
-        "proxy peak RSS {peak} KiB is not under {PEAK_RSS_LIMIT_KIB} KiB"
-    );
+    assert_peak_rss_bounded(&mut proxy, "64 MiB download", "the download", before);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -90,14 +96,5 @@ async fn a_64_mib_keyless_upload_streams_through_in_bounded_memory() {
     assert_eq!(answer["body_bytes"], BODY_BYTES);
     assert_eq!(upstream.requests()[0].body.len() as u64, BODY_BYTES);
 
-    proxy.assert_running();
-    let peak = proxy.status_kib("VmHWM");
-    eprintln!(
-        "64 MiB keyless upload: proxy VmHWM {peak} KiB ({:.1} MiB; {before} KiB before the upload)",
-        peak as f64 / 1024.0
-    );
-    assert!(
-        peak < PEAK_RSS_LIMIT_KIB,
-        "proxy peak RSS {peak} KiB is not under {PEAK_RSS_LIMIT_KIB} KiB"
-    );
+    assert_peak_rss_bounded(&mut proxy, "64 MiB keyless upload", "the upload", before);
 }

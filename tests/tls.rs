@@ -185,12 +185,10 @@ async fn https_upstream_trusted_through_ca_file() {
     let ca = TestCa::new();
     let upstream = TestUpstream::start().await;
     let front = tls_front(ca.server_config(&ca.issue("upstream")), upstream.addr).await;
-    let proxy = TestProxy::start(&format!(
-        "upstream.url = \"https://localhost:{}\"\nupstream.ca_file = \"{}\"\nlog.filter = \"warn\"\n",
-        front.port(),
-        toml_path(&ca.pem_file())
-    ))
-    .await;
+    let proxy = TestProxy::to_url(format!("https://localhost:{}", front.port()))
+        .config(&format!("upstream.ca_file = \"{}\"", toml_path(&ca.pem_file())))
+        .start()
+        .await;
     let client = TestClient::new();
 
     let get = client.send(Method::GET, &proxy.url("/items"), &[], "").await;
@@ -220,11 +218,9 @@ async fn https_upstream_with_an_unknown_ca_is_unreachable() {
     let ca = TestCa::new();
     let upstream = TestUpstream::start().await;
     let front = tls_front(ca.server_config(&ca.issue("upstream")), upstream.addr).await;
-    let proxy = TestProxy::start(&format!(
-        "upstream.url = \"https://localhost:{}\"\nlog.filter = \"error\"\n",
-        front.port()
-    ))
-    .await;
+    let proxy = TestProxy::to_url(format!("https://localhost:{}", front.port()))
+        .start()
+        .await;
     let client = TestClient::new();
 
     let get = client.send(Method::GET, &proxy.url("/items"), &[], "").await;
@@ -249,11 +245,10 @@ async fn a_stalled_upstream_handshake_is_a_connect_failure() {
             held.push(tcp);
         }
     });
-    let proxy = TestProxy::start(&format!(
-        "upstream.url = \"https://localhost:{}\"\nupstream.connect_timeout = \"300ms\"\nupstream.timeout = \"10s\"\nlog.filter = \"error\"\n",
-        addr.port()
-    ))
-    .await;
+    let proxy = TestProxy::to_url(format!("https://localhost:{}", addr.port()))
+        .config("upstream.connect_timeout = \"300ms\"\nupstream.timeout = \"10s\"")
+        .start()
+        .await;
     let started = Instant::now();
     let keyed = TestClient::new().post_keyed(&proxy.url("/pay"), "stalled", "{}").await;
     assert_eq!(keyed.status, StatusCode::BAD_GATEWAY);
@@ -267,13 +262,15 @@ async fn a_stalled_upstream_handshake_is_a_connect_failure() {
 /// A proxy terminating TLS with a certificate of `ca`, in front of a plain `upstream`.
 async fn tls_proxy(ca: &TestCa, upstream: &TestUpstream, extra: &str) -> TestProxy {
     let issued = ca.issue("proxy");
-    TestProxy::start(&format!(
-        "upstream.url = \"{}\"\nlog.filter = \"warn\"\ntls.cert = \"{}\"\ntls.key = \"{}\"\n{extra}\n",
-        upstream.url(),
-        toml_path(&issued.cert),
-        toml_path(&issued.key)
-    ))
-    .await
+    TestProxy::to(upstream)
+        .config(&format!(
+            "tls.cert = \"{}\"\ntls.key = \"{}\"",
+            toml_path(&issued.cert),
+            toml_path(&issued.key)
+        ))
+        .config(extra)
+        .start()
+        .await
 }
 
 /// One request over a fresh TLS connection to `addr` offering `alpn`.
@@ -431,7 +428,7 @@ async fn plain_http_on_the_tls_listener_gets_no_answer() {
 async fn silent_tls_clients_are_dropped_after_the_header_read_timeout() {
     let ca = TestCa::new();
     let upstream = TestUpstream::start().await;
-    let proxy = tls_proxy(&ca, &upstream, "[server]\nheader_read_timeout = \"300ms\"").await;
+    let proxy = tls_proxy(&ca, &upstream, "server.header_read_timeout = \"300ms\"").await;
 
     // Connects and never starts the handshake.
     let started = Instant::now();
@@ -567,6 +564,14 @@ impl TlsRedis {
         let _ = child.kill();
         panic!("redis-server did not listen for TLS on port {port}");
     }
+
+    /// The `store.*` settings for this server, with its certificate's name.
+    fn store_config(&self, command_timeout: &str) -> String {
+        format!(
+            "store.redis = \"rediss://localhost:{}\"\nstore.command_timeout = \"{command_timeout}\"",
+            self.port
+        )
+    }
 }
 
 impl Drop for TlsRedis {
@@ -583,13 +588,11 @@ async fn rediss_store_trusted_through_store_ca_file() {
         return;
     };
     let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::start(&format!(
-        "upstream.url = \"{}\"\nlog.filter = \"warn\"\n[store]\nredis = \"rediss://localhost:{}\"\nca_file = \"{}\"\ncommand_timeout = \"2s\"\n",
-        upstream.url(),
-        redis.port,
-        toml_path(&ca.pem_file())
-    ))
-    .await;
+    let proxy = TestProxy::to(&upstream)
+        .config(&redis.store_config("2s"))
+        .config(&format!("store.ca_file = \"{}\"", toml_path(&ca.pem_file())))
+        .start()
+        .await;
     let client = TestClient::new();
 
     let first = client
@@ -612,12 +615,10 @@ async fn rediss_store_with_an_unknown_ca_is_unavailable() {
         return;
     };
     let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::start(&format!(
-        "upstream.url = \"{}\"\nlog.filter = \"error\"\n[store]\nredis = \"rediss://localhost:{}\"\ncommand_timeout = \"500ms\"\n",
-        upstream.url(),
-        redis.port,
-    ))
-    .await;
+    let proxy = TestProxy::to(&upstream)
+        .config(&redis.store_config("500ms"))
+        .start()
+        .await;
     let client = TestClient::new();
 
     let keyed = client.post_keyed(&proxy.url("/pay"), "rediss-key", "{}").await;

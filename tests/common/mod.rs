@@ -1,6 +1,8 @@
 //! Shared integration-test helpers: ephemeral ports only, processes owned (and killed) by the
 //! test, a real in-process upstream that records every request, and the proxy started through
-//! the same `idemproxy::serve` the binary uses.
+//! the same `idemproxy::serve` the binary uses, configured in a line or two
+//! (`TestProxy::to(&upstream).redis(&redis).start().await`) and keeping its keys in a
+//! [`Backend`] for the suites that run once per store.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -416,34 +418,27 @@ pub struct TestProxy {
 }
 
 impl TestProxy {
-    /// Starts a proxy from config text; `listen` and `admin_listen` are chosen here.
+    /// Starts a proxy from a whole config text (for configurations [`to`](Self::to) cannot build,
+    /// such as several routes); `listen` is chosen here.
     pub async fn start(config_toml: &str) -> Self {
         Self::start_inner(config_toml, false).await
     }
 
-    /// As [`start`](Self::start), with an admin listener on an ephemeral port.
-    pub async fn start_with_admin(config_toml: &str) -> Self {
-        Self::start_inner(config_toml, true).await
+    /// A catch-all proxy to `upstream`, to configure and then [`start`](ProxyBuilder::start):
+    /// `TestProxy::to(&upstream).idempotency("lock_ttl = \"300ms\"").start().await`.
+    pub fn to(upstream: &TestUpstream) -> ProxyBuilder {
+        Self::to_url(upstream.url())
     }
 
-    /// A catch-all proxy to `upstream` with extra top-level TOML (e.g. `store.redis = "…"`)
-    /// and `[idempotency]` settings.
-    pub async fn to(upstream: &TestUpstream, idempotency_toml: &str) -> Self {
-        Self::start(&format!(
-            "upstream.url = \"{}\"\nlog.filter = \"warn\"\n[idempotency]\n{idempotency_toml}\n",
-            upstream.url()
-        ))
-        .await
-    }
-
-    /// Like [`to`](Self::to) with the Redis store.
-    pub async fn to_with_redis(upstream: &TestUpstream, redis: &RedisServer, idempotency_toml: &str) -> Self {
-        Self::start(&format!(
-            "upstream.url = \"{}\"\nstore.redis = \"{}\"\nstore.command_timeout = \"500ms\"\n[idempotency]\n{idempotency_toml}\n",
-            upstream.url(),
-            redis.url()
-        ))
-        .await
+    /// Like [`to`](Self::to), for an upstream that is not a [`TestUpstream`] (a relay, an
+    /// address nobody listens on, a hand-written server).
+    pub fn to_url(upstream_url: impl Into<String>) -> ProxyBuilder {
+        ProxyBuilder {
+            upstream_url: upstream_url.into(),
+            settings: Vec::new(),
+            idempotency: Vec::new(),
+            admin: false,
+        }
     }
 
     async fn start_inner(config_toml: &str, admin: bool) -> Self {
@@ -501,6 +496,141 @@ impl Drop for TestProxy {
     }
 }
 
+/// A proxy's configuration, built up before it starts: the catch-all route to one upstream, the
+/// embedded store unless told otherwise. See [`TestProxy::to`].
+#[must_use = "a proxy runs only once started"]
+pub struct ProxyBuilder {
+    upstream_url: String,
+    /// Top-level TOML lines (dotted keys).
+    settings: Vec<String>,
+    /// Lines of the `[idempotency]` table.
+    idempotency: Vec<String>,
+    admin: bool,
+}
+
+impl ProxyBuilder {
+    /// Extra top-level settings as dotted keys (`upstream.timeout = "300ms"`,
+    /// `server.max_headers = 20`); not `idempotency.*`: see [`idempotency`](Self::idempotency).
+    pub fn config(mut self, toml: &str) -> Self {
+        self.settings.push(toml.to_owned());
+        self
+    }
+
+    /// Settings of the `[idempotency]` table (`key_ttl = "1s"`, `on_conflict = "wait"`).
+    pub fn idempotency(mut self, toml: &str) -> Self {
+        self.idempotency.push(toml.to_owned());
+        self
+    }
+
+    /// Keeps the keys in `redis` (commands time out after 500ms).
+    pub fn redis(self, redis: &RedisServer) -> Self {
+        self.config(&format!(
+            "store.redis = \"{}\"\nstore.command_timeout = \"500ms\"",
+            redis.url()
+        ))
+    }
+
+    /// Keeps the keys in `store`.
+    pub fn store(self, store: &Backend) -> Self {
+        match store {
+            Backend::Memory => self,
+            Backend::Redis(redis) => self.redis(redis),
+        }
+    }
+
+    /// Adds an admin listener on an ephemeral port ([`TestProxy::admin`]).
+    pub fn admin(mut self) -> Self {
+        self.admin = true;
+        self
+    }
+
+    /// The configuration text.
+    pub fn toml(&self) -> String {
+        let mut toml = format!("upstream.url = \"{}\"\nlog.filter = \"warn\"\n", self.upstream_url);
+        for line in &self.settings {
+            toml.push_str(line);
+            toml.push('\n');
+        }
+        if !self.idempotency.is_empty() {
+            toml.push_str("[idempotency]\n");
+            for line in &self.idempotency {
+                toml.push_str(line);
+                toml.push('\n');
+            }
+        }
+        toml
+    }
+
+    /// Starts the proxy with this configuration.
+    pub async fn start(self) -> TestProxy {
+        TestProxy::start_inner(&self.toml(), self.admin).await
+    }
+}
+
+/// The store a proxy under test keeps its keys in (a Redis store owns its `redis-server`). The
+/// per-store suites run each behaviour once per variant.
+pub enum Backend {
+    /// The embedded store.
+    Memory,
+    Redis(RedisServer),
+}
+
+impl Backend {
+    pub fn memory() -> Self {
+        Backend::Memory
+    }
+
+    /// A Redis store on a `redis-server` of its own.
+    pub fn redis() -> Self {
+        Backend::Redis(RedisServer::start())
+    }
+
+    /// A catch-all proxy to `upstream` keeping its keys in this store.
+    pub fn proxy(&self, upstream: &TestUpstream) -> ProxyBuilder {
+        TestProxy::to(upstream).store(self)
+    }
+
+    /// The keys as the store holds them, where they can be read from outside the proxy (Redis:
+    /// `KEYS *`); `None` for the embedded store.
+    pub fn stored_keys(&self) -> Option<Vec<String>> {
+        match self {
+            Backend::Memory => None,
+            Backend::Redis(redis) => Some(redis.query(redis::cmd("KEYS").arg("*"))),
+        }
+    }
+}
+
+/// One suite run per store: instantiates each test as `<store>::<test>`, a `#[tokio::test]` that
+/// runs `super::<test>(<store expression>)`. The expression is evaluated inside the test, so each
+/// test gets a fresh store; another store is one more `name => expression` line.
+///
+/// ```ignore
+/// per_store! {
+///     stores { memory => Backend::memory(), redis => Backend::redis() }
+///     tests { replay_is_identical_and_marked, keys_expire_after_key_ttl }
+/// }
+/// ```
+#[allow(unused_macros)]
+macro_rules! per_store {
+    (stores { $($store:ident => $fresh:expr),* $(,)? } tests $tests:tt) => {
+        $( $crate::common::per_store!(@store $store => $fresh, $tests); )*
+    };
+    (@store $store:ident => $fresh:expr, { $($test:ident),* $(,)? }) => {
+        mod $store {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    super::$test($fresh).await;
+                }
+            )*
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use per_store;
+
 /// A response read whole.
 #[derive(Debug, Clone)]
 pub struct TestResponse {
@@ -516,6 +646,11 @@ impl TestResponse {
 
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.body))
+    }
+
+    /// The [`TestUpstream`]'s hit number in its JSON answer: which execution answered.
+    pub fn hit(&self) -> u64 {
+        self.json()["hit"].as_u64().expect("upstream answer has a hit number")
     }
 
     /// The `type` of a problem+json answer.
