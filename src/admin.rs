@@ -1,4 +1,4 @@
-//! The admin listener (spec §10): `/healthz` (process up), `/readyz` (store reachable and
+//! The admin listener (docs/behaviour.md §10): `/healthz` (process up), `/readyz` (store reachable and
 //! upstreams accepting connections), `/metrics` (Prometheus text), and the key endpoints
 //! `GET /keys/{key}` (look a key's record up) and `DELETE /keys/{key}` (clear it: the way out
 //! of `Unknown` once the operator has reconciled with the upstream).

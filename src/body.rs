@@ -1,6 +1,6 @@
 //! One body type for everything the proxy sends, client- or upstream-bound, without boxing:
 //! a streamed `Incoming`, a buffered `Bytes`, or a buffered prefix followed by the rest of a
-//! stream (an oversized guarded response, spec §5).
+//! stream (an oversized guarded response, docs/behaviour.md §5).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};

@@ -93,7 +93,7 @@ const HOP_OPTIONS: [&str; 4] = ["close", "keep-alive", "te", "upgrade"];
 /// The values of one `Connection` field: nearly always one.
 type SmallValues = smallvec::SmallVec<[HeaderValue; 2]>;
 
-/// Whether a response field is stored for replay (spec §6): end-to-end fields only, and not
+/// Whether a response field is stored for replay (docs/behaviour.md §6): end-to-end fields only, and not
 /// `Date` (a replay gets a fresh one) nor the framing fields (recomputed for the stored body).
 pub fn is_replayed(name: &HeaderName) -> bool {
     !(hop_by_hop_index(name).is_some() || name == DATE || name == CONTENT_LENGTH)

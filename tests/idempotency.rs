@@ -1,4 +1,4 @@
-//! Idempotency-Key enforcement end to end (spec §1-§8), against a real upstream and a real
+//! Idempotency-Key enforcement end to end (docs/behaviour.md §1-§8), against a real upstream and a real
 //! `redis-server`. Every behaviour that does not depend on the store is written once and runs
 //! against each store (`memory::<behaviour>`, `redis::<behaviour>`: the `per_store!` list below;
 //! another store is one more line there and a `common::Backend` variant);
@@ -634,7 +634,7 @@ async fn proxy_killed_mid_request_reexecutes_with_unknown_outcome_retry() {
 
 // ---- Memory only ------------------------------------------------------------------------------
 
-/// A full embedded store is a store failure like an unreachable Redis (spec §7): closed (the
+/// A full embedded store is a store failure like an unreachable Redis (docs/behaviour.md §7): closed (the
 /// default), a new key gets `503`; with `store_failure = "open"` it is forwarded unprotected.
 /// Keys already stored still replay in both.
 #[tokio::test]

@@ -1,4 +1,4 @@
-//! Operating the proxy (spec §10): routes with their own policies, the admin listener
+//! Operating the proxy (docs/behaviour.md §10): routes with their own policies, the admin listener
 //! (health, readiness, metrics, key lookup and clearing) and the JSON request log.
 
 mod common;

@@ -1,4 +1,4 @@
-//! The proxy foundation (spec §1 pass-through, §8 errors, §9 proxying): what reaches the
+//! The proxy foundation (docs/behaviour.md §1 pass-through, §8 errors, §9 proxying): what reaches the
 //! upstream and what reaches the client for requests that are not guarded, against a real
 //! recording upstream. Raw sockets where a hyper client would manage the bytes itself.
 
@@ -590,7 +590,7 @@ async fn idempotency_key_on_get_is_forwarded_untouched() {
     assert_eq!(again.header("x-hit"), Some("4"));
 }
 
-/// Pass-through traffic never touches the store (spec §1): with the Redis store, no command
+/// Pass-through traffic never touches the store (docs/behaviour.md §1): with the Redis store, no command
 /// other than the test's own bookkeeping reaches Redis.
 #[tokio::test]
 async fn pass_through_never_touches_the_store() {

@@ -1,4 +1,4 @@
-//! Fault-injection soak test of the at-most-once promise (spec §5).
+//! Fault-injection soak test of the at-most-once promise (docs/behaviour.md §5).
 //!
 //! Client tasks send keyed POSTs and retry each 1-4 times (some retries concurrent), spread over
 //! two proxies sharing one Redis (`appendonly yes`, `appendfsync always`), while a controller

@@ -1,6 +1,6 @@
 mod common;
 
-// The store contract (spec §4-§5): one suite, run against every store.
+// The store contract (docs/behaviour.md §4-§5): one suite, run against every store.
 //
 // Each contract is a generic `async fn(&S) where S: Store` in `contract`; `per_store!` (in
 // `common`) instantiates it once per store (`memory_store::<name>` on a fresh `MemoryStore`,

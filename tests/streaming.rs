@@ -1,4 +1,4 @@
-//! Pass-through bodies stream (spec §1): 64 MiB through the proxy binary, in either direction,
+//! Pass-through bodies stream (docs/behaviour.md §1): 64 MiB through the proxy binary, in either direction,
 //! while the proxy process's peak resident set stays far below the body size. The proxy runs as
 //! its own process so that `VmHWM` measures the proxy alone.
 

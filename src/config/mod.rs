@@ -80,7 +80,7 @@ pub enum OnConflict {
     Wait,
 }
 
-/// What guarded requests get while the store is unreachable (spec §7; `store_failure`).
+/// What guarded requests get while the store is unreachable (docs/behaviour.md §7; `store_failure`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum StoreFailure {
@@ -90,7 +90,7 @@ pub enum StoreFailure {
     Open,
 }
 
-/// What happens to a key whose execution may or may not have reached the upstream (spec §5;
+/// What happens to a key whose execution may or may not have reached the upstream (docs/behaviour.md §5;
 /// `unknown_outcome`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -267,7 +267,7 @@ pub struct Config {
     pub routes: Arc<[Arc<Route>]>,
 }
 
-/// Defaults, one place (spec §4-§5 and README "Configuration").
+/// Defaults, one place (docs/behaviour.md §4-§5 and README "Configuration").
 pub mod defaults {
     use std::time::Duration;
     pub const LISTEN: &str = "127.0.0.1:8080";

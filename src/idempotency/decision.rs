@@ -1,4 +1,4 @@
-//! The decision table of spec §4, as one pure function.
+//! The decision table of docs/behaviour.md §4, as one pure function.
 //!
 //! Every store applies [`decide`]'s verdict atomically: the memory store calls it under its
 //! lock; the Redis store calls it on the record its `SET … NX GET` read (a verdict that changes
@@ -47,7 +47,7 @@ impl Decision {
     }
 }
 
-/// Decides what an arriving guarded request with `fingerprint` gets (spec §4's table).
+/// Decides what an arriving guarded request with `fingerprint` gets (docs/behaviour.md §4's table).
 /// Takes the existing record by value, so a replay moves the stored response out of it.
 pub fn decide(existing: Option<Existing>, fingerprint: &Fingerprint, unknown_outcome: UnknownOutcome) -> Decision {
     let Some(existing) = existing else {

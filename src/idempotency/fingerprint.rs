@@ -1,4 +1,4 @@
-//! Scoped storage keys and request fingerprints (spec §3).
+//! Scoped storage keys and request fingerprints (docs/behaviour.md §3).
 //!
 //! Both are SHA-256 digests over length-prefixed fields, so no two different inputs can
 //! produce the same byte stream (`("ab", "c")` and `("a", "bc")` hash differently).

@@ -1,4 +1,4 @@
-//! `Idempotency-Key` semantics (draft-ietf-httpapi-idempotency-key-header, spec §2-§6): the key,
+//! `Idempotency-Key` semantics (draft-ietf-httpapi-idempotency-key-header, docs/behaviour.md §2-§6): the key,
 //! the scoped storage key and fingerprint, the record, the pure decision, and replays.
 //! No I/O happens here; the store and the upstream sit at the edges (`store`, `proxy`).
 

@@ -1,4 +1,4 @@
-//! A key's record (spec §4) and its compact, versioned byte encoding.
+//! A key's record (docs/behaviour.md §4) and its compact, versioned byte encoding.
 //!
 //! Layout (all integers big-endian), version 2:
 //!
@@ -11,7 +11,7 @@
 //!
 //! - InFlight: owner token (16), started_at ms (8), lease_until ms (8): exactly
 //!   [`IN_FLIGHT_LEN`] bytes. The lease lives in the record (version 1 kept it in a second key),
-//!   so that a request is decided by one plain `SET … NX GET` (spec §4).
+//!   so that a request is decided by one plain `SET … NX GET` (docs/behaviour.md §4).
 //! - Completed: completed_at ms (8), status (2), flags (1; bit 0: body stored), header count (2),
 //!   then per header name length (2), name, value length (4), value; then the body (the rest).
 //! - Unknown: since ms (8), cause (1: `1` timeout, `2` upstream failed, `3` lease lapsed, `4`
@@ -69,7 +69,7 @@ impl std::fmt::Debug for LeaseToken {
     }
 }
 
-/// Why a key's outcome is unknown (spec §5).
+/// Why a key's outcome is unknown (docs/behaviour.md §5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UnknownCause {
     /// Sent upstream, no complete answer within the upstream timeout.
@@ -104,7 +104,7 @@ impl UnknownCause {
     }
 }
 
-/// The first response to a key, as replayed (spec §6).
+/// The first response to a key, as replayed (docs/behaviour.md §6).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredResponse {
     pub status: StatusCode,

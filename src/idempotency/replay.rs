@@ -1,4 +1,4 @@
-//! Storing a first response and replaying it (spec §6).
+//! Storing a first response and replaying it (docs/behaviour.md §6).
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Response};

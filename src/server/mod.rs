@@ -100,7 +100,7 @@ impl ConnectionServer {
     ///
     /// The client has `server.header_read_timeout` from its connect to the bytes that choose the
     /// protocol, the TLS handshake included: a client that connects and stays silent, before or
-    /// after the handshake, is dropped then (slowloris, spec §9).
+    /// after the handshake, is dropped then (slowloris, docs/behaviour.md §9).
     async fn serve(
         self: Arc<Self>,
         stream: TcpStream,

@@ -1,7 +1,7 @@
 //! A deadline on the first bytes of a client connection, which choose HTTP/1.1 or HTTP/2.
 //!
 //! A client that connects and sends nothing (or a prefix of the HTTP/2 preface) must not hold
-//! its connection, and a `max_connections` permit, forever (slowloris, spec §9); HTTP/1's
+//! its connection, and a `max_connections` permit, forever (slowloris, docs/behaviour.md §9); HTTP/1's
 //! `header_read_timeout` and HTTP/2's keep-alive pings only take over once the protocol runs.
 //!
 //! - A plain TCP connection is not wrapped at all: [`sniff`] peeks at its first bytes under the

@@ -150,11 +150,11 @@ impl Begin<LeaseToken> {
     }
 }
 
-/// The record store (spec §4). Every operation is one atomic step (one round trip for Redis);
+/// The record store (docs/behaviour.md §4). Every operation is one atomic step (one round trip for Redis);
 /// `complete`, `release` and `renew` are compare-and-set on the owner's token, so a proxy whose
 /// lease lapsed can never overwrite or delete a newer owner's record.
 pub trait Store: Send + Sync + 'static {
-    /// Decides an arriving guarded request and applies the decision (spec §4's table).
+    /// Decides an arriving guarded request and applies the decision (docs/behaviour.md §4's table).
     fn begin(&self, request: &BeginRequest<'_>) -> impl Future<Output = Result<Begin<LeaseToken>, StoreError>> + Send;
 
     /// Replaces the owner's InFlight record with `record` (Completed or Unknown), keeping the

@@ -14,7 +14,7 @@
 //!   record's state byte and token at the fixed offsets of [`record`](crate::idempotency::record).
 //!
 //! A replay costs one command (the `SET … NX GET`, which writes nothing when the key exists), a
-//! first execution two, plus one per lease renewal (spec §4).
+//! first execution two, plus one per lease renewal (docs/behaviour.md §4).
 //!
 //! Lease deadlines are wall-clock milliseconds written by the owning proxy and read by the
 //! others: proxies sharing a Redis need clocks in sync to well within `lock_ttl` (NTP).
