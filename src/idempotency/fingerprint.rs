@@ -137,36 +137,26 @@ mod tests {
         assert_eq!(a, StorageKey::new("p:", "r", b"Bearer a", b"k"));
     }
 
+    /// The fingerprint of a request given as text parts.
+    fn fp(method: &str, target: &str, content_type: Option<&str>, body: &str) -> Fingerprint {
+        let method: http::Method = method.parse().expect("method");
+        let uri: http::Uri = target.parse().expect("uri");
+        Fingerprint::of(&method, &uri, content_type.map(str::as_bytes), body.as_bytes())
+    }
+
     #[test]
     fn fingerprint_covers_each_part() {
-        let uri: http::Uri = "/orders?x=1".parse().expect("uri");
-        let base = Fingerprint::of(&http::Method::POST, &uri, Some(b"application/json"), b"{}");
-        let other_uri: http::Uri = "/orders?x=2".parse().expect("uri");
-        let no_query: http::Uri = "/orders".parse().expect("uri");
-        let empty_query: http::Uri = "/orders?".parse().expect("uri");
-        assert_ne!(
-            base,
-            Fingerprint::of(&http::Method::PATCH, &uri, Some(b"application/json"), b"{}")
-        );
-        assert_ne!(
-            base,
-            Fingerprint::of(&http::Method::POST, &other_uri, Some(b"application/json"), b"{}")
-        );
-        assert_ne!(
-            base,
-            Fingerprint::of(&http::Method::POST, &uri, Some(b"text/plain"), b"{}")
-        );
-        assert_ne!(
-            base,
-            Fingerprint::of(&http::Method::POST, &uri, Some(b"application/json"), b"{ }")
-        );
-        assert_ne!(
-            Fingerprint::of(&http::Method::POST, &no_query, None, b""),
-            Fingerprint::of(&http::Method::POST, &empty_query, None, b"")
-        );
-        assert_eq!(
-            base,
-            Fingerprint::of(&http::Method::POST, &uri, Some(b"application/json"), b"{}")
-        );
+        let json = Some("application/json");
+        let base = fp("POST", "/orders?x=1", json, "{}");
+        assert_eq!(base, fp("POST", "/orders?x=1", json, "{}"));
+        for (part, other) in [
+            ("method", fp("PATCH", "/orders?x=1", json, "{}")),
+            ("query", fp("POST", "/orders?x=2", json, "{}")),
+            ("content type", fp("POST", "/orders?x=1", Some("text/plain"), "{}")),
+            ("body", fp("POST", "/orders?x=1", json, "{ }")),
+        ] {
+            assert_ne!(base, other, "a different {part}");
+        }
+        assert_ne!(fp("POST", "/orders", None, ""), fp("POST", "/orders?", None, ""));
     }
 }

@@ -208,41 +208,53 @@ mod tests {
         let _again = owned(&store, &key, UnknownOutcome::Reject).await;
     }
 
+    /// A lease taken under `unknown_outcome`, marked sent or not, then dropped unsettled:
+    /// the key's state once the drop has settled it.
+    async fn dropped_unsettled(unknown_outcome: UnknownOutcome, sent: bool) -> Option<KeyState> {
+        let store = Arc::new(MemoryStore::new(10));
+        let key = StorageKey::new("t:", "r", b"", b"dropped");
+        let lease = owned(&store, &key, unknown_outcome).await;
+        if sent {
+            lease.mark_sent();
+        }
+        drop(lease);
+        settled_state(&store, &key).await
+    }
+
     #[tokio::test]
     async fn a_lease_dropped_before_sending_releases_its_key() {
-        let store = Arc::new(MemoryStore::new(10));
-        let key = StorageKey::new("t:", "r", b"", b"k3");
-        drop(owned(&store, &key, UnknownOutcome::Reject).await);
-        assert_eq!(settled_state(&store, &key).await, None);
+        assert_eq!(dropped_unsettled(UnknownOutcome::Reject, false).await, None);
     }
 
     #[tokio::test]
     async fn a_lease_dropped_after_sending_marks_its_key_unknown() {
-        let store = Arc::new(MemoryStore::new(10));
-        let key = StorageKey::new("t:", "r", b"", b"k4");
-        let lease = owned(&store, &key, UnknownOutcome::Reject).await;
-        lease.mark_sent();
-        drop(lease);
-        let state = settled_state(&store, &key).await.expect("the key is kept");
+        let state = dropped_unsettled(UnknownOutcome::Reject, true).await;
+        let record = state.expect("the key is kept").existing.record;
         assert!(matches!(
-            state.existing.record,
+            record,
             Record::Unknown {
                 cause: UnknownCause::Interrupted,
                 ..
             }
         ));
-        let retry = Lease::begin(&store, claim(&key, UnknownOutcome::Reject)).await;
-        assert!(matches!(retry, Ok(Begin::Unknown(UnknownCause::Interrupted))));
+        // What a retry gets from such a record.
+        let decided = crate::idempotency::decide(
+            Some(crate::idempotency::Existing {
+                record,
+                lease_left: None,
+            }),
+            &FP,
+            UnknownOutcome::Reject,
+        );
+        assert_eq!(
+            decided,
+            crate::idempotency::Decision::Unknown(UnknownCause::Interrupted)
+        );
     }
 
     #[tokio::test]
     async fn a_lease_dropped_after_sending_with_unknown_outcome_retry_releases_its_key() {
-        let store = Arc::new(MemoryStore::new(10));
-        let key = StorageKey::new("t:", "r", b"", b"k5");
-        let lease = owned(&store, &key, UnknownOutcome::Retry).await;
-        lease.mark_sent();
-        drop(lease);
-        assert_eq!(settled_state(&store, &key).await, None);
+        assert_eq!(dropped_unsettled(UnknownOutcome::Retry, true).await, None);
     }
 
     #[tokio::test]

@@ -47,33 +47,41 @@ redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
 return 1
 ";
 
-/// Compare-and-set on the owner token: replace the InFlight record with ARGV[2] (keeping its
-/// expiry), or with an empty ARGV[2] delete it. Returns 1 if done.
-const FINISH_LUA: &str = r"
+/// The start of every owner's script: unless KEYS[1] holds an InFlight record (its version,
+/// state byte and exact length) owned by the token ARGV[1], return 0 (`rec` is the record).
+macro_rules! owner_guard {
+    () => {
+        r"
 local rec = redis.call('GET', KEYS[1])
 if (not rec) or #rec ~= 66 or string.byte(rec, 1) ~= 2 or string.byte(rec, 2) ~= 1
    or string.sub(rec, 35, 50) ~= ARGV[1] then
   return 0
 end
-if ARGV[2] == '' then
+"
+    };
+}
+
+/// Compare-and-set on the owner token: replace the InFlight record with ARGV[2] (keeping its
+/// expiry), or with an empty ARGV[2] delete it. Returns 1 if done.
+const FINISH_LUA: &str = concat!(
+    owner_guard!(),
+    r"if ARGV[2] == '' then
   redis.call('DEL', KEYS[1])
 else
   redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
 end
 return 1
-";
+"
+);
 
 /// Compare-and-set on the owner token: set the lease deadline (8 bytes, big-endian Unix ms) to
 /// ARGV[2]. Returns 1 if done.
-const RENEW_LUA: &str = r"
-local rec = redis.call('GET', KEYS[1])
-if (not rec) or #rec ~= 66 or string.byte(rec, 1) ~= 2 or string.byte(rec, 2) ~= 1
-   or string.sub(rec, 35, 50) ~= ARGV[1] then
-  return 0
-end
-redis.call('SET', KEYS[1], string.sub(rec, 1, 58) .. ARGV[2], 'KEEPTTL')
+const RENEW_LUA: &str = concat!(
+    owner_guard!(),
+    r"redis.call('SET', KEYS[1], string.sub(rec, 1, 58) .. ARGV[2], 'KEEPTTL')
 return 1
-";
+"
+);
 
 #[derive(Clone)]
 enum Connection {
