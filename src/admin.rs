@@ -3,9 +3,11 @@
 //! `GET /keys/{key}` (look a key's record up) and `DELETE /keys/{key}` (clear it: the way out
 //! of `Unknown` once the operator has reconciled with the upstream).
 //!
-//! `{key}` is the `Idempotency-Key` value as the client sent it, URL-encoded; `?scope=` is the
-//! scope header's value (e.g. the client's `Authorization`), `?route=` the route's name when
-//! there are several. They are hashed exactly as on the request path. With `admin_token` set,
+//! `{key}` is the key as the client sent it, URL-encoded: the `Idempotency-Key` value, or for a
+//! route's other key sources (docs/behaviour.md §13) their value as sent (`?source=` names the
+//! source, e.g. `json:/client_order_id`; default the route's first). `?scope=` is the scope
+//! header's value (e.g. the client's `Authorization`), `?route=` the route's name when there are
+//! several. They are hashed exactly as on the request path. With `admin_token` set,
 //! the key endpoints need `Authorization: Bearer <token>`. Their errors are RFC 9457 problems,
 //! built by [`problem_response`] like the proxy's own.
 
@@ -24,11 +26,11 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::body::ProxyBody;
-use crate::config::Route;
+use crate::config::{KeySource, Route};
 use crate::error::{
     insert_retry_after, problem_response, problem_type, Chain, Problem, ProblemType, STORE_RETRY_AFTER,
 };
-use crate::idempotency::{key, unix_ms, KeyError, Record, ShortHash, StorageKey};
+use crate::idempotency::{source, unix_ms, KeyError, Record, ShortHash, StorageKey};
 use crate::state::State;
 use crate::store::{KeyState, Store, StoreError};
 
@@ -148,30 +150,37 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// The parsed `/keys/{key}?scope=&route=&body=` request.
+/// The parsed `/keys/{key}?scope=&route=&source=&body=` request.
 struct KeyQuery {
     route: Arc<Route>,
     key: StorageKey,
     with_body: bool,
 }
 
+/// The query parameters of a key endpoint request.
+#[derive(Default)]
+struct KeyParameters {
+    scope: String,
+    route: Option<String>,
+    source: Option<String>,
+    with_body: bool,
+}
+
 fn parse_key_query(state: &State, request: &Request<Incoming>) -> Result<KeyQuery, AdminError> {
     let raw = request.uri().path().trim_start_matches("/keys/");
     let decoded: Vec<u8> = percent_encoding::percent_decode_str(raw).collect();
-    let key = key::parse(&decoded)?;
-    let mut scope = String::new();
-    let mut route_name = None;
-    let mut with_body = false;
+    let mut parameters = KeyParameters::default();
     for (name, value) in form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes()) {
         match &*name {
-            "scope" => scope = value.into_owned(),
-            "route" => route_name = Some(value.into_owned()),
-            "body" => with_body = value == "true" || value == "1",
+            "scope" => parameters.scope = value.into_owned(),
+            "route" => parameters.route = Some(value.into_owned()),
+            "source" => parameters.source = Some(value.into_owned()),
+            "body" => parameters.with_body = value == "true" || value == "1",
             other => return Err(AdminError::UnknownParameter(other.to_owned())),
         }
     }
     let routes = &state.config.routes;
-    let route = match route_name {
+    let route = match parameters.route {
         Some(name) => routes
             .iter()
             .find(|r| *r.name == name)
@@ -179,10 +188,32 @@ fn parse_key_query(state: &State, request: &Request<Incoming>) -> Result<KeyQuer
         None if routes.len() == 1 => &routes[0],
         None => return Err(AdminError::RouteNeeded),
     };
+    let sources = &route.policy.key_sources;
+    let key_source = match parameters.source {
+        Some(label) => sources
+            .iter()
+            .find(|s| s.label() == label || KeySource::parse(&label).is_ok_and(|parsed| parsed == **s))
+            .ok_or_else(|| AdminError::NoSuchSource {
+                source_label: label,
+                route: route.name.to_string(),
+            })?,
+        // A policy always has a source; the first is the default.
+        None => sources.first().ok_or_else(|| AdminError::NoSuchSource {
+            source_label: String::new(),
+            route: route.name.to_string(),
+        })?,
+    };
+    let key = source::parse_as(key_source, &decoded)?;
     Ok(KeyQuery {
-        key: StorageKey::new(&state.config.key_prefix, &route.name, scope.as_bytes(), key.as_bytes()),
+        key: source::storage_key(
+            key_source,
+            &state.config.key_prefix,
+            &route.name,
+            parameters.scope.as_bytes(),
+            key.as_bytes(),
+        ),
         route: route.clone(),
-        with_body,
+        with_body: parameters.with_body,
     })
 }
 
@@ -265,6 +296,8 @@ enum AdminError {
     NoSuchRoute(String),
     #[error("several routes are configured: name one with ?route=")]
     RouteNeeded,
+    #[error("route `{route}` has no key source `{source_label}`")]
+    NoSuchSource { source_label: String, route: String },
     #[error("no such key")]
     NoSuchKey(ShortHash),
     #[error("the idempotency store is unavailable")]
@@ -289,7 +322,7 @@ impl Problem for AdminError {
             AdminError::InvalidKey(_) => {
                 problem_type!(StatusCode::BAD_REQUEST, "invalid-key", "Invalid Idempotency-Key")
             }
-            AdminError::UnknownParameter(_) | AdminError::RouteNeeded => {
+            AdminError::UnknownParameter(_) | AdminError::RouteNeeded | AdminError::NoSuchSource { .. } => {
                 problem_type!(StatusCode::BAD_REQUEST, "bad-request", "Bad request")
             }
             AdminError::NoSuchRoute(_) => problem_type!(StatusCode::NOT_FOUND, "no-route", "No route"),

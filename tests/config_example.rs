@@ -7,7 +7,9 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use http::Method;
-use idemproxy::config::{defaults, LogFormat, OnConflict, StoreFailure, StoreSettings, UnknownOutcome};
+use idemproxy::config::{
+    defaults, FingerprintBody, KeySource, LogFormat, OnConflict, StatusSet, StoreFailure, StoreSettings, UnknownOutcome,
+};
 use idemproxy::Config;
 
 const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/idemproxy.toml");
@@ -130,76 +132,97 @@ fn example_states_the_defaults() {
         );
         assert!(policy.record_server_errors, "{}", route.name);
         assert_eq!(policy.unknown_outcome, UnknownOutcome::Reject, "{}", route.name);
+        assert_eq!(policy.key_sources, expected.key_sources, "{}", route.name);
+        assert_eq!(policy.buffer_bytes, defaults::BUFFER_BYTES, "{}", route.name);
+        assert_eq!(policy.fingerprint_body, FingerprintBody::Bytes, "{}", route.name);
+        assert!(policy.fingerprint_ignore.is_empty(), "{}", route.name);
+        assert_eq!(policy.replay_header, defaults::REPLAY_HEADER, "{}", route.name);
+        assert_eq!(policy.release_statuses, expected.release_statuses, "{}", route.name);
+        assert_eq!(policy.unknown_statuses, StatusSet::default(), "{}", route.name);
     }
+    assert_eq!(expected.key_sources, [KeySource::default_header()]);
+    assert_eq!(
+        expected.release_statuses.codes().collect::<Vec<_>>(),
+        defaults::RELEASE_STATUSES
+    );
 }
+
+/// The keys of the example, by section, that `example_covers_every_setting` looks for.
+const SETTINGS: &[(&str, &[&str])] = &[
+    ("", &["listen", "admin_listen", "admin_token"]),
+    ("[log]", &["format", "filter"]),
+    (
+        "[server]",
+        &[
+            "header_read_timeout",
+            "body_read_timeout",
+            "http2_keepalive_interval",
+            "shutdown_grace",
+            "max_connections",
+            "max_header_bytes",
+            "max_headers",
+            "http2_max_concurrent_streams",
+        ],
+    ),
+    ("[tls]", &["cert", "key"]),
+    (
+        "[store]",
+        &["redis", "key_prefix", "memory_max_entries", "command_timeout"],
+    ),
+    (
+        "[upstream]",
+        &[
+            "url",
+            "connect_timeout",
+            "timeout",
+            "pool_idle_timeout",
+            "pool_max_idle_per_host",
+            "preserve_host",
+            "ca_file",
+        ],
+    ),
+    (
+        "[idempotency]",
+        &[
+            "enabled",
+            "methods",
+            "require_key",
+            "scope_header",
+            "key_ttl",
+            "lock_ttl",
+            "on_conflict",
+            "wait_timeout",
+            "store_failure",
+            "max_body_bytes",
+            "max_response_bytes",
+            "record_server_errors",
+            "unknown_outcome",
+            "release_statuses",
+            "unknown_statuses",
+            "key_sources",
+            "buffer_bytes",
+            "fingerprint_body",
+            "fingerprint_ignore",
+            "replay_header",
+        ],
+    ),
+    (
+        "[[route]]",
+        &[
+            "name",
+            "prefix",
+            "upstream",
+            "preserve_host",
+            "timeout",
+            "idempotency.require_key",
+            "idempotency.enabled",
+        ],
+    ),
+];
 
 /// Every key of `src/config/file.rs` appears in the example, set or commented out.
 #[test]
 fn example_covers_every_setting() {
-    const SETTINGS: &[(&str, &[&str])] = &[
-        ("", &["listen", "admin_listen", "admin_token"]),
-        ("[log]", &["format", "filter"]),
-        (
-            "[server]",
-            &[
-                "header_read_timeout",
-                "body_read_timeout",
-                "http2_keepalive_interval",
-                "shutdown_grace",
-                "max_connections",
-                "max_header_bytes",
-                "max_headers",
-                "http2_max_concurrent_streams",
-            ],
-        ),
-        ("[tls]", &["cert", "key"]),
-        (
-            "[store]",
-            &["redis", "key_prefix", "memory_max_entries", "command_timeout"],
-        ),
-        (
-            "[upstream]",
-            &[
-                "url",
-                "connect_timeout",
-                "timeout",
-                "pool_idle_timeout",
-                "pool_max_idle_per_host",
-                "preserve_host",
-                "ca_file",
-            ],
-        ),
-        (
-            "[idempotency]",
-            &[
-                "enabled",
-                "methods",
-                "require_key",
-                "scope_header",
-                "key_ttl",
-                "lock_ttl",
-                "on_conflict",
-                "wait_timeout",
-                "store_failure",
-                "max_body_bytes",
-                "max_response_bytes",
-                "record_server_errors",
-                "unknown_outcome",
-            ],
-        ),
-        (
-            "[[route]]",
-            &[
-                "name",
-                "prefix",
-                "upstream",
-                "preserve_host",
-                "timeout",
-                "idempotency.require_key",
-                "idempotency.enabled",
-            ],
-        ),
-    ];
     let text = example_text();
     let mut section = "";
     let mut found: Vec<(String, String)> = Vec::new();
@@ -249,6 +272,87 @@ fn commented_out_settings_are_valid_when_enabled() {
     assert_eq!(config.admin_token.as_deref(), Some("change-me"));
     let payments = config.route_for("/payments").expect("a route");
     assert_eq!(payments.upstream.authority.as_str(), "127.0.0.1:3001");
+    let sources: Vec<&str> = payments.policy.key_sources.iter().map(KeySource::label).collect();
+    assert_eq!(sources, ["header:idempotency-key", "json:/client_order_id"]);
+    assert_eq!(payments.policy.fingerprint_body, FingerprintBody::Json);
+    assert_eq!(payments.policy.fingerprint_ignore[0].as_str(), "/sent_at");
+}
+
+/// The settings of docs/behaviour.md §13-§14 are refused at start-up, by key, when they cannot
+/// work: a bad pointer, an unknown source kind, a status outside 100-599, a status both
+/// released and unknown.
+#[test]
+fn key_source_fingerprint_and_status_settings_are_checked() {
+    let base = "upstream.url = \"http://127.0.0.1:3000\"\n[idempotency]\n";
+    let refused = [
+        (
+            "key_sources = [\"json:client_order_id\"]",
+            "`idempotency.key_sources`",
+            "must start with `/`",
+        ),
+        (
+            "key_sources = [\"json:/a~2\"]",
+            "`idempotency.key_sources`",
+            "`~` must be followed by `0` or `1`",
+        ),
+        (
+            "key_sources = [\"cookie:sid\"]",
+            "`idempotency.key_sources`",
+            "unknown key source kind `cookie`",
+        ),
+        ("key_sources = []", "`idempotency.key_sources`", "at least one"),
+        (
+            "key_sources = [\"query:a\", \"query:a\"]",
+            "`idempotency.key_sources`",
+            "listed twice",
+        ),
+        (
+            "fingerprint_body = \"json\"\nfingerprint_ignore = [\"sent_at\"]",
+            "`idempotency.fingerprint_ignore`",
+            "must start with `/`",
+        ),
+        (
+            "fingerprint_ignore = [\"/sent_at\"]",
+            "`idempotency.fingerprint_ignore`",
+            "fingerprint_body",
+        ),
+        ("fingerprint_body = \"yaml\"", "`idempotency.fingerprint_body`", "json"),
+        (
+            "release_statuses = [429, 600]",
+            "`idempotency.release_statuses`",
+            "600 is not an HTTP status",
+        ),
+        (
+            "unknown_statuses = [99]",
+            "`idempotency.unknown_statuses`",
+            "99 is not an HTTP status",
+        ),
+        (
+            "release_statuses = [503]\nunknown_statuses = [503, 504]",
+            "`idempotency.release_statuses`",
+            "503 is also in",
+        ),
+        (
+            "replay_header = \"bad header\"",
+            "`idempotency.replay_header`",
+            "not a header name",
+        ),
+        ("buffer_bytes = 0", "`idempotency.buffer_bytes`", "greater than zero"),
+    ];
+    for (setting, key, message) in refused {
+        let err = config_error(&format!("{base}{setting}\n"));
+        assert!(err.contains(key) && err.contains(message), "{setting}: {err}");
+    }
+    // In a route, the error names the route's key.
+    let err = config_error(&format!(
+        "{base}[[route]]\nprefix = \"/a\"\nidempotency.unknown_statuses = [429]\nidempotency.release_statuses = [429]\n"
+    ));
+    assert!(err.contains("`route[0].idempotency.release_statuses`"), "{err}");
+    // A status listed as unknown leaves the default release list; an explicit overlap does not.
+    let config = Config::from_toml(&format!("{base}unknown_statuses = [503, 504]\n")).expect("valid");
+    let policy = &config.routes[0].policy;
+    assert_eq!(policy.release_statuses.codes().collect::<Vec<_>>(), [429]);
+    assert_eq!(policy.unknown_statuses.codes().collect::<Vec<_>>(), [503, 504]);
 }
 
 #[test]
@@ -374,6 +478,98 @@ fn env_and_flags_override_the_file() {
         "{}",
         stderr(&output)
     );
+}
+
+/// Environment variables and flags a `--check-config` run gets.
+type Overrides<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str]);
+
+#[test]
+fn check_config_takes_the_new_policy_settings_from_env_and_flags() {
+    let accepted: &[Overrides] = &[
+        (
+            &[],
+            &[
+                "--key-source",
+                "header:X-Request-Id",
+                "--key-source",
+                "json:/client_order_id",
+            ],
+        ),
+        (
+            &[("IDEMPROXY_KEY_SOURCES", "query:rid,json:/order/id")],
+            &["--buffer-bytes", "65536"],
+        ),
+        (
+            &[],
+            &[
+                "--fingerprint-body",
+                "json",
+                "--fingerprint-ignore",
+                "/sent_at",
+                "--fingerprint-ignore",
+                "/trace",
+            ],
+        ),
+        (
+            &[
+                ("IDEMPROXY_FINGERPRINT_BODY", "json"),
+                ("IDEMPROXY_FINGERPRINT_IGNORE", "/sent_at,/trace"),
+            ],
+            &[],
+        ),
+        (
+            &[],
+            &[
+                "--replay-header",
+                "X-Replayed",
+                "--release-statuses",
+                "429",
+                "--unknown-statuses",
+                "502,504",
+            ],
+        ),
+        (&[("IDEMPROXY_RELEASE_STATUSES", "")], &["--unknown-statuses", "none"]),
+        (&[], &["--release-statuses", "none", "--unknown-statuses", "429,503"]),
+    ];
+    for (env, flags) in accepted {
+        let output = check_config(Path::new(EXAMPLE), env, flags);
+        assert!(output.status.success(), "{env:?} {flags:?}: {}", stderr(&output));
+    }
+}
+
+#[test]
+fn check_config_refuses_bad_new_policy_settings_by_key() {
+    let refused: &[(Overrides, &str)] = &[
+        (
+            (&[("IDEMPROXY_KEY_SOURCES", "header:X-Request-Id,cookie:sid")], &[]),
+            "`idempotency.key_sources`",
+        ),
+        (
+            (&[], &["--key-source", "json:client_order_id"]),
+            "`idempotency.key_sources`",
+        ),
+        (
+            (&[], &["--unknown-statuses", "503", "--release-statuses", "429,503"]),
+            "`idempotency.release_statuses`",
+        ),
+        (
+            (&[("IDEMPROXY_UNKNOWN_STATUSES", "700")], &[]),
+            "`idempotency.unknown_statuses`",
+        ),
+        (
+            (&[], &["--fingerprint-ignore", "/sent_at"]),
+            "`idempotency.fingerprint_ignore`",
+        ),
+        (
+            (&[("IDEMPROXY_FINGERPRINT_BODY", "xml")], &[]),
+            "idempotency.fingerprint_body",
+        ),
+    ];
+    for ((env, flags), key) in refused {
+        let output = check_config(Path::new(EXAMPLE), env, flags);
+        assert!(!output.status.success(), "{env:?} {flags:?}");
+        assert!(stderr(&output).contains(key), "{key}: {}", stderr(&output));
+    }
 }
 
 /// Every key of the file form (`FileConfig::keys`, outside `[[route]]`) appears in the example,

@@ -48,6 +48,16 @@ fn record_decode() {
 }
 
 #[test]
+fn json_canonical() {
+    replay("json_canonical", checks::check_canonical);
+}
+
+#[test]
+fn json_pointer() {
+    replay("json_pointer", checks::check_pointer);
+}
+
+#[test]
 fn config_load() {
     replay("config_load", checks::check_config_bytes);
 }

@@ -164,13 +164,42 @@ async fn server_errors_are_recorded_by_default(store: Backend) {
     let proxy = store.proxy(&upstream).start().await;
     let client = TestClient::new();
     let url = proxy.url("/orders");
-    let first = post_keyed_with(&client, &url, "k5xx", &[("x-upstream-status", "503")]).await;
-    let again = post_keyed_with(&client, &url, "k5xx", &[("x-upstream-status", "503")]).await;
-    assert_eq!(first.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(again.status, StatusCode::SERVICE_UNAVAILABLE);
+    let first = post_keyed_with(&client, &url, "k5xx", &[("x-upstream-status", "500")]).await;
+    let again = post_keyed_with(&client, &url, "k5xx", &[("x-upstream-status", "500")]).await;
+    assert_eq!(first.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(again.status, StatusCode::INTERNAL_SERVER_ERROR);
     assert_eq!(again.header("idempotent-replayed"), Some("true"));
     assert_eq!(again.body, first.body);
     assert_eq!(upstream.hits(), 1);
+}
+
+/// docs/behaviour.md §14: `429` and `503` say the request was not processed. They are relayed,
+/// and the key is left free: the retry executes (503 was recorded before this default).
+async fn too_many_requests_and_service_unavailable_release_the_key_by_default(store: Backend) {
+    let upstream = TestUpstream::start().await;
+    let proxy = store.proxy(&upstream).start().await;
+    let client = TestClient::new();
+    let url = proxy.url("/orders");
+    for (key, status) in [
+        ("k429", StatusCode::TOO_MANY_REQUESTS),
+        ("k503", StatusCode::SERVICE_UNAVAILABLE),
+    ] {
+        let code = status.as_u16().to_string();
+        let refused = post_keyed_with(&client, &url, key, &[("x-upstream-status", &code)]).await;
+        assert_eq!(refused.status, status);
+        assert_eq!(
+            refused.header("content-type"),
+            Some("application/json"),
+            "relayed as is"
+        );
+        let retried = client.post_keyed(&url, key, "{}").await;
+        assert_eq!(retried.status, StatusCode::CREATED, "{key}");
+        assert_eq!(retried.header("idempotent-replayed"), None);
+        assert_ne!(retried.hit(), refused.hit());
+        let replayed = client.post_keyed(&url, key, "{}").await;
+        assert_eq!(replayed.header("idempotent-replayed"), Some("true"));
+    }
+    assert_eq!(upstream.hits(), 4);
 }
 
 async fn server_errors_release_the_key_when_not_recorded(store: Backend) {
@@ -423,6 +452,7 @@ per_store! {
         with_wait_every_duplicate_gets_the_one_result,
         keys_are_scoped_by_authorization,
         server_errors_are_recorded_by_default,
+        too_many_requests_and_service_unavailable_release_the_key_by_default,
         server_errors_release_the_key_when_not_recorded,
         keys_expire_after_key_ttl,
         lease_is_renewed_while_a_slow_upstream_runs,

@@ -24,7 +24,7 @@ use clap::error::{ContextKind, ContextValue};
 use clap::{Args, Parser, ValueEnum};
 use serde::Deserialize;
 
-use super::{ConfigError, LogFormat, OnConflict, StoreFailure, UnknownOutcome};
+use super::{ConfigError, FingerprintBody, LogFormat, OnConflict, StoreFailure, UnknownOutcome};
 
 /// How one layer of settings lies over the layer below it.
 pub(crate) trait Layer {
@@ -329,7 +329,7 @@ section! {
         /// Largest response body stored for replay, bytes [default: 8388608].
         #[arg(long, env = "IDEMPROXY_MAX_RESPONSE_BYTES")]
         pub max_response_bytes: Option<u64>,
-        /// Record 5xx answers (true) or release the key on them (false) [default: true].
+        /// Record 5xx answers (true) or release the key on every 5xx not in --unknown-statuses (false) [default: true].
         #[arg(long, env = "IDEMPROXY_RECORD_SERVER_ERRORS")]
         pub record_server_errors: Option<bool>,
         /// When the upstream may or may not have acted: reject (mark Unknown) or retry [default: reject].
@@ -339,10 +339,58 @@ section! {
             value_parser = keyed::<UnknownOutcome>("idempotency.unknown_outcome"),
         )]
         pub unknown_outcome: Option<UnknownOutcome>,
+        /// Where a key is taken from, first match wins: header:NAME, json:/pointer, query:NAME; repeatable [default: header:Idempotency-Key].
+        #[arg(long = "key-source", env = "IDEMPROXY_KEY_SOURCES", value_name = "SOURCE", value_delimiter = ',')]
+        pub key_sources: Option<Vec<String>>,
+        /// Bodies up to this many bytes are read to look for a json: key [default: 1048576].
+        #[arg(long, env = "IDEMPROXY_BUFFER_BYTES")]
+        pub buffer_bytes: Option<u64>,
+        /// Fingerprint the body as bytes, or as canonical JSON (RFC 8785, numbers as written) [default: bytes].
+        #[arg(
+            long,
+            env = "IDEMPROXY_FINGERPRINT_BODY",
+            value_parser = keyed::<FingerprintBody>("idempotency.fingerprint_body"),
+        )]
+        pub fingerprint_body: Option<FingerprintBody>,
+        /// JSON pointer left out of a json fingerprint, e.g. /sent_at; repeatable [default: none].
+        #[arg(long = "fingerprint-ignore", env = "IDEMPROXY_FINGERPRINT_IGNORE", value_name = "POINTER", value_delimiter = ',')]
+        pub fingerprint_ignore: Option<Vec<String>>,
+        /// Header that marks a replayed response [default: Idempotent-Replayed].
+        #[arg(long, env = "IDEMPROXY_REPLAY_HEADER")]
+        pub replay_header: Option<String>,
+        /// Upstream statuses that mean "not processed": relayed and the key released; "none" for none [default: 429,503].
+        #[arg(long, env = "IDEMPROXY_RELEASE_STATUSES", value_parser = status_list)]
+        pub release_statuses: Option<StatusList>,
+        /// Upstream statuses that leave the outcome unknown: the key is marked Unknown [default: none].
+        #[arg(long, env = "IDEMPROXY_UNKNOWN_STATUSES", value_parser = status_list)]
+        pub unknown_statuses: Option<StatusList>,
         /// `false`: the route is plain pass-through, no request is ever guarded.
         #[arg(skip)]
         pub enabled: Option<bool>,
     }
+}
+
+/// A list of HTTP status codes: a TOML array of integers, or on the command line and in the
+/// environment a comma-separated list (`429,503`), where `none` or an empty value is the empty
+/// list. Their range is checked where the policy is resolved, naming the key.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct StatusList(pub Vec<u16>);
+
+/// Parses a [`StatusList`] flag or variable.
+fn status_list(text: &str) -> Result<StatusList, String> {
+    let text = text.trim();
+    if text.is_empty() || text.eq_ignore_ascii_case("none") {
+        return Ok(StatusList::default());
+    }
+    text.split(',')
+        .map(|code| {
+            code.trim()
+                .parse()
+                .map_err(|_| format!("`{}` is not a status code (a list like 429,503, or none)", code.trim()))
+        })
+        .collect::<Result<_, _>>()
+        .map(StatusList)
 }
 
 /// One `[[route]]` table (file only).
@@ -580,6 +628,40 @@ mod tests {
             Some(&["POST".to_owned(), "PATCH".to_owned()][..])
         );
         assert!(s.routes.is_empty());
+    }
+
+    #[test]
+    fn key_sources_and_status_lists_from_flags() {
+        let cli = Cli::try_parse_from([
+            "idemproxy",
+            "--key-source",
+            "header:X-Request-Id",
+            "--key-source",
+            "json:/a,query:b",
+            "--release-statuses",
+            "429, 503",
+            "--unknown-statuses",
+            "none",
+            "--fingerprint-ignore",
+            "/sent_at",
+        ])
+        .expect("valid flags");
+        let s = &cli.settings.idempotency;
+        assert_eq!(
+            s.key_sources.as_deref(),
+            Some(
+                &[
+                    "header:X-Request-Id".to_owned(),
+                    "json:/a".to_owned(),
+                    "query:b".to_owned()
+                ][..]
+            )
+        );
+        assert_eq!(s.release_statuses, Some(StatusList(vec![429, 503])));
+        assert_eq!(s.unknown_statuses, Some(StatusList(vec![])));
+        assert_eq!(s.fingerprint_ignore.as_deref(), Some(&["/sent_at".to_owned()][..]));
+        assert_eq!(status_list(""), Ok(StatusList(vec![])));
+        assert!(status_list("429,x").is_err_and(|e| e.contains("`x`")));
     }
 
     #[test]

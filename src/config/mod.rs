@@ -24,6 +24,7 @@
 
 mod file;
 mod resolve;
+mod sources;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -36,8 +37,10 @@ use http::{HeaderName, Method, Uri};
 use serde::Deserialize;
 
 pub use file::{
-    Cli, FileConfig, LogSection, PolicySection, RouteSection, ServerSection, StoreSection, TlsSection, UpstreamSection,
+    Cli, FileConfig, LogSection, PolicySection, RouteSection, ServerSection, StatusList, StoreSection, TlsSection,
+    UpstreamSection,
 };
+pub use sources::{JsonPointer, KeySource, PointerToken, SourceKind, StatusSet, DEFAULT_KEY_HEADER};
 
 /// A configuration problem found at start-up. The message names the key at fault.
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +104,17 @@ pub enum UnknownOutcome {
     Retry,
 }
 
+/// What of a guarded request's body its fingerprint covers (docs/behaviour.md §13;
+/// `fingerprint_body`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum FingerprintBody {
+    /// The body byte for byte.
+    Bytes,
+    /// A JSON body's canonical form (RFC 8785, numbers as written); other bodies byte for byte.
+    Json,
+}
+
 /// Displays an enumerated setting the way the file and the flags spell it (`reject`, `json`).
 macro_rules! display_as_spelled {
     ($($enum:ty),*) => {
@@ -117,7 +131,7 @@ macro_rules! display_as_spelled {
     };
 }
 
-display_as_spelled!(LogFormat, OnConflict, StoreFailure, UnknownOutcome);
+display_as_spelled!(LogFormat, OnConflict, StoreFailure, UnknownOutcome, FingerprintBody);
 
 /// The resolved idempotency policy of one route.
 #[derive(Debug, Clone)]
@@ -136,6 +150,19 @@ pub struct Policy {
     pub max_response_bytes: u64,
     pub record_server_errors: bool,
     pub unknown_outcome: UnknownOutcome,
+    /// Where keys come from, first match wins (docs/behaviour.md §13); never empty.
+    pub key_sources: Vec<KeySource>,
+    /// Bodies up to this size are looked into by `json:` key sources.
+    pub buffer_bytes: u64,
+    pub fingerprint_body: FingerprintBody,
+    /// Left out of a `json` fingerprint.
+    pub fingerprint_ignore: Vec<JsonPointer>,
+    /// Marks a replayed response.
+    pub replay_header: HeaderName,
+    /// Upstream statuses that release the key (docs/behaviour.md §14).
+    pub release_statuses: StatusSet,
+    /// Upstream statuses that mark the key `Unknown` (docs/behaviour.md §14).
+    pub unknown_statuses: StatusSet,
 }
 
 impl Policy {
@@ -303,6 +330,12 @@ pub mod defaults {
     pub const ON_CONFLICT: super::OnConflict = super::OnConflict::Reject;
     pub const STORE_FAILURE: super::StoreFailure = super::StoreFailure::Closed;
     pub const UNKNOWN_OUTCOME: super::UnknownOutcome = super::UnknownOutcome::Reject;
+    /// Bodies up to this size are read to look for a `json:` key (1 MiB).
+    pub const BUFFER_BYTES: u64 = 1024 * 1024;
+    pub const FINGERPRINT_BODY: super::FingerprintBody = super::FingerprintBody::Bytes;
+    pub const REPLAY_HEADER: &str = "idempotent-replayed";
+    /// Upstream statuses that say the request was not processed.
+    pub const RELEASE_STATUSES: [u16; 2] = [429, 503];
 }
 
 impl Config {
@@ -487,6 +520,7 @@ mod tests {
         check::<OnConflict>();
         check::<StoreFailure>();
         check::<UnknownOutcome>();
+        check::<FingerprintBody>();
         assert_eq!(OnConflict::Wait.to_string(), "wait");
         assert_eq!(LogFormat::Pretty.to_string(), "pretty");
     }

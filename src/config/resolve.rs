@@ -12,8 +12,8 @@ use redis::IntoConnectionInfo;
 
 use super::file::{LogSection, ServerSection, StoreSection, TlsSection, UpstreamSection};
 use super::{
-    defaults, invalid, ConfigError, FileConfig, Policy, PolicySection, Route, RouteSection, ServerSettings,
-    StoreSettings, TlsSettings, UpstreamSettings, UpstreamTarget,
+    defaults, invalid, ConfigError, FileConfig, FingerprintBody, JsonPointer, KeySource, Policy, PolicySection, Route,
+    RouteSection, ServerSettings, StatusSet, StoreSettings, TlsSettings, UpstreamSettings, UpstreamTarget,
 };
 
 /// `listen` and `admin_listen`, and the rule that a non-loopback admin listener needs a token.
@@ -380,6 +380,9 @@ fn policy(key: &str, route: &str, section: &PolicySection) -> Result<Policy, Con
     if max_body_bytes == 0 {
         return Err(invalid(field("max_body_bytes"), "must be greater than zero"));
     }
+    let key_sources = key_sources(&field("key_sources"), section.key_sources.as_deref())?;
+    let fingerprint_body = section.fingerprint_body.unwrap_or(defaults::FINGERPRINT_BODY);
+    let (release_statuses, unknown_statuses) = statuses(key, section)?;
     Ok(Policy {
         enabled: section.enabled.unwrap_or(true),
         methods: methods(&field("methods"), section.methods.as_deref())?,
@@ -394,7 +397,93 @@ fn policy(key: &str, route: &str, section: &PolicySection) -> Result<Policy, Con
         max_response_bytes: section.max_response_bytes.unwrap_or(defaults::MAX_RESPONSE_BYTES),
         record_server_errors: section.record_server_errors.unwrap_or(true),
         unknown_outcome: section.unknown_outcome.unwrap_or(defaults::UNKNOWN_OUTCOME),
+        key_sources,
+        buffer_bytes: match section.buffer_bytes.unwrap_or(defaults::BUFFER_BYTES) {
+            0 => return Err(invalid(field("buffer_bytes"), "must be greater than zero")),
+            n => n,
+        },
+        fingerprint_ignore: fingerprint_ignore(key, fingerprint_body, section.fingerprint_ignore.as_deref())?,
+        fingerprint_body,
+        replay_header: {
+            let name = section.replay_header.as_deref().unwrap_or(defaults::REPLAY_HEADER);
+            HeaderName::from_bytes(name.trim().as_bytes())
+                .map_err(|_| invalid(field("replay_header"), format!("`{name}` is not a header name")))?
+        },
+        release_statuses,
+        unknown_statuses,
     })
+}
+
+/// `key_sources` (docs/behaviour.md §13): at least one, each once; the `Idempotency-Key`
+/// header by default.
+fn key_sources(key: &str, list: Option<&[String]>) -> Result<Vec<KeySource>, ConfigError> {
+    let Some(list) = list else {
+        return Ok(vec![KeySource::default_header()]);
+    };
+    if list.is_empty() {
+        return Err(invalid(key, "must name at least one source"));
+    }
+    let mut sources: Vec<KeySource> = Vec::with_capacity(list.len());
+    for spec in list {
+        let source = KeySource::parse(spec).map_err(|message| invalid(key, message))?;
+        if sources.contains(&source) {
+            return Err(invalid(key, format!("`{source}` is listed twice")));
+        }
+        sources.push(source);
+    }
+    Ok(sources)
+}
+
+/// `fingerprint_ignore`: JSON pointers, only meaningful with `fingerprint_body = "json"`.
+fn fingerprint_ignore(
+    key: &str,
+    body: FingerprintBody,
+    list: Option<&[String]>,
+) -> Result<Vec<JsonPointer>, ConfigError> {
+    let field = format!("{key}.fingerprint_ignore");
+    let list = list.unwrap_or_default();
+    if !list.is_empty() && body != FingerprintBody::Json {
+        return Err(invalid(
+            field,
+            "needs `fingerprint_body = \"json\"` (a byte fingerprint has no fields to leave out)",
+        ));
+    }
+    list.iter()
+        .map(|text| JsonPointer::parse(text.trim()).map_err(|message| invalid(&field, message)))
+        .collect()
+}
+
+/// `release_statuses` and `unknown_statuses` (docs/behaviour.md §14): statuses 100-599, none in
+/// both lists. The default release list (429, 503) yields to a status listed as unknown.
+fn statuses(key: &str, section: &PolicySection) -> Result<(StatusSet, StatusSet), ConfigError> {
+    let set = |name: &str, codes: &[u16]| {
+        StatusSet::of(codes).map_err(|code| {
+            invalid(
+                format!("{key}.{name}"),
+                format!("{code} is not an HTTP status (100-599)"),
+            )
+        })
+    };
+    let unknown = set(
+        "unknown_statuses",
+        section.unknown_statuses.as_ref().map_or(&[][..], |list| &list.0),
+    )?;
+    let release = match &section.release_statuses {
+        Some(list) => set("release_statuses", &list.0)?,
+        None => {
+            return Ok((
+                set("release_statuses", &defaults::RELEASE_STATUSES)?.without(&unknown),
+                unknown,
+            ))
+        }
+    };
+    if let Some(code) = release.overlap(&unknown) {
+        return Err(invalid(
+            format!("{key}.release_statuses"),
+            format!("{code} is also in `{key}.unknown_statuses`: a status is either released or unknown"),
+        ));
+    }
+    Ok((release, unknown))
 }
 
 /// The guarded methods: POST and PATCH only, POST by default.

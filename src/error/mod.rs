@@ -103,6 +103,7 @@ fn unknown_detail(cause: UnknownCause) -> &'static str {
         UnknownCause::UpstreamFailed => "the request was sent upstream but the connection failed before a complete response; it may or may not have taken effect, so it will not be sent again: reconcile with the service before retrying with a new key",
         UnknownCause::LeaseLapsed => "the proxy executing this request stopped before it finished; it may or may not have taken effect, so it will not be sent again: reconcile with the service before retrying with a new key",
         UnknownCause::Interrupted => "the proxy's execution of this request was interrupted after it may have been sent upstream; it may or may not have taken effect, so it will not be sent again: reconcile with the service before retrying with a new key",
+        UnknownCause::UpstreamStatus => "the upstream answered with a status that does not tell whether the request took effect (the route's unknown_statuses); it will not be sent again: reconcile with the service before retrying with a new key",
     }
 }
 

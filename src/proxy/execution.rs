@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use super::{forward, ConnectionInfo};
-use crate::body::ProxyBody;
+use crate::body::{concat, ProxyBody};
 use crate::config::Route;
 use crate::error::{Chain, ProxyError};
 use crate::idempotency::{replay, settle, unix_ms, Exchange, Record, Settlement, StoredResponse, UnknownCause};
@@ -99,6 +99,9 @@ impl Execution {
         match result {
             Ok(response) => {
                 let (parts, body) = response.into_parts();
+                if policy.unknown_statuses.contains(parts.status) {
+                    tracing::warn!(status = parts.status.as_u16(), key = %lease.key().short_hash(), "outcome unknown: the upstream answered with a status listed in unknown_statuses");
+                }
                 let stored = || {
                     Some(replay::store(
                         parts.status,
@@ -108,7 +111,12 @@ impl Execution {
                     ))
                 };
                 self.settle_key(lease, settlement, stored).await;
-                Ok((Response::from_parts(parts, body.into_client_body()), Outcome::Executed))
+                // The answer is relayed either way; a key left unknown counts as such.
+                let outcome = match settlement {
+                    Settlement::MarkUnknown(_) => Outcome::OutcomeUnknown,
+                    Settlement::Record | Settlement::Release => Outcome::Executed,
+                };
+                Ok((Response::from_parts(parts, body.into_client_body()), outcome))
             }
             Err(err) => {
                 if !matches!(err, UpstreamError::Connect(_)) {
@@ -249,12 +257,4 @@ async fn read_response_body(mut body: Incoming, max: u64) -> Result<ResponseBody
         }
     }
     Ok(ResponseBody::Buffered(concat(chunks)))
-}
-
-fn concat(mut chunks: Vec<Bytes>) -> Bytes {
-    match chunks.len() {
-        0 => Bytes::new(),
-        1 => chunks.pop().unwrap_or_default(),
-        _ => chunks.concat().into(),
-    }
 }

@@ -5,9 +5,12 @@
 //!   one exchange with the upstream that pass-through, fail-open and guarded executions share.
 //! - [`guarded`]: a guarded request's life up to `begin` (docs/behaviour.md §4): body,
 //!   fingerprint, replay, conflict, wait.
+//! - [`body_key`]: a request whose key may be in its body (a `json:` key source, §13): the body
+//!   read up to `buffer_bytes`, then guarded or passed through.
 //! - [`execution`]: the owner's side of a key: the exchange under a renewed lease, and its
 //!   outcome recorded before the client is answered (docs/behaviour.md §5).
 
+pub mod body_key;
 pub mod execution;
 pub mod forward;
 pub mod guarded;
@@ -25,7 +28,8 @@ use hyper::body::Incoming;
 use crate::body::ProxyBody;
 use crate::config::Route;
 use crate::error::{Chain, ProxyError};
-use crate::idempotency::{key, ShortHash, StorageKey, IDEMPOTENCY_KEY};
+use crate::idempotency::source::{self, BodyView, Lookup};
+use crate::idempotency::ShortHash;
 use crate::state::State;
 use crate::telemetry::Outcome;
 use crate::upstream::{Affinity, Upstream};
@@ -132,20 +136,27 @@ async fn route_request(
     log.route = Some(route.clone());
     let policy = &route.policy;
     if policy.guards(request.method()) {
-        match key::from_fields(request.headers().get_all(IDEMPOTENCY_KEY))? {
-            Some(key) => {
-                let scope = request
-                    .headers()
-                    .get(&policy.scope_header)
-                    .map_or(&b""[..], |v| v.as_bytes());
-                let storage_key = StorageKey::new(&state.config.key_prefix, &route.name, scope, key.as_bytes());
+        let lookup = source::find(
+            &policy.key_sources,
+            0,
+            request.headers(),
+            request.uri(),
+            BodyView::NotRead,
+        )?;
+        match lookup {
+            Lookup::Found { key, source } => {
+                let storage_key = guarded::storage_key(state, route, request.headers(), source, key.as_bytes());
                 log.key_hash = Some(storage_key.short_hash());
                 // Boxed: the guarded path's state machine is large, and the pass-through one should not
                 // carry (and move) it.
+                let request = request.map(ProxyBody::stream);
                 return Box::pin(guarded::handle(state, connection, route, request, storage_key)).await;
             }
-            None if policy.require_key => return Err(ProxyError::MissingKey),
-            None => {}
+            Lookup::NeedsBody { from } => {
+                return Box::pin(body_key::handle(state, connection, route, request, from, log)).await;
+            }
+            Lookup::Missing if policy.require_key => return Err(ProxyError::MissingKey),
+            Lookup::Missing => {}
         }
     }
     let request = forward::upstream_request(route, connection, request, ProxyBody::stream)?;
