@@ -7,7 +7,8 @@
 //! scope header's value (e.g. the client's `Authorization`), `?route=` the route's name when
 //! there are several. They are hashed exactly as on the request path. With `admin_token` set,
 //! the key endpoints need `Authorization: Bearer <token>`. Their errors are RFC 9457 problems,
-//! built by [`problem_response`] like the proxy's own.
+//! built by [`problem_response`] like the proxy's own (always problem+json: the admin listener
+//! has no route, so no route's `error_format`).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -26,7 +27,7 @@ use tokio::sync::watch;
 use crate::body::ProxyBody;
 use crate::config::Route;
 use crate::error::{
-    insert_retry_after, problem_response, problem_type, Chain, Problem, ProblemType, STORE_RETRY_AFTER,
+    insert_retry_after, problem_response, problem_type, Chain, ErrorStyle, Problem, ProblemType, STORE_RETRY_AFTER,
 };
 use crate::idempotency::{key, unix_ms, KeyError, Record, ShortHash, StorageKey};
 use crate::state::State;
@@ -80,7 +81,7 @@ async fn handle(state: Arc<State>, request: Request<Incoming>) -> Result<Respons
             } else {
                 Err(AdminError::MethodNotAllowed)
             };
-            answered.unwrap_or_else(|err| problem_response(&err))
+            answered.unwrap_or_else(|err| problem_response(&err, ErrorStyle::PLAIN))
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     };

@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use http::Method;
-use idemproxy::config::{defaults, LogFormat, OnConflict, StoreFailure, StoreSettings, UnknownOutcome};
+use idemproxy::config::{defaults, ErrorFormat, LogFormat, OnConflict, StoreFailure, StoreSettings, UnknownOutcome};
 use idemproxy::Config;
 
 const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/idemproxy.toml");
@@ -130,6 +130,8 @@ fn example_states_the_defaults() {
         );
         assert!(policy.record_server_errors, "{}", route.name);
         assert_eq!(policy.unknown_outcome, UnknownOutcome::Reject, "{}", route.name);
+        assert_eq!(policy.error_format, ErrorFormat::Problem, "{}", route.name);
+        assert_eq!(policy.retry_hint_header, None, "{}", route.name);
     }
 }
 
@@ -185,6 +187,8 @@ fn example_covers_every_setting() {
                 "max_response_bytes",
                 "record_server_errors",
                 "unknown_outcome",
+                "error_format",
+                "retry_hint_header",
             ],
         ),
         (

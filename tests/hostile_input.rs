@@ -98,6 +98,15 @@ fn assert_problem(answer: &[u8], expected: u16, slug: &str, case: &str) {
     );
 }
 
+/// A Stripe-form error (docs/behaviour.md §16) of `expected` status whose `code` is `slug`.
+fn assert_stripe_error(answer: &[u8], expected: u16, slug: &str, case: &str) {
+    let text = String::from_utf8_lossy(answer);
+    assert_eq!(status(answer), Some(expected), "{case}: got {text:?}");
+    assert!(head_has(answer, "content-type: application/json"), "{case}: {text:?}");
+    let json = body_json(answer);
+    assert_eq!(json["error"]["code"], slug, "{case}: {json}");
+}
+
 /// No request whose path is `path` reached the upstream.
 fn assert_never_reached(upstream: &TestUpstream, path: &str) {
     let requests = upstream.requests();
@@ -876,4 +885,56 @@ async fn slow_readers_do_not_grow_memory_without_bound() {
     let client = common::TestClient::new();
     let response = client.send(Method::GET, &proxy.url("/after"), &[], "").await;
     assert_eq!(response.status, http::StatusCode::CREATED);
+}
+
+/// With `error_format = "stripe"` on a route, what is refused before a route is known (a
+/// `CONNECT`, an asterisk-form or non-ASCII target, a path no route serves) is still
+/// problem+json; what is refused on the route (an oversized key, a broken keyed body) is in
+/// Stripe's form.
+#[tokio::test]
+async fn the_stripe_form_starts_once_the_route_is_known() {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&format!(
+        "log.filter = \"warn\"\n[[route]]\nprefix = \"/v1\"\nupstream = \"{}\"\nidempotency.error_format = \"stripe\"",
+        upstream.url()
+    ))
+    .await;
+    for (case, request) in [
+        (
+            "CONNECT",
+            "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+        ),
+        (
+            "OPTIONS *",
+            "OPTIONS * HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        ),
+        (
+            "non-ASCII",
+            "GET /v1/caf\u{e9} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        ),
+    ] {
+        assert_problem(
+            &exchange(proxy.addr, request.as_bytes()).await,
+            400,
+            "bad-request",
+            case,
+        );
+    }
+    let answer = exchange(
+        proxy.addr,
+        b"GET /v2/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_problem(&answer, 404, "no-route", "no route");
+
+    let key = "k".repeat(10 * 1024);
+    let request = format!(
+        "POST /v1/charges HTTP/1.1\r\nHost: a\r\nIdempotency-Key: {key}\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+    );
+    let answer = exchange(proxy.addr, request.as_bytes()).await;
+    assert_stripe_error(&answer, 400, "invalid-key", "10 KiB key");
+    let broken = "POST /v1/charges HTTP/1.1\r\nHost: a\r\nIdempotency-Key: chunk-zz\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\nabc\r\n0\r\n\r\n";
+    let answer = exchange(proxy.addr, broken.as_bytes()).await;
+    assert_stripe_error(&answer, 400, "bad-request", "broken chunk");
+    assert_eq!(upstream.hits(), 0, "{:?}", upstream.requests());
 }

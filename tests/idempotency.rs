@@ -3,13 +3,18 @@
 //! against each store (`memory::<behaviour>`, `redis::<behaviour>`: the `per_store!` list below;
 //! another store is one more line there and a `common::Backend` variant);
 //! what only one store can show (two proxies sharing Redis, Redis down, its command budget; a
-//! full embedded store) follows as single tests.
+//! full embedded store) follows as single tests. The behaviours that end in one of the proxy's
+//! own errors run once per error form as well (`problem::<store>::<behaviour>`,
+//! `stripe::<store>::<behaviour>`: docs/behaviour.md §8 and §16, retry hints included).
 
 mod common;
 
 use std::time::Duration;
 
-use common::{per_store, Backend, ProxyProcess, RedisServer, TestClient, TestProxy, TestResponse, TestUpstream};
+use common::{
+    per_store, per_store_and_form, Backend, ErrorForm, ProxyProcess, RedisServer, TestClient, TestProxy, TestResponse,
+    TestUpstream,
+};
 use futures::future::join_all;
 use http::{Method, StatusCode};
 
@@ -72,25 +77,27 @@ async fn replay_is_identical_and_marked(store: Backend) {
     assert_eq!(upstream.hits(), 1);
 }
 
-async fn same_key_with_changed_body_or_path_is_422(store: Backend) {
+/// `422` `key-reused`; Stripe's `400` `idempotency_error`.
+async fn same_key_with_changed_body_or_path_is_422(store: Backend, form: ErrorForm) {
     let upstream = TestUpstream::start().await;
-    let proxy = store.proxy(&upstream).start().await;
+    let proxy = store.proxy(&upstream).error_form(form).start().await;
     let client = TestClient::new();
     let first = client.post_keyed(&proxy.url("/orders"), "k-422", "{\"n\":1}").await;
     assert_eq!(first.status, StatusCode::CREATED);
     let body_changed = client.post_keyed(&proxy.url("/orders"), "k-422", "{\"n\":2}").await;
-    assert_eq!(body_changed.status, StatusCode::UNPROCESSABLE_ENTITY);
-    assert!(body_changed.problem_type().ends_with("#key-reused"));
+    assert_eq!(body_changed.status, form.key_reused_status());
+    assert_eq!(body_changed.error_slug(form), "key-reused");
+    assert_eq!(body_changed.retry_hint(), None, "the SDK does not retry a 400 anyway");
     let path_changed = client.post_keyed(&proxy.url("/refunds"), "k-422", "{\"n\":1}").await;
-    assert_eq!(path_changed.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(path_changed.status, form.key_reused_status());
     let query_changed = client.post_keyed(&proxy.url("/orders?x=1"), "k-422", "{\"n\":1}").await;
-    assert_eq!(query_changed.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(query_changed.status, form.key_reused_status());
     assert_eq!(upstream.hits(), 1);
 }
 
-async fn forty_concurrent_duplicates_execute_once(store: Backend) {
+async fn forty_concurrent_duplicates_execute_once(store: Backend, form: ErrorForm) {
     let upstream = TestUpstream::start().await;
-    let proxy = store.proxy(&upstream).start().await;
+    let proxy = store.proxy(&upstream).error_form(form).start().await;
     let url = proxy.url("/orders");
     let responses = keyed_posts_at_once(
         40,
@@ -105,7 +112,8 @@ async fn forty_concurrent_duplicates_execute_once(store: Backend) {
     assert_eq!(conflicts.len(), 39);
     for conflict in conflicts {
         assert_eq!(conflict.header("retry-after"), Some("1"));
-        assert!(conflict.problem_type().ends_with("#request-in-progress"));
+        assert_eq!(conflict.error_slug(form), "request-in-progress");
+        assert_eq!(conflict.retry_hint(), form.hint(true));
     }
 }
 
@@ -159,18 +167,30 @@ async fn keys_are_scoped_by_authorization(store: Backend) {
     }
 }
 
-async fn server_errors_are_recorded_by_default(store: Backend) {
+/// A recorded 5xx is replayed as is; with a retry hint header, it and its replays say that
+/// retrying cannot help (the upstream's own hint is replaced), while a recorded 2xx gets none.
+async fn server_errors_are_recorded_by_default(store: Backend, form: ErrorForm) {
     let upstream = TestUpstream::start().await;
-    let proxy = store.proxy(&upstream).start().await;
+    let proxy = store.proxy(&upstream).error_form(form).start().await;
     let client = TestClient::new();
     let url = proxy.url("/orders");
-    let first = post_keyed_with(&client, &url, "k5xx", &[("x-upstream-status", "503")]).await;
-    let again = post_keyed_with(&client, &url, "k5xx", &[("x-upstream-status", "503")]).await;
+    let failing = [
+        ("x-upstream-status", "503"),
+        ("x-upstream-header", "stripe-should-retry=true"),
+    ];
+    let first = post_keyed_with(&client, &url, "k5xx", &failing).await;
+    let again = post_keyed_with(&client, &url, "k5xx", &failing).await;
     assert_eq!(first.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(again.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(again.header("idempotent-replayed"), Some("true"));
     assert_eq!(again.body, first.body);
-    assert_eq!(upstream.hits(), 1);
+    let upstreams_hint = Some("true");
+    assert_eq!(first.retry_hint(), form.hint(false).or(upstreams_hint));
+    assert_eq!(again.retry_hint(), form.hint(false).or(upstreams_hint));
+    assert_eq!(again.headers.get_all("stripe-should-retry").iter().count(), 1);
+    client.post_keyed(&url, "k2xx", "{}").await;
+    assert_eq!(client.post_keyed(&url, "k2xx", "{}").await.retry_hint(), None);
+    assert_eq!(upstream.hits(), 2);
 }
 
 async fn server_errors_release_the_key_when_not_recorded(store: Backend) {
@@ -227,11 +247,12 @@ async fn lease_is_renewed_while_a_slow_upstream_runs(store: Backend) {
     assert_eq!(upstream.hits(), 1);
 }
 
-async fn upstream_slower_than_timeout_is_504_then_outcome_unknown(store: Backend) {
+async fn upstream_slower_than_timeout_is_504_then_outcome_unknown(store: Backend, form: ErrorForm) {
     let upstream = TestUpstream::start().await;
     let proxy = store
         .proxy(&upstream)
         .config("upstream.timeout = \"300ms\"")
+        .error_form(form)
         .start()
         .await;
     let client = TestClient::new();
@@ -239,29 +260,37 @@ async fn upstream_slower_than_timeout_is_504_then_outcome_unknown(store: Backend
     let too_slow = [("x-upstream-delay-ms", "1000")];
     let first = post_keyed_with(&client, &url, "too-slow", &too_slow).await;
     assert_eq!(first.status, StatusCode::GATEWAY_TIMEOUT);
-    assert!(first.problem_type().ends_with("#outcome-unknown"));
+    assert_eq!(first.error_slug(form), "outcome-unknown");
+    assert_eq!(first.retry_hint(), form.hint(false));
     let retry = post_keyed_with(&client, &url, "too-slow", &too_slow).await;
     assert_eq!(retry.status, StatusCode::GATEWAY_TIMEOUT);
-    assert!(retry.problem_type().ends_with("#outcome-unknown"));
+    assert_eq!(retry.error_slug(form), "outcome-unknown");
+    assert_eq!(retry.retry_hint(), form.hint(false));
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let later = client.post_keyed(&url, "too-slow", "{}").await;
-    assert!(later.problem_type().ends_with("#outcome-unknown"));
+    assert_eq!(later.error_slug(form), "outcome-unknown");
     assert_eq!(upstream.hits(), 1);
 }
 
-async fn timeout_with_unknown_outcome_retry_runs_again(store: Backend) {
+async fn timeout_with_unknown_outcome_retry_runs_again(store: Backend, form: ErrorForm) {
     let upstream = TestUpstream::start().await;
     let proxy = store
         .proxy(&upstream)
         .config("upstream.timeout = \"300ms\"")
         .idempotency("unknown_outcome = \"retry\"")
+        .error_form(form)
         .start()
         .await;
     let client = TestClient::new();
     let url = proxy.url("/orders");
     let first = post_keyed_with(&client, &url, "again", &[("x-upstream-delay-ms", "1000")]).await;
     assert_eq!(first.status, StatusCode::GATEWAY_TIMEOUT);
-    assert!(first.problem_type().ends_with("#upstream-timeout"));
+    assert_eq!(first.error_slug(form), "upstream-timeout");
+    assert_eq!(
+        first.retry_hint(),
+        None,
+        "the SDK's own rule (retry a 5xx) is right here"
+    );
     let retry = client.post_keyed(&url, "again", "{}").await;
     assert_eq!(retry.status, StatusCode::CREATED);
     assert_eq!(upstream.hits(), 2);
@@ -285,16 +314,16 @@ async fn client_disconnect_does_not_cancel_and_the_retry_gets_the_replay(store: 
     assert_eq!(upstream.hits(), 1);
 }
 
-async fn invalid_keys_are_400_and_not_forwarded(store: Backend) {
+async fn invalid_keys_are_400_and_not_forwarded(store: Backend, form: ErrorForm) {
     let upstream = TestUpstream::start().await;
-    let proxy = store.proxy(&upstream).start().await;
+    let proxy = store.proxy(&upstream).error_form(form).start().await;
     let client = TestClient::new();
     let url = proxy.url("/orders");
     let long = "k".repeat(256);
     for key in ["", "\"unterminated", "two words", "\"a\";param=1", long.as_str()] {
         let response = client.send(Method::POST, &url, &[("idempotency-key", key)], "{}").await;
         assert_eq!(response.status, StatusCode::BAD_REQUEST, "key {key:?}");
-        assert!(response.problem_type().ends_with("#invalid-key"));
+        assert_eq!(response.error_slug(form), "invalid-key");
     }
     let twice = client
         .send(
@@ -308,14 +337,19 @@ async fn invalid_keys_are_400_and_not_forwarded(store: Backend) {
     assert_eq!(upstream.hits(), 0);
 }
 
-async fn require_key_refuses_keyless_guarded_methods_only(store: Backend) {
+async fn require_key_refuses_keyless_guarded_methods_only(store: Backend, form: ErrorForm) {
     let upstream = TestUpstream::start().await;
-    let proxy = store.proxy(&upstream).idempotency("require_key = true").start().await;
+    let proxy = store
+        .proxy(&upstream)
+        .idempotency("require_key = true")
+        .error_form(form)
+        .start()
+        .await;
     let client = TestClient::new();
     let url = proxy.url("/orders");
     let keyless = client.send(Method::POST, &url, &[], "{}").await;
     assert_eq!(keyless.status, StatusCode::BAD_REQUEST);
-    assert!(keyless.problem_type().ends_with("#missing-key"));
+    assert_eq!(keyless.error_slug(form), "missing-key");
     assert_eq!(
         client.send(Method::GET, &url, &[], "").await.status,
         StatusCode::CREATED
@@ -343,11 +377,12 @@ async fn patch_is_guarded_only_when_configured(store: Backend) {
     assert_eq!(upstream.hits(), 3);
 }
 
-async fn oversized_request_body_is_413_before_forwarding(store: Backend) {
+async fn oversized_request_body_is_413_before_forwarding(store: Backend, form: ErrorForm) {
     let upstream = TestUpstream::start().await;
     let proxy = store
         .proxy(&upstream)
         .idempotency("max_body_bytes = 1024")
+        .error_form(form)
         .start()
         .await;
     let client = TestClient::new();
@@ -355,17 +390,18 @@ async fn oversized_request_body_is_413_before_forwarding(store: Backend) {
     let big = "x".repeat(2048);
     let response = client.post_keyed(&url, "big", &big).await;
     assert_eq!(response.status, StatusCode::PAYLOAD_TOO_LARGE);
-    assert!(response.problem_type().ends_with("#body-too-large"));
+    assert_eq!(response.error_slug(form), "body-too-large");
     let keyless = client.send(Method::POST, &url, &[], big.clone()).await;
     assert_eq!(keyless.status, StatusCode::CREATED, "keyless requests are not limited");
     assert_eq!(upstream.hits(), 1);
 }
 
-async fn oversized_response_is_streamed_once_and_never_replayed(store: Backend) {
+async fn oversized_response_is_streamed_once_and_never_replayed(store: Backend, form: ErrorForm) {
     let upstream = TestUpstream::start().await;
     let proxy = store
         .proxy(&upstream)
         .idempotency("max_response_bytes = 100000")
+        .error_form(form)
         .start()
         .await;
     let client = TestClient::new();
@@ -376,38 +412,44 @@ async fn oversized_response_is_streamed_once_and_never_replayed(store: Backend) 
     assert_eq!(first.body.len(), 1_000_000);
     let retry = post_keyed_with(&client, &url, "huge", &huge).await;
     assert_eq!(retry.status, StatusCode::BAD_GATEWAY);
-    assert!(retry.problem_type().ends_with("#response-not-replayable"));
+    assert_eq!(retry.error_slug(form), "response-not-replayable");
+    assert_eq!(retry.retry_hint(), form.hint(false));
     assert_eq!(upstream.hits(), 1);
 }
 
-async fn unreachable_upstream_releases_the_key(store: Backend) {
+async fn unreachable_upstream_releases_the_key(store: Backend, form: ErrorForm) {
     let upstream = TestUpstream::start().await;
     let addr = upstream.addr;
     upstream.stop();
     drop(upstream);
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let proxy = TestProxy::to_url(format!("http://{addr}")).store(&store).start().await;
+    let proxy = TestProxy::to_url(format!("http://{addr}"))
+        .store(&store)
+        .error_form(form)
+        .start()
+        .await;
     let client = TestClient::new();
     let url = proxy.url("/orders");
     let refused = client.post_keyed(&url, "retry-me", "{}").await;
     assert_eq!(refused.status, StatusCode::BAD_GATEWAY);
-    assert!(refused.problem_type().ends_with("#upstream-unreachable"));
+    assert_eq!(refused.error_slug(form), "upstream-unreachable");
     let upstream = TestUpstream::start_on(addr).await;
     let retried = client.post_keyed(&url, "retry-me", "{}").await;
     assert_eq!(retried.status, StatusCode::CREATED);
     assert_eq!(upstream.hits(), 1);
 }
 
-async fn upstream_reset_after_sending_is_outcome_unknown(store: Backend) {
+async fn upstream_reset_after_sending_is_outcome_unknown(store: Backend, form: ErrorForm) {
     let upstream = TestUpstream::start().await;
-    let proxy = store.proxy(&upstream).start().await;
+    let proxy = store.proxy(&upstream).error_form(form).start().await;
     let client = TestClient::new();
     let url = proxy.url("/orders");
     let first = post_keyed_with(&client, &url, "reset", &[("x-upstream-reset", "1")]).await;
     assert_eq!(first.status, StatusCode::BAD_GATEWAY);
-    assert!(first.problem_type().ends_with("#outcome-unknown"));
+    assert_eq!(first.error_slug(form), "outcome-unknown");
+    assert_eq!(first.retry_hint(), form.hint(false));
     let retry = client.post_keyed(&url, "reset", "{}").await;
-    assert!(retry.problem_type().ends_with("#outcome-unknown"));
+    assert_eq!(retry.error_slug(form), "outcome-unknown");
     assert_eq!(upstream.hits(), 1);
 }
 
@@ -418,20 +460,33 @@ per_store! {
     }
     tests {
         replay_is_identical_and_marked,
-        same_key_with_changed_body_or_path_is_422,
-        forty_concurrent_duplicates_execute_once,
         with_wait_every_duplicate_gets_the_one_result,
         keys_are_scoped_by_authorization,
-        server_errors_are_recorded_by_default,
         server_errors_release_the_key_when_not_recorded,
         keys_expire_after_key_ttl,
         lease_is_renewed_while_a_slow_upstream_runs,
+        client_disconnect_does_not_cancel_and_the_retry_gets_the_replay,
+        patch_is_guarded_only_when_configured,
+    }
+}
+
+per_store_and_form! {
+    forms {
+        problem => ErrorForm::Problem,
+        stripe => ErrorForm::Stripe,
+    }
+    stores {
+        memory => Backend::memory(),
+        redis => Backend::redis(),
+    }
+    tests {
+        same_key_with_changed_body_or_path_is_422,
+        forty_concurrent_duplicates_execute_once,
+        server_errors_are_recorded_by_default,
         upstream_slower_than_timeout_is_504_then_outcome_unknown,
         timeout_with_unknown_outcome_retry_runs_again,
-        client_disconnect_does_not_cancel_and_the_retry_gets_the_replay,
         invalid_keys_are_400_and_not_forwarded,
         require_key_refuses_keyless_guarded_methods_only,
-        patch_is_guarded_only_when_configured,
         oversized_request_body_is_413_before_forwarding,
         oversized_response_is_streamed_once_and_never_replayed,
         unreachable_upstream_releases_the_key,
@@ -472,6 +527,11 @@ async fn redis_down_fails_closed_and_recovers_without_restart() {
     let mut redis = RedisServer::start();
     let upstream = TestUpstream::start().await;
     let proxy = TestProxy::to(&upstream).redis(&redis).start().await;
+    let stripe = TestProxy::to(&upstream)
+        .redis(&redis)
+        .error_form(ErrorForm::Stripe)
+        .start()
+        .await;
     let client = TestClient::new();
     let url = proxy.url("/orders");
     assert_eq!(
@@ -479,10 +539,13 @@ async fn redis_down_fails_closed_and_recovers_without_restart() {
         StatusCode::CREATED
     );
     redis.kill();
-    let down = client.post_keyed(&url, "during", "{}").await;
-    assert_eq!(down.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(down.header("retry-after"), Some("1"));
-    assert!(down.problem_type().ends_with("#store-unavailable"));
+    for (proxy, form) in [(&proxy, ErrorForm::Problem), (&stripe, ErrorForm::Stripe)] {
+        let down = client.post_keyed(&proxy.url("/orders"), "during", "{}").await;
+        assert_eq!(down.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(down.header("retry-after"), Some("1"));
+        assert_eq!(down.error_slug(form), "store-unavailable");
+        assert_eq!(down.retry_hint(), form.hint(true));
+    }
     let passthrough = client.send(Method::GET, &url, &[], "").await;
     assert_eq!(passthrough.status, StatusCode::CREATED, "pass-through is unaffected");
     assert_eq!(upstream.hits(), 2, "nothing guarded was forwarded");

@@ -8,7 +8,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::{
-    free_port, read_one_response, read_until_closed, Recorded, RedisServer, TestClient, TestProxy, TestUpstream,
+    free_port, read_one_response, read_until_closed, ErrorForm, Recorded, RedisServer, TestClient, TestProxy,
+    TestUpstream,
 };
 use http::{Method, StatusCode, Version};
 use tokio::io::AsyncWriteExt;
@@ -264,46 +265,46 @@ async fn h2c_prior_knowledge_is_proxied_to_http1_upstream() {
     assert_eq!(upstream.hits(), 2);
 }
 
-fn assert_problem(response: &common::TestResponse, status: StatusCode, slug: &str) {
+/// The proxy's own error of `status` and `slug`, written in `form`.
+fn assert_error(response: &common::TestResponse, form: ErrorForm, status: StatusCode, slug: &str) {
     assert_eq!(response.status, status, "{response:?}");
-    let problem_type = response.problem_type();
-    assert!(problem_type.ends_with(&format!("#{slug}")), "type {problem_type}");
-    let json = response.json();
-    assert_eq!(json["status"], status.as_u16());
-    assert!(json["title"].as_str().is_some_and(|t| !t.is_empty()), "{json}");
-    assert!(json["detail"].as_str().is_some_and(|d| !d.is_empty()), "{json}");
-    let link = response.header("link").expect("a Link header");
-    assert_eq!(link, format!("<{problem_type}>; rel=\"describedby\""));
+    assert_eq!(response.error_slug(form), slug, "{response:?}");
 }
 
-/// Nothing listening upstream: `502` problem, type upstream-unreachable.
+/// Nothing listening upstream: `502` upstream-unreachable, in either error form (pass-through
+/// requests on a route answer in its form too).
 #[tokio::test]
 async fn refused_upstream_is_502_problem() {
     let dead = format!("http://127.0.0.1:{}", free_port());
-    let proxy = TestProxy::to_url(dead).start().await;
-    let response = TestClient::new().send(Method::GET, &proxy.url("/x"), &[], "").await;
-    assert_problem(&response, StatusCode::BAD_GATEWAY, "upstream-unreachable");
-    let keyless_post = TestClient::new().send(Method::POST, &proxy.url("/x"), &[], "{}").await;
-    assert_problem(&keyless_post, StatusCode::BAD_GATEWAY, "upstream-unreachable");
+    for form in [ErrorForm::Problem, ErrorForm::Stripe] {
+        let proxy = TestProxy::to_url(dead.clone()).error_form(form).start().await;
+        let response = TestClient::new().send(Method::GET, &proxy.url("/x"), &[], "").await;
+        assert_error(&response, form, StatusCode::BAD_GATEWAY, "upstream-unreachable");
+        let keyless_post = TestClient::new().send(Method::POST, &proxy.url("/x"), &[], "{}").await;
+        assert_error(&keyless_post, form, StatusCode::BAD_GATEWAY, "upstream-unreachable");
+    }
 }
 
-/// An upstream slower than `upstream.timeout`: `504` problem, type upstream-timeout, answered
-/// at the timeout rather than when the upstream finally answers.
+/// An upstream slower than `upstream.timeout`: `504` upstream-timeout, answered at the timeout
+/// rather than when the upstream finally answers, in either error form.
 #[tokio::test]
 async fn slow_upstream_is_504_problem_at_the_timeout() {
     let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::to(&upstream)
-        .config("upstream.timeout = \"300ms\"")
-        .start()
-        .await;
-    let started = Instant::now();
-    let response = TestClient::new()
-        .send(Method::GET, &proxy.url("/slow"), &[("x-upstream-delay-ms", "2000")], "")
-        .await;
-    let elapsed = started.elapsed();
-    assert_problem(&response, StatusCode::GATEWAY_TIMEOUT, "upstream-timeout");
-    assert!(elapsed >= Duration::from_millis(250), "answered after {elapsed:?}");
-    assert!(elapsed < Duration::from_millis(1500), "answered after {elapsed:?}");
+    for form in [ErrorForm::Problem, ErrorForm::Stripe] {
+        let proxy = TestProxy::to(&upstream)
+            .config("upstream.timeout = \"300ms\"")
+            .error_form(form)
+            .start()
+            .await;
+        let started = Instant::now();
+        let response = TestClient::new()
+            .send(Method::GET, &proxy.url("/slow"), &[("x-upstream-delay-ms", "2000")], "")
+            .await;
+        let elapsed = started.elapsed();
+        assert_error(&response, form, StatusCode::GATEWAY_TIMEOUT, "upstream-timeout");
+        assert!(elapsed >= Duration::from_millis(250), "answered after {elapsed:?}");
+        assert!(elapsed < Duration::from_millis(1500), "answered after {elapsed:?}");
+    }
 }
 
 /// Garbage on a socket gets a 400 or a closed connection, and the process keeps serving.

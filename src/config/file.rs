@@ -24,7 +24,7 @@ use clap::error::{ContextKind, ContextValue};
 use clap::{Args, Parser, ValueEnum};
 use serde::Deserialize;
 
-use super::{ConfigError, LogFormat, OnConflict, StoreFailure, UnknownOutcome};
+use super::{ConfigError, ErrorFormat, LogFormat, OnConflict, StoreFailure, UnknownOutcome};
 
 /// How one layer of settings lies over the layer below it.
 pub(crate) trait Layer {
@@ -339,6 +339,16 @@ section! {
             value_parser = keyed::<UnknownOutcome>("idempotency.unknown_outcome"),
         )]
         pub unknown_outcome: Option<UnknownOutcome>,
+        /// Body of the errors the proxy makes: problem (RFC 9457) or stripe ({"error": {...}}) [default: problem].
+        #[arg(
+            long,
+            env = "IDEMPROXY_ERROR_FORMAT",
+            value_parser = keyed::<ErrorFormat>("idempotency.error_format"),
+        )]
+        pub error_format: Option<ErrorFormat>,
+        /// Header telling clients whether a retry can help (true/false), e.g. Stripe-Should-Retry [default: none].
+        #[arg(long, env = "IDEMPROXY_RETRY_HINT_HEADER")]
+        pub retry_hint_header: Option<String>,
         /// `false`: the route is plain pass-through, no request is ever guarded.
         #[arg(skip)]
         pub enabled: Option<bool>,
@@ -580,6 +590,25 @@ mod tests {
             Some(&["POST".to_owned(), "PATCH".to_owned()][..])
         );
         assert!(s.routes.is_empty());
+    }
+
+    #[test]
+    fn error_format_and_retry_hint_flags() {
+        let cli = Cli::try_parse_from([
+            "idemproxy",
+            "--error-format",
+            "stripe",
+            "--retry-hint-header",
+            "Stripe-Should-Retry",
+        ])
+        .expect("valid flags");
+        assert_eq!(cli.settings.idempotency.error_format, Some(ErrorFormat::Stripe));
+        assert_eq!(
+            cli.settings.idempotency.retry_hint_header.as_deref(),
+            Some("Stripe-Should-Retry")
+        );
+        let err = Cli::try_parse_from(["idemproxy", "--error-format", "json"]).unwrap_err();
+        assert!(err.render().to_string().contains("`idempotency.error_format`"), "{err}");
     }
 
     #[test]

@@ -101,6 +101,17 @@ pub enum UnknownOutcome {
     Retry,
 }
 
+/// How the errors the proxy makes itself are written on a route (docs/behaviour.md §8, §16;
+/// `error_format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ErrorFormat {
+    /// RFC 9457 problem details (`application/problem+json`).
+    Problem,
+    /// Stripe's error object, `{"error": {"type", "code", "message", "doc_url"}}`.
+    Stripe,
+}
+
 /// Displays an enumerated setting the way the file and the flags spell it (`reject`, `json`).
 macro_rules! display_as_spelled {
     ($($enum:ty),*) => {
@@ -117,7 +128,7 @@ macro_rules! display_as_spelled {
     };
 }
 
-display_as_spelled!(LogFormat, OnConflict, StoreFailure, UnknownOutcome);
+display_as_spelled!(LogFormat, OnConflict, StoreFailure, UnknownOutcome, ErrorFormat);
 
 /// The resolved idempotency policy of one route.
 #[derive(Debug, Clone)]
@@ -136,6 +147,9 @@ pub struct Policy {
     pub max_response_bytes: u64,
     pub record_server_errors: bool,
     pub unknown_outcome: UnknownOutcome,
+    pub error_format: ErrorFormat,
+    /// Tells clients whether a retry can help (docs/behaviour.md §16); `None`: not sent.
+    pub retry_hint_header: Option<HeaderName>,
 }
 
 impl Policy {
@@ -303,6 +317,7 @@ pub mod defaults {
     pub const ON_CONFLICT: super::OnConflict = super::OnConflict::Reject;
     pub const STORE_FAILURE: super::StoreFailure = super::StoreFailure::Closed;
     pub const UNKNOWN_OUTCOME: super::UnknownOutcome = super::UnknownOutcome::Reject;
+    pub const ERROR_FORMAT: super::ErrorFormat = super::ErrorFormat::Problem;
 }
 
 impl Config {
@@ -487,6 +502,7 @@ mod tests {
         check::<OnConflict>();
         check::<StoreFailure>();
         check::<UnknownOutcome>();
+        check::<ErrorFormat>();
         assert_eq!(OnConflict::Wait.to_string(), "wait");
         assert_eq!(LogFormat::Pretty.to_string(), "pretty");
     }
@@ -569,6 +585,40 @@ mod tests {
 
         let err = error_of("upstream.url = \"http://a:1\"\nidempotency.key_ttl = \"50ms\"");
         assert!(err.contains("`idempotency.key_ttl`") && err.contains("100ms"), "{err}");
+    }
+
+    #[test]
+    fn error_format_and_retry_hint_are_per_route() {
+        let config = Config::from_toml(
+            "upstream.url = \"http://a:1\"\nidempotency.retry_hint_header = \"Stripe-Should-Retry\"\n\
+             [[route]]\nprefix = \"/v1\"\nidempotency.error_format = \"stripe\"",
+        )
+        .expect("valid");
+        let stripe = &config.route_for("/v1/charges").expect("a route").policy;
+        assert_eq!(stripe.error_format, ErrorFormat::Stripe);
+        assert_eq!(
+            stripe.retry_hint_header.as_ref().map(HeaderName::as_str),
+            Some("stripe-should-retry")
+        );
+        let default = &config.route_for("/orders").expect("default").policy;
+        assert_eq!(default.error_format, defaults::ERROR_FORMAT);
+        assert!(default.retry_hint_header.is_some(), "inherited from [idempotency]");
+        let plain = Config::from_toml("upstream.url = \"http://a:1\"").expect("valid");
+        assert_eq!(plain.routes[0].policy.retry_hint_header, None);
+
+        for name in [
+            "",
+            "bad name",
+            "Retry-After",
+            "content-type",
+            "Connection",
+            "Idempotent-Replayed",
+        ] {
+            let err = error_of(&format!(
+                "upstream.url = \"http://a:1\"\nidempotency.retry_hint_header = \"{name}\""
+            ));
+            assert!(err.contains("`idempotency.retry_hint_header`"), "{name}: {err}");
+        }
     }
 
     #[test]

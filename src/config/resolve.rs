@@ -7,6 +7,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::header::{CONTENT_TYPE, LINK, RETRY_AFTER, VIA};
 use http::{HeaderName, Method};
 use redis::IntoConnectionInfo;
 
@@ -15,6 +16,7 @@ use super::{
     defaults, invalid, ConfigError, FileConfig, Policy, PolicySection, Route, RouteSection, ServerSettings,
     StoreSettings, TlsSettings, UpstreamSettings, UpstreamTarget,
 };
+use crate::headers::{is_replayed, IDEMPOTENT_REPLAYED};
 
 /// `listen` and `admin_listen`, and the rule that a non-loopback admin listener needs a token.
 pub(super) fn listeners(file: &FileConfig) -> Result<(SocketAddr, Option<SocketAddr>), ConfigError> {
@@ -394,7 +396,26 @@ fn policy(key: &str, route: &str, section: &PolicySection) -> Result<Policy, Con
         max_response_bytes: section.max_response_bytes.unwrap_or(defaults::MAX_RESPONSE_BYTES),
         record_server_errors: section.record_server_errors.unwrap_or(true),
         unknown_outcome: section.unknown_outcome.unwrap_or(defaults::UNKNOWN_OUTCOME),
+        error_format: section.error_format.unwrap_or(defaults::ERROR_FORMAT),
+        retry_hint_header: retry_hint_header(&field("retry_hint_header"), section.retry_hint_header.as_deref())?,
     })
+}
+
+/// `retry_hint_header`: a header name the proxy does not set for its own purposes (framing,
+/// `Content-Type`, `Retry-After`, `Link`, the replay marker) and that is not hop-by-hop.
+fn retry_hint_header(key: &str, name: Option<&str>) -> Result<Option<HeaderName>, ConfigError> {
+    let Some(name) = name else {
+        return Ok(None);
+    };
+    let header = HeaderName::from_bytes(name.trim().as_bytes())
+        .map_err(|_| invalid(key, format!("`{name}` is not a header name")))?;
+    if !is_replayed(&header) || [CONTENT_TYPE, RETRY_AFTER, LINK, VIA, IDEMPOTENT_REPLAYED].contains(&header) {
+        return Err(invalid(
+            key,
+            format!("`{name}` is a field the proxy sets itself or a hop-by-hop field: choose another name"),
+        ));
+    }
+    Ok(Some(header))
 }
 
 /// The guarded methods: POST and PATCH only, POST by default.

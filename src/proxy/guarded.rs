@@ -13,10 +13,11 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use super::{execution, forward, ConnectionInfo};
+use super::{execution, forward, ConnectionInfo, RequestLog};
 use crate::body::ProxyBody;
 use crate::config::{OnConflict, Route, StoreFailure};
 use crate::error::{Chain, ProxyError};
+use crate::headers::set_retry_hint;
 use crate::idempotency::{replay, Fingerprint, StorageKey};
 use crate::state::State;
 use crate::store::lease::Claim;
@@ -27,13 +28,15 @@ use crate::telemetry::{Outcome, StoreOp};
 const WAIT_FIRST_POLL: Duration = Duration::from_millis(10);
 const WAIT_MAX_POLL: Duration = Duration::from_millis(250);
 
-/// Handles a guarded request (its method is guarded and it carries a valid key).
+/// Handles a guarded request (its method is guarded and it carries a valid key); `log` is its
+/// request line, which an execution takes over if the client leaves.
 pub async fn handle(
     state: &Arc<State>,
     connection: &Arc<ConnectionInfo>,
     route: &Arc<Route>,
     request: Request<Incoming>,
     key: StorageKey,
+    log: &RequestLog,
 ) -> Result<(Response<ProxyBody>, Outcome), ProxyError> {
     let policy = &route.policy;
     let (parts, body) = request.into_parts();
@@ -68,12 +71,16 @@ pub async fn handle(
             Begin::Owner(lease) => {
                 let request =
                     forward::upstream_request(route, connection, Request::from_parts(parts, body), ProxyBody::full)?;
-                return execution::execute(state, connection, route, lease, request).await;
+                return execution::execute(state, connection, route, lease, request, log).await;
             }
             Begin::Replay(stored) => {
-                return replay::replay(stored)
-                    .map(|response| (response, Outcome::Replayed))
-                    .ok_or(ProxyError::NotReplayable);
+                // A recorded 5xx is what every retry gets: no use retrying (docs/behaviour.md §16).
+                let server_error = stored.status.is_server_error();
+                let mut response = replay::replay(stored).ok_or(ProxyError::NotReplayable)?;
+                if server_error {
+                    set_retry_hint(response.headers_mut(), policy.retry_hint_header.as_ref(), false);
+                }
+                return Ok((response, Outcome::Replayed));
             }
             Begin::InFlight { retry_after } => {
                 let now = Instant::now();

@@ -538,6 +538,11 @@ impl ProxyBuilder {
         }
     }
 
+    /// Writes the proxy's own errors in `form` (and, for Stripe's, with its retry hint).
+    pub fn error_form(self, form: ErrorForm) -> Self {
+        self.idempotency(form.settings())
+    }
+
     /// Adds an admin listener on an ephemeral port ([`TestProxy::admin`]).
     pub fn admin(mut self) -> Self {
         self.admin = true;
@@ -631,6 +636,75 @@ macro_rules! per_store {
 #[allow(unused_imports)]
 pub(crate) use per_store;
 
+/// [`per_store!`] once per [`ErrorForm`] too, for the suites about the proxy's own errors:
+/// each test as `<form>::<store>::<test>`, a `#[tokio::test]` running
+/// `super::super::<test>(<store expression>, <form expression>)`.
+#[allow(unused_macros)]
+macro_rules! per_store_and_form {
+    (forms { $($form:ident => $form_value:expr),* $(,)? } stores $stores:tt tests $tests:tt) => {
+        $(
+            mod $form {
+                #[allow(unused_imports)]
+                use super::*;
+                $crate::common::per_store_and_form!(@stores $form_value, $stores, $tests);
+            }
+        )*
+    };
+    (@stores $form_value:expr, { $($store:ident => $fresh:expr),* $(,)? }, $tests:tt) => {
+        $( $crate::common::per_store_and_form!(@store $form_value, $store => $fresh, $tests); )*
+    };
+    (@store $form_value:expr, $store:ident => $fresh:expr, { $($test:ident),* $(,)? }) => {
+        mod $store {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    super::super::$test($fresh, $form_value).await;
+                }
+            )*
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use per_store_and_form;
+
+/// How the proxy writes its own errors (`idempotency.error_format`, docs/behaviour.md §8, §16).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorForm {
+    /// RFC 9457 problem+json, no retry hint: the default.
+    Problem,
+    /// Stripe's `{"error": {...}}`, with `retry_hint_header = "Stripe-Should-Retry"`.
+    Stripe,
+}
+
+impl ErrorForm {
+    /// The `[idempotency]` lines that select it.
+    pub fn settings(self) -> &'static str {
+        match self {
+            ErrorForm::Problem => "error_format = \"problem\"",
+            ErrorForm::Stripe => "error_format = \"stripe\"\nretry_hint_header = \"Stripe-Should-Retry\"",
+        }
+    }
+
+    /// The status of a key reused with another request: `422`, or `400` as Stripe sends it.
+    pub fn key_reused_status(self) -> StatusCode {
+        match self {
+            ErrorForm::Problem => StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorForm::Stripe => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// The `Stripe-Should-Retry` value expected where a retry with the same key can (`true`)
+    /// or cannot help: none in the problem form, which names no hint header.
+    pub fn hint(self, retry: bool) -> Option<&'static str> {
+        match self {
+            ErrorForm::Problem => None,
+            ErrorForm::Stripe => Some(if retry { "true" } else { "false" }),
+        }
+    }
+}
+
 /// A response read whole.
 #[derive(Debug, Clone)]
 pub struct TestResponse {
@@ -651,6 +725,51 @@ impl TestResponse {
     /// The [`TestUpstream`]'s hit number in its JSON answer: which execution answered.
     pub fn hit(&self) -> u64 {
         self.json()["hit"].as_u64().expect("upstream answer has a hit number")
+    }
+
+    /// The slug (`key-reused`) of one of the proxy's own errors written in `form`, after
+    /// checking the form's shape: problem+json with its `type`, `title`, `status`, `detail`; or
+    /// Stripe's `{"error": {"type", "code", "message", "doc_url"}}` whose `type` fits the slug;
+    /// and in both the `Link` to the documentation.
+    pub fn error_slug(&self, form: ErrorForm) -> String {
+        let json = self.json();
+        let doc_url = match form {
+            ErrorForm::Problem => {
+                let problem_type = self.problem_type();
+                assert_eq!(json["status"], self.status.as_u16(), "{json}");
+                assert!(json["title"].as_str().is_some_and(|t| !t.is_empty()), "{json}");
+                assert!(json["detail"].as_str().is_some_and(|d| !d.is_empty()), "{json}");
+                problem_type
+            }
+            ErrorForm::Stripe => {
+                assert_eq!(self.header("content-type"), Some("application/json"), "{self:?}");
+                let error = &json["error"];
+                assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()), "{json}");
+                let code = error["code"].as_str().expect("a code").to_string();
+                let expected_type = match code.as_str() {
+                    "key-reused" => "idempotency_error",
+                    _ if self.status.is_server_error() => "api_error",
+                    _ => "invalid_request_error",
+                };
+                assert_eq!(error["type"], expected_type, "{json}");
+                let doc_url = error["doc_url"].as_str().expect("a doc_url").to_string();
+                assert!(doc_url.ends_with(&format!("#{code}")), "{json}");
+                doc_url
+            }
+        };
+        assert_eq!(
+            self.header("link"),
+            Some(format!("<{doc_url}>; rel=\"describedby\"").as_str())
+        );
+        doc_url
+            .rsplit_once('#')
+            .map(|(_, slug)| slug.to_string())
+            .unwrap_or_default()
+    }
+
+    /// The retry hint the proxy sets in the [`ErrorForm::Stripe`] setup.
+    pub fn retry_hint(&self) -> Option<&str> {
+        self.header("stripe-should-retry")
     }
 
     /// The `type` of a problem+json answer.
