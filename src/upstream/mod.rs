@@ -32,7 +32,6 @@ mod test_support;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
@@ -222,7 +221,7 @@ mod tests {
         let reaper = tokio::spawn(upstream.idle_reaper());
         drop(upstream);
         drop(affinity);
-        tokio::time::timeout(Duration::from_secs(5), reaper)
+        tokio::time::timeout(std::time::Duration::from_secs(5), reaper)
             .await
             .expect("the reaper ends")
             .expect("the reaper does not panic");
