@@ -1,5 +1,7 @@
 //! The admin listener (docs/behaviour.md §10): `/healthz` (process up), `/readyz` (store reachable and
-//! upstreams accepting connections), `/metrics` (Prometheus text), and the key endpoints
+//! upstreams accepting connections; also checked every [`READY_REFRESH_INTERVAL`] for the
+//! `idemproxy_ready` gauge), `/metrics` (OpenMetrics or classic Prometheus text, as the `Accept`
+//! header asks), and the key endpoints
 //! `GET /keys/{key}` (look a key's record up) and `DELETE /keys/{key}` (clear it: the way out
 //! of `Unknown` once the operator has reconciled with the upstream).
 //!
@@ -15,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, CONTENT_TYPE};
+use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, VARY};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -32,12 +34,18 @@ use crate::error::{
 use crate::idempotency::{key, unix_ms, KeyError, Record, ShortHash, StorageKey};
 use crate::state::State;
 use crate::store::{KeyState, Store, StoreError};
+use crate::telemetry::Exposition;
 
 /// Longest wait for an upstream connection in `/readyz`.
 const READY_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// Serves the admin endpoints on `listener` until `stop` changes.
+/// How often readiness is checked for the `idemproxy_ready` gauge when nothing asks `/readyz`.
+pub const READY_REFRESH_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Serves the admin endpoints on `listener` until `stop` changes, and keeps the readiness gauge
+/// fresh meanwhile.
 pub async fn serve(state: Arc<State>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+    tokio::spawn(refresh_readiness(state.clone(), stop.clone()));
     let builder = auto::Builder::new(TokioExecutor::new());
     loop {
         let stream = tokio::select! {
@@ -65,14 +73,7 @@ async fn handle(state: Arc<State>, request: Request<Incoming>) -> Result<Respons
     let response = match (request.method(), path) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => readiness(&state).await,
-        (&Method::GET, "/metrics") => {
-            let mut response = text(StatusCode::OK, state.metrics.render());
-            response.headers_mut().insert(
-                CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-            );
-            response
-        }
+        (&Method::GET, "/metrics") => metrics(&state, &request),
         (method, _) if path.starts_with("/keys/") => {
             let answered = if !authorized(&state, &request) {
                 Err(AdminError::Unauthorized)
@@ -88,10 +89,49 @@ async fn handle(state: Arc<State>, request: Request<Incoming>) -> Result<Respons
     Ok(response)
 }
 
-/// Ready when the store answers and every upstream accepts a TCP connection.
+/// The metrics in the format the `Accept` header asks for (docs/behaviour.md §10.5).
+fn metrics(state: &State, request: &Request<Incoming>) -> Response<ProxyBody> {
+    let format = Exposition::negotiate(request.headers().get(ACCEPT).map(HeaderValue::as_bytes));
+    let mut response = text(StatusCode::OK, state.metrics.render(format));
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(format.content_type()));
+    headers.insert(VARY, HeaderValue::from_static("accept"));
+    response
+}
+
+/// Checks readiness every [`READY_REFRESH_INTERVAL`] until `stop` changes.
+async fn refresh_readiness(state: Arc<State>, mut stop: watch::Receiver<bool>) {
+    let mut ticks = tokio::time::interval(READY_REFRESH_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {
+                let _ = check_ready(&state).await;
+            }
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// `/readyz`: the readiness check, as text.
 async fn readiness(state: &State) -> Response<ProxyBody> {
+    match check_ready(state).await {
+        Ok(()) => text(StatusCode::OK, "ready\n"),
+        Err(reason) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")),
+    }
+}
+
+/// Ready when the store answers and every upstream accepts a TCP connection; the result also
+/// sets the `idemproxy_ready` gauge.
+async fn check_ready(state: &State) -> Result<(), String> {
+    let result = store_and_upstreams_answer(state).await;
+    state.metrics.set_ready(result.is_ok());
+    result
+}
+
+async fn store_and_upstreams_answer(state: &State) -> Result<(), String> {
     if let Err(err) = state.store.ping().await {
-        return text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: store: {err}\n"));
+        return Err(format!("store: {err}"));
     }
     let mut checked: Vec<&str> = Vec::new();
     for route in state.config.routes.iter() {
@@ -111,24 +151,16 @@ async fn readiness(state: &State) -> Response<ProxyBody> {
         let connect = tokio::net::TcpStream::connect((target.authority.host(), port));
         match tokio::time::timeout(READY_CONNECT_TIMEOUT, connect).await {
             Ok(Ok(_)) => {}
-            Ok(Err(err)) => {
-                return text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("not ready: upstream {}: {err}\n", target.authority),
-                )
-            }
+            Ok(Err(err)) => return Err(format!("upstream {}: {err}", target.authority)),
             Err(_) => {
-                return text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!(
-                        "not ready: upstream {}: no connection within {READY_CONNECT_TIMEOUT:?}\n",
-                        target.authority
-                    ),
-                )
+                return Err(format!(
+                    "upstream {}: no connection within {READY_CONNECT_TIMEOUT:?}",
+                    target.authority
+                ))
             }
         }
     }
-    text(StatusCode::OK, "ready\n")
+    Ok(())
 }
 
 fn authorized(state: &State, request: &Request<Incoming>) -> bool {

@@ -40,8 +40,12 @@ impl State {
                 AnyStore::Redis(RedisStore::connect_with_ca(url, *command_timeout, ca_pem).await?)
             }
         };
+        let metrics = Metrics::new(config.routes.iter().map(|r| &*r.name));
+        for route in config.routes.iter().filter(|r| r.policy.enabled) {
+            metrics.start_guarded(route.index, &route.policy.methods);
+        }
         Ok(Self {
-            metrics: Metrics::new(config.routes.iter().map(|r| &*r.name)),
+            metrics,
             upstream,
             store: Arc::new(store),
             executions: TaskTracker::new(),

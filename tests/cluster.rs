@@ -6,7 +6,7 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, TestClient, TestProxy, TestUpstream};
+use common::{count_status, free_port, start_harness, TestClient, TestProxy, TestUpstream};
 use futures::future::join_all;
 use http::{Method, StatusCode};
 
@@ -148,11 +148,8 @@ async fn two_proxies_on_a_three_master_cluster_execute_each_key_once() {
     });
     let responses = join_all(requests).await;
     assert_eq!(upstream.hits(), 30, "each key executed exactly once");
-    assert_eq!(responses.iter().filter(|r| r.status == StatusCode::CREATED).count(), 30);
-    assert_eq!(
-        responses.iter().filter(|r| r.status == StatusCode::CONFLICT).count(),
-        90
-    );
+    assert_eq!(count_status(&responses, StatusCode::CREATED), 30);
+    assert_eq!(count_status(&responses, StatusCode::CONFLICT), 90);
     for k in 0..30 {
         let replay = TestClient::new()
             .post_keyed(&b.url("/orders"), &format!("cluster-{k}"), "{}")
@@ -178,15 +175,11 @@ async fn two_proxies_on_a_three_master_cluster_execute_each_key_once() {
 #[tokio::test]
 async fn a_proxy_starts_before_its_cluster_and_uses_it_once_it_is_up() {
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::to(&upstream)
-        .config(&format!(
-            "store.redis = \"{}\"\nstore.command_timeout = \"500ms\"",
-            cluster_url(&ports)
-        ))
-        .start()
-        .await;
-    let client = TestClient::new();
+    let store = format!(
+        "store.redis = \"{}\"\nstore.command_timeout = \"500ms\"",
+        cluster_url(&ports)
+    );
+    let (upstream, proxy, client) = start_harness(|up| TestProxy::to(up).config(&store)).await;
     let early = client.post_keyed(&proxy.url("/orders"), "early", "{}").await;
     assert_eq!(
         early.status,

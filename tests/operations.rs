@@ -96,6 +96,11 @@ async fn readyz_follows_redis_and_healthz_the_process() {
         StatusCode::SERVICE_UNAVAILABLE
     );
     assert_eq!(admin_get(&proxy, "/healthz", &[]).await.status, StatusCode::OK);
+    let metrics = admin_get(&proxy, "/metrics", &[]).await;
+    assert!(
+        String::from_utf8_lossy(&metrics.body).contains("\nidemproxy_ready 0\n"),
+        "the readiness gauge follows the check"
+    );
     redis.restart();
     let mut ready = false;
     for _ in 0..50 {
@@ -106,6 +111,8 @@ async fn readyz_follows_redis_and_healthz_the_process() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(ready, "ready again once Redis is back");
+    let metrics = admin_get(&proxy, "/metrics", &[]).await;
+    assert!(String::from_utf8_lossy(&metrics.body).contains("\nidemproxy_ready 1\n"));
     upstream.stop();
     tokio::time::sleep(Duration::from_millis(50)).await;
     let no_upstream = admin_get(&proxy, "/readyz", &[]).await;
@@ -154,6 +161,49 @@ async fn metrics_count_replays_conflicts_and_mismatches() {
         "{text}"
     );
     assert!(text.contains("idemproxy_in_flight_requests 0"), "{text}");
+}
+
+#[tokio::test]
+async fn metrics_are_openmetrics_or_classic_text_as_the_accept_header_asks() {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::to(&upstream).admin().start().await;
+    TestClient::new().post_keyed(&proxy.url("/orders"), "k", "{}").await;
+    let prometheus_accept = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;\
+        q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+    let openmetrics = admin_get(&proxy, "/metrics", &[("accept", prometheus_accept)]).await;
+    assert_eq!(
+        openmetrics.header("content-type"),
+        Some("application/openmetrics-text; version=1.0.0; charset=utf-8")
+    );
+    assert_eq!(openmetrics.header("vary"), Some("accept"));
+    let body = String::from_utf8_lossy(&openmetrics.body);
+    assert!(body.contains("\n# TYPE idemproxy_requests counter\n"), "{body}");
+    assert!(body.ends_with("\n# EOF\n"), "{body}");
+
+    for accept in [None, Some("text/plain"), Some("*/*")] {
+        let headers: Vec<(&str, &str)> = accept.map(|a| ("accept", a)).into_iter().collect();
+        let classic = admin_get(&proxy, "/metrics", &headers).await;
+        assert_eq!(
+            classic.header("content-type"),
+            Some("text/plain; version=0.0.4; charset=utf-8"),
+            "Accept: {accept:?}"
+        );
+        let body = String::from_utf8_lossy(&classic.body);
+        for family in ["requests_total", "store_errors_total", "lease_renewals_total"] {
+            let family = format!("idemproxy_{family}");
+            assert!(
+                body.contains(&format!("\n# TYPE {family} counter\n")),
+                "{family}: {body}"
+            );
+            assert!(body.contains(&format!("# HELP {family} ")), "{family}: {body}");
+        }
+        assert!(body.contains("\n# TYPE idemproxy_ready gauge\n"), "{body}");
+        assert!(!body.contains("# EOF") && !body.contains("# UNIT"), "{body}");
+        assert!(
+            body.contains(r#"idemproxy_requests_total{route="default",method="POST",outcome="executed"} 1"#),
+            "{body}"
+        );
+    }
 }
 
 #[tokio::test]

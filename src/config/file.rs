@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use clap::builder::{PossibleValue, TypedValueParser};
 use clap::error::{ContextKind, ContextValue};
-use clap::{Args, Parser, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
 use super::{ConfigError, ErrorFormat, LogFormat, OnConflict, StoreFailure, UnknownOutcome};
@@ -373,6 +373,7 @@ pub struct RouteSection {
 }
 
 /// Command line. Every setting flag can also be set as `IDEMPROXY_<NAME>` (e.g. `IDEMPROXY_UPSTREAM`).
+/// Without a subcommand the proxy runs.
 #[derive(Debug, Default, Clone, Parser)]
 #[command(
     name = "idemproxy",
@@ -382,7 +383,7 @@ pub struct RouteSection {
 )]
 pub struct Cli {
     /// TOML config file (see config/idemproxy.toml).
-    #[arg(long, env = "IDEMPROXY_CONFIG")]
+    #[arg(long, env = "IDEMPROXY_CONFIG", global = true)]
     pub config: Option<PathBuf>,
     /// Validate this config file (with env and flags applied) and exit.
     #[arg(long, value_name = "FILE")]
@@ -391,6 +392,60 @@ pub struct Cli {
     /// variable); they lie over the config file's.
     #[command(flatten)]
     pub settings: FileConfig,
+    /// A tool to run instead of the proxy.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// The subcommands: operators' tools that talk to a running proxy.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Look a key up on a running proxy's admin listener, or clear it.
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+/// `idemproxy key …`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum KeyCommand {
+    /// Show a key's record: its state, age, lease, expiry, and its hash as the logs show it.
+    Show {
+        #[command(flatten)]
+        target: KeyTarget,
+        /// Also print the stored response body of a completed key.
+        #[arg(long)]
+        body: bool,
+    },
+    /// Clear a key's record, whatever its state (after reconciling an outcome-unknown with the
+    /// upstream): the next request with the key executes upstream.
+    Clear {
+        #[command(flatten)]
+        target: KeyTarget,
+    },
+}
+
+/// Which key, on which proxy: the values the client sent, and how to reach the admin listener.
+#[derive(Debug, Clone, Args)]
+pub struct KeyTarget {
+    /// The Idempotency-Key value exactly as the client sent it (with its quotes, if it sent any).
+    pub key: String,
+    /// The route's scope header value as the client sent it (e.g. its whole Authorization value);
+    /// leave it out if the client sent none.
+    #[arg(long, env = "IDEMPROXY_KEY_SCOPE", hide_env_values = true)]
+    pub scope: Option<String>,
+    /// The route's name; needed when several routes are configured.
+    #[arg(long)]
+    pub route: Option<String>,
+    /// The admin listener, e.g. http://127.0.0.1:9090 [default: `admin_listen` of --config or
+    /// IDEMPROXY_ADMIN_LISTEN].
+    #[arg(long, value_name = "URL")]
+    pub admin: Option<String>,
+    /// The admin bearer token [default: `admin_token` of --config].
+    #[arg(long, env = "IDEMPROXY_ADMIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Print the admin listener's JSON answer instead of a summary.
+    #[arg(long)]
+    pub json: bool,
 }
 
 impl FileConfig {

@@ -36,7 +36,8 @@ use http::{HeaderName, Method, Uri};
 use serde::Deserialize;
 
 pub use file::{
-    Cli, FileConfig, LogSection, PolicySection, RouteSection, ServerSection, StoreSection, TlsSection, UpstreamSection,
+    Cli, Command, FileConfig, KeyCommand, KeyTarget, LogSection, PolicySection, RouteSection, ServerSection,
+    StoreSection, TlsSection, UpstreamSection,
 };
 
 /// A configuration problem found at start-up. The message names the key at fault.
@@ -281,6 +282,13 @@ pub struct Config {
     pub routes: Arc<[Arc<Route>]>,
 }
 
+/// Where a configuration's admin listener is, and the token its key endpoints want.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AdminAccess {
+    pub listen: Option<SocketAddr>,
+    pub token: Option<String>,
+}
+
 /// Defaults, one place (docs/behaviour.md §4-§5 and README "Configuration").
 pub mod defaults {
     use std::time::Duration;
@@ -330,6 +338,22 @@ impl Config {
         };
         file.apply_cli(cli);
         Self::from_file(file)
+    }
+
+    /// The admin listener and token of the configuration `cli` names (its `--config` file under
+    /// `IDEMPROXY_*` and flags), without resolving the rest: what `idemproxy key` reaches a
+    /// running proxy with.
+    pub fn admin_access(cli: &Cli) -> Result<AdminAccess, ConfigError> {
+        let mut file = match cli.config.as_ref() {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        file.apply_cli(cli);
+        let (_, listen) = resolve::listeners(&file)?;
+        Ok(AdminAccess {
+            listen,
+            token: file.admin_token,
+        })
     }
 
     /// Parses config text (no env, no flags): what tests and `--check-config` build on.

@@ -34,10 +34,7 @@ where
 {
     let started = Instant::now();
     let work = async {
-        let response = state
-            .upstream
-            .send_untimed(route, Some(&connection.affinity), request)
-            .await?;
+        let response = state.upstream.send(route, Some(&connection.affinity), request).await?;
         let (mut parts, body) = response.into_parts();
         prepare_client_response(&mut parts);
         Ok(Response::from_parts(parts, read_body(body).await?))

@@ -173,6 +173,7 @@ impl Drop for TaskEnd {
 mod tests {
     use super::*;
     use crate::config::Config;
+    use crate::telemetry::Exposition;
 
     async fn state() -> Arc<State> {
         let config = Config::from_toml("upstream.url = \"http://127.0.0.1:1\"").expect("valid");
@@ -188,7 +189,7 @@ mod tests {
     /// How many requests the metrics counted with `outcome`.
     fn counted(state: &State, outcome: &str) -> usize {
         let line = format!("route=\"default\",method=\"POST\",outcome=\"{outcome}\"}} ");
-        let text = state.metrics.render();
+        let text = state.metrics.render(Exposition::Classic);
         text.lines()
             .find_map(|l| l.split_once(&line).and_then(|(_, n)| n.trim().parse().ok()))
             .unwrap_or(0)

@@ -1,10 +1,12 @@
 //! Logs (JSON or pretty, `RUST_LOG`-style filter) and the per-request outcome vocabulary
 //! shared by logs and metrics.
 
+pub mod exposition;
 pub mod metrics;
 
 use tracing_subscriber::{fmt, EnvFilter};
 
+pub use exposition::Exposition;
 pub use metrics::{Metrics, Renewal, StoreOp};
 
 use crate::config::LogFormat;

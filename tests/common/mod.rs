@@ -1004,3 +1004,51 @@ pub fn spawn_slow_keyed_post(url: &str, key: &str, delay_ms: u64) -> JoinHandle<
             .await
     })
 }
+
+/// A fresh [`TestUpstream`], a proxy to it built by `proxy` and a [`TestClient`]: where most
+/// end-to-end tests start. `proxy` is `TestProxy::to`, `|up| store.proxy(up)` or
+/// `|up| TestProxy::to(up).config("upstream.timeout = \"300ms\"")`.
+pub async fn start_harness(proxy: impl FnOnce(&TestUpstream) -> ProxyBuilder) -> (TestUpstream, TestProxy, TestClient) {
+    let upstream = TestUpstream::start().await;
+    let proxy = proxy(&upstream).start().await;
+    (upstream, proxy, TestClient::new())
+}
+
+/// `response` is a problem+json answer of `status` whose `type` ends with `#slug`.
+pub fn assert_problem(response: &TestResponse, status: StatusCode, slug: &str) {
+    assert_eq!(response.status, status, "{response:?}");
+    assert_problem_type(response, slug);
+}
+
+/// `response` is the proxy's own error of `status` and `slug`, written in `form` with the form's
+/// members and a `Link` to its documentation ([`TestResponse::error_slug`]).
+pub fn assert_error(response: &TestResponse, form: ErrorForm, status: StatusCode, slug: &str) {
+    assert_eq!(response.status, status, "{response:?}");
+    assert_eq!(response.error_slug(form), slug, "{response:?}");
+}
+
+/// `response` is a problem+json answer whose `type` ends with `#slug` (whatever its status).
+pub fn assert_problem_type(response: &TestResponse, slug: &str) {
+    let problem_type = response.problem_type();
+    assert!(
+        problem_type.ends_with(&format!("#{slug}")),
+        "type {problem_type}, not #{slug}: {response:?}"
+    );
+}
+
+/// `replay` is marked as a replay and carries `original`'s body.
+pub fn assert_replay_of(replay: &TestResponse, original: &TestResponse) {
+    assert_eq!(replay.header("idempotent-replayed"), Some("true"), "{replay:?}");
+    assert_eq!(replay.body, original.body);
+}
+
+/// How many of `responses` have `status`.
+pub fn count_status(responses: &[TestResponse], status: StatusCode) -> usize {
+    responses.iter().filter(|r| r.status == status).count()
+}
+
+/// `response` comes from an execution upstream: `201` and not marked as a replay.
+pub fn assert_executed(response: &TestResponse) {
+    assert_eq!(response.status, StatusCode::CREATED, "{response:?}");
+    assert_eq!(response.header("idempotent-replayed"), None, "{response:?}");
+}
