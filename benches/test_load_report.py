@@ -36,8 +36,17 @@ ROLES = {
     ("replay", "idemproxy-embedded"): {"idem_mem": "proxy", "upstream": "upstream"},
     ("storm", "idemproxy-redis"): {"idem_redis": "proxy", "redis": "redis", "upstream": "upstream"},
     ("storm", "idemproxy-embedded"): {"idem_mem": "proxy", "upstream": "upstream"},
+    ("new", "replicated-min0"): {"idem_repl0": "proxy", "redis_primary": "redis", "redis_replica": "redis",
+                                 "upstream": "upstream"},
+    ("new", "replicated-min1"): {"idem_repl1": "proxy", "redis_primary": "redis", "redis_replica": "redis",
+                                 "upstream": "upstream"},
+    ("replay", "replicated-min0"): {"idem_repl0": "proxy", "redis_primary": "redis", "redis_replica": "redis",
+                                    "upstream": "upstream"},
+    ("replay", "replicated-min1"): {"idem_repl1": "proxy", "redis_primary": "redis", "redis_replica": "redis",
+                                    "upstream": "upstream"},
 }
-ALL_ROLES = ("upstream", "nginx", "floor", "redis", "idem_redis", "idem_mem")
+ALL_ROLES = ("upstream", "nginx", "floor", "redis", "idem_redis", "idem_mem", "idem_repl0", "idem_repl1",
+             "redis_primary", "redis_replica")
 
 
 def bench(requests=REQUESTS, rps=10_000.0, p50_us=500, p99_us=1200, s2xx=None, s409=0, s5xx=0):
@@ -89,6 +98,13 @@ def full_runs():
         run("storm", "idemproxy-redis", cpu={"proxy": 13, "redis": 2}, rps=66_000, s409=300,
             redis_calls={"set": REQUESTS}),
         run("storm", "idemproxy-embedded", cpu={"proxy": 11}, rps=88_000, s409=500),
+        run("new", "replicated-min0", cpu={"proxy": 27, "redis": 14, "upstream": 7}, rps=20_000,
+            redis_calls={"set": 2 * REQUESTS, "get": REQUESTS, "evalsha": REQUESTS}),
+        run("new", "replicated-min1", cpu={"proxy": 29, "redis": 16, "upstream": 7}, rps=16_000,
+            redis_calls={"set": 2 * REQUESTS, "get": REQUESTS, "eval": REQUESTS, "wait": REQUESTS // 4}),
+        run("replay", "replicated-min0", cpu={"proxy": 12, "redis": 2}, rps=68_000, redis_calls={"set": REQUESTS}),
+        run("replay", "replicated-min1", cpu={"proxy": 12, "redis": 3}, rps=66_000,
+            redis_calls={"set": REQUESTS, "wait": REQUESTS // 4}),
     ]
 
 
@@ -273,7 +289,8 @@ class Targets(unittest.TestCase):
 
     def test_all_measured(self):
         results = self.results(full_runs())
-        self.assertEqual([r for _, r in results.values()], ["FAIL", "FAIL", "FAIL", "PASS", "PASS", "PASS", "PASS"])
+        self.assertEqual([r for _, r in results.values()],
+                         ["FAIL", "FAIL", "FAIL", "PASS", "PASS", "PASS", "PASS", "PASS"])
         get = results["GET pass-through: idemproxy CPU µs/req ≤ nginx's"][0]
         self.assertIn("13.0 vs 12.0 µs = **1.08×**", get)
         new = results["keyed first execution (Redis): total CPU ≤ 1.5 × nginx keyless POST total"][0]
@@ -282,6 +299,22 @@ class Targets(unittest.TestCase):
         self.assertIn("66,000 vs 69,000 req/s = **0.96×**; 2xx 9700, 409 300", storm)
         self.assertIn("SET 2.00 · GET 1.00 · EVALSHA 1.00", results["Redis commands: exactly 2 per first execution"][0])
         self.assertEqual(results["peak RSS < 64 MiB under load (idemproxy, Redis store)"][0], "**18.0 MiB**")
+        replicas = results["min_replicas 1 vs 0 (replicated Redis): first executions ≥ 0.7× throughput, "
+                           "replays unchanged"][0]
+        self.assertIn("first executions 16,000 vs 20,000 req/s = **0.80×**", replicas)
+        self.assertIn("replays 66,000 vs 68,000 req/s = **0.97×**", replicas)
+
+    def test_replica_acknowledgements_below_the_target_fail(self):
+        name = "min_replicas 1 vs 0 (replicated Redis): first executions ≥ 0.7× throughput, replays unchanged"
+        slow_new = [run("new", "replicated-min0", cpu={"proxy": 1}, rps=20_000),
+                    run("new", "replicated-min1", cpu={"proxy": 1}, rps=13_000)]
+        self.assertEqual(self.results(slow_new, {})[name][1], "FAIL")
+        slow_replay = [run("new", "replicated-min0", cpu={"proxy": 1}, rps=20_000),
+                       run("new", "replicated-min1", cpu={"proxy": 1}, rps=15_000),
+                       run("replay", "replicated-min0", cpu={"proxy": 1}, rps=60_000),
+                       run("replay", "replicated-min1", cpu={"proxy": 1}, rps=50_000)]
+        self.assertEqual(self.results(slow_replay, {})[name][1], "FAIL")
+        self.assertEqual(self.results(slow_replay[:2], {})[name][1], "PASS")
 
     def test_ratios_at_the_limit_pass(self):
         runs = [run("get", "nginx", cpu={"proxy": 12, "upstream": 6}),
@@ -305,7 +338,7 @@ class Targets(unittest.TestCase):
 
     def test_nothing_run_is_not_applicable(self):
         results = self.results([], {})
-        self.assertEqual(len(results), 7)
+        self.assertEqual(len(results), 8)
         self.assertEqual(set(results.values()), {("not run", "n/a")})
 
 
@@ -350,7 +383,7 @@ class Outputs(unittest.TestCase):
         self.assertEqual({line.count("|") for line in table}, {16})
         self.assertEqual(lines[start + 2 + len(agg)], "")
         numbers = [line.split("|")[1].strip() for line in table[2:]]
-        self.assertEqual(numbers, ["1"] * 4 + ["2"] * 3 + ["3", "4", "5", "5", "6", "6"])
+        self.assertEqual(numbers, ["1"] * 4 + ["2"] * 3 + ["3", "4", "5", "5", "6", "6", "7", "7", "8", "8"])
         self.assertIn("| 1 | GET pass-through, small body | direct to upstream | 125,000 | 0.50 | 1.20 | — | — "
                       "| 5.0 | **5.0** | — | — | — | 0 (409: 0, 5xx: 0) | 125,000 |", table)
         self.assertIn("| SET 2.00 · GET 1.00 · EVALSHA 1.00 | 4.00 |", table[9])

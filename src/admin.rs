@@ -87,10 +87,14 @@ async fn handle(state: Arc<State>, request: Request<Incoming>) -> Result<Respons
     Ok(response)
 }
 
-/// Ready when the store answers and every upstream accepts a TCP connection.
+/// Ready when the store answers (Redis with `store.min_replicas`: a master with that many
+/// replicas attached, docs/behaviour.md §4.4) and every upstream accepts a TCP connection.
 async fn readiness(state: &State) -> Response<ProxyBody> {
     if let Err(err) = state.store.ping().await {
-        return text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: store: {err}\n"));
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: store: {}\n", Chain(&err)),
+        );
     }
     let mut checked: Vec<&str> = Vec::new();
     for route in state.config.routes.iter() {

@@ -155,7 +155,16 @@ fn example_covers_every_setting() {
         ("[tls]", &["cert", "key"]),
         (
             "[store]",
-            &["redis", "key_prefix", "memory_max_entries", "command_timeout"],
+            &[
+                "redis",
+                "ca_file",
+                "sentinel_password",
+                "key_prefix",
+                "memory_max_entries",
+                "command_timeout",
+                "min_replicas",
+                "replica_timeout",
+            ],
         ),
         (
             "[upstream]",
@@ -245,6 +254,9 @@ fn commented_out_settings_are_valid_when_enabled() {
     assert!(config.tls.is_some());
     assert!(
         matches!(config.store, StoreSettings::Redis { command_timeout, .. } if command_timeout == Duration::from_secs(2))
+    );
+    assert!(
+        matches!(&config.store, StoreSettings::Redis { url, sentinel_password: Some(_), .. } if url.starts_with("rediss+sentinel://"))
     );
     assert_eq!(config.admin_token.as_deref(), Some("change-me"));
     let payments = config.route_for("/payments").expect("a route");
@@ -431,11 +443,52 @@ fn check_config_refuses_what_would_stop_the_proxy_from_starting() {
     assert!(stderr(&output).contains("`store.redis`"), "{}", stderr(&output));
     assert!(!stderr(&output).contains("s3cret"), "{}", stderr(&output));
 
-    // A well-formed URL is accepted without connecting to it.
+    let output = check_config(
+        Path::new(EXAMPLE),
+        &[(
+            "IDEMPROXY_REDIS",
+            "redis+sentinel://app:s3cret@127.0.0.1:1,127.0.0.1:x/idem",
+        )],
+        &[],
+    );
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("`store.redis`"), "{}", stderr(&output));
+    assert!(stderr(&output).contains("sentinel 2"), "{}", stderr(&output));
+    assert!(!stderr(&output).contains("s3cret"), "{}", stderr(&output));
+
+    let output = check_config(
+        Path::new(EXAMPLE),
+        &[],
+        &[
+            "--redis",
+            "redis://127.0.0.1:1",
+            "--redis-min-replicas",
+            "1",
+            "--redis-replica-timeout",
+            "3s",
+        ],
+    );
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("`store.replica_timeout`"),
+        "{}",
+        stderr(&output)
+    );
+
+    // Well-formed URLs are accepted without connecting to them.
     let output = check_config(
         Path::new(EXAMPLE),
         &[],
         &["--redis", "redis+cluster://127.0.0.1:1,127.0.0.1:2"],
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    let output = check_config(
+        Path::new(EXAMPLE),
+        &[
+            ("IDEMPROXY_SENTINEL_PASSWORD", "s3cret"),
+            ("IDEMPROXY_REDIS_MIN_REPLICAS", "1"),
+        ],
+        &["--redis", "redis+sentinel://127.0.0.1:1,127.0.0.1:2/idem/1"],
     );
     assert!(output.status.success(), "{}", stderr(&output));
 }

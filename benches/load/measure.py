@@ -18,11 +18,12 @@ PEAK_ROLES = ("idem_redis", "idem_mem", "nginx")
 
 
 class Sampler:
-    """Samples of the servers' CPU ticks, the cores' /proc/stat and Redis' commandstats."""
+    """Samples of the servers' CPU ticks, the cores' /proc/stat and Redis' commandstats (summed
+    over every Redis primary: one run loads only one of them)."""
 
-    def __init__(self, servers: Servers, redis_cli: List[str]):
+    def __init__(self, servers: Servers, redis_cli: List[str], *more_redis_clis: List[str]):
         self.servers = servers
-        self.redis_cli = redis_cli
+        self.redis_clis = [redis_cli, *more_redis_clis]
 
     def ticks(self, role: str) -> int:
         """utime + stime of every process of `role`, in clock ticks."""
@@ -36,13 +37,17 @@ class Sampler:
 
     def sample(self) -> dict:
         """{"ticks": role -> ticks, "stat": core -> (busy, total), "redis": command -> calls}."""
-        info = subprocess.run(self.redis_cli + ["info", "commandstats"], capture_output=True, text=True)
-        if info.returncode != 0:
-            raise BenchError(f"redis-cli info commandstats failed: {info.stderr.strip()}")
+        calls: Dict[str, int] = {}
+        for redis_cli in self.redis_clis:
+            info = subprocess.run(redis_cli + ["info", "commandstats"], capture_output=True, text=True)
+            if info.returncode != 0:
+                raise BenchError(f"redis-cli info commandstats failed: {info.stderr.strip()}")
+            for command, n in parse.commandstats(info.stdout).items():
+                calls[command] = calls.get(command, 0) + n
         return {
             "ticks": {role: self.ticks(role) for role in self.servers.role_pids},
             "stat": parse.cpu_times(Path("/proc/stat").read_text()),
-            "redis": parse.commandstats(info.stdout),
+            "redis": calls,
         }
 
     def reset_peaks(self) -> None:

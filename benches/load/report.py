@@ -33,6 +33,10 @@ LABELS: Dict[Key, Tuple[str, str, str]] = {
     ("replay", "idemproxy-embedded"): ("5", _SAME, "idemproxy, embedded"),
     ("storm", "idemproxy-redis"): ("6", _STORM, "idemproxy, Redis"),
     ("storm", "idemproxy-embedded"): ("6", _STORM, "idemproxy, embedded"),
+    ("new", "replicated-min0"): ("7", _NEW, "idemproxy, replicated Redis, min_replicas 0"),
+    ("new", "replicated-min1"): ("7", _NEW, "idemproxy, replicated Redis, min_replicas 1"),
+    ("replay", "replicated-min0"): ("8", _SAME, "idemproxy, replicated Redis, min_replicas 0"),
+    ("replay", "replicated-min1"): ("8", _SAME, "idemproxy, replicated Redis, min_replicas 1"),
 }
 ORDER: List[Key] = list(LABELS)
 
@@ -224,6 +228,23 @@ def target_calibration(name: str, expected: int, calibration: Mapping[str, Mappi
                    f"{c['replayed']} replayed)" + under_load), _result(ok)
 
 
+def target_replicas(agg: Agg) -> Target:
+    """Replica acknowledgements (min_replicas 1 vs 0, same replicated Redis): first executions
+    keep ≥ 0.7× the throughput; replays, which wait for no replica, ≥ 0.9× (unchanged but noise)."""
+    name = "min_replicas 1 vs 0 (replicated Redis): first executions ≥ 0.7× throughput, replays unchanged"
+    new0, new1 = agg.get(("new", "replicated-min0")), agg.get(("new", "replicated-min1"))
+    rep0, rep1 = agg.get(("replay", "replicated-min0")), agg.get(("replay", "replicated-min1"))
+    if not (new0 and new1):
+        return name, "not run", _result(None)
+    new = new1["rps"] / new0["rps"]
+    measured = (f"first executions {new1['rps']:,.0f} vs {new0['rps']:,.0f} req/s = **{new:.2f}×** "
+                f"(p99 {new1['p99_ms']:.2f} vs {new0['p99_ms']:.2f} ms)")
+    replay = rep1["rps"] / rep0["rps"] if rep0 and rep1 else None
+    if replay is not None:
+        measured += f"; replays {rep1['rps']:,.0f} vs {rep0['rps']:,.0f} req/s = **{replay:.2f}×**"
+    return name, measured, _result(new >= 0.7 and (replay is None or replay >= 0.9))
+
+
 def target_rss(agg: Agg) -> Target:
     """Peak RSS of the Redis-store idemproxy under 64 MiB."""
     name = "peak RSS < 64 MiB under load (idemproxy, Redis store)"
@@ -246,6 +267,7 @@ def targets(agg: Agg, calibration: Mapping[str, Mapping[str, str]]) -> List[Targ
         target_calibration("first-execution", 2, calibration, new_r),
         target_calibration("replay", 1, calibration, rep_r),
         target_rss(agg),
+        target_replicas(agg),
     ]
 
 

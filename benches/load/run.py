@@ -13,11 +13,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Dict, List
 
-from . import chart, parse, report
+from . import chart, parse, replicated, report
 from .config import Settings
 from .measure import Sampler, Wrk, calibrate, log_calibration, progress_line
 from .processes import BenchError, Servers, log
-from .scenarios import IDEM_MEM, IDEM_REDIS, Variant, groups
+from .scenarios import IDEM_MEM, IDEM_REDIS, IDEM_REPL0, IDEM_REPL1, Variant, groups
 from .servers import Ports, body_1k, keyed_post, pick_ports, preflight, redis_cli, start_all
 from .tools import build, versions
 
@@ -30,7 +30,7 @@ class Bench:
         self.servers = servers
         self.ports = ports
         self.redis_cli = redis_cli(tools, ports)
-        self.sampler = Sampler(servers, self.redis_cli)
+        self.sampler = Sampler(servers, self.redis_cli, replicated.cli(tools, ports))
         pin = ["taskset", "-c", settings.load_cpus] if settings.pinned else []
         self.wrk = Wrk(tools["wrk"], settings.root / "benches" / "wrk", pin, settings.wrk_threads, settings.conns)
         self.seed = f"{int(time.time())}{random.randrange(0x10000):04x}"
@@ -86,7 +86,7 @@ class Bench:
 
     def create_replay_key(self) -> None:
         """The key that the replay scenario repeats, executed once on both idemproxies."""
-        for endpoint in (IDEM_REDIS, IDEM_MEM):
+        for endpoint in (IDEM_REDIS, IDEM_MEM, IDEM_REPL0, IDEM_REPL1):
             result = keyed_post(self.ports.url(endpoint), f"replay-{self.seed}", body_1k())
             if result != (200, False):
                 raise BenchError(f"creating the replay key on {endpoint} answered {result}")
@@ -161,6 +161,7 @@ def benchmark(settings: Settings, tools: Dict[str, str], tmp: Path) -> str:
     pin = ["taskset", "-c", settings.server_cpus] if settings.pinned else []
     with Servers(tmp, pin) as servers:
         start_all(servers, settings, tools, bins, ports)
+        replicated.start_replicated(servers, settings, tools, bins, ports)
         bench = Bench(settings, tools, servers, ports)
         preflight(ports, bench.seed)
         env = environment(settings, versions(tools, settings.root))

@@ -7,10 +7,13 @@ from typing import Dict, List, Tuple
 
 # Endpoints (the server a variant's wrk talks to), by role.
 DIRECT, NGINX, FLOOR, IDEM_REDIS, IDEM_MEM = "upstream", "nginx", "floor", "idem_redis", "idem_mem"
+# idemproxy on a replicated Redis (replicated.py), --redis-min-replicas 0 and 1.
+IDEM_REPL0, IDEM_REPL1 = "idem_repl0", "idem_repl1"
 
 # What serves a variant: role -> kind (proxy, redis or upstream), for CPU per process.
 _UP = (("upstream", "upstream"),)
 _REDIS = (("redis", "redis"),)
+_REPLICATED = (("redis_primary", "redis"), ("redis_replica", "redis"))
 
 
 @dataclass(frozen=True)
@@ -52,10 +55,14 @@ def groups(storm_wave: int) -> Dict[str, List[Variant]]:
         "new": [
             Variant("idemproxy-redis", IDEM_REDIS, "keyed_new.lua", ("@SEED",), _proxy(IDEM_REDIS, _REDIS)),
             Variant("idemproxy-embedded", IDEM_MEM, "keyed_new.lua", ("@SEED",), _proxy(IDEM_MEM)),
+            Variant("replicated-min0", IDEM_REPL0, "keyed_new.lua", ("@SEED",), _proxy(IDEM_REPL0, _REPLICATED)),
+            Variant("replicated-min1", IDEM_REPL1, "keyed_new.lua", ("@SEED",), _proxy(IDEM_REPL1, _REPLICATED)),
         ],
         "replay": [
             Variant("idemproxy-redis", IDEM_REDIS, "keyed_same.lua", ("@KEY",), _proxy(IDEM_REDIS, _REDIS)),
             Variant("idemproxy-embedded", IDEM_MEM, "keyed_same.lua", ("@KEY",), _proxy(IDEM_MEM)),
+            Variant("replicated-min0", IDEM_REPL0, "keyed_same.lua", ("@KEY",), _proxy(IDEM_REPL0, _REPLICATED)),
+            Variant("replicated-min1", IDEM_REPL1, "keyed_same.lua", ("@KEY",), _proxy(IDEM_REPL1, _REPLICATED)),
         ],
         "storm": [
             Variant("idemproxy-redis", IDEM_REDIS, "storm.lua", ("@SEED", wave), _proxy(IDEM_REDIS, _REDIS)),

@@ -7,7 +7,7 @@ import http.client
 import os
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -30,11 +30,13 @@ class Ports:
     mem: int
     mem_admin: int
     floor: int
+    # Ports of servers started on their own (replicated.py), by role.
+    extra: Dict[str, int] = field(default_factory=dict)
 
     def url(self, endpoint: str) -> str:
         """The benchmarked URL of an endpoint (a role of scenarios.py)."""
         port = {DIRECT: self.upstream, NGINX: self.nginx, FLOOR: self.floor, IDEM_REDIS: self.idem,
-                IDEM_MEM: self.mem}[endpoint]
+                IDEM_MEM: self.mem}.get(endpoint) or self.extra[endpoint]
         return f"http://127.0.0.1:{port}/orders"
 
 
