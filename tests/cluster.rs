@@ -56,7 +56,7 @@ impl RedisCluster {
                     "no",
                 ])
                 .args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"])
-                .args(["--cluster-node-timeout", "2000"])
+                .args(["--cluster-node-timeout", "2000", "--repl-diskless-sync-delay", "0"])
                 .arg("--dir")
                 .arg(dir.path())
                 .stdout(Stdio::null())

@@ -23,10 +23,10 @@
 //! trips stay the same as the request sees them. A request owns its key only once its
 //! `InFlight` record is acknowledged; otherwise the key is released and the request is not
 //! forwarded. A completion not acknowledged in time is still answered (counted, logged at warn).
-//! When every batch of the master has been stuck on its `WAIT` for a while (replicas that stopped
-//! acknowledging), a `begin` goes on the store's own connection instead, so that replays never
-//! wait for those `WAIT`s; a key it takes is then re-written in a batch, and acknowledged, before
-//! it is owned.
+//! A `begin` that no batch has taken within [`BEGIN_LEAVES_WITHIN`] (replicas that stopped
+//! acknowledging hold every batch connection on its `WAIT`) goes on the store's own connection
+//! instead, so that a replay never waits out those `WAIT`s; a key it takes is then re-written in
+//! a batch, and acknowledged, before it is owned.
 //!
 //! Lease deadlines are wall-clock milliseconds written by the owning proxy and read by the
 //! others: proxies sharing a Redis need clocks in sync to well within `lock_ttl` (NTP).
@@ -228,14 +228,22 @@ impl RedisStore {
         self.bounded(pipeline.query_async(&mut connection)).await
     }
 
-    /// `request`'s answer within `command_timeout`, or `Unavailable`.
+    /// `request`'s answer within `command_timeout`, or `Unavailable`. A command with no answer
+    /// in time makes a Sentinel store ask the sentinels again.
     async fn bounded<T>(&self, request: impl Future<Output = Result<T, RedisError>>) -> Result<T, StoreError> {
+        let answer = self.within(request).await;
+        if matches!(answer, Err(StoreError::Unavailable(StoreFault::Timeout(_)))) {
+            self.connection.timed_out();
+        }
+        answer
+    }
+
+    /// [`bounded`](Self::bounded) for a write queued for a batch: a timeout may be the queue's,
+    /// not the master's (the batch's own failures are seen by its connection).
+    async fn within<T>(&self, request: impl Future<Output = Result<T, RedisError>>) -> Result<T, StoreError> {
         match tokio::time::timeout(self.command_timeout, request).await {
             Ok(result) => result.map_err(unavailable),
-            Err(_) => {
-                self.connection.timed_out();
-                Err(StoreError::timeout(self.command_timeout))
-            }
+            Err(_) => Err(StoreError::timeout(self.command_timeout)),
         }
     }
 
@@ -259,7 +267,7 @@ impl RedisStore {
             &mut connection,
             leave_within,
         );
-        match self.bounded(batched).await? {
+        match self.within(batched).await? {
             Sent::Batched(value, pending) => Ok((value, Written::Pending(pending))),
             Sent::Withdrawn => Ok((self.command(write).await?, Written::Unconfirmed)),
         }
@@ -322,9 +330,9 @@ impl RedisStore {
             key.record_key().as_bytes(),
             rewrite,
             &mut connection,
-            self.command_timeout,
+            self.command_timeout / 2,
         );
-        let Sent::Batched(reply, pending) = self.bounded(batched).await? else {
+        let Sent::Batched(reply, pending) = self.within(batched).await? else {
             return Err(replication.not_waited_for());
         };
         if as_int(&reply) != Some(1) {
@@ -348,9 +356,7 @@ impl RedisStore {
             Some(_) => self.write(key, &eval(script.1, key, args), leave_within).await,
         }
     }
-}
 
-impl RedisStore {
     /// Waits for a completion's acknowledgement. One that does not come in time is counted and
     /// logged, not an error: the client is answered anyway (docs/behaviour.md §4.4).
     async fn completion_acknowledged(&self, key: &StorageKey, written: Written) {
@@ -491,11 +497,12 @@ impl Store for RedisStore {
 
     async fn complete(&self, key: &StorageKey, token: LeaseToken, record: &Record) -> Result<bool, StoreError> {
         let args: [&[u8]; 2] = [&token.0, &record.encode()];
-        // A completion waits for a batch as long as it would wait for its acknowledgement.
+        // A completion waits for a batch as long as it would wait for its acknowledgement, and
+        // leaves half the command timeout to be sent on the store's connection if none takes it.
         let leave_within = self
             .replication
             .as_ref()
-            .map_or(Duration::ZERO, |r| r.replica_timeout());
+            .map_or(Duration::ZERO, |r| r.replica_timeout().min(self.command_timeout / 2));
         let (reply, written) = self
             .run_acknowledged((&self.finish, FINISH_LUA), key, &args, leave_within)
             .await?;

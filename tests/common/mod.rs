@@ -67,6 +67,9 @@ impl RedisServer {
             "".into(),
             "--dir".into(),
             self.dir.path().display().to_string(),
+            // A replica's first sync starts at once (Redis waits 5 s for more replicas by default).
+            "--repl-diskless-sync-delay".into(),
+            "0".into(),
         ];
         if !self.extra.iter().any(|a| a == "--appendonly") {
             args.extend(["--appendonly".into(), "no".into()]);
@@ -122,7 +125,7 @@ impl RedisServer {
     pub fn start_replica_of(primary: &RedisServer) -> Self {
         let port = primary.port.to_string();
         let replica = Self::start_with(&["--replicaof", "127.0.0.1", &port]);
-        replica.wait_synced();
+        replica.wait_synced(primary.port);
         replica
     }
 
@@ -138,19 +141,35 @@ impl RedisServer {
             primary_port.to_string(),
         ]);
         self.restart();
-        self.wait_synced();
+        self.wait_synced(primary_port);
     }
 
-    /// Waits until this replica's link to its primary is up (10 s at most).
-    pub fn wait_synced(&self) {
+    /// Waits until this replica acknowledges writes to the primary on `primary_port` (what a
+    /// `WAIT` counts; for a moment after a sync the primary lists it online before it does),
+    /// 10 s at most. The probe write is deleted again.
+    pub fn wait_synced(&self, primary_port: u16) {
+        let primary = redis::Client::open(format!("redis://127.0.0.1:{primary_port}")).expect("a client");
+        let mut probe = redis::pipe();
+        probe
+            .set("idemproxy-test:sync", 1)
+            .del("idemproxy-test:sync")
+            .cmd("WAIT")
+            .arg(1)
+            .arg(100);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if self.info("replication").contains("master_link_status:up") {
+            let acknowledged = primary
+                .get_connection_with_timeout(Duration::from_millis(500))
+                .and_then(|mut c| probe.query::<((), i64, i64)>(&mut c));
+            if matches!(acknowledged, Ok((_, _, n)) if n >= 1) {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("redis-server on port {} never synchronised with its primary", self.port);
+        panic!(
+            "redis-server on port {} never acknowledged writes to {primary_port}",
+            self.port
+        );
     }
 
     /// `INFO section` as text (empty if the server does not answer).
