@@ -576,6 +576,10 @@ mod tests {
         assert_eq!(redacted_url("redis://h:6379"), "redis://h:6379");
         assert_eq!(redacted_url("redis+cluster://a:1,b:2"), "redis+cluster://a:1,b:2");
         assert_eq!(redacted_url("redis://u:p@ss@h:1/2"), "redis://u:***@h:1/2");
+        assert_eq!(
+            redacted_url("rediss+sentinel://app:s3cret@s1:26379,s2:26379/orders/1"),
+            "rediss+sentinel://app:***@s1:26379,s2:26379/orders/1"
+        );
     }
 
     /// The scripts recognise an InFlight record by its version, state and exact length, find
