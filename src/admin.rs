@@ -113,7 +113,9 @@ async fn refresh_readiness(state: Arc<State>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-/// `/readyz`: the readiness check, as text.
+/// `/readyz`: the readiness check, as text. Ready when the store answers (Redis with
+/// `store.min_replicas`: a master with that many replicas attached, docs/behaviour.md §4.4)
+/// and every upstream accepts a TCP connection.
 async fn readiness(state: &State) -> Response<ProxyBody> {
     match check_ready(state).await {
         Ok(()) => text(StatusCode::OK, "ready\n"),
@@ -131,7 +133,7 @@ async fn check_ready(state: &State) -> Result<(), String> {
 
 async fn store_and_upstreams_answer(state: &State) -> Result<(), String> {
     if let Err(err) = state.store.ping().await {
-        return Err(format!("store: {err}"));
+        return Err(format!("store: {}", Chain(&err)));
     }
     let mut checked: Vec<&str> = Vec::new();
     for route in state.config.routes.iter() {

@@ -157,7 +157,16 @@ fn example_covers_every_setting() {
         ("[tls]", &["cert", "key"]),
         (
             "[store]",
-            &["redis", "key_prefix", "memory_max_entries", "command_timeout"],
+            &[
+                "redis",
+                "ca_file",
+                "sentinel_password",
+                "key_prefix",
+                "memory_max_entries",
+                "command_timeout",
+                "min_replicas",
+                "replica_timeout",
+            ],
         ),
         (
             "[upstream]",
@@ -249,6 +258,9 @@ fn commented_out_settings_are_valid_when_enabled() {
     assert!(config.tls.is_some());
     assert!(
         matches!(config.store, StoreSettings::Redis { command_timeout, .. } if command_timeout == Duration::from_secs(2))
+    );
+    assert!(
+        matches!(&config.store, StoreSettings::Redis { url, sentinel_password: Some(_), .. } if url.starts_with("rediss+sentinel://"))
     );
     assert_eq!(config.admin_token.as_deref(), Some("change-me"));
     let payments = config.route_for("/payments").expect("a route");
@@ -433,8 +445,34 @@ fn check_config_refuses_what_would_stop_the_proxy_from_starting() {
         assert!(!err.contains("s3cret"), "{err}");
     }
 
-    // A well-formed URL is accepted without connecting to it.
+    let err = assert_refused(
+        example,
+        &[(
+            "IDEMPROXY_REDIS",
+            "redis+sentinel://app:s3cret@127.0.0.1:1,127.0.0.1:x/idem",
+        )],
+        &[],
+        "`store.redis`",
+    );
+    assert!(err.contains("sentinel 2"), "{err}");
+    assert!(!err.contains("s3cret"), "{err}");
+    assert_refused(
+        example,
+        &[],
+        &["--redis", "redis://127.0.0.1:1", "--redis-min-replicas", "1", "--redis-replica-timeout", "3s"],
+        "`store.replica_timeout`",
+    );
+
+    // Well-formed URLs are accepted without connecting to them.
     assert_accepted(example, &[], &["--redis", "redis+cluster://127.0.0.1:1,127.0.0.1:2"]);
+    assert_accepted(
+        example,
+        &[
+            ("IDEMPROXY_SENTINEL_PASSWORD", "s3cret"),
+            ("IDEMPROXY_REDIS_MIN_REPLICAS", "1"),
+        ],
+        &["--redis", "redis+sentinel://127.0.0.1:1,127.0.0.1:2/idem/1"],
+    );
 }
 
 #[test]

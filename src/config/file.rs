@@ -24,7 +24,7 @@ use clap::error::{ContextKind, ContextValue};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
-use super::{ConfigError, ErrorFormat, LogFormat, OnConflict, StoreFailure, UnknownOutcome};
+use super::{ConfigError, ErrorFormat, LogFormat, OnConflict, Secret, StoreFailure, UnknownOutcome};
 
 /// How one layer of settings lies over the layer below it.
 pub(crate) trait Layer {
@@ -231,9 +231,30 @@ section! {
     #[serde(deny_unknown_fields)]
     #[command(next_help_heading = "Store")]
     pub struct StoreSection {
-        /// Redis URL (redis://, rediss://, redis+cluster://h1:p1,h2:p2) [default: embedded memory store].
+        /// Redis URL (redis://, rediss://, redis+cluster://h1:p1,h2:p2, redis+sentinel://s1:p1,s2:p2/master) [default: embedded memory store].
         #[arg(long, env = "IDEMPROXY_REDIS")]
         pub redis: Option<String>,
+        /// Redis Sentinel: password of the sentinels (the Redis nodes' is in the URL).
+        #[arg(long, env = "IDEMPROXY_SENTINEL_PASSWORD", hide_env_values = true)]
+        pub sentinel_password: Option<Secret>,
+        /// Redis: replicas that must acknowledge a key's record (WAIT) before it is forwarded [default: 0].
+        #[arg(
+            id = "redis_min_replicas",
+            long = "redis-min-replicas",
+            value_name = "N",
+            env = "IDEMPROXY_REDIS_MIN_REPLICAS"
+        )]
+        pub min_replicas: Option<u32>,
+        /// Redis: longest wait for those acknowledgements, at most command_timeout [default: 1s].
+        #[serde(default, with = "humantime_serde")]
+        #[arg(
+            id = "redis_replica_timeout",
+            long = "redis-replica-timeout",
+            value_name = "DURATION",
+            env = "IDEMPROXY_REDIS_REPLICA_TIMEOUT",
+            value_parser = humantime::parse_duration,
+        )]
+        pub replica_timeout: Option<Duration>,
         /// CA certificates (PEM) trusted for rediss:// instead of the bundled roots.
         #[arg(id = "redis_ca", long = "redis-ca", value_name = "REDIS_CA", env = "IDEMPROXY_REDIS_CA")]
         pub ca_file: Option<PathBuf>,
@@ -625,6 +646,12 @@ mod tests {
             "--require-key",
             "--methods",
             "POST,PATCH",
+            "--redis-min-replicas",
+            "1",
+            "--redis-replica-timeout",
+            "250ms",
+            "--sentinel-password",
+            "s3cret",
         ])
         .expect("valid flags");
         let s = &cli.settings;
@@ -632,6 +659,9 @@ mod tests {
         assert_eq!(s.upstream.timeout, Some(Duration::from_secs(5)));
         assert_eq!(s.upstream.ca_file.as_deref(), Some(Path::new("/u.pem")));
         assert_eq!(s.store.ca_file.as_deref(), Some(Path::new("/r.pem")));
+        assert_eq!(s.store.min_replicas, Some(1));
+        assert_eq!(s.store.replica_timeout, Some(Duration::from_millis(250)));
+        assert_eq!(s.store.sentinel_password, Some(Secret::new("s3cret")));
         assert_eq!(s.log.format, Some(LogFormat::Pretty));
         assert_eq!(s.log.filter.as_deref(), Some("debug"));
         assert_eq!(s.tls.cert.as_deref(), Some(Path::new("/c.pem")));

@@ -23,6 +23,7 @@
 //! there) and the README.
 
 mod file;
+pub mod redis_url;
 mod resolve;
 
 use std::fmt;
@@ -253,7 +254,61 @@ pub enum StoreSettings {
         command_timeout: Duration,
         /// `rediss://`: CA certificates (PEM file) trusted instead of the bundled roots.
         ca_file: Option<PathBuf>,
+        /// `redis+sentinel://`: the password of the sentinels themselves.
+        sentinel_password: Option<Secret>,
+        /// What a write must reach before it counts (docs/behaviour.md §4.4).
+        replication: Replication,
     },
+}
+
+/// How many replicas acknowledge a key's writes (Redis `WAIT`) before they count, and how long
+/// the proxy waits for them (`store.min_replicas`, `store.replica_timeout`; docs/behaviour.md §4.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replication {
+    /// `0`: no acknowledgement is waited for.
+    pub min_replicas: u32,
+    /// At most `store.command_timeout`.
+    pub replica_timeout: Duration,
+}
+
+impl Default for Replication {
+    fn default() -> Self {
+        Self {
+            min_replicas: 0,
+            replica_timeout: defaults::REDIS_REPLICA_TIMEOUT,
+        }
+    }
+}
+
+/// A password from the configuration: shown as `***` by `Debug`, so that printing a
+/// configuration never prints it.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(secret: impl Into<String>) -> Self {
+        Self(secret.into())
+    }
+
+    /// The password itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Ok(Self(text.to_owned()))
+    }
 }
 
 /// TLS termination on the proxy listener.
@@ -318,6 +373,9 @@ pub mod defaults {
     pub const HTTP2_MAX_CONCURRENT_STREAMS: u32 = 256;
     pub const MEMORY_MAX_ENTRIES: usize = 1_000_000;
     pub const REDIS_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+    /// Longest wait for replica acknowledgements; an unset `store.replica_timeout` is this or
+    /// `store.command_timeout`, the shorter.
+    pub const REDIS_REPLICA_TIMEOUT: Duration = Duration::from_secs(1);
     pub const KEY_PREFIX: &str = "idem:";
     pub const SCOPE_HEADER: &str = "authorization";
     pub const LOG_FORMAT: super::LogFormat = super::LogFormat::Json;
@@ -563,6 +621,9 @@ mod tests {
             "redis+cluster://:s3cret@a:1,b:port",
             "redis+cluster://a:1,",
             "rediss+cluster://",
+            "redis+sentinel://:s3cret@a:1,b:2",
+            "rediss+sentinel://:s3cret@a:1,b:port/mymaster",
+            "redis+sentinel://u:s3cret@a:1/mymaster/zero",
         ] {
             let err = store(url).expect_err(url).to_string();
             assert!(err.contains("`store.redis`"), "{url}: {err}");
@@ -576,10 +637,57 @@ mod tests {
             "redis+cluster://a:1,b:2",
             "rediss+cluster://user:pw@a:1,b:2",
             "unix:///tmp/redis.sock",
+            "redis+sentinel://127.0.0.1:26379,127.0.0.1:26380/mymaster",
+            "rediss+sentinel://app:pw@s1,s2,s3/orders/2",
         ] {
             let config = store(url).unwrap_or_else(|e| panic!("{url}: {e}"));
             assert!(matches!(config.store, StoreSettings::Redis { .. }));
         }
+    }
+
+    #[test]
+    fn replica_settings_are_checked_against_the_store() {
+        let redis = |extra: &str| format!("upstream.url = \"http://a:1\"\nstore.redis = \"redis://h:1\"\n{extra}");
+        let config = Config::from_toml(&redis("")).expect("valid");
+        let StoreSettings::Redis { replication, .. } = config.store else {
+            panic!("a Redis store");
+        };
+        assert_eq!(replication, Replication::default());
+        assert_eq!(replication.replica_timeout, defaults::REDIS_REPLICA_TIMEOUT);
+
+        // An unset timeout follows a shorter command timeout; one that is set may not exceed it.
+        let config =
+            Config::from_toml(&redis("store.command_timeout = \"300ms\"\nstore.min_replicas = 2")).expect("valid");
+        let StoreSettings::Redis { replication, .. } = config.store else {
+            panic!("a Redis store");
+        };
+        assert_eq!(replication.min_replicas, 2);
+        assert_eq!(replication.replica_timeout, Duration::from_millis(300));
+        let err = error_of(&redis("store.command_timeout = \"1s\"\nstore.replica_timeout = \"2s\""));
+        assert!(
+            err.contains("`store.replica_timeout`") && err.contains("must not exceed"),
+            "{err}"
+        );
+        let err = error_of(&redis("store.replica_timeout = \"0s\""));
+        assert!(err.contains("`store.replica_timeout`"), "{err}");
+
+        // Replicas and sentinels need a Redis that has them.
+        let err = error_of("upstream.url = \"http://a:1\"\nstore.min_replicas = 1");
+        assert!(err.contains("`store.min_replicas`"), "{err}");
+        Config::from_toml("upstream.url = \"http://a:1\"\nstore.min_replicas = 0").expect("0 is the default");
+        let err = error_of(&redis("store.sentinel_password = \"s3cret\""));
+        assert!(
+            err.contains("`store.sentinel_password`") && !err.contains("s3cret"),
+            "{err}"
+        );
+        let sentinel = "upstream.url = \"http://a:1\"\nstore.redis = \"redis+sentinel://h:1/m\"\n";
+        let config = Config::from_toml(&format!("{sentinel}store.sentinel_password = \"s3cret\"")).expect("valid");
+        assert!(
+            !format!("{config:?}").contains("s3cret"),
+            "the password is not in Debug output"
+        );
+        let err = error_of(&format!("{sentinel}store.sentinel_password = \"\""));
+        assert!(err.contains("must not be empty"), "{err}");
     }
 
     #[test]

@@ -12,9 +12,10 @@ use http::{HeaderName, Method};
 use redis::IntoConnectionInfo;
 
 use super::file::{LogSection, ServerSection, StoreSection, TlsSection, UpstreamSection};
+use super::redis_url::SentinelUrl;
 use super::{
-    defaults, invalid, ConfigError, FileConfig, Policy, PolicySection, Route, RouteSection, ServerSettings,
-    StoreSettings, TlsSettings, UpstreamSettings, UpstreamTarget,
+    defaults, invalid, ConfigError, FileConfig, Policy, PolicySection, Replication, Route, RouteSection,
+    ServerSettings, StoreSettings, TlsSettings, UpstreamSettings, UpstreamTarget,
 };
 use crate::headers::{is_replayed, IDEMPOTENT_REPLAYED};
 
@@ -153,6 +154,13 @@ pub(super) fn store(store: &StoreSection) -> Result<StoreSettings, ConfigError> 
         if store.ca_file.is_some() {
             return Err(invalid("store.ca_file", "is set but `store.redis` is not"));
         }
+        if store.min_replicas.is_some_and(|n| n > 0) {
+            return Err(invalid(
+                "store.min_replicas",
+                "replicas are Redis replicas: set `store.redis`, or leave this at 0",
+            ));
+        }
+        check_sentinel_password(store, false)?;
         return Ok(StoreSettings::Memory {
             max_entries: at_least(
                 "store.memory_max_entries",
@@ -163,38 +171,87 @@ pub(super) fn store(store: &StoreSection) -> Result<StoreSettings, ConfigError> 
         });
     };
     check_redis_url(&url)?;
+    check_sentinel_password(store, SentinelUrl::is_sentinel(&url))?;
     if store.ca_file.is_some() && !url.starts_with("rediss") {
         return Err(invalid(
             "store.ca_file",
-            "only used with TLS: `store.redis` must be a rediss:// or rediss+cluster:// URL",
+            "only used with TLS: `store.redis` must be a rediss://, rediss+cluster:// or rediss+sentinel:// URL",
         ));
     }
+    let command_timeout = positive(
+        "store.command_timeout",
+        store.command_timeout.unwrap_or(defaults::REDIS_COMMAND_TIMEOUT),
+    )?;
     Ok(StoreSettings::Redis {
         url,
-        command_timeout: positive(
-            "store.command_timeout",
-            store.command_timeout.unwrap_or(defaults::REDIS_COMMAND_TIMEOUT),
-        )?,
+        command_timeout,
         ca_file: store.ca_file.clone(),
+        sentinel_password: store.sentinel_password.clone(),
+        replication: replication(store, command_timeout)?,
     })
 }
 
-/// `store.redis` parsed the way the store will (each node of a cluster list on its own), without
-/// connecting. The messages never quote the URL: it may hold a password.
+/// `store.sentinel_password` is only for the sentinels of a `redis+sentinel://` URL.
+fn check_sentinel_password(store: &StoreSection, sentinel: bool) -> Result<(), ConfigError> {
+    match &store.sentinel_password {
+        Some(_) if !sentinel => Err(invalid(
+            "store.sentinel_password",
+            "only used with a redis+sentinel:// or rediss+sentinel:// `store.redis` URL",
+        )),
+        Some(password) if password.expose().is_empty() => Err(invalid("store.sentinel_password", "must not be empty")),
+        _ => Ok(()),
+    }
+}
+
+/// `store.min_replicas` and `store.replica_timeout`: an unset timeout follows a shorter
+/// `store.command_timeout`; one that is set must not exceed it.
+fn replication(store: &StoreSection, command_timeout: Duration) -> Result<Replication, ConfigError> {
+    let replica_timeout = match store.replica_timeout {
+        None => defaults::REDIS_REPLICA_TIMEOUT.min(command_timeout),
+        Some(timeout) => positive("store.replica_timeout", timeout)?,
+    };
+    if replica_timeout > command_timeout {
+        return Err(invalid(
+            "store.replica_timeout",
+            format!(
+                "{} must not exceed store.command_timeout {}",
+                humantime::format_duration(replica_timeout),
+                humantime::format_duration(command_timeout),
+            ),
+        ));
+    }
+    Ok(Replication {
+        min_replicas: store.min_replicas.unwrap_or(0),
+        replica_timeout,
+    })
+}
+
+/// `store.redis` parsed the way the store will (each node of a cluster or sentinel list on its
+/// own), without connecting. The messages never quote the URL: it may hold a password.
 fn check_redis_url(url: &str) -> Result<(), ConfigError> {
-    const SCHEMES: [&str; 6] = [
+    const SCHEMES: [&str; 8] = [
         "redis://",
         "rediss://",
         "redis+cluster://",
         "rediss+cluster://",
+        "redis+sentinel://",
+        "rediss+sentinel://",
         "redis+unix://",
         "unix://",
     ];
     if !SCHEMES.iter().any(|p| url.starts_with(p)) {
         return Err(invalid(
             "store.redis",
-            "expected redis://, rediss:// or redis+cluster:// URL",
+            "expected a redis://, rediss://, redis+cluster:// or redis+sentinel:// URL",
         ));
+    }
+    if let Some(sentinel) = SentinelUrl::parse(url) {
+        return sentinel.map(drop).map_err(|why| {
+            invalid(
+                "store.redis",
+                format!("not a usable redis+sentinel://[user:password@]host:port,.../<master-name>[/<db>] URL: {why}"),
+            )
+        });
     }
     let cluster = url
         .strip_prefix("redis+cluster://")

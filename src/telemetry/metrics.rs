@@ -71,6 +71,69 @@ pub enum Renewal {
     Failed,
 }
 
+/// Replica acknowledgements of Redis writes (`WAIT`, docs/behaviour.md §4.4), one observation
+/// per write waited for: `idemproxy_redis_replica_acks_total{result}` and
+/// `idemproxy_redis_replica_wait_seconds`. A clone counts into the same series; the store gets
+/// one from [`Metrics::replica_acks`] (or a [`Default`] one, registered nowhere).
+#[derive(Clone, Debug)]
+pub struct ReplicaAcks {
+    acknowledged: Counter,
+    timed_out: Counter,
+    wait: Histogram,
+}
+
+impl Default for ReplicaAcks {
+    fn default() -> Self {
+        Self {
+            acknowledged: Counter::default(),
+            timed_out: Counter::default(),
+            wait: Histogram::new(latency_buckets()),
+        }
+    }
+}
+
+impl ReplicaAcks {
+    /// One write's wait for its acknowledgements: `waited` long, `acknowledged` by enough
+    /// replicas or not (too few in time, or no answer).
+    pub fn observe(&self, waited: Duration, acknowledged: bool) {
+        self.wait.observe(waited.as_secs_f64());
+        if acknowledged {
+            self.acknowledged.inc();
+        } else {
+            self.timed_out.inc();
+        }
+    }
+
+    /// A write not waited for (its master's batches were stuck): not acknowledged, no wait.
+    pub fn not_waited_for(&self) {
+        self.timed_out.inc();
+    }
+
+    /// The series registered in `registry`, both label values present from the start.
+    fn registered(registry: &mut Registry) -> Self {
+        let acks = Family::<OneLabel, Counter>::default();
+        registry.register(
+            "redis_replica_acks",
+            "Redis writes waited for until min_replicas replicas acknowledged them (WAIT), by result",
+            acks.clone(),
+        );
+        let wait = Histogram::new(latency_buckets());
+        registry.register(
+            "redis_replica_wait_seconds",
+            "Time a Redis write waited for its replica acknowledgements (WAIT)",
+            wait.clone(),
+        );
+        // One at a time: see `Metrics::new`.
+        let acknowledged = acks.get_or_create(&[("result", "acknowledged")]).clone();
+        let timed_out = acks.get_or_create(&[("result", "timed_out")]).clone();
+        Self {
+            acknowledged,
+            timed_out,
+            wait,
+        }
+    }
+}
+
 /// All metrics of one proxy.
 pub struct Metrics {
     registry: Registry,
@@ -83,6 +146,7 @@ pub struct Metrics {
     lease_renewals: [Counter; 3],
     in_flight: Gauge,
     ready: Gauge,
+    replica_acks: ReplicaAcks,
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -159,6 +223,7 @@ impl Metrics {
             "ready",
             "1 when the last readiness check passed (store answers, upstreams accept connections), else 0",
         );
+        let replica_acks = ReplicaAcks::registered(&mut registry);
         let slots = route_names.len() * METHODS.len() * Outcome::ALL.len();
         Self {
             registry,
@@ -171,7 +236,13 @@ impl Metrics {
             lease_renewals,
             in_flight,
             ready,
+            replica_acks,
         }
+    }
+
+    /// The replica acknowledgement metrics, for the Redis store to count into.
+    pub fn replica_acks(&self) -> ReplicaAcks {
+        self.replica_acks.clone()
     }
 
     /// Starts the request series of a guarded route's guarded methods at zero, one per outcome.
@@ -348,5 +419,33 @@ mod tests {
         }
         assert!(text.contains("\nidemproxy_ready 1\n"), "{text}");
         assert!(!text.contains("# EOF") && !text.contains("# UNIT"), "{text}");
+    }
+
+    #[test]
+    fn replica_acknowledgements_are_counted_under_their_exact_names() {
+        let metrics = Metrics::new(["default"]);
+        let text = metrics.render(Exposition::Classic);
+        assert!(
+            text.contains(r#"idemproxy_redis_replica_acks_total{result="timed_out"} 0"#),
+            "{text}"
+        );
+        let acks = metrics.replica_acks();
+        acks.observe(Duration::from_millis(2), true);
+        acks.observe(Duration::from_millis(3), true);
+        acks.observe(Duration::from_secs(1), false);
+        let text = metrics.render(Exposition::Classic);
+        assert!(
+            text.contains(r#"idemproxy_redis_replica_acks_total{result="acknowledged"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"idemproxy_redis_replica_acks_total{result="timed_out"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE idemproxy_redis_replica_wait_seconds histogram"),
+            "{text}"
+        );
+        assert!(text.contains("idemproxy_redis_replica_wait_seconds_count 3"), "{text}");
     }
 }

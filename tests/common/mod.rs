@@ -67,6 +67,9 @@ impl RedisServer {
             "".into(),
             "--dir".into(),
             self.dir.path().display().to_string(),
+            // A replica's first sync starts at once (Redis waits 5 s for more replicas by default).
+            "--repl-diskless-sync-delay".into(),
+            "0".into(),
         ];
         if !self.extra.iter().any(|a| a == "--appendonly") {
             args.extend(["--appendonly".into(), "no".into()]);
@@ -118,6 +121,64 @@ impl RedisServer {
         self.spawn();
     }
 
+    /// A replica of `primary` on a port of its own, once it has synchronised.
+    pub fn start_replica_of(primary: &RedisServer) -> Self {
+        let port = primary.port.to_string();
+        let replica = Self::start_with(&["--replicaof", "127.0.0.1", &port]);
+        replica.wait_synced(primary.port);
+        replica
+    }
+
+    /// Starts it again on the same port as a replica of the server on `primary_port` (as an
+    /// operator brings a failed primary back after a failover), once it has synchronised.
+    pub fn restart_as_replica_of(&mut self, primary_port: u16) {
+        if let Some(at) = self.extra.iter().position(|a| a == "--replicaof") {
+            self.extra.drain(at..(at + 3).min(self.extra.len()));
+        }
+        self.extra.extend([
+            "--replicaof".to_owned(),
+            "127.0.0.1".to_owned(),
+            primary_port.to_string(),
+        ]);
+        self.restart();
+        self.wait_synced(primary_port);
+    }
+
+    /// Waits until this replica acknowledges writes to the primary on `primary_port` (what a
+    /// `WAIT` counts; for a moment after a sync the primary lists it online before it does),
+    /// 10 s at most. The probe write is deleted again.
+    pub fn wait_synced(&self, primary_port: u16) {
+        let primary = redis::Client::open(format!("redis://127.0.0.1:{primary_port}")).expect("a client");
+        let mut probe = redis::pipe();
+        probe
+            .set("idemproxy-test:sync", 1)
+            .del("idemproxy-test:sync")
+            .cmd("WAIT")
+            .arg(1)
+            .arg(100);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let acknowledged = primary
+                .get_connection_with_timeout(Duration::from_millis(500))
+                .and_then(|mut c| probe.query::<((), i64, i64)>(&mut c));
+            if matches!(acknowledged, Ok((_, _, n)) if n >= 1) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "redis-server on port {} never acknowledged writes to {primary_port}",
+            self.port
+        );
+    }
+
+    /// `INFO section` as text (empty if the server does not answer).
+    pub fn info(&self, section: &str) -> String {
+        self.connection()
+            .and_then(|mut c| redis::cmd("INFO").arg(section).query::<String>(&mut c))
+            .unwrap_or_default()
+    }
+
     /// `INFO commandstats` as command name → calls.
     pub fn command_calls(&self) -> HashMap<String, u64> {
         let mut connection = self.connection().expect("redis reachable");
@@ -154,6 +215,131 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// The name the sentinels of a [`SentinelSet`] monitor their primary under.
+pub const MASTER_NAME: &str = "idem";
+
+/// `redis-server --sentinel` processes on ephemeral ports, monitoring one primary as
+/// [`MASTER_NAME`] with quorum 2, killed on drop. Failure detection is cut down for tests:
+/// a primary is down after 500 ms without an answer, and a failover gives up after 2 s.
+pub struct SentinelSet {
+    pub ports: Vec<u16>,
+    children: Vec<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl SentinelSet {
+    /// `count` sentinels watching `primary`; returns once they know each other and see
+    /// `replicas` replicas of it.
+    pub fn start(primary: &RedisServer, count: usize, replicas: usize) -> Self {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let ports: Vec<u16> = (0..count).map(|_| free_port()).collect();
+        let children = ports
+            .iter()
+            .map(|port| {
+                let config = dir.path().join(format!("sentinel-{port}.conf"));
+                let text = format!(
+                    "port {port}\nbind 127.0.0.1\ndir {dir}\nsentinel announce-ip 127.0.0.1\n\
+                     sentinel monitor {MASTER_NAME} 127.0.0.1 {primary} 2\n\
+                     sentinel down-after-milliseconds {MASTER_NAME} 500\n\
+                     sentinel failover-timeout {MASTER_NAME} 2000\n\
+                     sentinel parallel-syncs {MASTER_NAME} 1\n",
+                    dir = dir.path().display(),
+                    primary = primary.port,
+                );
+                std::fs::write(&config, text).expect("sentinel config written");
+                Command::new("redis-server")
+                    .arg(&config)
+                    .arg("--sentinel")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("redis-server --sentinel starts")
+            })
+            .collect();
+        let set = Self {
+            ports,
+            children,
+            _dir: dir,
+        };
+        set.wait_until(
+            Duration::from_secs(20),
+            "the sentinels to know each other and the replicas",
+            |s| {
+                s.iter().all(|fields| {
+                    field(fields, "num-other-sentinels") == Some(count - 1)
+                        && field(fields, "num-slaves") >= Some(replicas)
+                })
+            },
+        );
+        set
+    }
+
+    /// `redis+sentinel://127.0.0.1:p1,…/idem`.
+    pub fn url(&self) -> String {
+        let nodes: Vec<String> = self.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        format!("redis+sentinel://{}/{MASTER_NAME}", nodes.join(","))
+    }
+
+    /// The primary's port as the first sentinel that answers names it.
+    pub fn master_port(&self) -> Option<u16> {
+        self.ports.iter().find_map(|port| {
+            let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+            let mut connection = client.get_connection_with_timeout(Duration::from_millis(500)).ok()?;
+            let (_ip, port): (String, u16) = redis::cmd("SENTINEL")
+                .arg("get-master-addr-by-name")
+                .arg(MASTER_NAME)
+                .query(&mut connection)
+                .ok()?;
+            Some(port)
+        })
+    }
+
+    /// Waits until every sentinel names the server on `port` as the primary (a failover done).
+    pub fn wait_for_master(&self, port: u16, within: Duration) {
+        self.wait_until(within, "the sentinels to name the new primary", |all| {
+            all.iter().all(|fields| field(fields, "port") == Some(port as usize))
+        });
+    }
+
+    /// Polls `SENTINEL MASTER` on every sentinel until `done` holds of their answers.
+    fn wait_until(&self, within: Duration, what: &str, done: impl Fn(&[HashMap<String, String>]) -> bool) {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            let answers: Option<Vec<HashMap<String, String>>> =
+                self.ports.iter().map(|p| sentinel_master(*p)).collect();
+            if answers.is_some_and(|a| done(&a)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("waited {within:?} for {what}");
+    }
+}
+
+/// A sentinel's `SENTINEL MASTER` fields for [`MASTER_NAME`].
+fn sentinel_master(port: u16) -> Option<HashMap<String, String>> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+    let mut connection = client.get_connection_with_timeout(Duration::from_millis(500)).ok()?;
+    redis::cmd("SENTINEL")
+        .arg("MASTER")
+        .arg(MASTER_NAME)
+        .query(&mut connection)
+        .ok()
+}
+
+fn field(fields: &HashMap<String, String>, name: &str) -> Option<usize> {
+    fields.get(name)?.parse().ok()
+}
+
+impl Drop for SentinelSet {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
