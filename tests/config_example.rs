@@ -459,7 +459,14 @@ fn check_config_refuses_what_would_stop_the_proxy_from_starting() {
     assert_refused(
         example,
         &[],
-        &["--redis", "redis://127.0.0.1:1", "--redis-min-replicas", "1", "--redis-replica-timeout", "3s"],
+        &[
+            "--redis",
+            "redis://127.0.0.1:1",
+            "--redis-min-replicas",
+            "1",
+            "--redis-replica-timeout",
+            "3s",
+        ],
         "`store.replica_timeout`",
     );
 
