@@ -3,6 +3,7 @@
 #
 #     benches/load.sh              # full run: 3 interleaved rounds of 10 s per variant (~8 min)
 #     QUICK=1 benches/load.sh      # smoke run: 2 s per variant (~2 min)
+#     BASELINE=f6430ef ONLY="get new replay" benches/load.sh   # A/B of this tree against f6430ef
 #
 # It installs what is missing (wrk, nginx, redis-server, redis-cli, taskset, python3, via
 # apt-get), builds idemproxy in release, and starts on free loopback ports: a fast upstream (nginx
@@ -15,6 +16,15 @@
 # p50/p99 latency, server CPU µs per request (utime+stime from /proc/PID/stat, per process and
 # total), Redis commands per request (INFO commandstats), peak RSS (VmHWM, reset before each run).
 # Output: benches/results/latest.md (printed), latest.svg (chart) and latest.json (raw runs).
+#
+# With BASELINE=<git revision>, it also builds that revision in release (once: in a detached git
+# worktree in the temp dir, CARGO_TARGET_DIR target/bench-baseline/cargo, the binary kept as
+# target/bench-baseline/<sha>/idemproxy for the next runs), starts a baseline idemproxy next to each
+# idemproxy with the same flags (its Redis store on database 1 of the same redis-server), and runs
+# a `…-baseline` variant right after each idemproxy variant in every round. The report's A/B
+# section gives, per idemproxy variant, this build vs the baseline: req/s, p99, proxy and total CPU
+# µs/req, peak RSS, the ratio, the per-round values, and whether the rounds of the two builds overlap
+# (within noise) or not (better/worse). A baseline that refuses this build's flags is an error.
 #
 # The benchmark is the Python program benches/load/ (standard library only; its report is
 # tested by benches/test_load_report.py). This script only makes sure python3 exists and runs it.
@@ -30,6 +40,7 @@
 #   CALIBRATION_REQUESTS=100  sequential requests for the exact Redis command count (MONITOR)
 #   MEMORY_MAX_ENTRIES=10000000  --memory-max-entries of the embedded-store idemproxy
 #   OUT_DIR=benches/results   KEEP_TMP=1 keeps the temp dir (logs, raw data)
+#   BASELINE=<git revision>    also measure that revision's idemproxy, interleaved (A/B section)
 set -euo pipefail
 
 BENCHES=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)

@@ -8,7 +8,7 @@ import unittest
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from load import chart, parse, report
+from load import chart, parse, report, scenarios, servers
 from load.config import ConfigError, from_env
 
 TESTDATA = Path(__file__).resolve().parent / "testdata"
@@ -36,8 +36,10 @@ ROLES = {
     ("replay", "idemproxy-embedded"): {"idem_mem": "proxy", "upstream": "upstream"},
     ("storm", "idemproxy-redis"): {"idem_redis": "proxy", "redis": "redis", "upstream": "upstream"},
     ("storm", "idemproxy-embedded"): {"idem_mem": "proxy", "upstream": "upstream"},
+    ("get", "idemproxy-baseline"): {"idem_redis_base": "proxy", "redis": "redis", "upstream": "upstream"},
+    ("new", "idemproxy-embedded-baseline"): {"idem_mem_base": "proxy", "upstream": "upstream"},
 }
-ALL_ROLES = ("upstream", "nginx", "floor", "redis", "idem_redis", "idem_mem")
+ALL_ROLES = ("upstream", "nginx", "floor", "redis", "idem_redis", "idem_mem", "idem_redis_base", "idem_mem_base")
 
 
 def bench(requests=REQUESTS, rps=10_000.0, p50_us=500, p99_us=1200, s2xx=None, s409=0, s5xx=0):
@@ -404,6 +406,127 @@ class Outputs(unittest.TestCase):
         self.assertEqual(report.log_summary(lines), {("WARN", "slow"): 2, ("ERROR", "boom"): 1})
 
 
+def ab_runs():
+    """GET through this build and the baseline, interleaved over 3 rounds: this build has more
+    req/s and less CPU in every round, a p99 within the baseline's range and a higher peak RSS."""
+    this = [(52_000, 1200, 13, 18), (54_000, 1300, 14, 19), (53_000, 1100, 13, 18)]
+    base = [(50_000, 1250, 15, 17), (51_000, 1150, 16, 17), (49_000, 1400, 15, 17)]
+    runs = []
+    for round_, (t, b) in enumerate(zip(this, base), 1):
+        for variant, (rps, p99_us, proxy, rss), role in (("idemproxy", t, "idem_redis"),
+                                                         ("idemproxy-baseline", b, "idem_redis_base")):
+            runs.append(run("get", variant, round_, rps=rps, p99_us=p99_us, cpu={"proxy": proxy, "upstream": 5},
+                            peaks={role: rss * 1024, "idem_mem": 30 * 1024, "nginx": 14 * 1024}))
+    return runs
+
+
+class Baseline(unittest.TestCase):
+    def test_variants_with_a_baseline(self):
+        plain, paired = scenarios.groups(320, False), scenarios.groups(320, True)
+        self.assertEqual([v.name for v in paired["get"]],
+                         ["direct", "nginx", "hyper-floor", "idemproxy", "idemproxy-baseline"])
+        self.assertEqual([v.name for v in paired["new"]], ["idemproxy-redis", "idemproxy-redis-baseline",
+                                                           "idemproxy-embedded", "idemproxy-embedded-baseline"])
+        for group, variants in plain.items():
+            with self.subTest(group):
+                self.assertFalse(any(v.name.endswith("-baseline") for v in variants))
+                self.assertEqual([v for v in paired[group] if not v.name.endswith("-baseline")], variants)
+        redis, redis_base = paired["storm"][:2]
+        self.assertEqual((redis_base.endpoint, redis_base.script, redis_base.args),
+                         ("idem_redis_base", redis.script, redis.args))
+        self.assertEqual(redis_base.role_kinds(), {"idem_redis_base": "proxy", "redis": "redis", "upstream": "upstream"})
+        self.assertEqual(paired["replay"][3].role_kinds(), {"idem_mem_base": "proxy", "upstream": "upstream"})
+
+    def test_idemproxy_roles_and_labels(self):
+        self.assertEqual(scenarios.idemproxy_roles(False), ("idem_redis", "idem_mem"))
+        roles = scenarios.idemproxy_roles(True)
+        self.assertEqual(roles, ("idem_redis", "idem_mem", "idem_redis_base", "idem_mem_base"))
+        self.assertEqual([scenarios.idemproxy_label(r) for r in roles],
+                         ["idemproxy (Redis store)", "idemproxy (embedded store)",
+                          "baseline idemproxy (Redis store)", "baseline idemproxy (embedded store)"])
+
+    def test_ports_of_every_idemproxy(self):
+        ports = servers.pick_ports(scenarios.idemproxy_roles(True))
+        self.assertEqual(ports.endpoints(), ["upstream", "nginx", "floor", "idem_redis", "idem_mem",
+                                             "idem_redis_base", "idem_mem_base"])
+        listen = {ports.url(e) for e in ports.endpoints()}
+        admin = {f"http://127.0.0.1:{a}/orders" for _, a in ports.idemproxies.values()}
+        self.assertEqual(len(listen | admin | {f"http://127.0.0.1:{ports.redis}/orders"}), 12)
+
+    def test_beyond_noise_needs_ranges_apart(self):
+        self.assertEqual(report.beyond_noise([3, 4], [1, 2], True), "better")
+        self.assertEqual(report.beyond_noise([3, 4], [1, 2], False), "worse")
+        self.assertEqual(report.beyond_noise([1, 2], [3, 4], False), "better")
+        self.assertEqual(report.beyond_noise([1, 3], [2, 4], True), "within noise")
+        self.assertEqual(report.beyond_noise([2, 3], [3, 4], False), "within noise")  # touching ranges
+        self.assertEqual(report.beyond_noise([5], [1, 2], True), "n/a")
+
+    def test_ab_rows(self):
+        rows = report.ab(list(reversed(ab_runs())))  # in round order whatever the order of the runs
+        self.assertEqual([r["metric"] for r in rows], [m.name for m in report.AB_METRICS])
+        self.assertEqual({(r["group"], r["variant"]) for r in rows}, {("get", "idemproxy")})
+        by = {r["metric"]: r for r in rows}
+        rps = by["req/s"]
+        self.assertAlmostEqual(rps["this"], 53_000, delta=1)
+        self.assertAlmostEqual(rps["baseline"], 50_000, delta=1)
+        self.assertAlmostEqual(rps["ratio"], 1.06, places=4)
+        self.assertEqual([round(x) for x in rps["this_rounds"]], [52_000, 54_000, 53_000])
+        self.assertEqual([round(x) for x in rps["baseline_rounds"]], [50_000, 51_000, 49_000])
+        self.assertEqual({m: r["verdict"] for m, r in by.items()},
+                         {"req/s": "better", "p99 ms": "within noise", "proxy CPU µs/req": "better",
+                          "total CPU µs/req": "better", "peak RSS MiB": "worse"})
+        self.assertEqual((by["p99 ms"]["this"], by["p99 ms"]["baseline"]), (1.2, 1.25))
+        self.assertEqual((by["total CPU µs/req"]["this"], by["total CPU µs/req"]["baseline"]), (18.0, 20.0))
+        self.assertEqual(by["proxy CPU µs/req"]["this_rounds"], [13.0, 14.0, 13.0])
+        self.assertEqual((by["peak RSS MiB"]["this"], by["peak RSS MiB"]["baseline"]), (19.0, 17.0))  # the max
+
+    def test_ab_needs_both_builds(self):
+        self.assertEqual(report.ab(full_runs()), [])
+        self.assertEqual(report.ab([r for r in ab_runs() if r["variant"] == "idemproxy-baseline"]), [])
+
+    def test_baseline_rows_follow_their_variant(self):
+        runs = full_runs() + ab_runs()[1:2] + [
+            run("new", "idemproxy-embedded-baseline", cpu={"proxy": 25}, peaks={"idem_mem_base": 1024})]
+        keys = list(report.aggregate(runs))
+        self.assertEqual(keys[keys.index(("get", "idemproxy")) + 1], ("get", "idemproxy-baseline"))
+        self.assertEqual(keys[keys.index(("new", "idemproxy-embedded")) + 1], ("new", "idemproxy-embedded-baseline"))
+        self.assertEqual(report.LABELS[("get", "idemproxy-baseline")], ("1", report._GET, "idemproxy · baseline"))
+        # The baseline is no part of the targets: the Redis-store peak RSS is this build's.
+        self.assertEqual(report.target_rss(report.aggregate(runs))[1], "**18.0 MiB**")
+
+    def test_ab_in_markdown_and_json(self):
+        runs = full_runs()[:3] + ab_runs()
+        env = dict(ENV, baseline="f6430ef", baseline_revision="main~3")
+        agg = report.aggregate(runs)
+        rows = report.targets(agg, {})
+        md = report.markdown(env, agg, runs, rows, {})
+        lines = md.splitlines()
+        start = lines.index(report.AB_HEAD[0])
+        self.assertIn("## A/B: this build vs baseline `f6430ef`", lines[start - 4])
+        self.assertIn("baseline: `BASELINE=main~3`, commit `f6430ef`", lines[start - 2])
+        self.assertLess(lines.index(report.TABLE_HEAD[0]), start)
+        self.assertLess(start, lines.index("## Targets (issue 5)"))
+        table = lines[start + 2:start + 2 + len(report.AB_METRICS)]
+        self.assertEqual(lines[start + 2 + len(report.AB_METRICS)], "")
+        self.assertEqual({line.count("|") for line in table}, {11})
+        self.assertEqual(table[0], "| 1 | GET pass-through, small body | idemproxy | req/s | 53,000 | 50,000 | **1.060×** "
+                                   "| 52,000 / 54,000 / 53,000 | 50,000 / 51,000 / 49,000 | **better** |")
+        self.assertEqual(table[1], "|  |  |  | p99 ms | 1.20 | 1.25 | **0.960×** | 1.20 / 1.30 / 1.10 "
+                                   "| 1.25 / 1.15 / 1.40 | within noise |")
+        self.assertEqual(table[4], "|  |  |  | peak RSS MiB | 19.0 | 17.0 | **1.118×** | 18.0 / 19.0 / 18.0 "
+                                   "| 17.0 / 17.0 / 17.0 | **worse** |")
+        data = json.loads(report.to_json(env, {}, runs, agg, rows))
+        self.assertEqual(data["ab"], report.ab(runs))
+        self.assertEqual(data["env"]["baseline"], "f6430ef")
+
+    def test_nothing_changes_without_a_baseline(self):
+        runs = full_runs()
+        agg = report.aggregate(runs)
+        md = report.markdown(ENV, agg, runs, report.targets(agg, CALIBRATION), {})
+        self.assertNotIn("A/B", md)
+        self.assertNotIn("ab", json.loads(report.to_json(ENV, CALIBRATION, runs, agg, [])))
+
+
 class Settings(unittest.TestCase):
     def test_defaults_and_quick(self):
         s = from_env({}, Path("/r"), 2)
@@ -412,9 +535,16 @@ class Settings(unittest.TestCase):
         q = from_env({"QUICK": "1", "ONLY": "get get new"}, Path("/r"), 1)
         self.assertEqual((q.duration, q.warmup, q.only, q.pinned), (2, 1, ("get", "new"), False))
 
+    def test_baseline(self):
+        self.assertIsNone(from_env({}, Path("/r"), 2).baseline)
+        self.assertIsNone(from_env({"BASELINE": " "}, Path("/r"), 2).baseline)
+        for rev in ("f6430ef", "main~3", "v0.1.0", "HEAD^", "origin/main@{1}"):
+            self.assertEqual(from_env({"BASELINE": rev}, Path("/r"), 2).baseline, rev)
+
     def test_bad_values(self):
         for env in ({"DURATION": "0"}, {"ROUNDS": "x"}, {"ONLY": "get put"}, {"UPSTREAM_KIND": "apache"},
-                    {"SERVER_CPUS": "one"}):
+                    {"SERVER_CPUS": "one"}, {"BASELINE": "--upload-pack=x"}, {"BASELINE": "a b"},
+                    {"BASELINE": "a;rm"}):
             with self.assertRaises(ConfigError):
                 from_env(env, Path("/r"), 2)
 

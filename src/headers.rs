@@ -142,6 +142,16 @@ pub fn set_forwarded(headers: &mut HeaderMap, client_ip: &HeaderValue, proto: &H
     }
 }
 
+/// The retry hint (docs/behaviour.md §16): `name: true` when a retry with the same key can
+/// get a different answer, `name: false` when it cannot. Nothing when the route names no
+/// header. Replaces a value the upstream set: the proxy knows what a retry will get.
+pub fn set_retry_hint(headers: &mut HeaderMap, name: Option<&HeaderName>, retry: bool) {
+    if let Some(name) = name {
+        let value = HeaderValue::from_static(if retry { "true" } else { "false" });
+        headers.insert(name.clone(), value);
+    }
+}
+
 fn join(parts: &[&[u8]], last: &[u8]) -> HeaderValue {
     let mut out = Vec::with_capacity(parts.iter().map(|p| p.len() + 2).sum::<usize>() + last.len());
     for part in parts {
@@ -227,6 +237,17 @@ mod tests {
         let mut fresh = HeaderMap::new();
         set_forwarded(&mut fresh, &ip, &proto, None);
         assert_eq!(fresh[X_FORWARDED_FOR], "10.0.0.9");
+    }
+
+    #[test]
+    fn retry_hint_is_set_only_when_named_and_replaces_the_upstreams() {
+        let name = HeaderName::from_static("stripe-should-retry");
+        let mut headers = HeaderMap::new();
+        set_retry_hint(&mut headers, None, false);
+        assert!(headers.is_empty());
+        headers.insert(name.clone(), HeaderValue::from_static("true"));
+        set_retry_hint(&mut headers, Some(&name), false);
+        assert_eq!(headers.get_all(&name).iter().collect::<Vec<_>>(), ["false"]);
     }
 
     #[test]

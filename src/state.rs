@@ -6,7 +6,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, StoreSettings};
 use crate::error::ServeError;
-use crate::store::{AnyStore, MemoryStore, RedisStore};
+use crate::store::{AnyStore, MemoryStore, RedisOptions, RedisStore};
 use crate::telemetry::Metrics;
 use crate::upstream::Upstream;
 
@@ -26,22 +26,36 @@ impl State {
     /// only a malformed URL or an unusable CA file fails here.
     pub async fn new(config: Config) -> Result<Self, ServeError> {
         let upstream = Upstream::new(&config.upstream, &config.routes)?;
+        let metrics = Metrics::new(config.routes.iter().map(|r| &*r.name));
         let store = match &config.store {
             StoreSettings::Memory { max_entries } => AnyStore::Memory(MemoryStore::new(*max_entries)),
             StoreSettings::Redis {
                 url,
                 command_timeout,
                 ca_file,
+                sentinel_password,
+                replication,
             } => {
                 let ca_pem = ca_file
                     .as_deref()
                     .map(|path| crate::tls::read_ca_pem("store.ca_file", path))
                     .transpose()?;
-                AnyStore::Redis(RedisStore::connect_with_ca(url, *command_timeout, ca_pem).await?)
+                let options = RedisOptions {
+                    command_timeout: *command_timeout,
+                    ca_pem,
+                    sentinel_password: sentinel_password.clone(),
+                    replication: *replication,
+                    replica_acks: metrics.replica_acks(),
+                };
+                AnyStore::Redis(RedisStore::connect_with(url, options).await?)
             }
         };
+        let metrics = Metrics::new(config.routes.iter().map(|r| &*r.name));
+        for route in config.routes.iter().filter(|r| r.policy.enabled) {
+            metrics.start_guarded(route.index, &route.policy.methods);
+        }
         Ok(Self {
-            metrics: Metrics::new(config.routes.iter().map(|r| &*r.name)),
+            metrics,
             upstream,
             store: Arc::new(store),
             executions: TaskTracker::new(),

@@ -1,11 +1,16 @@
 //! Clients that cannot change (docs/behaviour.md §13-§14), end to end against a real upstream:
 //! keys from another header, the JSON body or the query; fingerprints over canonical JSON that
 //! ignore noise; a renamed replay header; upstream statuses that are not results. Behaviours
-//! that do not depend on the store run against each store (`per_store!` below).
+//! that do not depend on the store run against each store (`per_store!` below), and those that
+//! concern the proxy's own errors and retry hints in each error form too
+//! (`per_store_and_form!`, docs/behaviour.md §16).
 
 mod common;
 
-use common::{per_store, Backend, TestClient, TestProxy, TestResponse, TestUpstream};
+use common::{
+    assert_error, assert_executed, per_store, per_store_and_form, start_harness, Backend, ErrorForm, TestClient,
+    TestProxy, TestResponse, TestUpstream,
+};
 use http::{Method, StatusCode};
 
 /// `POST` `body` to `url` with `headers` and `Content-Type: application/json`.
@@ -289,6 +294,148 @@ per_store! {
         renamed_replay_header_is_exposed_to_browsers,
         a_504_listed_as_unknown_makes_the_retry_outcome_unknown,
         the_default_source_keeps_its_storage_key,
+    }
+}
+
+// ---- In the route's error form, with its retry hint (docs/behaviour.md §16) ----------------
+
+/// What one of the proxy's own errors says to a human: the problem's `detail`, or Stripe's
+/// `message`.
+fn error_text(response: &TestResponse, form: ErrorForm) -> String {
+    let json = response.json();
+    let text = match form {
+        ErrorForm::Problem => &json["detail"],
+        ErrorForm::Stripe => &json["error"]["message"],
+    };
+    text.as_str().unwrap_or_default().to_owned()
+}
+
+/// Keys from other sources than the `Idempotency-Key` header fail in the route's error form: a
+/// malformed body key or header key (naming its source), no key at all under `require_key`
+/// (a body that is not JSON or lacks the field), a body key reused with another request.
+async fn key_source_errors_are_in_the_routes_form(store: Backend, form: ErrorForm) {
+    let (upstream, proxy, client) = start_harness(|up| {
+        store
+            .proxy(up)
+            .error_form(form)
+            .idempotency("key_sources = [\"header:X-Request-Id\", \"json:/client_order_id\"]\nrequire_key = true")
+    })
+    .await;
+    let url = proxy.url("/payments");
+    let too_long = format!(r#"{{"client_order_id": "{}"}}"#, "x".repeat(256));
+    for body in [
+        too_long.as_str(),
+        r#"{"client_order_id": 1.5}"#,
+        r#"{"client_order_id": ""}"#,
+    ] {
+        let refused = post_json(&client, &url, &[], body).await;
+        assert_error(&refused, form, StatusCode::BAD_REQUEST, "invalid-key");
+        assert!(
+            error_text(&refused, form).contains("json:/client_order_id"),
+            "{refused:?}"
+        );
+        assert_eq!(refused.retry_hint(), None, "{refused:?}");
+    }
+    let header = post_json(&client, &url, &[("x-request-id", "two words")], "{}").await;
+    assert_error(&header, form, StatusCode::BAD_REQUEST, "invalid-key");
+    assert!(error_text(&header, form).contains("header:x-request-id"), "{header:?}");
+    for body in [r#"{"amount": 1}"#, "amount=1"] {
+        let keyless = post_json(&client, &url, &[], body).await;
+        assert_error(&keyless, form, StatusCode::BAD_REQUEST, "missing-key");
+    }
+    let first = post_json(&client, &url, &[], r#"{"client_order_id": "ord-9", "amount": 1}"#).await;
+    assert_executed(&first);
+    let changed = post_json(&client, &url, &[], r#"{"client_order_id": "ord-9", "amount": 2}"#).await;
+    assert_error(&changed, form, form.key_reused_status(), "key-reused");
+    assert_eq!(upstream.hits(), 1, "none of the refused requests was forwarded");
+}
+
+/// A recorded 5xx keyed by a body field: its first answer and its replay carry the retry hint
+/// (`false`), the replay is marked by the route's renamed replay header, and a replayed 2xx
+/// carries no hint.
+async fn a_replayed_5xx_has_the_renamed_replay_header_and_the_hint(store: Backend, form: ErrorForm) {
+    let (upstream, proxy, client) = start_harness(|up| {
+        store
+            .proxy(up)
+            .error_form(form)
+            .idempotency("key_sources = [\"json:/client_order_id\"]\nreplay_header = \"X-Replayed\"")
+    })
+    .await;
+    let url = proxy.url("/payments");
+    let failing = [
+        ("x-upstream-status", "500"),
+        ("x-upstream-header", "stripe-should-retry=true"),
+    ];
+    let body = r#"{"client_order_id": "ord-5xx"}"#;
+    let first = post_json(&client, &url, &failing, body).await;
+    let again = post_json(&client, &url, &failing, body).await;
+    assert_eq!(first.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(first.header("x-replayed"), None);
+    assert_eq!(again.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(again.header("x-replayed"), Some("true"), "{again:?}");
+    assert_eq!(again.header("idempotent-replayed"), None);
+    assert_eq!(again.body, first.body);
+    let upstreams_hint = Some("true");
+    assert_eq!(first.retry_hint(), form.hint(false).or(upstreams_hint));
+    assert_eq!(again.retry_hint(), form.hint(false).or(upstreams_hint));
+    let ok = r#"{"client_order_id": "ord-2xx"}"#;
+    post_json(&client, &url, &[], ok).await;
+    let replayed_ok = post_json(&client, &url, &[], ok).await;
+    assert_eq!(replayed_ok.header("x-replayed"), Some("true"));
+    assert_eq!(replayed_ok.retry_hint(), None);
+    assert_eq!(upstream.hits(), 2);
+}
+
+/// The status policy (docs/behaviour.md §14) with the retry hint: a released `503` carries none
+/// and its retry executes; a `504` listed as unknown is relayed with the hint `false`, and its
+/// retries get `outcome-unknown` in the route's form, with the hint `false` too.
+async fn released_and_unknown_statuses_with_the_hint(store: Backend, form: ErrorForm) {
+    let (upstream, proxy, client) =
+        start_harness(|up| store.proxy(up).error_form(form).idempotency("unknown_statuses = [504]")).await;
+    let url = proxy.url("/orders");
+    let refused = post_json(
+        &client,
+        &url,
+        &[("idempotency-key", "k503"), ("x-upstream-status", "503")],
+        "{}",
+    )
+    .await;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.retry_hint(), None, "{refused:?}");
+    assert_executed(&post_json(&client, &url, &[("idempotency-key", "k503")], "{}").await);
+
+    let gateway = post_json(
+        &client,
+        &url,
+        &[("idempotency-key", "k504"), ("x-upstream-status", "504")],
+        "{}",
+    )
+    .await;
+    assert_eq!(gateway.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(
+        gateway.json()["hit"].is_u64(),
+        "the upstream's answer, relayed: {gateway:?}"
+    );
+    assert_eq!(gateway.retry_hint(), form.hint(false), "{gateway:?}");
+    let retry = post_json(&client, &url, &[("idempotency-key", "k504")], "{}").await;
+    assert_error(&retry, form, StatusCode::BAD_GATEWAY, "outcome-unknown");
+    assert_eq!(retry.retry_hint(), form.hint(false), "{retry:?}");
+    assert_eq!(upstream.hits(), 3);
+}
+
+per_store_and_form! {
+    forms {
+        problem => ErrorForm::Problem,
+        stripe => ErrorForm::Stripe,
+    }
+    stores {
+        memory => Backend::memory(),
+        redis => Backend::redis(),
+    }
+    tests {
+        key_source_errors_are_in_the_routes_form,
+        a_replayed_5xx_has_the_renamed_replay_header_and_the_hint,
+        released_and_unknown_statuses_with_the_hint,
     }
 }
 

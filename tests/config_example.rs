@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use http::Method;
 use idemproxy::config::{
-    defaults, FingerprintBody, KeySource, LogFormat, OnConflict, StatusSet, StoreFailure, StoreSettings, UnknownOutcome,
+    defaults, ErrorFormat, FingerprintBody, KeySource, LogFormat, OnConflict, StatusSet, StoreFailure, StoreSettings,
+    UnknownOutcome,
 };
 use idemproxy::Config;
 
@@ -139,6 +140,8 @@ fn example_states_the_defaults() {
         assert_eq!(policy.replay_header, defaults::REPLAY_HEADER, "{}", route.name);
         assert_eq!(policy.release_statuses, expected.release_statuses, "{}", route.name);
         assert_eq!(policy.unknown_statuses, StatusSet::default(), "{}", route.name);
+        assert_eq!(policy.error_format, ErrorFormat::Problem, "{}", route.name);
+        assert_eq!(policy.retry_hint_header, None, "{}", route.name);
     }
     assert_eq!(expected.key_sources, [KeySource::default_header()]);
     assert_eq!(
@@ -167,7 +170,16 @@ const SETTINGS: &[(&str, &[&str])] = &[
     ("[tls]", &["cert", "key"]),
     (
         "[store]",
-        &["redis", "key_prefix", "memory_max_entries", "command_timeout"],
+        &[
+            "redis",
+            "ca_file",
+            "sentinel_password",
+            "key_prefix",
+            "memory_max_entries",
+            "command_timeout",
+            "min_replicas",
+            "replica_timeout",
+        ],
     ),
     (
         "[upstream]",
@@ -204,6 +216,8 @@ const SETTINGS: &[(&str, &[&str])] = &[
             "fingerprint_body",
             "fingerprint_ignore",
             "replay_header",
+            "error_format",
+            "retry_hint_header",
         ],
     ),
     (
@@ -268,6 +282,9 @@ fn commented_out_settings_are_valid_when_enabled() {
     assert!(config.tls.is_some());
     assert!(
         matches!(config.store, StoreSettings::Redis { command_timeout, .. } if command_timeout == Duration::from_secs(2))
+    );
+    assert!(
+        matches!(&config.store, StoreSettings::Redis { url, sentinel_password: Some(_), .. } if url.starts_with("rediss+sentinel://"))
     );
     assert_eq!(config.admin_token.as_deref(), Some("change-me"));
     let payments = config.route_for("/payments").expect("a route");
@@ -419,6 +436,22 @@ fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
+/// `--check-config` accepts `path` under `env` and `flags`.
+fn assert_accepted(path: &Path, env: &[(&str, &str)], flags: &[&str]) {
+    let output = check_config(path, env, flags);
+    assert!(output.status.success(), "{}", stderr(&output));
+}
+
+/// `--check-config` refuses `path` under `env` and `flags` with an error that names `expected`;
+/// returns the error output.
+fn assert_refused(path: &Path, env: &[(&str, &str)], flags: &[&str], expected: &str) -> String {
+    let output = check_config(path, env, flags);
+    let err = stderr(&output);
+    assert!(!output.status.success(), "accepted: {err}");
+    assert!(err.contains(expected), "{err}");
+    err
+}
+
 #[test]
 fn check_config_accepts_the_example() {
     let output = check_config(Path::new(EXAMPLE), &[], &[]);
@@ -429,55 +462,39 @@ fn check_config_accepts_the_example() {
 
 #[test]
 fn check_config_refuses_a_broken_file_naming_the_key() {
-    let file = temp_config("upstream.url = \"http://127.0.0.1:3000\"\n[idempotency]\non_conflict = \"sometimes\"\n");
-    let output = check_config(file.path(), &[], &[]);
-    assert!(!output.status.success());
-    assert!(
-        stderr(&output).contains("idempotency.on_conflict"),
-        "{}",
-        stderr(&output)
-    );
-
-    let file = temp_config("[upstream]\nurl = \"http://127.0.0.1:3000\"\ntimeout_ms = 5\n");
-    let output = check_config(file.path(), &[], &[]);
-    assert!(!output.status.success());
-    assert!(stderr(&output).contains("timeout_ms"), "{}", stderr(&output));
+    for (text, key) in [
+        (
+            "upstream.url = \"http://127.0.0.1:3000\"\n[idempotency]\non_conflict = \"sometimes\"\n",
+            "idempotency.on_conflict",
+        ),
+        (
+            "[upstream]\nurl = \"http://127.0.0.1:3000\"\ntimeout_ms = 5\n",
+            "timeout_ms",
+        ),
+    ] {
+        let file = temp_config(text);
+        assert_refused(file.path(), &[], &[], key);
+    }
 }
 
 #[test]
 fn env_and_flags_override_the_file() {
     let file = temp_config("[idempotency]\nrequire_key = true\n");
-    let output = check_config(file.path(), &[], &[]);
-    assert!(!output.status.success(), "no upstream anywhere");
-    assert!(stderr(&output).contains("upstream.url"), "{}", stderr(&output));
-
-    let output = check_config(file.path(), &[("IDEMPROXY_UPSTREAM", "http://127.0.0.1:9")], &[]);
-    assert!(output.status.success(), "{}", stderr(&output));
-
-    let output = check_config(file.path(), &[], &["--upstream", "http://127.0.0.1:9"]);
-    assert!(output.status.success(), "{}", stderr(&output));
+    // No upstream anywhere, then one from the env, then one from a flag.
+    assert_refused(file.path(), &[], &[], "upstream.url");
+    assert_accepted(file.path(), &[("IDEMPROXY_UPSTREAM", "http://127.0.0.1:9")], &[]);
+    assert_accepted(file.path(), &[], &["--upstream", "http://127.0.0.1:9"]);
 
     // The flag wins over the env, which wins over the file.
     let bad = temp_config("upstream.url = \"ftp://127.0.0.1:21\"\n");
-    let output = check_config(bad.path(), &[], &[]);
-    assert!(stderr(&output).contains("upstream.url"), "{}", stderr(&output));
-    let output = check_config(bad.path(), &[("IDEMPROXY_UPSTREAM", "http://127.0.0.1:9")], &[]);
-    assert!(output.status.success(), "{}", stderr(&output));
-    let output = check_config(
-        bad.path(),
-        &[("IDEMPROXY_UPSTREAM", "ftp://127.0.0.1:21")],
-        &["--upstream", "http://127.0.0.1:9"],
-    );
-    assert!(output.status.success(), "{}", stderr(&output));
+    assert_refused(bad.path(), &[], &[], "upstream.url");
+    assert_accepted(bad.path(), &[("IDEMPROXY_UPSTREAM", "http://127.0.0.1:9")], &[]);
+    let ftp_env = [("IDEMPROXY_UPSTREAM", "ftp://127.0.0.1:21")];
+    assert_accepted(bad.path(), &ftp_env, &["--upstream", "http://127.0.0.1:9"]);
 
     // An invalid value from the env is refused under the key it sets.
-    let output = check_config(Path::new(EXAMPLE), &[("IDEMPROXY_ON_CONFLICT", "sometimes")], &[]);
-    assert!(!output.status.success());
-    assert!(
-        stderr(&output).contains("idempotency.on_conflict"),
-        "{}",
-        stderr(&output)
-    );
+    let on_conflict = [("IDEMPROXY_ON_CONFLICT", "sometimes")];
+    assert_refused(Path::new(EXAMPLE), &on_conflict, &[], "idempotency.on_conflict");
 }
 
 /// Environment variables and flags a `--check-config` run gets.
@@ -605,85 +622,99 @@ fn example_covers_every_key_of_the_file_form() {
 
 #[test]
 fn check_config_refuses_what_would_stop_the_proxy_from_starting() {
-    let output = check_config(Path::new(EXAMPLE), &[], &["--log-filter", "idemproxy=loud"]);
-    assert!(!output.status.success());
-    assert!(stderr(&output).contains("`log.filter`"), "{}", stderr(&output));
+    let example = Path::new(EXAMPLE);
+    assert_refused(example, &[], &["--log-filter", "idemproxy=loud"], "`log.filter`");
 
-    let output = check_config(
-        Path::new(EXAMPLE),
+    // A Redis URL that cannot be used is refused without showing its password.
+    let from_flag = assert_refused(
+        example,
         &[],
         &["--redis", "redis://:s3cret@redis.internal:port"],
+        "`store.redis`",
     );
-    assert!(!output.status.success());
-    assert!(stderr(&output).contains("`store.redis`"), "{}", stderr(&output));
-    assert!(!stderr(&output).contains("s3cret"), "{}", stderr(&output));
-
-    let output = check_config(
-        Path::new(EXAMPLE),
+    let from_env = assert_refused(
+        example,
         &[("IDEMPROXY_REDIS", "redis+cluster://:s3cret@a:7000,b:x")],
         &[],
+        "`store.redis`",
     );
-    assert!(!output.status.success());
-    assert!(stderr(&output).contains("`store.redis`"), "{}", stderr(&output));
-    assert!(!stderr(&output).contains("s3cret"), "{}", stderr(&output));
+    for err in [from_flag, from_env] {
+        assert!(!err.contains("s3cret"), "{err}");
+    }
 
-    // A well-formed URL is accepted without connecting to it.
-    let output = check_config(
-        Path::new(EXAMPLE),
+    let err = assert_refused(
+        example,
+        &[(
+            "IDEMPROXY_REDIS",
+            "redis+sentinel://app:s3cret@127.0.0.1:1,127.0.0.1:x/idem",
+        )],
         &[],
-        &["--redis", "redis+cluster://127.0.0.1:1,127.0.0.1:2"],
+        "`store.redis`",
     );
-    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(err.contains("sentinel 2"), "{err}");
+    assert!(!err.contains("s3cret"), "{err}");
+    assert_refused(
+        example,
+        &[],
+        &[
+            "--redis",
+            "redis://127.0.0.1:1",
+            "--redis-min-replicas",
+            "1",
+            "--redis-replica-timeout",
+            "3s",
+        ],
+        "`store.replica_timeout`",
+    );
+
+    // Well-formed URLs are accepted without connecting to them.
+    assert_accepted(example, &[], &["--redis", "redis+cluster://127.0.0.1:1,127.0.0.1:2"]);
+    assert_accepted(
+        example,
+        &[
+            ("IDEMPROXY_SENTINEL_PASSWORD", "s3cret"),
+            ("IDEMPROXY_REDIS_MIN_REPLICAS", "1"),
+        ],
+        &["--redis", "redis+sentinel://127.0.0.1:1,127.0.0.1:2/idem/1"],
+    );
 }
 
 #[test]
 fn a_shorter_key_ttl_alone_shortens_the_lease() {
     let file = temp_config("");
-    let output = check_config(
+    assert_accepted(
         file.path(),
         &[],
         &["--upstream", "http://127.0.0.1:9", "--key-ttl", "2s"],
     );
-    assert!(output.status.success(), "{}", stderr(&output));
-    let output = check_config(Path::new(EXAMPLE), &[], &["--key-ttl", "2s"]);
-    assert!(output.status.success(), "{}", stderr(&output));
+    assert_accepted(Path::new(EXAMPLE), &[], &["--key-ttl", "2s"]);
 
-    let output = check_config(
+    let lock_ttl_over_key_ttl = [
+        "--upstream",
+        "http://127.0.0.1:9",
+        "--key-ttl",
+        "2s",
+        "--lock-ttl",
+        "30s",
+    ];
+    assert_refused(
         file.path(),
         &[],
-        &[
-            "--upstream",
-            "http://127.0.0.1:9",
-            "--key-ttl",
-            "2s",
-            "--lock-ttl",
-            "30s",
-        ],
-    );
-    assert!(!output.status.success());
-    assert!(
-        stderr(&output).contains("route `default`: lock_ttl 30s must not exceed key_ttl 2s"),
-        "{}",
-        stderr(&output)
+        &lock_ttl_over_key_ttl,
+        "route `default`: lock_ttl 30s must not exceed key_ttl 2s",
     );
 }
 
 #[test]
 fn listen_addresses_may_name_a_host() {
-    let output = check_config(
-        Path::new(EXAMPLE),
+    let example = Path::new(EXAMPLE);
+    assert_accepted(
+        example,
         &[],
         &["--listen", "localhost:8080", "--admin-listen", "localhost:9090"],
     );
-    assert!(output.status.success(), "{}", stderr(&output));
-
-    let output = check_config(
-        Path::new(EXAMPLE),
-        &[("IDEMPROXY_LISTEN", "no-such-host.invalid:8080")],
-        &[],
-    );
-    assert!(!output.status.success());
-    assert!(stderr(&output).contains("`listen`"), "{}", stderr(&output));
+    let unknown_host = [("IDEMPROXY_LISTEN", "no-such-host.invalid:8080")];
+    assert_refused(example, &unknown_host, &[], "`listen`");
 }
 
 #[test]
@@ -696,10 +727,9 @@ fn a_bad_enumerated_flag_is_a_clap_error() {
         "{err}"
     );
 
-    let output = check_config(
+    assert_accepted(
         Path::new(EXAMPLE),
         &[],
         &["--on-conflict", "wait", "--log-format", "pretty"],
     );
-    assert!(output.status.success(), "{}", stderr(&output));
 }

@@ -11,10 +11,11 @@ from typing import Dict, List, Sequence
 
 from . import parse
 from .processes import BenchError, Servers, log
+from .scenarios import IDEM_MEM, IDEM_MEM_BASE, IDEM_REDIS, IDEM_REDIS_BASE, NGINX
 from .servers import keyed_post
 
-# Roles whose peak RSS is recorded per run (reset before, read after).
-PEAK_ROLES = ("idem_redis", "idem_mem", "nginx")
+# Roles whose peak RSS is recorded per run (reset before, read after), those of the run that exist.
+PEAK_ROLES = (IDEM_REDIS, IDEM_MEM, NGINX, IDEM_REDIS_BASE, IDEM_MEM_BASE)
 
 
 class Sampler:
@@ -23,6 +24,7 @@ class Sampler:
     def __init__(self, servers: Servers, redis_cli: List[str]):
         self.servers = servers
         self.redis_cli = redis_cli
+        self.peak_roles = [role for role in PEAK_ROLES if role in servers.role_pids]
 
     def ticks(self, role: str) -> int:
         """utime + stime of every process of `role`, in clock ticks."""
@@ -47,7 +49,7 @@ class Sampler:
 
     def reset_peaks(self) -> None:
         """Resets VmHWM of the recorded roles (clear_refs 5), so a peak is per run."""
-        for role in PEAK_ROLES:
+        for role in self.peak_roles:
             for pid in self.servers.role_pids[role]:
                 try:
                     Path(f"/proc/{pid}/clear_refs").write_text("5")
@@ -57,7 +59,7 @@ class Sampler:
     def peaks(self) -> Dict[str, int]:
         """role -> VmHWM (KiB) summed over the role's processes."""
         return {role: sum(parse.vm_hwm_kib(Path(f"/proc/{pid}/status").read_text())
-                          for pid in self.servers.role_pids[role]) for role in PEAK_ROLES}
+                          for pid in self.servers.role_pids[role]) for role in self.peak_roles}
 
 
 class Wrk:
@@ -87,7 +89,7 @@ def progress_line(bench: Dict[str, int], group: str, variant: str, round_: int) 
     extra = ""
     if bench["status_counted"]:
         extra = f"  2xx {bench['s2xx']} 409 {bench['s409']} 4xx {bench['s4xx']} 5xx {bench['s5xx']}"
-    return (f"  {group:6} {variant:19} round {round_}: {rps:9.0f} req/s  p50 {bench['p50_us'] / 1000:.2f} ms"
+    return (f"  {group:6} {variant:27} round {round_}: {rps:9.0f} req/s  p50 {bench['p50_us'] / 1000:.2f} ms"
             f"  p99 {bench['p99_us'] / 1000:.2f} ms  non-2xx {bench['non2xx3xx']}{extra}")
 
 

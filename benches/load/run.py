@@ -11,15 +11,15 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 from . import chart, parse, report
 from .config import Settings
 from .measure import Sampler, Wrk, calibrate, log_calibration, progress_line
 from .processes import BenchError, Servers, log
-from .scenarios import IDEM_MEM, IDEM_REDIS, Variant, groups
+from .scenarios import IDEM_REDIS, Variant, groups, idemproxy_label, idemproxy_roles
 from .servers import Ports, body_1k, keyed_post, pick_ports, preflight, redis_cli, start_all
-from .tools import build, versions
+from .tools import Baseline, build, build_baseline, versions
 
 
 class Bench:
@@ -85,8 +85,8 @@ class Bench:
                 self.measure(group, round_, variant)
 
     def create_replay_key(self) -> None:
-        """The key that the replay scenario repeats, executed once on both idemproxies."""
-        for endpoint in (IDEM_REDIS, IDEM_MEM):
+        """The key that the replay scenario repeats, executed once on every idemproxy."""
+        for endpoint in self.ports.idemproxies:
             result = keyed_post(self.ports.url(endpoint), f"replay-{self.seed}", body_1k())
             if result != (200, False):
                 raise BenchError(f"creating the replay key on {endpoint} answered {result}")
@@ -133,11 +133,10 @@ def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
-def proxy_logs(tmp: Path) -> Dict[str, dict]:
-    """Warn/error counts of each idemproxy's log, by label."""
-    labels = ((IDEM_REDIS, "idemproxy (Redis store)"), (IDEM_MEM, "idemproxy (embedded store)"))
-    return {label: report.log_summary((tmp / f"{role}.err").read_text(errors="replace").splitlines())
-            for role, label in labels}
+def proxy_logs(tmp: Path, roles: List[str]) -> Dict[str, dict]:
+    """Warn/error counts of the log of each idemproxy `roles`, by label."""
+    return {idemproxy_label(role): report.log_summary((tmp / f"{role}.err").read_text(errors="replace").splitlines())
+            for role in roles}
 
 
 def write_report(out_dir: Path, env: Dict[str, str], calibration: dict, runs: List[dict],
@@ -153,18 +152,30 @@ def write_report(out_dir: Path, env: Dict[str, str], calibration: dict, runs: Li
     return md
 
 
-def benchmark(settings: Settings, tools: Dict[str, str], tmp: Path) -> str:
-    """Builds, starts the servers, measures every group, writes the report; returns the markdown."""
+def build_all(settings: Settings, tmp: Path) -> Tuple[Dict[str, Path], Optional[Baseline]]:
+    """This build's binaries (name -> path) with the baseline's as `idemproxy-baseline`, and the
+    baseline (None without BASELINE)."""
     examples = ["bench_floor"] + (["bench_upstream"] if settings.upstream_kind == "hyper" else [])
     bins = build(settings.root, tmp, examples)
-    ports = pick_ports()
+    if not settings.baseline:
+        return bins, None
+    baseline = build_baseline(settings.root, settings.baseline, tmp)
+    return {**bins, "idemproxy-baseline": baseline.binary}, baseline
+
+
+def benchmark(settings: Settings, tools: Dict[str, str], tmp: Path) -> str:
+    """Builds, starts the servers, measures every group, writes the report; returns the markdown."""
+    bins, baseline = build_all(settings, tmp)
+    ports = pick_ports(idemproxy_roles(baseline is not None))
     pin = ["taskset", "-c", settings.server_cpus] if settings.pinned else []
     with Servers(tmp, pin) as servers:
         start_all(servers, settings, tools, bins, ports)
         bench = Bench(settings, tools, servers, ports)
         preflight(ports, bench.seed)
         env = environment(settings, versions(tools, settings.root))
-        all_groups = groups(settings.storm_wave)
+        if baseline:
+            env.update(baseline=baseline.commit, baseline_revision=baseline.revision)
+        all_groups = groups(settings.storm_wave, baseline is not None)
         for group in settings.only:
             if group == "replay":
                 bench.create_replay_key()
@@ -172,7 +183,7 @@ def benchmark(settings: Settings, tools: Dict[str, str], tmp: Path) -> str:
         calibration = bench.calibration()
         env["loadavg_end"] = loadavg()
         servers.check_alive()
-    return write_report(settings.out_dir, env, calibration, bench.runs, proxy_logs(tmp))
+    return write_report(settings.out_dir, env, calibration, bench.runs, proxy_logs(tmp, list(ports.idemproxies)))
 
 
 def main_run(settings: Settings, tools: Dict[str, str]) -> None:

@@ -7,6 +7,11 @@ from typing import Dict, List, Tuple
 
 # Endpoints (the server a variant's wrk talks to), by role.
 DIRECT, NGINX, FLOOR, IDEM_REDIS, IDEM_MEM = "upstream", "nginx", "floor", "idem_redis", "idem_mem"
+# With BASELINE=<revision>: the baseline build's idemproxy next to each of this build's, and the
+# suffix of the variants it serves.
+IDEM_REDIS_BASE, IDEM_MEM_BASE = "idem_redis_base", "idem_mem_base"
+BASELINE_OF = {IDEM_REDIS: IDEM_REDIS_BASE, IDEM_MEM: IDEM_MEM_BASE}
+BASELINE_SUFFIX = "-baseline"
 
 # What serves a variant: role -> kind (proxy, redis or upstream), for CPU per process.
 _UP = (("upstream", "upstream"),)
@@ -29,14 +34,60 @@ class Variant:
         return dict(self.roles)
 
 
+def idemproxy_roles(baseline: bool) -> Tuple[str, ...]:
+    """The idemproxy roles of a run: this build's two, then the baseline's two if there is one."""
+    return tuple(BASELINE_OF) + (tuple(BASELINE_OF.values()) if baseline else ())
+
+
+def is_baseline(role: str) -> bool:
+    """True for an idemproxy of the baseline build."""
+    return role in BASELINE_OF.values()
+
+
+def has_redis_store(role: str) -> bool:
+    """True for an idemproxy with the Redis store (this build's or the baseline's)."""
+    return role in (IDEM_REDIS, IDEM_REDIS_BASE)
+
+
+def idemproxy_label(role: str) -> str:
+    """`idemproxy (Redis store)`, `baseline idemproxy (embedded store)`, …"""
+    store = "Redis" if has_redis_store(role) else "embedded"
+    return f"{'baseline ' if is_baseline(role) else ''}idemproxy ({store} store)"
+
+
 def _proxy(role: str, *extra: Tuple[Tuple[str, str], ...]) -> Tuple[Tuple[str, str], ...]:
     """The roles of a variant served by the proxy `role`, then `extra` and the upstream."""
     return ((role, "proxy"),) + sum(extra, ()) + _UP
 
 
-def groups(storm_wave: int) -> Dict[str, List[Variant]]:
-    """Every scenario group, its variants in the interleaving order."""
-    wave = str(storm_wave)
+def baseline_variant(variant: Variant) -> Variant:
+    """The same variant served by the baseline idemproxy instead of this build's."""
+    base = BASELINE_OF[variant.endpoint]
+    roles = tuple((base if role == variant.endpoint else role, kind) for role, kind in variant.roles)
+    return Variant(variant.name + BASELINE_SUFFIX, base, variant.script, variant.args, roles)
+
+
+def with_baseline(variants: List[Variant]) -> List[Variant]:
+    """`variants`, each idemproxy variant followed by its baseline variant (interleaved A/B)."""
+    out = []
+    for variant in variants:
+        out.append(variant)
+        if variant.endpoint in BASELINE_OF:
+            out.append(baseline_variant(variant))
+    return out
+
+
+def groups(storm_wave: int, baseline: bool) -> Dict[str, List[Variant]]:
+    """Every scenario group, its variants in the interleaving order; with `baseline`, each
+    idemproxy variant is followed by the baseline build's."""
+    all_groups = _groups(str(storm_wave))
+    if not baseline:
+        return all_groups
+    return {name: with_baseline(variants) for name, variants in all_groups.items()}
+
+
+def _groups(wave: str) -> Dict[str, List[Variant]]:
+    """Every scenario group of this build alone; `wave`: storm requests per key."""
     return {
         "get": [
             Variant("direct", DIRECT, "get.lua", (), _UP),

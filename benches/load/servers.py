@@ -1,5 +1,6 @@
-"""The benchmark's servers: the upstream, Redis, the nginx peer, idemproxy with each store and
-the hyper floor, each on a free loopback port; and the HTTP checks that they answer."""
+"""The benchmark's servers: the upstream, Redis, the nginx peer, idemproxy with each store (and
+the baseline build's, with BASELINE) and the hyper floor, each on a free loopback port; and the
+HTTP checks that they answer."""
 
 from __future__ import annotations
 
@@ -9,38 +10,40 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .config import Settings
 from .processes import BenchError, Servers, free_ports, log
-from .scenarios import DIRECT, FLOOR, IDEM_MEM, IDEM_REDIS, NGINX
+from .scenarios import DIRECT, FLOOR, NGINX, has_redis_store, idemproxy_label, is_baseline
 
 UPSTREAM_BODY = '{"id":"ord_1","status":"created"}'
 
 
 @dataclass(frozen=True)
 class Ports:
-    """The loopback ports of one run."""
+    """The loopback ports of one run; `idemproxies`: role -> (listen, admin) of each idemproxy."""
 
     upstream: int
     nginx: int
     redis: int
-    idem: int
-    idem_admin: int
-    mem: int
-    mem_admin: int
     floor: int
+    idemproxies: Dict[str, Tuple[int, int]]
+
+    def endpoints(self) -> List[str]:
+        """Every endpoint of the run (roles of scenarios.py)."""
+        return [DIRECT, NGINX, FLOOR, *self.idemproxies]
 
     def url(self, endpoint: str) -> str:
-        """The benchmarked URL of an endpoint (a role of scenarios.py)."""
-        port = {DIRECT: self.upstream, NGINX: self.nginx, FLOOR: self.floor, IDEM_REDIS: self.idem,
-                IDEM_MEM: self.mem}[endpoint]
+        """The benchmarked URL of an endpoint."""
+        fixed = {DIRECT: self.upstream, NGINX: self.nginx, FLOOR: self.floor}
+        port = fixed[endpoint] if endpoint in fixed else self.idemproxies[endpoint][0]
         return f"http://127.0.0.1:{port}/orders"
 
 
-def pick_ports() -> Ports:
-    """Eight distinct free ports."""
-    return Ports(*free_ports(8))
+def pick_ports(idemproxies: Sequence[str]) -> Ports:
+    """Distinct free ports: upstream, nginx, Redis, floor, and two per idemproxy role."""
+    ports = free_ports(4 + 2 * len(idemproxies))
+    return Ports(*ports[:4], dict(zip(idemproxies, zip(ports[4::2], ports[5::2]))))
 
 
 # --- HTTP checks ----------------------------------------------------------------------------
@@ -76,16 +79,16 @@ def body_1k() -> bytes:
 
 
 def preflight(ports: Ports, seed: str) -> None:
-    """Every endpoint answers GET and keyless POST with 200; both idemproxies execute a keyed
-    POST once and replay its retry."""
+    """Every endpoint answers GET and keyless POST with 200; every idemproxy executes a keyed
+    POST once and replays its retry."""
     body = body_1k()
-    for endpoint in (DIRECT, NGINX, FLOOR, IDEM_REDIS, IDEM_MEM):
+    for endpoint in ports.endpoints():
         url = ports.url(endpoint)
         for method, payload in (("GET", None), ("POST", body)):
             status, _ = request(url, method, payload, {"Content-Type": "application/json"} if payload else {})
             if status != 200:
                 raise BenchError(f"{'keyless ' if payload else ''}{method} {url} answered {status}, expected 200")
-    for endpoint in (IDEM_REDIS, IDEM_MEM):
+    for endpoint in ports.idemproxies:
         url = ports.url(endpoint)
         first, again = keyed_post(url, f"preflight-{seed}", body), keyed_post(url, f"preflight-{seed}", body)
         if first != (200, False) or again != (200, True):
@@ -214,11 +217,21 @@ def _idemproxy_env() -> Dict[str, str]:
     return {k: v for k, v in os.environ.items() if not (k.startswith("IDEMPROXY_") or k == "RUST_LOG")}
 
 
-def _start_idemproxy(servers: Servers, role: str, port: int, admin: int, store: List[str],
-                     settings: Settings, idemproxy: Path, upstream: int) -> None:
-    """One idemproxy in front of the upstream, with the store flags `store`."""
-    servers.start(role, [str(idemproxy), "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
-                         "--upstream", f"http://127.0.0.1:{upstream}", *store, "--log-filter", settings.proxy_log],
+def _store_flags(role: str, settings: Settings, ports: Ports) -> List[str]:
+    """The store flags of an idemproxy: Redis (the baseline's records in database 1, apart from
+    this build's in database 0) or the embedded store."""
+    if has_redis_store(role):
+        return ["--redis", f"redis://127.0.0.1:{ports.redis}{'/1' if is_baseline(role) else ''}"]
+    return ["--memory-max-entries", str(settings.memory_max_entries)]
+
+
+def _start_idemproxy(servers: Servers, role: str, settings: Settings, binary: Path, ports: Ports) -> None:
+    """One idemproxy in front of the upstream, on the ports of `role`."""
+    port, admin = ports.idemproxies[role]
+    log(f"{idemproxy_label(role)} on 127.0.0.1:{port}")
+    servers.start(role, [str(binary), "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
+                         "--upstream", f"http://127.0.0.1:{ports.upstream}", *_store_flags(role, settings, ports),
+                         "--log-filter", settings.proxy_log],
                   env=_idemproxy_env())
 
 
@@ -235,24 +248,32 @@ def _wait_ready(admin_port: int) -> None:
     raise BenchError(f"idemproxy admin {url} is not ready")
 
 
+def _wait_idemproxy(servers: Servers, role: str, ports: Ports, baseline: Optional[str]) -> None:
+    """Waits for an idemproxy's port and readiness; a baseline that does not start is named."""
+    port, admin = ports.idemproxies[role]
+    try:
+        servers.wait_port(role, port)
+        _wait_ready(admin)
+    except BenchError as e:
+        if is_baseline(role):
+            raise BenchError(f"the baseline idemproxy of BASELINE={baseline} does not start with this "
+                             f"build's flags (a flag it lacks?): {e}") from e
+        raise
+
+
 def start_all(servers: Servers, settings: Settings, tools: Dict[str, str], bins: Dict[str, Path],
               ports: Ports) -> None:
-    """Starts every server and waits until each one is ready."""
+    """Starts every server and waits until each one is ready; the baseline idemproxies run
+    bins["idemproxy-baseline"]."""
     _start_upstream(servers, settings, tools, bins, ports)
     _start_redis(servers, tools, ports)
     log(f"nginx proxy_pass peer on 127.0.0.1:{ports.nginx}")
     start_nginx(servers, tools["nginx"], NGINX, ports.nginx, _peer_block(ports.nginx, ports.upstream))
-    log(f"idemproxy (Redis store) on 127.0.0.1:{ports.idem}")
-    _start_idemproxy(servers, IDEM_REDIS, ports.idem, ports.idem_admin, ["--redis", f"redis://127.0.0.1:{ports.redis}"],
-                     settings, bins["idemproxy"], ports.upstream)
-    log(f"idemproxy (embedded store) on 127.0.0.1:{ports.mem}")
-    _start_idemproxy(servers, IDEM_MEM, ports.mem, ports.mem_admin,
-                     ["--memory-max-entries", str(settings.memory_max_entries)], settings, bins["idemproxy"],
-                     ports.upstream)
+    for role in ports.idemproxies:
+        binary = bins["idemproxy-baseline" if is_baseline(role) else "idemproxy"]
+        _start_idemproxy(servers, role, settings, binary, ports)
     log(f"hyper floor (examples/bench_floor.rs) on 127.0.0.1:{ports.floor}")
     servers.start(FLOOR, [str(bins["bench_floor"]), f"127.0.0.1:{ports.floor}", f"127.0.0.1:{ports.upstream}"])
     servers.wait_port(FLOOR, ports.floor)
-    servers.wait_port(IDEM_REDIS, ports.idem)
-    servers.wait_port(IDEM_MEM, ports.mem)
-    _wait_ready(ports.idem_admin)
-    _wait_ready(ports.mem_admin)
+    for role in ports.idemproxies:
+        _wait_idemproxy(servers, role, ports, settings.baseline)

@@ -309,6 +309,14 @@ pub const KEYS: &[&str] = &[
     "fingerprint_ignore",
     "release_statuses",
     "unknown_statuses",
+    // Appended: error forms, retry hints, Sentinel and replica acknowledgements.
+    "idempotency.error_format",
+    "idempotency.retry_hint_header",
+    "error_format",
+    "retry_hint_header",
+    "store.sentinel_password",
+    "store.min_replicas",
+    "store.replica_timeout",
 ];
 
 /// TOML values: the valid ones of every key, their edges, and near misses.
@@ -407,6 +415,12 @@ pub const VALUES: &[&str] = &[
     "[600]",
     "\"bytes\"",
     "\"X-Replayed\"",
+    // Appended: error forms, retry hints, Sentinel URLs.
+    "\"stripe\"",
+    "\"problem\"",
+    "\"Stripe-Should-Retry\"",
+    "\"Idempotent-Replayed\"",
+    "\"redis+sentinel://s1:26379,s2:26379/mymaster\"",
 ];
 
 /// Builds a TOML document from `data`, so the fuzzer reaches the validation code behind the TOML

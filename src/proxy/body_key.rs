@@ -13,7 +13,9 @@ use http_body::Body;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use super::{forward, guarded, ConnectionInfo, RequestLog};
+use super::connection::ConnectionInfo;
+use super::request_log::RequestLog;
+use super::{forward, guarded};
 use crate::body::{concat, ProxyBody};
 use crate::config::Route;
 use crate::error::ProxyError;
@@ -54,7 +56,7 @@ pub async fn handle(
     match key {
         Some(key) => {
             log.key_hash = Some(key.short_hash());
-            guarded::handle(state, connection, route, request, key).await
+            guarded::handle(state, connection, route, request, key, log).await
         }
         None if policy.require_key => Err(ProxyError::MissingKey),
         None => {

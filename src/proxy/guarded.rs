@@ -12,10 +12,13 @@ use http_body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tokio::time::Instant;
 
-use super::{execution, forward, ConnectionInfo};
+use super::connection::ConnectionInfo;
+use super::request_log::RequestLog;
+use super::{execution, forward};
 use crate::body::ProxyBody;
 use crate::config::{FingerprintBody, KeySource, OnConflict, Policy, Route, StoreFailure};
 use crate::error::{Chain, ProxyError};
+use crate::headers::set_retry_hint;
 use crate::idempotency::{replay, source, Fingerprint, StorageKey};
 use crate::state::State;
 use crate::store::lease::Claim;
@@ -37,13 +40,15 @@ pub fn storage_key(state: &State, route: &Route, headers: &HeaderMap, source: &K
 }
 
 /// Handles a guarded request (its method is guarded and it carries a valid key). Its body is
-/// still to be read, or partly or wholly read already when its key came from it.
+/// still to be read, or partly or wholly read already when its key came from it. `log` is its
+/// request line, which an execution takes over if the client leaves.
 pub async fn handle(
     state: &Arc<State>,
     connection: &Arc<ConnectionInfo>,
     route: &Arc<Route>,
     request: Request<ProxyBody>,
     key: StorageKey,
+    log: &RequestLog,
 ) -> Result<(Response<ProxyBody>, Outcome), ProxyError> {
     let policy = &route.policy;
     let (parts, body) = request.into_parts();
@@ -77,12 +82,16 @@ pub async fn handle(
             Begin::Owner(lease) => {
                 let request =
                     forward::upstream_request(route, connection, Request::from_parts(parts, body), ProxyBody::full)?;
-                return execution::execute(state, connection, route, lease, request).await;
+                return execution::execute(state, connection, route, lease, request, log).await;
             }
             Begin::Replay(stored) => {
-                return replay::replay(stored, &policy.replay_header)
-                    .map(|response| (response, Outcome::Replayed))
-                    .ok_or(ProxyError::NotReplayable);
+                // A recorded 5xx is what every retry gets: no use retrying (docs/behaviour.md §16).
+                let server_error = stored.status.is_server_error();
+                let mut response = replay::replay(stored, &policy.replay_header).ok_or(ProxyError::NotReplayable)?;
+                if server_error {
+                    set_retry_hint(response.headers_mut(), policy.retry_hint_header.as_ref(), false);
+                }
+                return Ok((response, Outcome::Replayed));
             }
             Begin::InFlight { retry_after } => {
                 let now = Instant::now();

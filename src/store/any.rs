@@ -50,6 +50,7 @@ impl AnyStore {
         match self {
             AnyStore::Memory(_) => "memory",
             AnyStore::Redis(s) if s.is_cluster() => "redis-cluster",
+            AnyStore::Redis(s) if s.is_sentinel() => "redis-sentinel",
             AnyStore::Redis(_) => "redis",
         }
     }

@@ -1,13 +1,19 @@
 //! Where records live: a small async trait and its two implementations, the embedded
-//! [`MemoryStore`] (one sidecar, no Redis) and the [`RedisStore`] (many instances, standalone or
-//! Redis Cluster), chosen at start-up as an [`AnyStore`]. Both hold to
+//! [`MemoryStore`] (one sidecar, no Redis) and the [`RedisStore`] (many instances: standalone,
+//! Redis Cluster, or a Sentinel-monitored master followed across failovers), chosen at start-up
+//! as an [`AnyStore`]. Both hold to
 //! [`decide`](crate::idempotency::decide); one contract test suite (`tests/store_contract.rs`)
 //! runs against each. Owning a key is a value, the [`Lease`] (docs/behaviour.md §4).
 
 mod any;
+mod cluster_slots;
+mod group_commit;
 pub mod lease;
 pub mod memory;
 pub mod redis;
+mod redis_connection;
+mod replication;
+mod sentinel;
 
 use std::future::Future;
 use std::time::Duration;
@@ -21,7 +27,7 @@ use crate::idempotency::{
 pub use self::any::AnyStore;
 pub use self::lease::Lease;
 pub use self::memory::MemoryStore;
-pub use self::redis::RedisStore;
+pub use self::redis::{RedisOptions, RedisStore};
 
 /// A store failure. `Unavailable` (and `Full`) are what `store_failure = "open"` forwards
 /// through; a `Corrupt` record never is: its key may have been executed.
@@ -45,6 +51,13 @@ pub enum StoreFault {
     Unreachable(BoxError),
     #[error("unexpected reply to {command}: {reply}")]
     UnexpectedReply { command: &'static str, reply: String },
+    /// A write was not acknowledged by `store.min_replicas` replicas within
+    /// `store.replica_timeout` (docs/behaviour.md §4.4).
+    #[error("the write reached {acknowledged} replica(s) in time, {wanted} required")]
+    Unreplicated { acknowledged: i64, wanted: u32 },
+    /// Fewer replicas are attached to the master than `store.min_replicas` (readiness).
+    #[error("{attached} replica(s) attached to the master, store.min_replicas is {wanted}")]
+    TooFewReplicas { attached: usize, wanted: u32 },
 }
 
 impl StoreError {
