@@ -17,10 +17,20 @@
 # total), Redis commands per request (INFO commandstats), peak RSS (VmHWM, reset before each run).
 # Output: benches/results/latest.md (printed), latest.svg (chart) and latest.json (raw runs).
 #
+# Replica acknowledgements (issue 14), in the keyed groups `new` and `replay`: a second,
+# replicated redis-server (a primary and one replica on loopback, started only when one of those
+# groups runs) with two more idemproxies on its primary, `--redis-min-replicas 0` and `1` (each
+# in its own database), measured as the variants `replicated-min0` and `replicated-min1` after
+# the other keyed variants (scenarios 7 and 8). Their Redis commands are counted on the
+# replicated primary, their Redis CPU is primary + replica, their peak RSS is recorded. Target:
+# first executions with min_replicas=1 >= 0.7x the throughput with 0; replays unchanged (>= 0.9x).
+# They have no baseline twin and no A/B row (an older build may lack --redis-min-replicas).
+#
 # With BASELINE=<git revision>, it also builds that revision in release (once: in a detached git
 # worktree in the temp dir, CARGO_TARGET_DIR target/bench-baseline/cargo, the binary kept as
-# target/bench-baseline/<sha>/idemproxy for the next runs), starts a baseline idemproxy next to each
-# idemproxy with the same flags (its Redis store on database 1 of the same redis-server), and runs
+# target/bench-baseline/<sha>/idemproxy for the next runs), starts a baseline idemproxy next to the
+# Redis-store and the embedded-store idemproxy with the same flags (its Redis store on database 1 of
+# the same redis-server), and runs
 # a `…-baseline` variant right after each idemproxy variant in every round. The report's A/B
 # section gives, per idemproxy variant, this build vs the baseline: req/s, p99, proxy and total CPU
 # µs/req, peak RSS, the ratio, the per-round values, and whether the rounds of the two builds overlap

@@ -8,7 +8,7 @@ import unittest
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from load import chart, parse, report, scenarios, servers
+from load import chart, measure, parse, report, scenarios, servers
 from load.config import ConfigError, from_env
 
 TESTDATA = Path(__file__).resolve().parent / "testdata"
@@ -38,8 +38,13 @@ ROLES = {
     ("storm", "idemproxy-embedded"): {"idem_mem": "proxy", "upstream": "upstream"},
     ("get", "idemproxy-baseline"): {"idem_redis_base": "proxy", "redis": "redis", "upstream": "upstream"},
     ("new", "idemproxy-embedded-baseline"): {"idem_mem_base": "proxy", "upstream": "upstream"},
+    **{(group, f"replicated-min{n}"): {f"idem_repl{n}": "proxy", "redis_primary": "redis", "redis_replica": "redis",
+                                       "upstream": "upstream"}
+       for group in ("new", "replay") for n in (0, 1)},
 }
-ALL_ROLES = ("upstream", "nginx", "floor", "redis", "idem_redis", "idem_mem", "idem_redis_base", "idem_mem_base")
+ALL_ROLES = ("upstream", "nginx", "floor", "redis", "idem_redis", "idem_mem", "idem_redis_base", "idem_mem_base",
+             "redis_primary", "redis_replica", "idem_repl0", "idem_repl1")
+REPLICAS_TARGET = report.REPLICAS_TARGET
 
 
 def bench(requests=REQUESTS, rps=10_000.0, p50_us=500, p99_us=1200, s2xx=None, s409=0, s5xx=0):
@@ -91,6 +96,23 @@ def full_runs():
         run("storm", "idemproxy-redis", cpu={"proxy": 13, "redis": 2}, rps=66_000, s409=300,
             redis_calls={"set": REQUESTS}),
         run("storm", "idemproxy-embedded", cpu={"proxy": 11}, rps=88_000, s409=500),
+    ]
+
+
+def replicated_runs(new1=16_000, replay1=66_000):
+    """The replicated-Redis variants (issue 14), one round each: min_replicas 0 and 1, first
+    executions (`new1` req/s with 1 against 20,000 with 0) and replays (`replay1` against 68,000)."""
+    peaks = {"idem_redis": 18 * 1024, "idem_mem": 30 * 1024, "nginx": 14 * 1024, "idem_repl0": 19 * 1024,
+             "idem_repl1": 21 * 1024}
+    return [
+        run("new", "replicated-min0", cpu={"proxy": 27, "redis": 14, "upstream": 7}, rps=20_000, peaks=peaks,
+            redis_calls={"set": 2 * REQUESTS, "get": REQUESTS, "evalsha": REQUESTS}),
+        run("new", "replicated-min1", cpu={"proxy": 29, "redis": 16, "upstream": 7}, rps=new1, peaks=peaks,
+            redis_calls={"set": 2 * REQUESTS, "get": REQUESTS, "evalsha": REQUESTS, "wait": REQUESTS // 4}),
+        run("replay", "replicated-min0", cpu={"proxy": 12, "redis": 2}, rps=68_000, peaks=peaks,
+            redis_calls={"set": REQUESTS}),
+        run("replay", "replicated-min1", cpu={"proxy": 12, "redis": 2}, rps=replay1, peaks=peaks,
+            redis_calls={"set": REQUESTS}),
     ]
 
 
@@ -219,6 +241,14 @@ class Runs(unittest.TestCase):
         self.assertAlmostEqual(r["rps"], 10_000.0)
         self.assertEqual((r["p50_ms"], r["p99_ms"]), (0.5, 1.2))
 
+    def test_replicated_redis_cpu_is_primary_plus_replica(self):
+        roles = ROLES[("new", "replicated-min1")]
+        pre, post = sample(), sample({"idem_repl1": 1029, "redis_primary": 1015, "redis_replica": 1006, "redis": 1500})
+        r = report.build_run({"group": "new", "variant": "replicated-min1", "round": 1, "roles": roles}, bench(),
+                             pre, post, {"idem_repl1": 20 * 1024}, CLK_TCK, None)
+        self.assertEqual(r["cpu_us_per_req"], {"proxy": 29.0, "redis": 21.0, "upstream": 0.0})
+        self.assertEqual((r["cpu_us_per_req_total"], r["peak_rss_mib"]), (50.0, 20.0))
+
     def test_floor_has_no_peak_rss(self):
         self.assertIsNone(run("get", "hyper-floor", cpu={"proxy": 12})["peak_rss_mib"])
 
@@ -310,6 +340,46 @@ class Targets(unittest.TestCase):
         self.assertEqual(len(results), 7)
         self.assertEqual(set(results.values()), {("not run", "n/a")})
 
+    def test_replica_target_only_with_replicated_runs(self):
+        # Without the replicated variants (older reports, ONLY without new and replay) the
+        # targets are the seven they were; with them, the replica target comes last.
+        self.assertNotIn(REPLICAS_TARGET, self.results(full_runs()))
+        results = self.results(full_runs() + replicated_runs())
+        self.assertEqual(list(results)[-1], REPLICAS_TARGET)
+        self.assertEqual([r for _, r in results.values()],
+                         ["FAIL", "FAIL", "FAIL", "PASS", "PASS", "PASS", "PASS", "PASS"])
+        self.assertEqual(results[REPLICAS_TARGET][0],
+                         "first executions 16,000 vs 20,000 req/s = **0.80×** (p99 1.20 vs 1.20 ms); "
+                         "replays 66,000 vs 68,000 req/s = **0.97×** (p99 1.20 vs 1.20 ms)")
+        # The replicated idemproxies are not the Redis-store idemproxy of the RSS target.
+        self.assertEqual(results["peak RSS < 64 MiB under load (idemproxy, Redis store)"][0], "**18.0 MiB**")
+
+    def test_replica_target_limits(self):
+        def agg(new0, new1, replay0, replay1):
+            figures = {"new": (new0, new1), "replay": (replay0, replay1)}
+            return {(g, f"replicated-min{n}"): {"rps": figures[g][n], "p99_ms": 1.0} for g in figures for n in (0, 1)}
+        self.assertEqual(report.target_replicas(agg(20_000, 14_000, 10_000, 9_000))[2], "PASS")  # exactly 0.7×, 0.9×
+        self.assertEqual(report.target_replicas(agg(20_000, 13_999, 10_000, 10_000))[2], "FAIL")
+        self.assertEqual(report.target_replicas(agg(20_000, 14_000, 10_000, 8_999))[2], "FAIL")
+        cases = [  # (new with 1 req/s against 20,000, replay with 1 against 68,000) -> result
+            ((14_100, 61_300), "PASS"),  # just above 0.7× and 0.9×
+            ((13_900, 68_000), "FAIL"),  # first executions below 0.7×
+            ((20_000, 61_000), "FAIL"),  # replays below 0.9×
+            ((30_000, 80_000), "PASS"),  # faster is fine
+        ]
+        for (new1, replay1), expected in cases:
+            with self.subTest(new1=new1, replay1=replay1):
+                self.assertEqual(self.results(replicated_runs(new1, replay1), {})[REPLICAS_TARGET][1], expected)
+
+    def test_replica_target_judges_the_halves_that_ran(self):
+        runs = replicated_runs(new1=13_000, replay1=67_000)
+        only_new, only_replay = runs[:2], runs[2:]
+        self.assertEqual(self.results(only_new, {})[REPLICAS_TARGET][1], "FAIL")
+        measured, result = self.results(only_replay, {})[REPLICAS_TARGET]
+        self.assertEqual((measured, result), ("replays 67,000 vs 68,000 req/s = **0.99×** (p99 1.20 vs 1.20 ms)", "PASS"))
+        # One variant of a pair alone measures nothing.
+        self.assertEqual(self.results(runs[:1], {})[REPLICAS_TARGET], ("not run", "n/a"))
+
 
 class FloorsAndRatios(unittest.TestCase):
     def test_floors(self):
@@ -383,6 +453,30 @@ class Outputs(unittest.TestCase):
         self.assertEqual([(t["target"], t["measured"], t["result"]) for t in data["targets"]],
                          report.targets(again, data["calibration"]))
 
+    def test_replicated_rows_and_target_in_markdown(self):
+        _, agg, rows, md = self.outputs(runs=full_runs() + replicated_runs())
+        lines = md.splitlines()
+        start = lines.index(report.TABLE_HEAD[0])
+        table = lines[start + 2:start + 2 + len(agg)]
+        self.assertEqual([line.split("|")[1].strip() for line in table],
+                         ["1"] * 4 + ["2"] * 3 + ["3", "4", "5", "5", "6", "6", "7", "7", "8", "8"])
+        self.assertTrue(table[-4].startswith("| 7 | keyed POST 1 KiB, every key new | idemproxy, replicated Redis, "
+                                             "min_replicas 0 | 20,000 |"))
+        self.assertIn("| SET 2.00 · GET 1.00 · EVALSHA 1.00 · WAIT 0.25 | 4.25 | 21.0 |", table[-3])
+        self.assertIn("| 8 | keyed POST 1 KiB, same key (replay) | idemproxy, replicated Redis, min_replicas 1 |",
+                      table[-1])
+        self.assertEqual(rows[-1][0], REPLICAS_TARGET)
+        self.assertIn(f"| {REPLICAS_TARGET} | first executions 16,000 vs 20,000 req/s = **0.80×**", md)
+        self.assertEqual(md.count("| **PASS** |") + md.count("| **FAIL** |"), 8)
+
+    def test_nothing_changes_without_replicated_runs(self):
+        # What the committed latest.json holds: no replicated variant, so no row, target or label.
+        _, agg, rows, md = self.outputs()
+        self.assertEqual(len(rows), 7)
+        self.assertNotIn("replicated", md)
+        self.assertNotIn("min_replicas", md)
+        self.assertNotIn("replicated", chart.svg(ENV, agg))
+
     def test_svg_is_well_formed(self):
         env = dict(ENV, commit="<a&b>")
         _, agg, _, _ = self.outputs(env)
@@ -425,8 +519,17 @@ class Baseline(unittest.TestCase):
         plain, paired = scenarios.groups(320, False), scenarios.groups(320, True)
         self.assertEqual([v.name for v in paired["get"]],
                          ["direct", "nginx", "hyper-floor", "idemproxy", "idemproxy-baseline"])
-        self.assertEqual([v.name for v in paired["new"]], ["idemproxy-redis", "idemproxy-redis-baseline",
-                                                           "idemproxy-embedded", "idemproxy-embedded-baseline"])
+        # The replicated-Redis variants have no baseline twin (an older build lacks
+        # --redis-min-replicas).
+        for group in ("new", "replay"):
+            with self.subTest(group):
+                self.assertEqual([v.name for v in plain[group]], ["idemproxy-redis", "idemproxy-embedded",
+                                                                  "replicated-min0", "replicated-min1"])
+                self.assertEqual([v.name for v in paired[group]],
+                                 ["idemproxy-redis", "idemproxy-redis-baseline", "idemproxy-embedded",
+                                  "idemproxy-embedded-baseline", "replicated-min0", "replicated-min1"])
+        for group in ("get", "post", "storm"):
+            self.assertFalse(any(v.name.startswith("replicated") for v in paired[group]))
         for group, variants in plain.items():
             with self.subTest(group):
                 self.assertFalse(any(v.name.endswith("-baseline") for v in variants))
@@ -437,8 +540,41 @@ class Baseline(unittest.TestCase):
         self.assertEqual(redis_base.role_kinds(), {"idem_redis_base": "proxy", "redis": "redis", "upstream": "upstream"})
         self.assertEqual(paired["replay"][3].role_kinds(), {"idem_mem_base": "proxy", "upstream": "upstream"})
 
+    def test_replicated_variants(self):
+        new, replay = scenarios.groups(320, False)["new"], scenarios.groups(320, False)["replay"]
+        for variants, script, args in ((new, "keyed_new.lua", ("@SEED",)), (replay, "keyed_same.lua", ("@KEY",))):
+            min0, min1 = variants[2:]
+            self.assertEqual((min0.endpoint, min1.endpoint), ("idem_repl0", "idem_repl1"))
+            self.assertEqual((min0.script, min0.args, min1.script, min1.args), (script, args, script, args))
+            self.assertEqual(min1.role_kinds(), {"idem_repl1": "proxy", "redis_primary": "redis",
+                                                 "redis_replica": "redis", "upstream": "upstream"})
+            self.assertIn(min0.name, [k[1] for k in report.LABELS])
+        self.assertEqual(scenarios.MIN_REPLICAS, {"idem_repl0": 0, "idem_repl1": 1})
+        self.assertTrue(scenarios.needs_replicated(("get", "replay")))
+        self.assertFalse(scenarios.needs_replicated(("get", "post", "storm")))
+
+    def test_redis_counted_per_variant(self):
+        # The replicated variants count the replicated primary's commands (not its replica's:
+        # it repeats the primary's writes); the others the benchmark's own Redis.
+        primaries = ["redis", "redis_primary"]
+        by_name = {v.name: v for v in scenarios.groups(320, True)["new"]}
+        self.assertEqual(measure.counted_redis(by_name["replicated-min1"].role_kinds(), primaries), ["redis_primary"])
+        self.assertEqual(measure.counted_redis(by_name["idemproxy-redis-baseline"].role_kinds(), primaries), ["redis"])
+        self.assertEqual(measure.counted_redis(by_name["idemproxy-embedded"].role_kinds(), primaries), ["redis"])
+        self.assertIn("idem_repl0", measure.PEAK_ROLES)
+        self.assertIn("idem_repl1", measure.PEAK_ROLES)
+        # Peak RSS of the replicated idemproxies is their own.
+        self.assertEqual([r["peak_rss_mib"] for r in replicated_runs()], [19.0, 21.0, 19.0, 21.0])
+
     def test_idemproxy_roles_and_labels(self):
         self.assertEqual(scenarios.idemproxy_roles(False), ("idem_redis", "idem_mem"))
+        self.assertEqual(scenarios.idemproxy_roles(False, True), ("idem_redis", "idem_mem", "idem_repl0", "idem_repl1"))
+        self.assertEqual(scenarios.idemproxy_roles(True, True), ("idem_redis", "idem_mem", "idem_repl0", "idem_repl1",
+                                                                 "idem_redis_base", "idem_mem_base"))
+        self.assertEqual([scenarios.idemproxy_label(r) for r in ("idem_repl0", "idem_repl1")],
+                         ["idemproxy (replicated Redis, --redis-min-replicas 0)",
+                          "idemproxy (replicated Redis, --redis-min-replicas 1)"])
+        self.assertFalse(any(scenarios.is_baseline(r) or scenarios.has_redis_store(r) for r in scenarios.MIN_REPLICAS))
         roles = scenarios.idemproxy_roles(True)
         self.assertEqual(roles, ("idem_redis", "idem_mem", "idem_redis_base", "idem_mem_base"))
         self.assertEqual([scenarios.idemproxy_label(r) for r in roles],
@@ -452,6 +588,25 @@ class Baseline(unittest.TestCase):
         listen = {ports.url(e) for e in ports.endpoints()}
         admin = {f"http://127.0.0.1:{a}/orders" for _, a in ports.idemproxies.values()}
         self.assertEqual(len(listen | admin | {f"http://127.0.0.1:{ports.redis}/orders"}), 12)
+        self.assertIsNone(ports.replicated)
+
+    def test_ports_and_flags_of_the_replicated_idemproxies(self):
+        ports = servers.pick_ports(scenarios.idemproxy_roles(True, True))
+        self.assertEqual(list(ports.idemproxies), ["idem_redis", "idem_mem", "idem_repl0", "idem_repl1",
+                                                   "idem_redis_base", "idem_mem_base"])
+        every = [ports.upstream, ports.nginx, ports.redis, ports.floor, *ports.replicated,
+                 *(p for pair in ports.idemproxies.values() for p in pair)]
+        self.assertEqual(len(set(every)), 18)
+        primary = ports.replicated[0]
+        # Each on its own database of the replicated primary; the baseline's on database 1 of the
+        # benchmark's own Redis, as before.
+        self.assertEqual(servers._store_flags("idem_repl0", None, ports),
+                         ["--redis", f"redis://127.0.0.1:{primary}/0", "--redis-min-replicas", "0"])
+        self.assertEqual(servers._store_flags("idem_repl1", None, ports),
+                         ["--redis", f"redis://127.0.0.1:{primary}/1", "--redis-min-replicas", "1"])
+        self.assertEqual(servers._store_flags("idem_redis_base", None, ports),
+                         ["--redis", f"redis://127.0.0.1:{ports.redis}/1"])
+        self.assertEqual(ports.url("idem_repl1"), f"http://127.0.0.1:{ports.idemproxies['idem_repl1'][0]}/orders")
 
     def test_beyond_noise_needs_ranges_apart(self):
         self.assertEqual(report.beyond_noise([3, 4], [1, 2], True), "better")
@@ -482,6 +637,11 @@ class Baseline(unittest.TestCase):
 
     def test_ab_needs_both_builds(self):
         self.assertEqual(report.ab(full_runs()), [])
+        self.assertEqual(report.ab(full_runs() + replicated_runs()), [])
+        # The replicated variants stay out of the A/B, next to a baseline's.
+        rows = report.ab(replicated_runs() + ab_runs())
+        self.assertEqual({(r["group"], r["variant"]) for r in rows}, {("get", "idemproxy")})
+        self.assertNotIn(("new", "replicated-min0-baseline"), report.LABELS)
         self.assertEqual(report.ab([r for r in ab_runs() if r["variant"] == "idemproxy-baseline"]), [])
 
     def test_baseline_rows_follow_their_variant(self):

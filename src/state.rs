@@ -50,7 +50,6 @@ impl State {
                 AnyStore::Redis(RedisStore::connect_with(url, options).await?)
             }
         };
-        let metrics = Metrics::new(config.routes.iter().map(|r| &*r.name));
         for route in config.routes.iter().filter(|r| r.policy.enabled) {
             metrics.start_guarded(route.index, &route.policy.methods);
         }

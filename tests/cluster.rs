@@ -12,6 +12,20 @@ use futures::future::join_all;
 use http::{Method, StatusCode};
 
 /// Three cluster-enabled masters on ephemeral ports, killed on drop.
+/// A free port for a cluster node whose cluster bus port (the port + 10000) is free too: a node
+/// whose bus port is taken never starts.
+fn cluster_port() -> u16 {
+    loop {
+        let port = free_port();
+        let bus_free = port
+            .checked_add(10_000)
+            .is_some_and(|bus| std::net::TcpListener::bind(("127.0.0.1", bus)).is_ok());
+        if bus_free {
+            return port;
+        }
+    }
+}
+
 struct RedisCluster {
     ports: Vec<u16>,
     children: Vec<Child>,
@@ -20,7 +34,7 @@ struct RedisCluster {
 
 impl RedisCluster {
     fn start() -> Self {
-        Self::start_on((0..3).map(|_| free_port()).collect())
+        Self::start_on((0..3).map(|_| cluster_port()).collect())
     }
 
     /// A cluster of one master on each of `ports`.
@@ -30,7 +44,7 @@ impl RedisCluster {
 
     /// Three masters, each with `replicas` replicas, once every master has them attached.
     fn start_with_replicas(replicas: usize) -> Self {
-        let cluster = Self::start_nodes((0..3 * (1 + replicas)).map(|_| free_port()).collect(), replicas);
+        let cluster = Self::start_nodes((0..3 * (1 + replicas)).map(|_| cluster_port()).collect(), replicas);
         for port in cluster.masters() {
             cluster.wait_for(port, "INFO replication", &format!("connected_slaves:{replicas}"));
             cluster.wait_for(port, "INFO replication", "state=online");
@@ -209,7 +223,7 @@ async fn two_proxies_on_a_three_master_cluster_execute_each_key_once() {
 /// answers, then they are protected as usual.
 #[tokio::test]
 async fn a_proxy_starts_before_its_cluster_and_uses_it_once_it_is_up() {
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let ports: Vec<u16> = (0..3).map(|_| cluster_port()).collect();
     let store = format!(
         "store.redis = \"{}\"\nstore.command_timeout = \"500ms\"",
         cluster_url(&ports)

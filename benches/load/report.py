@@ -37,7 +37,12 @@ _LABELS: Dict[Key, Tuple[str, str, str]] = {
     ("replay", "idemproxy-embedded"): ("5", _SAME, "idemproxy, embedded"),
     ("storm", "idemproxy-redis"): ("6", _STORM, "idemproxy, Redis"),
     ("storm", "idemproxy-embedded"): ("6", _STORM, "idemproxy, embedded"),
+    ("new", "replicated-min0"): ("7", _NEW, "idemproxy, replicated Redis, min_replicas 0"),
+    ("new", "replicated-min1"): ("7", _NEW, "idemproxy, replicated Redis, min_replicas 1"),
+    ("replay", "replicated-min0"): ("8", _SAME, "idemproxy, replicated Redis, min_replicas 0"),
+    ("replay", "replicated-min1"): ("8", _SAME, "idemproxy, replicated Redis, min_replicas 1"),
 }
+REPLICATED_KEYS = [key for key in _LABELS if key[1].startswith("replicated-")]
 
 
 def baseline_key(key: Key) -> Key:
@@ -112,12 +117,14 @@ def build_run(meta: Mapping, bench: Mapping[str, int], pre: Mapping, post: Mappi
 
     meta: group, variant, round, roles (role -> kind); bench: the BENCH line (requests > 0);
     pre/post: samples {"ticks": role -> ticks, "redis": commandstats, "stat": /proc/stat cores};
-    peaks: role -> VmHWM KiB."""
+    peaks: role -> VmHWM KiB. The CPU of the roles of one kind is summed (the replicated Redis'
+    primary and replica are both `redis`)."""
     requests = bench["requests"]
     roles = dict(meta["roles"])
     ticks = {r: post["ticks"][r] - pre["ticks"][r] for r in post["ticks"]}
-    cpu = {kind: cpu_us_per_request(pre["ticks"][role], post["ticks"][role], clk_tck, requests)
-           for role, kind in roles.items()}
+    cpu: Dict[str, float] = {}
+    for role, kind in roles.items():  # summed per kind: a replicated Redis is a primary and a replica
+        cpu[kind] = cpu.get(kind, 0.0) + cpu_us_per_request(pre["ticks"][role], post["ticks"][role], clk_tck, requests)
     busy, foreign = core_shares(pre["stat"], post["stat"], cores, sum(ticks.values()))
     proxy_role = next((r for r, k in roles.items() if k == "proxy"), None)
     seconds = bench["duration_us"] / 1e6
@@ -246,6 +253,33 @@ def target_calibration(name: str, expected: int, calibration: Mapping[str, Mappi
                    f"{c['replayed']} replayed)" + under_load), _result(ok)
 
 
+REPLICAS_TARGET = ("replica acknowledgements (issue 14, replicated Redis): first executions with min_replicas=1 "
+                   "≥ 0.7× the throughput with 0; replays unchanged (≥ 0.9×)")
+
+
+def target_replicas(agg: Agg) -> Target:
+    """`--redis-min-replicas 1` against 0 on the same replicated Redis, same run: first executions
+    (which wait for the replica's WAIT) keep at least 0.7× the throughput; replays, which write
+    nothing and so wait for no replica, are unchanged: at least 0.9× (the rest is noise). Each
+    half is judged when both its variants ran."""
+    new0, new1 = agg.get(("new", "replicated-min0")), agg.get(("new", "replicated-min1"))
+    rep0, rep1 = agg.get(("replay", "replicated-min0")), agg.get(("replay", "replicated-min1"))
+    measured, ok = [], []
+    if new0 and new1:
+        ratio = new1["rps"] / new0["rps"]
+        measured.append(f"first executions {new1['rps']:,.0f} vs {new0['rps']:,.0f} req/s = **{ratio:.2f}×** "
+                        f"(p99 {new1['p99_ms']:.2f} vs {new0['p99_ms']:.2f} ms)")
+        ok.append(ratio >= 0.7)
+    if rep0 and rep1:
+        ratio = rep1["rps"] / rep0["rps"]
+        measured.append(f"replays {rep1['rps']:,.0f} vs {rep0['rps']:,.0f} req/s = **{ratio:.2f}×** "
+                        f"(p99 {rep1['p99_ms']:.2f} vs {rep0['p99_ms']:.2f} ms)")
+        ok.append(ratio >= 0.9)
+    if not ok:
+        return REPLICAS_TARGET, "not run", _result(None)
+    return REPLICAS_TARGET, "; ".join(measured), _result(all(ok))
+
+
 def target_rss(agg: Agg) -> Target:
     """Peak RSS of the Redis-store idemproxy under 64 MiB."""
     name = "peak RSS < 64 MiB under load (idemproxy, Redis store)"
@@ -256,8 +290,10 @@ def target_rss(agg: Agg) -> Target:
 
 
 def targets(agg: Agg, calibration: Mapping[str, Mapping[str, str]]) -> List[Target]:
-    """Every target of the performance work, measured or `not run`."""
+    """Every target of the performance work, measured or `not run`; the replica target only when
+    a replicated-Redis variant ran (reports of runs without them stay as they were)."""
     new_r, rep_r = agg.get(("new", "idemproxy-redis")), agg.get(("replay", "idemproxy-redis"))
+    replicas = [target_replicas(agg)] if any(key in agg for key in REPLICATED_KEYS) else []
     return [
         target_get(agg),
         target_vs("keyed first execution (Redis): total CPU ≤ 1.5 × nginx keyless POST total",
@@ -268,6 +304,7 @@ def targets(agg: Agg, calibration: Mapping[str, Mapping[str, str]]) -> List[Targ
         target_calibration("first-execution", 2, calibration, new_r),
         target_calibration("replay", 1, calibration, rep_r),
         target_rss(agg),
+        *replicas,
     ]
 
 

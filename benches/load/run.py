@@ -17,8 +17,8 @@ from . import chart, parse, report
 from .config import Settings
 from .measure import Sampler, Wrk, calibrate, log_calibration, progress_line
 from .processes import BenchError, Servers, log
-from .scenarios import IDEM_REDIS, Variant, groups, idemproxy_label, idemproxy_roles
-from .servers import Ports, body_1k, keyed_post, pick_ports, preflight, redis_cli, start_all
+from .scenarios import IDEM_REDIS, Variant, groups, idemproxy_label, idemproxy_roles, needs_replicated
+from .servers import Ports, body_1k, keyed_post, pick_ports, preflight, redis_cli, redis_clis, start_all
 from .tools import Baseline, build, build_baseline, versions
 
 
@@ -30,7 +30,7 @@ class Bench:
         self.servers = servers
         self.ports = ports
         self.redis_cli = redis_cli(tools, ports)
-        self.sampler = Sampler(servers, self.redis_cli)
+        self.sampler = Sampler(servers, redis_clis(tools, ports))
         pin = ["taskset", "-c", settings.load_cpus] if settings.pinned else []
         self.wrk = Wrk(tools["wrk"], settings.root / "benches" / "wrk", pin, settings.wrk_threads, settings.conns)
         self.seed = f"{int(time.time())}{random.randrange(0x10000):04x}"
@@ -59,19 +59,20 @@ class Bench:
         """One measured run: samples before and after wrk, peak RSS, the run's figures."""
         self.servers.check_alive()
         self.sampler.reset_peaks()
-        pre = self.sampler.sample()
+        counted = self.sampler.redis_for(variant.role_kinds())
+        pre = self.sampler.sample(counted)
         name = f"{len(self.runs) + 1:03d}-{group}-{variant.name}"
         out = self._wrk(self.runs_dir / f"{name}.wrk.out", variant, self.settings.duration)
         time.sleep(0.2)  # let executions that outlived their client finish
         self.servers.check_alive()
-        post, peaks = self.sampler.sample(), self.sampler.peaks()
+        post, peaks = self.sampler.sample(counted), self.sampler.peaks()
         bench = parse.wrk_output(out)
         if not bench["requests"]:
             raise BenchError(f"wrk completed no request on {variant.endpoint} ({variant.script})")
         log(progress_line(bench, group, variant.name, round_))
         meta = {"group": group, "variant": variant.name, "round": round_, "roles": variant.role_kinds()}
         (self.runs_dir / f"{name}.samples.json").write_text(
-            json.dumps({"meta": meta, "pre": pre, "post": post, "peaks": peaks}))
+            json.dumps({"meta": meta, "redis_counted": counted, "pre": pre, "post": post, "peaks": peaks}))
         self.runs.append(report.build_run(meta, bench, pre, post, peaks, self.clk_tck, self.cores))
 
     def run_group(self, group: str, variants: List[Variant]) -> None:
@@ -166,7 +167,7 @@ def build_all(settings: Settings, tmp: Path) -> Tuple[Dict[str, Path], Optional[
 def benchmark(settings: Settings, tools: Dict[str, str], tmp: Path) -> str:
     """Builds, starts the servers, measures every group, writes the report; returns the markdown."""
     bins, baseline = build_all(settings, tmp)
-    ports = pick_ports(idemproxy_roles(baseline is not None))
+    ports = pick_ports(idemproxy_roles(baseline is not None, needs_replicated(settings.only)))
     pin = ["taskset", "-c", settings.server_cpus] if settings.pinned else []
     with Servers(tmp, pin) as servers:
         start_all(servers, settings, tools, bins, ports)

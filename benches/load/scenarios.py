@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 # Endpoints (the server a variant's wrk talks to), by role.
 DIRECT, NGINX, FLOOR, IDEM_REDIS, IDEM_MEM = "upstream", "nginx", "floor", "idem_redis", "idem_mem"
@@ -12,10 +12,19 @@ DIRECT, NGINX, FLOOR, IDEM_REDIS, IDEM_MEM = "upstream", "nginx", "floor", "idem
 IDEM_REDIS_BASE, IDEM_MEM_BASE = "idem_redis_base", "idem_mem_base"
 BASELINE_OF = {IDEM_REDIS: IDEM_REDIS_BASE, IDEM_MEM: IDEM_MEM_BASE}
 BASELINE_SUFFIX = "-baseline"
+# In the keyed scenarios (new, replay): this build's idemproxy on a replicated Redis (a primary and
+# one replica on loopback, apart from the benchmark's own Redis), with --redis-min-replicas 0 and 1
+# (issue 14), each in its own database of the primary. No baseline twin: an older build may lack
+# the flag.
+IDEM_REPL0, IDEM_REPL1 = "idem_repl0", "idem_repl1"
+MIN_REPLICAS = {IDEM_REPL0: 0, IDEM_REPL1: 1}
+REPLICATED_GROUPS = ("new", "replay")
+REDIS_PRIMARY, REDIS_REPLICA = "redis_primary", "redis_replica"
 
 # What serves a variant: role -> kind (proxy, redis or upstream), for CPU per process.
 _UP = (("upstream", "upstream"),)
 _REDIS = (("redis", "redis"),)
+_REPLICATED = ((REDIS_PRIMARY, "redis"), (REDIS_REPLICA, "redis"))
 
 
 @dataclass(frozen=True)
@@ -34,9 +43,16 @@ class Variant:
         return dict(self.roles)
 
 
-def idemproxy_roles(baseline: bool) -> Tuple[str, ...]:
-    """The idemproxy roles of a run: this build's two, then the baseline's two if there is one."""
-    return tuple(BASELINE_OF) + (tuple(BASELINE_OF.values()) if baseline else ())
+def idemproxy_roles(baseline: bool, replicated: bool = False) -> Tuple[str, ...]:
+    """The idemproxy roles of a run: this build's two, its two on the replicated Redis if
+    `replicated`, then the baseline's two if there is one."""
+    return (tuple(BASELINE_OF) + (tuple(MIN_REPLICAS) if replicated else ())
+            + (tuple(BASELINE_OF.values()) if baseline else ()))
+
+
+def needs_replicated(only: Sequence[str]) -> bool:
+    """True when the groups `only` include one with the replicated-Redis variants."""
+    return any(group in REPLICATED_GROUPS for group in only)
 
 
 def is_baseline(role: str) -> bool:
@@ -50,7 +66,10 @@ def has_redis_store(role: str) -> bool:
 
 
 def idemproxy_label(role: str) -> str:
-    """`idemproxy (Redis store)`, `baseline idemproxy (embedded store)`, …"""
+    """`idemproxy (Redis store)`, `baseline idemproxy (embedded store)`,
+    `idemproxy (replicated Redis, --redis-min-replicas 1)`, …"""
+    if role in MIN_REPLICAS:
+        return f"idemproxy (replicated Redis, --redis-min-replicas {MIN_REPLICAS[role]})"
     store = "Redis" if has_redis_store(role) else "embedded"
     return f"{'baseline ' if is_baseline(role) else ''}idemproxy ({store} store)"
 
@@ -79,7 +98,8 @@ def with_baseline(variants: List[Variant]) -> List[Variant]:
 
 def groups(storm_wave: int, baseline: bool) -> Dict[str, List[Variant]]:
     """Every scenario group, its variants in the interleaving order; with `baseline`, each
-    idemproxy variant is followed by the baseline build's."""
+    idemproxy variant is followed by the baseline build's (the replicated-Redis variants have
+    none)."""
     all_groups = _groups(str(storm_wave))
     if not baseline:
         return all_groups
@@ -103,10 +123,14 @@ def _groups(wave: str) -> Dict[str, List[Variant]]:
         "new": [
             Variant("idemproxy-redis", IDEM_REDIS, "keyed_new.lua", ("@SEED",), _proxy(IDEM_REDIS, _REDIS)),
             Variant("idemproxy-embedded", IDEM_MEM, "keyed_new.lua", ("@SEED",), _proxy(IDEM_MEM)),
+            Variant("replicated-min0", IDEM_REPL0, "keyed_new.lua", ("@SEED",), _proxy(IDEM_REPL0, _REPLICATED)),
+            Variant("replicated-min1", IDEM_REPL1, "keyed_new.lua", ("@SEED",), _proxy(IDEM_REPL1, _REPLICATED)),
         ],
         "replay": [
             Variant("idemproxy-redis", IDEM_REDIS, "keyed_same.lua", ("@KEY",), _proxy(IDEM_REDIS, _REDIS)),
             Variant("idemproxy-embedded", IDEM_MEM, "keyed_same.lua", ("@KEY",), _proxy(IDEM_MEM)),
+            Variant("replicated-min0", IDEM_REPL0, "keyed_same.lua", ("@KEY",), _proxy(IDEM_REPL0, _REPLICATED)),
+            Variant("replicated-min1", IDEM_REPL1, "keyed_same.lua", ("@KEY",), _proxy(IDEM_REPL1, _REPLICATED)),
         ],
         "storm": [
             Variant("idemproxy-redis", IDEM_REDIS, "storm.lua", ("@SEED", wave), _proxy(IDEM_REDIS, _REDIS)),

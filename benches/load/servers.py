@@ -1,6 +1,7 @@
 """The benchmark's servers: the upstream, Redis, the nginx peer, idemproxy with each store (and
-the baseline build's, with BASELINE) and the hyper floor, each on a free loopback port; and the
-HTTP checks that they answer."""
+the baseline build's, with BASELINE), for the keyed scenarios a replicated Redis (primary + one
+replica) with two idemproxies on it (--redis-min-replicas 0 and 1), and the hyper floor, each on
+a free loopback port; and the HTTP checks that they answer."""
 
 from __future__ import annotations
 
@@ -14,20 +15,23 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .config import Settings
 from .processes import BenchError, Servers, free_ports, log
-from .scenarios import DIRECT, FLOOR, NGINX, has_redis_store, idemproxy_label, is_baseline
+from .scenarios import (DIRECT, FLOOR, MIN_REPLICAS, NGINX, REDIS_PRIMARY, REDIS_REPLICA, has_redis_store,
+                        idemproxy_label, is_baseline)
 
 UPSTREAM_BODY = '{"id":"ord_1","status":"created"}'
 
 
 @dataclass(frozen=True)
 class Ports:
-    """The loopback ports of one run; `idemproxies`: role -> (listen, admin) of each idemproxy."""
+    """The loopback ports of one run; `idemproxies`: role -> (listen, admin) of each idemproxy;
+    `replicated`: (primary, replica) of the replicated Redis, when its idemproxies run."""
 
     upstream: int
     nginx: int
     redis: int
     floor: int
     idemproxies: Dict[str, Tuple[int, int]]
+    replicated: Optional[Tuple[int, int]] = None
 
     def endpoints(self) -> List[str]:
         """Every endpoint of the run (roles of scenarios.py)."""
@@ -41,9 +45,13 @@ class Ports:
 
 
 def pick_ports(idemproxies: Sequence[str]) -> Ports:
-    """Distinct free ports: upstream, nginx, Redis, floor, and two per idemproxy role."""
-    ports = free_ports(4 + 2 * len(idemproxies))
-    return Ports(*ports[:4], dict(zip(idemproxies, zip(ports[4::2], ports[5::2]))))
+    """Distinct free ports: upstream, nginx, Redis, floor, two per idemproxy role, and the
+    replicated Redis' primary and replica when a role of MIN_REPLICAS is among `idemproxies`."""
+    replicated = any(role in MIN_REPLICAS for role in idemproxies)
+    ports = free_ports(4 + 2 * len(idemproxies) + (2 if replicated else 0))
+    pairs = ports[4:4 + 2 * len(idemproxies)]
+    primary_replica = (ports[-2], ports[-1]) if replicated else None
+    return Ports(*ports[:4], dict(zip(idemproxies, zip(pairs[0::2], pairs[1::2]))), primary_replica)
 
 
 # --- HTTP checks ----------------------------------------------------------------------------
@@ -195,21 +203,51 @@ def redis_cli(tools: Dict[str, str], ports: Ports) -> List[str]:
     return [tools["redis-cli"], "-h", "127.0.0.1", "-p", str(ports.redis)]
 
 
-def _start_redis(servers: Servers, tools: Dict[str, str], ports: Ports) -> None:
-    """A fresh redis-server without persistence, answering PING."""
-    log(f"redis-server on 127.0.0.1:{ports.redis}")
-    data = servers.tmp / "redis"
+def redis_clis(tools: Dict[str, str], ports: Ports) -> Dict[str, List[str]]:
+    """role -> redis-cli command line of every Redis primary of the run (the benchmark's own,
+    and the replicated one when it runs): the Redis whose commands a variant counts."""
+    clis = {"redis": redis_cli(tools, ports)}
+    if ports.replicated:
+        clis[REDIS_PRIMARY] = [tools["redis-cli"], "-h", "127.0.0.1", "-p", str(ports.replicated[0])]
+    return clis
+
+
+def _start_one_redis(servers: Servers, tools: Dict[str, str], role: str, port: int, *extra: str) -> None:
+    """A fresh redis-server without persistence for `role`, answering PING."""
+    data = servers.tmp / role
     data.mkdir()
-    servers.start("redis", [tools["redis-server"], "--port", str(ports.redis), "--bind", "127.0.0.1",
-                            "--save", "", "--appendonly", "no", "--dir", str(data), "--daemonize", "no",
-                            "--logfile", ""])
-    servers.wait_port("redis", ports.redis)
+    servers.start(role, [tools["redis-server"], "--port", str(port), "--bind", "127.0.0.1",
+                         "--save", "", "--appendonly", "no", "--dir", str(data), "--daemonize", "no",
+                         "--logfile", "", *extra])
+    servers.wait_port(role, port)
     for _ in range(100):
-        ping = subprocess.run(redis_cli(tools, ports) + ["ping"], capture_output=True, text=True)
+        ping = subprocess.run([tools["redis-cli"], "-h", "127.0.0.1", "-p", str(port), "ping"],
+                              capture_output=True, text=True)
         if ping.stdout.strip() == "PONG":
             return
         time.sleep(0.05)
-    raise BenchError("redis-server does not answer PING")
+    raise BenchError(f"redis-server ({role}) does not answer PING")
+
+
+def _start_redis(servers: Servers, tools: Dict[str, str], ports: Ports) -> None:
+    """The benchmark's own Redis."""
+    log(f"redis-server on 127.0.0.1:{ports.redis}")
+    _start_one_redis(servers, tools, "redis", ports.redis)
+
+
+def _start_replicated(servers: Servers, tools: Dict[str, str], primary: int, replica: int) -> None:
+    """The replicated Redis: a primary and one replica, waiting until the replica has synchronised
+    and the primary counts it (so `--redis-min-replicas 1` is ready and WAIT can be answered)."""
+    log(f"replicated redis-server: primary on 127.0.0.1:{primary}, its replica on 127.0.0.1:{replica}")
+    _start_one_redis(servers, tools, REDIS_PRIMARY, primary)
+    _start_one_redis(servers, tools, REDIS_REPLICA, replica, "--replicaof", "127.0.0.1", str(primary))
+    for _ in range(200):
+        info = [subprocess.run([tools["redis-cli"], "-h", "127.0.0.1", "-p", str(port), "info", "replication"],
+                               capture_output=True, text=True).stdout for port in (replica, primary)]
+        if "master_link_status:up" in info[0] and "connected_slaves:1" in info[1]:
+            return
+        time.sleep(0.05)
+    raise BenchError(f"the replica on 127.0.0.1:{replica} never synchronised with its primary")
 
 
 def _idemproxy_env() -> Dict[str, str]:
@@ -219,7 +257,12 @@ def _idemproxy_env() -> Dict[str, str]:
 
 def _store_flags(role: str, settings: Settings, ports: Ports) -> List[str]:
     """The store flags of an idemproxy: Redis (the baseline's records in database 1, apart from
-    this build's in database 0) or the embedded store."""
+    this build's in database 0), the replicated Redis with its --redis-min-replicas (min_replicas
+    N in database N, so each has its own records) or the embedded store."""
+    if role in MIN_REPLICAS:
+        assert ports.replicated, "replicated idemproxies need the replicated Redis"
+        n = MIN_REPLICAS[role]
+        return ["--redis", f"redis://127.0.0.1:{ports.replicated[0]}/{n}", "--redis-min-replicas", str(n)]
     if has_redis_store(role):
         return ["--redis", f"redis://127.0.0.1:{ports.redis}{'/1' if is_baseline(role) else ''}"]
     return ["--memory-max-entries", str(settings.memory_max_entries)]
@@ -267,6 +310,8 @@ def start_all(servers: Servers, settings: Settings, tools: Dict[str, str], bins:
     bins["idemproxy-baseline"]."""
     _start_upstream(servers, settings, tools, bins, ports)
     _start_redis(servers, tools, ports)
+    if ports.replicated:
+        _start_replicated(servers, tools, *ports.replicated)
     log(f"nginx proxy_pass peer on 127.0.0.1:{ports.nginx}")
     start_nginx(servers, tools["nginx"], NGINX, ports.nginx, _peer_block(ports.nginx, ports.upstream))
     for role in ports.idemproxies:

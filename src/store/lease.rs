@@ -127,7 +127,7 @@ impl<S: Store> Drop for Lease<S> {
             since_ms: unix_ms(),
             cause: UnknownCause::Interrupted,
         });
-        settle_abandoned(&self.store, &self.key, self.token, unknown, "execution interrupted");
+        settle_abandoned(&self.store, &self.key, self.token, unknown, Abandoned::Interrupted);
     }
 }
 
@@ -142,7 +142,7 @@ struct PendingBegin<'a, S: Store> {
 impl<S: Store> Drop for PendingBegin<'_, S> {
     fn drop(&mut self) {
         if !self.answered {
-            settle_abandoned(self.store, self.key, self.token, None, "begin abandoned");
+            settle_abandoned(self.store, self.key, self.token, None, Abandoned::ClientGone);
         }
     }
 }
@@ -150,15 +150,24 @@ impl<S: Store> Drop for PendingBegin<'_, S> {
 /// Settles a key whose owner went away without settling it, in a task of its own: records
 /// `unknown` if given, otherwise releases the key; both compare-and-set on `token`, so nothing
 /// happens unless `token` still owns the key.
+/// Why a key was abandoned by its owner.
+#[derive(Debug, Clone, Copy)]
+enum Abandoned {
+    /// The client went away while its `begin` was in progress: routine (logged at debug).
+    ClientGone,
+    /// The execution panicked or its task was dropped: a bug (logged at warn).
+    Interrupted,
+}
+
 fn settle_abandoned<S: Store>(
     store: &Arc<S>,
     key: &StorageKey,
     token: LeaseToken,
     unknown: Option<Record>,
-    why: &'static str,
+    why: Abandoned,
 ) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-        tracing::error!(key = %key.short_hash(), why, "key abandoned outside a runtime: it stays in flight until its lease lapses");
+        tracing::error!(key = %key.short_hash(), ?why, "key abandoned outside a runtime: it stays in flight until its lease lapses");
         return;
     };
     let store = store.clone();
@@ -170,10 +179,13 @@ fn settle_abandoned<S: Store>(
         };
         let state = if unknown.is_some() { "Unknown" } else { "released" };
         match settled {
-            Ok(true) => tracing::warn!(key = %key.short_hash(), why, state, "abandoned key settled"),
+            Ok(true) => match why {
+                Abandoned::ClientGone => tracing::debug!(key = %key.short_hash(), state, "key of a client gone mid-begin released"),
+                Abandoned::Interrupted => tracing::warn!(key = %key.short_hash(), state, "interrupted execution's key settled"),
+            },
             Ok(false) => {}
             Err(err) => {
-                tracing::error!(key = %key.short_hash(), why, error = %crate::error::chain::Chain(&err), "abandoned key not settled: retries get outcome-unknown once the lease lapses")
+                tracing::error!(key = %key.short_hash(), ?why, error = %crate::error::chain::Chain(&err), "abandoned key not settled: retries get outcome-unknown once the lease lapses")
             }
         }
     });
