@@ -535,8 +535,10 @@ impl FreshReplicatedStore {
     async fn start() -> Self {
         let primary = RedisServer::start();
         let replica = RedisServer::start_replica_of(&primary);
-        let mut options = RedisOptions::new(Duration::from_millis(500));
+        // Generous: 200 concurrent begins on a loaded 2-core machine must all be acknowledged.
+        let mut options = RedisOptions::new(Duration::from_secs(2));
         options.replication.min_replicas = 1;
+        options.replication.replica_timeout = Duration::from_secs(2);
         let store = RedisStore::connect_with(&primary.url(), options)
             .await
             .expect("connect to redis");
