@@ -26,6 +26,14 @@
 # first executions with min_replicas=1 >= 0.7x the throughput with 0; replays unchanged (>= 0.9x).
 # They have no baseline twin and no A/B row (an older build may lack --redis-min-replicas).
 #
+# JSON fingerprint (issue 15), in the keyed group `new`: one more idemproxy on the embedded store
+# (the same flags as the embedded one) with `--fingerprint-body json`, measured as the variant
+# `embedded-json-fingerprint` right after `idemproxy-embedded`, with the same wrk script and 1 KiB
+# JSON body. The pre-flight checks that the canonical path runs (a retry with the body's members
+# reordered replays there, and gets 422 from the byte fingerprint). Target: its proxy CPU µs/req
+# <= 1.2x the embedded (bytes fingerprint) variant's; listed only when both ran. No baseline twin
+# and no A/B row (an older build may lack --fingerprint-body).
+#
 # With BASELINE=<git revision>, it also builds that revision in release (once: in a detached git
 # worktree in the temp dir, CARGO_TARGET_DIR target/bench-baseline/cargo, the binary kept as
 # target/bench-baseline/<sha>/idemproxy for the next runs), starts a baseline idemproxy next to the
@@ -48,7 +56,7 @@
 #   UPSTREAM_KIND=nginx|hyper                           PROXY_LOG=warn  idemproxy --log-filter
 #   ONLY="get post new replay storm"                    scenario groups to run
 #   CALIBRATION_REQUESTS=100  sequential requests for the exact Redis command count (MONITOR)
-#   MEMORY_MAX_ENTRIES=10000000  --memory-max-entries of the embedded-store idemproxy
+#   MEMORY_MAX_ENTRIES=10000000  --memory-max-entries of the embedded-store idemproxies
 #   OUT_DIR=benches/results   KEEP_TMP=1 keeps the temp dir (logs, raw data)
 #   BASELINE=<git revision>    also measure that revision's idemproxy, interleaved (A/B section)
 set -euo pipefail

@@ -38,13 +38,15 @@ ROLES = {
     ("storm", "idemproxy-embedded"): {"idem_mem": "proxy", "upstream": "upstream"},
     ("get", "idemproxy-baseline"): {"idem_redis_base": "proxy", "redis": "redis", "upstream": "upstream"},
     ("new", "idemproxy-embedded-baseline"): {"idem_mem_base": "proxy", "upstream": "upstream"},
+    ("new", "embedded-json-fingerprint"): {"idem_json": "proxy", "upstream": "upstream"},
     **{(group, f"replicated-min{n}"): {f"idem_repl{n}": "proxy", "redis_primary": "redis", "redis_replica": "redis",
                                        "upstream": "upstream"}
        for group in ("new", "replay") for n in (0, 1)},
 }
 ALL_ROLES = ("upstream", "nginx", "floor", "redis", "idem_redis", "idem_mem", "idem_redis_base", "idem_mem_base",
-             "redis_primary", "redis_replica", "idem_repl0", "idem_repl1")
+             "redis_primary", "redis_replica", "idem_repl0", "idem_repl1", "idem_json")
 REPLICAS_TARGET = report.REPLICAS_TARGET
+JSON_TARGET = report.JSON_FINGERPRINT_TARGET
 
 
 def bench(requests=REQUESTS, rps=10_000.0, p50_us=500, p99_us=1200, s2xx=None, s409=0, s5xx=0):
@@ -114,6 +116,16 @@ def replicated_runs(new1=16_000, replay1=66_000):
         run("replay", "replicated-min1", cpu={"proxy": 12, "redis": 2}, rps=replay1, peaks=peaks,
             redis_calls={"set": REQUESTS}),
     ]
+
+
+def json_fingerprint_runs(json_proxy=30.0, bytes_proxy=25.0, rounds=1):
+    """The new-key embedded variants of issue 15, `rounds` interleaved rounds: the byte fingerprint
+    (`bytes_proxy` proxy µs/req) and --fingerprint-body json (`json_proxy`), upstream 7 µs each."""
+    peaks = {"idem_redis": 18 * 1024, "idem_mem": 30 * 1024, "nginx": 14 * 1024, "idem_json": 31 * 1024}
+    return [run("new", variant, round_, cpu={"proxy": proxy, "upstream": 7}, rps=rps, peaks=peaks)
+            for round_ in range(1, rounds + 1)
+            for variant, proxy, rps in (("idemproxy-embedded", bytes_proxy, 29_000),
+                                        ("embedded-json-fingerprint", json_proxy, 27_000))]
 
 
 CALIBRATION = {
@@ -381,6 +393,50 @@ class Targets(unittest.TestCase):
         self.assertEqual(self.results(runs[:1], {})[REPLICAS_TARGET], ("not run", "n/a"))
 
 
+class JsonFingerprintTarget(unittest.TestCase):
+    def results(self, runs):
+        return {name: (measured, result)
+                for name, measured, result in report.targets(report.aggregate(runs), CALIBRATION)}
+
+    def test_only_when_both_fingerprints_ran(self):
+        # Older reports (no JSON-fingerprint variant) keep their seven targets; one variant of
+        # the pair alone measures nothing and adds no line.
+        self.assertNotIn(JSON_TARGET, self.results(full_runs()))
+        json_run = json_fingerprint_runs()[1]
+        self.assertNotIn(JSON_TARGET, self.results([json_run]))
+        self.assertNotIn(JSON_TARGET, self.results(full_runs()[:8] + [json_run]))
+        results = self.results(full_runs() + json_fingerprint_runs()[1:])
+        self.assertEqual(list(results)[-1], JSON_TARGET)
+        self.assertEqual(len(results), 8)
+        # After the replica target when both ran.
+        results = self.results(full_runs() + replicated_runs() + json_fingerprint_runs()[1:])
+        self.assertEqual(list(results)[-2:], [REPLICAS_TARGET, JSON_TARGET])
+
+    def test_measured(self):
+        measured, result = self.results(json_fingerprint_runs(json_proxy=29, bytes_proxy=25))[JSON_TARGET]
+        self.assertEqual(measured, "29.0 vs 25.0 µs = **1.16×** (totals with upstream: 36.0 vs 32.0 µs; "
+                                   "27,000 vs 29,000 req/s)")
+        self.assertEqual(result, "PASS")
+
+    def test_limit_is_proxy_cpu(self):
+        cases = [  # (json, bytes proxy µs/req) -> result
+            ((30, 25), "PASS"),  # exactly 1.2×
+            ((31, 25), "FAIL"),  # 1.24×
+            ((24, 25), "PASS"),  # cheaper is fine
+        ]
+        for (json_proxy, bytes_proxy), expected in cases:
+            with self.subTest(json_proxy=json_proxy, bytes_proxy=bytes_proxy):
+                runs = json_fingerprint_runs(json_proxy, bytes_proxy)
+                self.assertEqual(self.results(runs)[JSON_TARGET][1], expected)
+        # The proxy's CPU is judged, not the total: 31 + 7 = 38 ≤ 1.2 × (25 + 7) = 38.4 still fails.
+        self.assertEqual(self.results(json_fingerprint_runs(31, 25))[JSON_TARGET][1], "FAIL")
+
+    def test_medians_over_the_rounds(self):
+        runs = json_fingerprint_runs(json_proxy=30, bytes_proxy=25, rounds=3)
+        runs[1] = run("new", "embedded-json-fingerprint", 1, cpu={"proxy": 90, "upstream": 7}, rps=9_000)
+        self.assertIn("30.0 vs 25.0 µs = **1.20×**", self.results(runs)[JSON_TARGET][0])
+
+
 class FloorsAndRatios(unittest.TestCase):
     def test_floors(self):
         floors = report.floors(report.aggregate(full_runs()))
@@ -477,6 +533,33 @@ class Outputs(unittest.TestCase):
         self.assertNotIn("min_replicas", md)
         self.assertNotIn("replicated", chart.svg(ENV, agg))
 
+    def test_json_fingerprint_row_and_target_in_markdown(self):
+        _, agg, rows, md = self.outputs(runs=full_runs() + json_fingerprint_runs()[1:])
+        lines = md.splitlines()
+        start = lines.index(report.TABLE_HEAD[0])
+        table = lines[start + 2:start + 2 + len(agg)]
+        # Right after the embedded first executions it is measured against, under scenario 5.
+        self.assertEqual([line.split("|")[1].strip() for line in table],
+                         ["1"] * 4 + ["2"] * 3 + ["3", "4", "5", "5", "5", "6", "6"])
+        self.assertTrue(table[9].startswith("| 5 | keyed POST 1 KiB, every key new | idemproxy, embedded | "))
+        self.assertTrue(table[10].startswith("| 5 | keyed POST 1 KiB, every key new | idemproxy, embedded, "
+                                             "--fingerprint-body json | 27,000 |"), table[10])
+        self.assertIn("| 30.0 | — | 7.0 | **37.0** | — | — | 31.0 |", table[10])
+        self.assertEqual(rows[-1][0], JSON_TARGET)
+        self.assertIn(f"| {JSON_TARGET} | 30.0 vs 26.0 µs = **1.15×**", md)
+        self.assertEqual(md.count("| **PASS** |") + md.count("| **FAIL** |"), 8)
+        self.assertIn("--fingerprint-body json", chart.svg(ENV, agg))
+        # It has no baseline twin, so no A/B row either.
+        self.assertEqual(report.ab(full_runs() + json_fingerprint_runs()[1:]), [])
+
+    def test_nothing_changes_without_the_json_fingerprint_variant(self):
+        # What the committed latest.json holds: no JSON-fingerprint variant, so no row or target.
+        _, agg, rows, md = self.outputs()
+        self.assertEqual(len(rows), 7)
+        self.assertNotIn("fingerprint-body", md)
+        self.assertNotIn("JSON fingerprint", md)
+        self.assertNotIn("fingerprint-body", chart.svg(ENV, agg))
+
     def test_svg_is_well_formed(self):
         env = dict(ENV, commit="<a&b>")
         _, agg, _, _ = self.outputs(env)
@@ -521,15 +604,24 @@ class Baseline(unittest.TestCase):
                          ["direct", "nginx", "hyper-floor", "idemproxy", "idemproxy-baseline"])
         # The replicated-Redis variants have no baseline twin (an older build lacks
         # --redis-min-replicas).
-        for group in ("new", "replay"):
-            with self.subTest(group):
-                self.assertEqual([v.name for v in plain[group]], ["idemproxy-redis", "idemproxy-embedded",
-                                                                  "replicated-min0", "replicated-min1"])
-                self.assertEqual([v.name for v in paired[group]],
-                                 ["idemproxy-redis", "idemproxy-redis-baseline", "idemproxy-embedded",
-                                  "idemproxy-embedded-baseline", "replicated-min0", "replicated-min1"])
+        # Neither has the JSON-fingerprint variant (an older build lacks --fingerprint-body); it
+        # runs in the new-key group only, right after the embedded variant it is compared with.
+        self.assertEqual([v.name for v in plain["new"]],
+                         ["idemproxy-redis", "idemproxy-embedded", "embedded-json-fingerprint", "replicated-min0",
+                          "replicated-min1"])
+        self.assertEqual([v.name for v in paired["new"]],
+                         ["idemproxy-redis", "idemproxy-redis-baseline", "idemproxy-embedded",
+                          "idemproxy-embedded-baseline", "embedded-json-fingerprint", "replicated-min0",
+                          "replicated-min1"])
+        self.assertEqual([v.name for v in plain["replay"]],
+                         ["idemproxy-redis", "idemproxy-embedded", "replicated-min0", "replicated-min1"])
+        self.assertEqual([v.name for v in paired["replay"]],
+                         ["idemproxy-redis", "idemproxy-redis-baseline", "idemproxy-embedded",
+                          "idemproxy-embedded-baseline", "replicated-min0", "replicated-min1"])
         for group in ("get", "post", "storm"):
             self.assertFalse(any(v.name.startswith("replicated") for v in paired[group]))
+        for group in ("get", "post", "replay", "storm"):
+            self.assertFalse(any(v.endpoint == "idem_json" for v in paired[group]))
         for group, variants in plain.items():
             with self.subTest(group):
                 self.assertFalse(any(v.name.endswith("-baseline") for v in variants))
@@ -543,7 +635,7 @@ class Baseline(unittest.TestCase):
     def test_replicated_variants(self):
         new, replay = scenarios.groups(320, False)["new"], scenarios.groups(320, False)["replay"]
         for variants, script, args in ((new, "keyed_new.lua", ("@SEED",)), (replay, "keyed_same.lua", ("@KEY",))):
-            min0, min1 = variants[2:]
+            min0, min1 = variants[-2:]
             self.assertEqual((min0.endpoint, min1.endpoint), ("idem_repl0", "idem_repl1"))
             self.assertEqual((min0.script, min0.args, min1.script, min1.args), (script, args, script, args))
             self.assertEqual(min1.role_kinds(), {"idem_repl1": "proxy", "redis_primary": "redis",
@@ -552,6 +644,55 @@ class Baseline(unittest.TestCase):
         self.assertEqual(scenarios.MIN_REPLICAS, {"idem_repl0": 0, "idem_repl1": 1})
         self.assertTrue(scenarios.needs_replicated(("get", "replay")))
         self.assertFalse(scenarios.needs_replicated(("get", "post", "storm")))
+
+    def test_json_fingerprint_variant(self):
+        new = {v.name: v for v in scenarios.groups(320, False)["new"]}
+        embedded, json_fp = new["idemproxy-embedded"], new["embedded-json-fingerprint"]
+        # The same wrk script (its 1 KiB body) as the embedded variant, on its own idemproxy.
+        self.assertEqual((json_fp.endpoint, json_fp.script, json_fp.args),
+                         ("idem_json", embedded.script, embedded.args))
+        self.assertEqual(json_fp.role_kinds(), {"idem_json": "proxy", "upstream": "upstream"})
+        self.assertEqual(report.LABELS[("new", json_fp.name)],
+                         ("5", "keyed POST 1 KiB, every key new", "idemproxy, embedded, --fingerprint-body json"))
+        self.assertNotIn(("new", json_fp.name + "-baseline"), report.LABELS)
+        self.assertEqual(measure.counted_redis(json_fp.role_kinds(), ["redis"]), ["redis"])
+        self.assertIn("idem_json", measure.PEAK_ROLES)
+        self.assertEqual([r["peak_rss_mib"] for r in json_fingerprint_runs()], [30.0, 31.0])
+        self.assertTrue(scenarios.needs_json_fingerprint(("get", "new")))
+        self.assertFalse(scenarios.needs_json_fingerprint(("get", "post", "replay", "storm")))
+
+    def test_json_fingerprint_idemproxy(self):
+        roles = scenarios.idemproxy_roles(True, True, True)
+        self.assertEqual(roles, ("idem_redis", "idem_mem", "idem_json", "idem_repl0", "idem_repl1",
+                                 "idem_redis_base", "idem_mem_base"))
+        self.assertEqual(scenarios.idemproxy_roles(False, False, True), ("idem_redis", "idem_mem", "idem_json"))
+        self.assertEqual(scenarios.idemproxy_label("idem_json"), "idemproxy (embedded store, --fingerprint-body json)")
+        self.assertFalse(scenarios.is_baseline("idem_json") or scenarios.has_redis_store("idem_json"))
+        ports = servers.pick_ports(roles)
+        every = [ports.upstream, ports.nginx, ports.redis, ports.floor, *ports.replicated,
+                 *(p for pair in ports.idemproxies.values() for p in pair)]
+        self.assertEqual(len(set(every)), 20)
+        # The embedded idemproxy's store, and the JSON fingerprint on top; the others keep bytes.
+        settings = from_env({}, Path("/r"), 2)
+        self.assertEqual(servers._store_flags("idem_json", settings, ports),
+                         servers._store_flags("idem_mem", settings, ports))
+        self.assertEqual(servers._store_flags("idem_json", settings, ports), ["--memory-max-entries", "10000000"])
+        self.assertEqual(servers._policy_flags("idem_json"), ["--fingerprint-body", "json"])
+        for role in roles[:2] + roles[3:]:
+            self.assertEqual(servers._policy_flags(role), [])
+
+    def test_body_is_json_and_its_reordering_is_the_same_document(self):
+        body = servers.body_1k()
+        self.assertEqual(len(body), 1024)
+        doc = json.loads(body)
+        self.assertEqual(list(doc), ["sku", "qty", "pad"])
+        # wrk's body (benches/wrk/common.lua) is the same JSON object.
+        common = (Path(__file__).resolve().parent / "wrk" / "common.lua").read_text()
+        self.assertIn("local head = '{\"sku\":\"bench\",\"qty\":1,\"pad\":\"'", common)
+        other = servers.reordered(body)
+        self.assertNotEqual(other, body)
+        self.assertEqual(json.loads(other), doc)
+        self.assertEqual(list(json.loads(other)), ["pad", "qty", "sku"])
 
     def test_redis_counted_per_variant(self):
         # The replicated variants count the replicated primary's commands (not its replica's:

@@ -34,6 +34,7 @@ _LABELS: Dict[Key, Tuple[str, str, str]] = {
     ("new", "idemproxy-redis"): ("3", _NEW, "idemproxy, Redis"),
     ("replay", "idemproxy-redis"): ("4", _SAME, "idemproxy, Redis"),
     ("new", "idemproxy-embedded"): ("5", _NEW, "idemproxy, embedded"),
+    ("new", "embedded-json-fingerprint"): ("5", _NEW, "idemproxy, embedded, --fingerprint-body json"),
     ("replay", "idemproxy-embedded"): ("5", _SAME, "idemproxy, embedded"),
     ("storm", "idemproxy-redis"): ("6", _STORM, "idemproxy, Redis"),
     ("storm", "idemproxy-embedded"): ("6", _STORM, "idemproxy, embedded"),
@@ -43,6 +44,8 @@ _LABELS: Dict[Key, Tuple[str, str, str]] = {
     ("replay", "replicated-min1"): ("8", _SAME, "idemproxy, replicated Redis, min_replicas 1"),
 }
 REPLICATED_KEYS = [key for key in _LABELS if key[1].startswith("replicated-")]
+JSON_FINGERPRINT_KEY: Key = ("new", "embedded-json-fingerprint")
+BYTES_FINGERPRINT_KEY: Key = ("new", "idemproxy-embedded")
 
 
 def baseline_key(key: Key) -> Key:
@@ -280,6 +283,20 @@ def target_replicas(agg: Agg) -> Target:
     return REPLICAS_TARGET, "; ".join(measured), _result(all(ok))
 
 
+JSON_FINGERPRINT_TARGET = ("JSON fingerprint (issue 15): proxy CPU µs/req with `--fingerprint-body json` ≤ 1.2× "
+                           "the bytes fingerprint's (1 KiB bodies)")
+
+
+def target_json_fingerprint(json_fp: dict, bytes_fp: dict) -> Target:
+    """First executions on the embedded store with the canonical JSON fingerprint against the
+    byte fingerprint, same 1 KiB JSON body, same run: the proxy's CPU per request at most 1.2×."""
+    ratio = json_fp["cpu"]["proxy"] / bytes_fp["cpu"]["proxy"]
+    return JSON_FINGERPRINT_TARGET, (
+        f"{json_fp['cpu']['proxy']:.1f} vs {bytes_fp['cpu']['proxy']:.1f} µs = **{ratio:.2f}×** "
+        f"(totals with upstream: {json_fp['cpu_total']:.1f} vs {bytes_fp['cpu_total']:.1f} µs; "
+        f"{json_fp['rps']:,.0f} vs {bytes_fp['rps']:,.0f} req/s)"), _result(ratio <= 1.2)
+
+
 def target_rss(agg: Agg) -> Target:
     """Peak RSS of the Redis-store idemproxy under 64 MiB."""
     name = "peak RSS < 64 MiB under load (idemproxy, Redis store)"
@@ -291,9 +308,12 @@ def target_rss(agg: Agg) -> Target:
 
 def targets(agg: Agg, calibration: Mapping[str, Mapping[str, str]]) -> List[Target]:
     """Every target of the performance work, measured or `not run`; the replica target only when
-    a replicated-Redis variant ran (reports of runs without them stay as they were)."""
+    a replicated-Redis variant ran, the JSON-fingerprint target only when both fingerprints' variants
+    ran (reports of runs without them stay as they were)."""
     new_r, rep_r = agg.get(("new", "idemproxy-redis")), agg.get(("replay", "idemproxy-redis"))
     replicas = [target_replicas(agg)] if any(key in agg for key in REPLICATED_KEYS) else []
+    fingerprints = _all(agg, JSON_FINGERPRINT_KEY, BYTES_FINGERPRINT_KEY)
+    json_fp = [target_json_fingerprint(*fingerprints)] if fingerprints else []
     return [
         target_get(agg),
         target_vs("keyed first execution (Redis): total CPU ≤ 1.5 × nginx keyless POST total",
@@ -305,6 +325,7 @@ def targets(agg: Agg, calibration: Mapping[str, Mapping[str, str]]) -> List[Targ
         target_calibration("replay", 1, calibration, rep_r),
         target_rss(agg),
         *replicas,
+        *json_fp,
     ]
 
 

@@ -20,6 +20,11 @@ IDEM_REPL0, IDEM_REPL1 = "idem_repl0", "idem_repl1"
 MIN_REPLICAS = {IDEM_REPL0: 0, IDEM_REPL1: 1}
 REPLICATED_GROUPS = ("new", "replay")
 REDIS_PRIMARY, REDIS_REPLICA = "redis_primary", "redis_replica"
+# In the keyed new-key group: this build's idemproxy on the embedded store (like IDEM_MEM) with
+# `--fingerprint-body json` (issue 15), against the embedded one's byte fingerprint on the same
+# 1 KiB JSON body. No baseline twin: an older build may lack the flag.
+IDEM_JSON = "idem_json"
+JSON_FINGERPRINT_GROUPS = ("new",)
 
 # What serves a variant: role -> kind (proxy, redis or upstream), for CPU per process.
 _UP = (("upstream", "upstream"),)
@@ -43,16 +48,23 @@ class Variant:
         return dict(self.roles)
 
 
-def idemproxy_roles(baseline: bool, replicated: bool = False) -> Tuple[str, ...]:
-    """The idemproxy roles of a run: this build's two, its two on the replicated Redis if
-    `replicated`, then the baseline's two if there is one."""
-    return (tuple(BASELINE_OF) + (tuple(MIN_REPLICAS) if replicated else ())
+def idemproxy_roles(baseline: bool, replicated: bool = False, json_fingerprint: bool = False) -> Tuple[str, ...]:
+    """The idemproxy roles of a run: this build's two, its JSON-fingerprint one if
+    `json_fingerprint`, its two on the replicated Redis if `replicated`, then the baseline's two if
+    there is one."""
+    return (tuple(BASELINE_OF) + ((IDEM_JSON,) if json_fingerprint else ())
+            + (tuple(MIN_REPLICAS) if replicated else ())
             + (tuple(BASELINE_OF.values()) if baseline else ()))
 
 
 def needs_replicated(only: Sequence[str]) -> bool:
     """True when the groups `only` include one with the replicated-Redis variants."""
     return any(group in REPLICATED_GROUPS for group in only)
+
+
+def needs_json_fingerprint(only: Sequence[str]) -> bool:
+    """True when the groups `only` include one with the JSON-fingerprint variant."""
+    return any(group in JSON_FINGERPRINT_GROUPS for group in only)
 
 
 def is_baseline(role: str) -> bool:
@@ -67,7 +79,10 @@ def has_redis_store(role: str) -> bool:
 
 def idemproxy_label(role: str) -> str:
     """`idemproxy (Redis store)`, `baseline idemproxy (embedded store)`,
-    `idemproxy (replicated Redis, --redis-min-replicas 1)`, …"""
+    `idemproxy (replicated Redis, --redis-min-replicas 1)`,
+    `idemproxy (embedded store, --fingerprint-body json)`, …"""
+    if role == IDEM_JSON:
+        return "idemproxy (embedded store, --fingerprint-body json)"
     if role in MIN_REPLICAS:
         return f"idemproxy (replicated Redis, --redis-min-replicas {MIN_REPLICAS[role]})"
     store = "Redis" if has_redis_store(role) else "embedded"
@@ -98,8 +113,8 @@ def with_baseline(variants: List[Variant]) -> List[Variant]:
 
 def groups(storm_wave: int, baseline: bool) -> Dict[str, List[Variant]]:
     """Every scenario group, its variants in the interleaving order; with `baseline`, each
-    idemproxy variant is followed by the baseline build's (the replicated-Redis variants have
-    none)."""
+    idemproxy variant is followed by the baseline build's (the replicated-Redis and the
+    JSON-fingerprint variants have none)."""
     all_groups = _groups(str(storm_wave))
     if not baseline:
         return all_groups
@@ -123,6 +138,7 @@ def _groups(wave: str) -> Dict[str, List[Variant]]:
         "new": [
             Variant("idemproxy-redis", IDEM_REDIS, "keyed_new.lua", ("@SEED",), _proxy(IDEM_REDIS, _REDIS)),
             Variant("idemproxy-embedded", IDEM_MEM, "keyed_new.lua", ("@SEED",), _proxy(IDEM_MEM)),
+            Variant("embedded-json-fingerprint", IDEM_JSON, "keyed_new.lua", ("@SEED",), _proxy(IDEM_JSON)),
             Variant("replicated-min0", IDEM_REPL0, "keyed_new.lua", ("@SEED",), _proxy(IDEM_REPL0, _REPLICATED)),
             Variant("replicated-min1", IDEM_REPL1, "keyed_new.lua", ("@SEED",), _proxy(IDEM_REPL1, _REPLICATED)),
         ],

@@ -1,11 +1,13 @@
 """The benchmark's servers: the upstream, Redis, the nginx peer, idemproxy with each store (and
 the baseline build's, with BASELINE), for the keyed scenarios a replicated Redis (primary + one
-replica) with two idemproxies on it (--redis-min-replicas 0 and 1), and the hyper floor, each on
-a free loopback port; and the HTTP checks that they answer."""
+replica) with two idemproxies on it (--redis-min-replicas 0 and 1), for the new-key scenario an
+embedded-store idemproxy with --fingerprint-body json, and the hyper floor, each on a free
+loopback port; and the HTTP checks that they answer."""
 
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import subprocess
 import time
@@ -15,8 +17,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .config import Settings
 from .processes import BenchError, Servers, free_ports, log
-from .scenarios import (DIRECT, FLOOR, MIN_REPLICAS, NGINX, REDIS_PRIMARY, REDIS_REPLICA, has_redis_store,
-                        idemproxy_label, is_baseline)
+from .scenarios import (DIRECT, FLOOR, IDEM_JSON, IDEM_MEM, MIN_REPLICAS, NGINX, REDIS_PRIMARY, REDIS_REPLICA,
+                        has_redis_store, idemproxy_label, is_baseline)
 
 UPSTREAM_BODY = '{"id":"ord_1","status":"created"}'
 
@@ -86,6 +88,26 @@ def body_1k() -> bytes:
     return (head + "x" * (1024 - len(head) - len(tail)) + tail).encode()
 
 
+def reordered(body: bytes) -> bytes:
+    """The same JSON document as `body` in another form: its members in reverse order, with
+    whitespace. The same canonical JSON, other bytes."""
+    doc = json.loads(body)
+    return json.dumps(dict(reversed(list(doc.items()))), indent=1).encode()
+
+
+def _check_json_fingerprint(ports: Ports, seed: str, body: bytes) -> None:
+    """The JSON-fingerprint idemproxy really fingerprints the canonical form: a retry of the
+    1 KiB body with its members reordered replays there, while the byte fingerprint of the
+    embedded-store idemproxy answers it 422 (another request)."""
+    other = reordered(body)
+    for role, expected in ((IDEM_JSON, (200, True)), (IDEM_MEM, (422, False))):
+        url, key = ports.url(role), f"preflight-reordered-{seed}"
+        first, again = keyed_post(url, key, body), keyed_post(url, key, other)
+        if first != (200, False) or again != expected:
+            raise BenchError(f"keyed POST to {url} ({idemproxy_label(role)}): first {first}, retry with its JSON "
+                             f"members reordered {again}; expected (200, False) then {expected}")
+
+
 def preflight(ports: Ports, seed: str) -> None:
     """Every endpoint answers GET and keyless POST with 200; every idemproxy executes a keyed
     POST once and replays its retry."""
@@ -102,7 +124,11 @@ def preflight(ports: Ports, seed: str) -> None:
         if first != (200, False) or again != (200, True):
             raise BenchError(f"keyed POST to {url}: first {first}, retry {again}; expected (200, False) "
                              f"then (200, True) (replayed)")
-    log("pre-flight OK (GET, keyless POST, keyed POST + replay on every endpoint)")
+    checked = ""
+    if IDEM_JSON in ports.idemproxies:
+        _check_json_fingerprint(ports, seed, body)
+        checked = "; reordered JSON replays with --fingerprint-body json, 422 with bytes"
+    log(f"pre-flight OK (GET, keyless POST, keyed POST + replay on every endpoint{checked})")
 
 
 # --- nginx ----------------------------------------------------------------------------------
@@ -268,13 +294,19 @@ def _store_flags(role: str, settings: Settings, ports: Ports) -> List[str]:
     return ["--memory-max-entries", str(settings.memory_max_entries)]
 
 
+def _policy_flags(role: str) -> List[str]:
+    """The idempotency flags of an idemproxy beyond the defaults: `--fingerprint-body json` for
+    the JSON-fingerprint one (issue 15), none for the others."""
+    return ["--fingerprint-body", "json"] if role == IDEM_JSON else []
+
+
 def _start_idemproxy(servers: Servers, role: str, settings: Settings, binary: Path, ports: Ports) -> None:
     """One idemproxy in front of the upstream, on the ports of `role`."""
     port, admin = ports.idemproxies[role]
     log(f"{idemproxy_label(role)} on 127.0.0.1:{port}")
     servers.start(role, [str(binary), "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
                          "--upstream", f"http://127.0.0.1:{ports.upstream}", *_store_flags(role, settings, ports),
-                         "--log-filter", settings.proxy_log],
+                         *_policy_flags(role), "--log-filter", settings.proxy_log],
                   env=_idemproxy_env())
 
 
