@@ -90,7 +90,10 @@ async fn handle(state: Arc<State>, request: Request<Incoming>) -> Result<Respons
 /// Ready when the store answers and every upstream accepts a TCP connection.
 async fn readiness(state: &State) -> Response<ProxyBody> {
     if let Err(err) = state.store.ping().await {
-        return text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: store: {err}\n"));
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: store: {}\n", Chain(&err)),
+        );
     }
     let mut checked: Vec<&str> = Vec::new();
     for route in state.config.routes.iter() {

@@ -4,6 +4,7 @@ mod common;
 //
 // Each contract is a generic `async fn(&S) where S: Store` in `contract`; `per_store!` (in
 // `common`) instantiates it once per store (`memory_store::<name>` on a fresh `MemoryStore`,
+// `disk_store::<name>` on a fresh `DiskStore` in its own temporary directory,
 // `redis_store::<name>` on a fresh `RedisStore` backed by its own `redis-server`). Every contract
 // uses keys of its own, so the suite could also share one server. Store-specific behaviour (the
 // memory store's bound; Redis corrupt records, command budget and outages) follows at the end.
@@ -17,7 +18,8 @@ use idemproxy::idempotency::{
     unix_ms, Fingerprint, LeaseToken, Record, RecordError, StorageKey, StoredResponse, UnknownCause,
     CONFLICT_RETRY_AFTER,
 };
-use idemproxy::store::{Begin, BeginRequest, KeyState, MemoryStore, RedisStore, Store, StoreError};
+use idemproxy::store::{Begin, BeginRequest, DiskStore, KeyState, MemoryStore, RedisStore, Store, StoreError};
+use idemproxy::telemetry::DiskStoreMetrics;
 
 use common::{per_store, RedisServer};
 use contract::*;
@@ -521,10 +523,25 @@ impl FreshRedisStore {
     }
 }
 
+/// A `DiskStore` in a temporary directory of its own (removed after the store is dropped).
+struct FreshDiskStore {
+    store: DiskStore,
+    _dir: tempfile::TempDir,
+}
+
+impl FreshDiskStore {
+    fn open() -> Self {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = DiskStore::open(dir.path(), 1 << 30, DiskStoreMetrics::default()).expect("the disk store opens");
+        Self { store, _dir: dir }
+    }
+}
+
 // Each test makes its own store (the temporary lives until the contract is done).
 per_store! {
     stores {
         memory_store => &MemoryStore::new(1024),
+        disk_store => &FreshDiskStore::open().store,
         redis_store => &FreshRedisStore::start().await.store,
     }
     tests {

@@ -70,6 +70,16 @@ pub enum LogFormat {
     Pretty,
 }
 
+/// Where the records live without Redis (`store.embedded`, docs/behaviour.md §11).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum EmbeddedStore {
+    /// On local disk, in `store.data_dir`: survives restarts.
+    Disk,
+    /// In process memory: lost on every restart (tests, throwaway use).
+    Memory,
+}
+
 /// What a retry gets while the first request with its key still runs (`on_conflict`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -117,7 +127,7 @@ macro_rules! display_as_spelled {
     };
 }
 
-display_as_spelled!(LogFormat, OnConflict, StoreFailure, UnknownOutcome);
+display_as_spelled!(EmbeddedStore, LogFormat, OnConflict, StoreFailure, UnknownOutcome);
 
 /// The resolved idempotency policy of one route.
 #[derive(Debug, Clone)]
@@ -230,6 +240,11 @@ pub struct UpstreamSettings {
 /// Which store keeps the records.
 #[derive(Debug, Clone)]
 pub enum StoreSettings {
+    /// The durable embedded store (docs/behaviour.md §11), the default without Redis.
+    Disk {
+        data_dir: PathBuf,
+        max_disk_bytes: u64,
+    },
     Memory {
         max_entries: usize,
     },
@@ -238,6 +253,9 @@ pub enum StoreSettings {
         command_timeout: Duration,
         /// `rediss://`: CA certificates (PEM file) trusted instead of the bundled roots.
         ca_file: Option<PathBuf>,
+        /// Embedded-store keys that were set and are ignored because Redis is configured (the
+        /// start-up log names them).
+        ignored: Vec<&'static str>,
     },
 }
 
@@ -295,6 +313,12 @@ pub mod defaults {
     pub const MAX_HEADERS: usize = 100;
     pub const HTTP2_MAX_CONCURRENT_STREAMS: u32 = 256;
     pub const MEMORY_MAX_ENTRIES: usize = 1_000_000;
+    pub const EMBEDDED_STORE: super::EmbeddedStore = super::EmbeddedStore::Disk;
+    /// Relative: under the working directory.
+    pub const DATA_DIR: &str = "idemproxy-data";
+    pub const MAX_DISK_BYTES: u64 = 1024 * 1024 * 1024;
+    /// The smallest `store.max_disk_bytes` accepted.
+    pub const MIN_MAX_DISK_BYTES: u64 = 1024 * 1024;
     pub const REDIS_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
     pub const KEY_PREFIX: &str = "idem:";
     pub const SCOPE_HEADER: &str = "authorization";
@@ -483,6 +507,7 @@ mod tests {
                 assert_eq!(&T::from_str(&spelled, false).expect("a flag value"), variant);
             }
         }
+        check::<EmbeddedStore>();
         check::<LogFormat>();
         check::<OnConflict>();
         check::<StoreFailure>();

@@ -4,6 +4,7 @@
 
 use std::collections::HashSet;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,8 +13,8 @@ use redis::IntoConnectionInfo;
 
 use super::file::{LogSection, ServerSection, StoreSection, TlsSection, UpstreamSection};
 use super::{
-    defaults, invalid, ConfigError, FileConfig, Policy, PolicySection, Route, RouteSection, ServerSettings,
-    StoreSettings, TlsSettings, UpstreamSettings, UpstreamTarget,
+    defaults, invalid, ConfigError, EmbeddedStore, FileConfig, Policy, PolicySection, Route, RouteSection,
+    ServerSettings, StoreSettings, TlsSettings, UpstreamSettings, UpstreamTarget,
 };
 
 /// `listen` and `admin_listen`, and the rule that a non-loopback admin listener needs a token.
@@ -151,14 +152,7 @@ pub(super) fn store(store: &StoreSection) -> Result<StoreSettings, ConfigError> 
         if store.ca_file.is_some() {
             return Err(invalid("store.ca_file", "is set but `store.redis` is not"));
         }
-        return Ok(StoreSettings::Memory {
-            max_entries: at_least(
-                "store.memory_max_entries",
-                store.memory_max_entries,
-                defaults::MEMORY_MAX_ENTRIES,
-                1,
-            )?,
-        });
+        return embedded_store(store);
     };
     check_redis_url(&url)?;
     if store.ca_file.is_some() && !url.starts_with("rediss") {
@@ -167,6 +161,12 @@ pub(super) fn store(store: &StoreSection) -> Result<StoreSettings, ConfigError> 
             "only used with TLS: `store.redis` must be a rediss:// or rediss+cluster:// URL",
         ));
     }
+    let ignored = [
+        ("store.embedded", store.embedded.is_some()),
+        ("store.data_dir", store.data_dir.is_some()),
+        ("store.max_disk_bytes", store.max_disk_bytes.is_some()),
+        ("store.memory_max_entries", store.memory_max_entries.is_some()),
+    ];
     Ok(StoreSettings::Redis {
         url,
         command_timeout: positive(
@@ -174,7 +174,45 @@ pub(super) fn store(store: &StoreSection) -> Result<StoreSettings, ConfigError> 
             store.command_timeout.unwrap_or(defaults::REDIS_COMMAND_TIMEOUT),
         )?,
         ca_file: store.ca_file.clone(),
+        ignored: ignored.iter().filter(|(_, set)| *set).map(|(key, _)| *key).collect(),
     })
+}
+
+/// The embedded store without Redis: disk by default (docs/behaviour.md §11), or memory.
+fn embedded_store(store: &StoreSection) -> Result<StoreSettings, ConfigError> {
+    match store.embedded.unwrap_or(defaults::EMBEDDED_STORE) {
+        EmbeddedStore::Memory => Ok(StoreSettings::Memory {
+            max_entries: at_least(
+                "store.memory_max_entries",
+                store.memory_max_entries,
+                defaults::MEMORY_MAX_ENTRIES,
+                1,
+            )?,
+        }),
+        EmbeddedStore::Disk => {
+            let data_dir = store
+                .data_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(defaults::DATA_DIR));
+            if data_dir.as_os_str().is_empty() {
+                return Err(invalid("store.data_dir", "must not be empty"));
+            }
+            let max_disk_bytes = store.max_disk_bytes.unwrap_or(defaults::MAX_DISK_BYTES);
+            if max_disk_bytes < defaults::MIN_MAX_DISK_BYTES {
+                return Err(invalid(
+                    "store.max_disk_bytes",
+                    format!(
+                        "{max_disk_bytes} is below the smallest accepted, {}",
+                        defaults::MIN_MAX_DISK_BYTES
+                    ),
+                ));
+            }
+            Ok(StoreSettings::Disk {
+                data_dir,
+                max_disk_bytes,
+            })
+        }
+    }
 }
 
 /// `store.redis` parsed the way the store will (each node of a cluster list on its own), without

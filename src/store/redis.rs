@@ -30,7 +30,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisError, Script, Value};
 use tokio::sync::OnceCell;
 
-use super::{Begin, BeginRequest, KeyState, Store, StoreError, StoreFault};
+use super::{lease_left_at, Begin, BeginRequest, KeyState, Store, StoreError, StoreFault};
 use crate::idempotency::{decide, unix_ms, Decision, Existing, LeaseToken, Record, StorageKey, CONFLICT_RETRY_AFTER};
 
 /// How many times `begin` re-reads a key whose lapsed owner another proxy took over first.
@@ -278,16 +278,6 @@ fn millis(d: Duration) -> Vec<u8> {
 fn as_int(value: &Value) -> Option<i64> {
     match value {
         Value::Int(i) => Some(*i),
-        _ => None,
-    }
-}
-
-/// Time left on an InFlight record's lease at `now_ms`; `None` once it has lapsed.
-fn lease_left_at(record: &Record, now_ms: u64) -> Option<Duration> {
-    match record {
-        Record::InFlight { lease_until_ms, .. } if *lease_until_ms > now_ms => {
-            Some(Duration::from_millis(lease_until_ms - now_ms))
-        }
         _ => None,
     }
 }

@@ -5,7 +5,7 @@ pub mod metrics;
 
 use tracing_subscriber::{fmt, EnvFilter};
 
-pub use metrics::{Metrics, Renewal, StoreOp};
+pub use metrics::{DiskStoreMetrics, Metrics, Renewal, StoreOp};
 
 use crate::config::LogFormat;
 

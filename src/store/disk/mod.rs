@@ -1,0 +1,344 @@
+//! The durable embedded store (docs/behaviour.md §11): records in one [redb] file in the data
+//! directory, so a proxy killed at any instant and restarted on the same directory still knows
+//! every key it acknowledged.
+//!
+//! - Files: `records.redb` (tables `records`, `expiry` and `meta`; layout in [`format`]) and
+//!   `LOCK` (one process per directory: [`lock`]).
+//! - Writes go to one writer thread ([`writer`]), which commits every write waiting in one
+//!   transaction with one flush and answers them once it is durable (group commit): `begin`
+//!   returns only after the `InFlight` record is on disk, `complete` and `release` only after
+//!   theirs is.
+//! - Reads need no writer: `begin` first reads the key in a read transaction (which sees only
+//!   committed, so durable, records); a replay, a conflict, a mismatch or an Unknown is answered
+//!   from that read alone. Only a request that may take the key (none, or a lapsed lease) goes
+//!   to the writer, which decides it again inside its transaction.
+//! - Expiry: records are dead once their `key_ttl` has passed (reads check it), and the writer
+//!   sweeps them out between batches, so their pages are reused while the proxy serves.
+//! - Bound: a new key is refused (`StoreError::Full`) once the records' estimated footprint
+//!   would pass `store.max_disk_bytes`; records already there are never dropped for space.
+//! - Damage: every value carries a CRC-32 of its key and bytes; one that fails it, or does not
+//!   decode, makes its key answer `StoreError::Corrupt` (logged at error). redb's own commits are
+//!   checksummed: a commit torn by a crash was never acknowledged and is rolled back on open.
+//!   A file redb cannot open at all fails start-up with an error naming it.
+//!
+//! [redb]: https://docs.rs/redb
+
+pub mod format;
+pub mod lock;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use tokio::sync::oneshot;
+
+use self::format::decode_value;
+use self::lock::DirLock;
+use self::writer::{Answer, Claim, Command, Op, Writer};
+use super::{lease_left_at, Begin, BeginRequest, KeyState, Store, StoreError};
+use crate::idempotency::{decide, unix_ms, Decision, Existing, LeaseToken, Record, RecordError, StorageKey};
+use crate::telemetry::DiskStoreMetrics;
+
+pub use self::writer::SWEEP_BATCH;
+
+/// The redb file in the data directory.
+pub const DATA_FILE: &str = "records.redb";
+/// redb's page cache: it bounds the memory the store uses beyond its fixed cost.
+const CACHE_BYTES: usize = 32 * 1024 * 1024;
+
+const RECORDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("records");
+const EXPIRY: TableDefinition<&[u8], ()> = TableDefinition::new("expiry");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// The disk a record of `value_len` bytes is counted for against `store.max_disk_bytes`: its
+/// key and value, its expiry entry, and the B-tree's slack (pages are about half full after
+/// random inserts, and a copy-on-write commit needs free pages).
+pub fn footprint(value_len: usize) -> u64 {
+    2 * (value_len as u64 + 32 + 40) + 64
+}
+
+/// What the writer and the store share: counters, the bound, metrics.
+pub struct Shared {
+    records: AtomicU64,
+    footprint: AtomicU64,
+    max_bytes: u64,
+    file: PathBuf,
+    metrics: DiskStoreMetrics,
+}
+
+impl Shared {
+    /// The record count and footprint once `delta` is applied.
+    fn after(&self, delta: writer::Delta) -> (u64, u64) {
+        let add = |now: u64, by: i64| now.saturating_add_signed(by);
+        (
+            add(self.records.load(Ordering::Relaxed), delta.records),
+            add(self.footprint.load(Ordering::Relaxed), delta.footprint),
+        )
+    }
+
+    /// Applies a committed transaction's changes, and refreshes the gauges.
+    fn apply(&self, delta: writer::Delta) {
+        let (records, footprint) = self.after(delta);
+        self.records.store(records, Ordering::Relaxed);
+        self.footprint.store(footprint, Ordering::Relaxed);
+        self.metrics.records.set(records as i64);
+        if let Ok(meta) = std::fs::metadata(&self.file) {
+            self.metrics.bytes.set(meta.len() as i64);
+        }
+    }
+
+    /// Counts one flush that took `took`.
+    fn flushed(&self, took: Duration) {
+        self.metrics.flushes.inc();
+        self.metrics.flush_duration.observe(took.as_secs_f64());
+    }
+}
+
+/// Records on local disk. See the module documentation.
+pub struct DiskStore {
+    db: Arc<Database>,
+    commands: Option<mpsc::Sender<Command>>,
+    writer: Option<JoinHandle<()>>,
+    shared: Arc<Shared>,
+    dir: PathBuf,
+    _lock: DirLock,
+}
+
+impl DiskStore {
+    /// Opens (creating them if missing) the data directory `dir` and its store, locks the
+    /// directory for this process, and starts the writer. Fails naming the directory when it
+    /// cannot be created or locked (another process has it), and naming the file when redb
+    /// cannot open it.
+    pub fn open(dir: &Path, max_disk_bytes: u64, metrics: DiskStoreMetrics) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::unreachable(format!("cannot create data directory {}: {e}", dir.display())))?;
+        let lock = DirLock::acquire(dir).map_err(StoreError::unreachable)?;
+        let file = dir.join(DATA_FILE);
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(&file)
+            .map_err(|e| {
+                StoreError::unreachable(format!(
+                    "cannot open the disk store {}: {e} (a file damaged beyond repair can be moved away to start empty, forgetting its keys)",
+                    file.display()
+                ))
+            })?;
+        let (records, footprint) = prepare(&db)
+            .map_err(|e| StoreError::unreachable(format!("cannot read the disk store {}: {e}", file.display())))?;
+        metrics.max_bytes.set(max_disk_bytes.min(i64::MAX as u64) as i64);
+        let shared = Arc::new(Shared {
+            records: AtomicU64::new(records),
+            footprint: AtomicU64::new(footprint),
+            max_bytes: max_disk_bytes,
+            file,
+            metrics,
+        });
+        shared.apply(writer::Delta::default());
+        let db = Arc::new(db);
+        let (commands, receiver) = mpsc::channel();
+        let writer = Writer {
+            db: db.clone(),
+            commands: receiver,
+            shared: shared.clone(),
+        };
+        let writer = std::thread::Builder::new()
+            .name("idemproxy-disk-writer".into())
+            .spawn(move || writer.run())
+            .map_err(|e| StoreError::unreachable(format!("cannot start the disk store's writer: {e}")))?;
+        Ok(Self {
+            db,
+            commands: Some(commands),
+            writer: Some(writer),
+            shared,
+            dir: dir.to_owned(),
+            _lock: lock,
+        })
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Records on disk, live or expired but not yet swept.
+    pub fn len(&self) -> u64 {
+        self.shared.records.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The key's record as committed, expired or not.
+    fn read(&self, key: &[u8; 32]) -> Result<Option<(u64, Record)>, StoreError> {
+        let tx = self.db.begin_read().map_err(|e| storage_failure(&e.into()))?;
+        let table = tx.open_table(RECORDS).map_err(|e| storage_failure(&e.into()))?;
+        let Some(value) = table.get(&key[..]).map_err(|e| storage_failure(&e.into()))? else {
+            return Ok(None);
+        };
+        decode_value(key, value.value()).map(Some).map_err(|e| corrupt(key, e))
+    }
+
+    /// The key's record unless it has expired at `now_ms`.
+    fn live(&self, key: &[u8; 32], now_ms: u64) -> Result<Option<(u64, Record)>, StoreError> {
+        Ok(self.read(key)?.filter(|(expires, _)| *expires > now_ms))
+    }
+
+    /// Sends a write to the writer and waits until it is durable.
+    async fn write(&self, op: Op) -> Result<Answer, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let sent = self.commands.as_ref().map(|c| c.send(Command { op, reply }));
+        if !matches!(sent, Some(Ok(()))) {
+            return Err(writer_gone());
+        }
+        answer.await.unwrap_or_else(|_| Err(writer_gone()))
+    }
+
+    async fn write_done(&self, op: Op) -> Result<bool, StoreError> {
+        match self.write(op).await? {
+            Answer::Done(done) => Ok(done),
+            Answer::Begun(_) => Err(writer_gone()),
+        }
+    }
+}
+
+impl Drop for DiskStore {
+    /// Stops the writer (it finishes the batch it has) and closes the file cleanly.
+    fn drop(&mut self) {
+        self.commands.take();
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+impl Store for DiskStore {
+    async fn begin(&self, request: &BeginRequest<'_>) -> Result<Begin<LeaseToken>, StoreError> {
+        let key = *request.key.digest();
+        let live = self.live(&key, request.now_ms)?;
+        let existing = live.map(|(_, record)| Existing {
+            lease_left: lease_left_at(&record, request.now_ms),
+            record,
+        });
+        match decide(existing, &request.fingerprint, request.unknown_outcome) {
+            Decision::Execute | Decision::TakeOver | Decision::MarkUnknown => {}
+            answered => return Ok(Begin::applied(answered, request.token)),
+        }
+        let claim = Claim {
+            key,
+            fingerprint: request.fingerprint,
+            token: request.token,
+            unknown_outcome: request.unknown_outcome,
+            now_ms: request.now_ms,
+            expires_at_ms: request.now_ms.saturating_add(request.key_ttl.as_millis() as u64),
+            in_flight: request.in_flight_record().encode(),
+            lapsed: request.lapsed_record().encode(),
+        };
+        match self.write(Op::Begin(claim)).await? {
+            Answer::Begun(begun) => Ok(begun),
+            Answer::Done(_) => Err(writer_gone()),
+        }
+    }
+
+    async fn complete(&self, key: &StorageKey, token: LeaseToken, record: &Record) -> Result<bool, StoreError> {
+        let op = Op::Complete {
+            key: *key.digest(),
+            token,
+            record: record.encode(),
+        };
+        self.write_done(op).await
+    }
+
+    async fn release(&self, key: &StorageKey, token: LeaseToken) -> Result<bool, StoreError> {
+        self.write_done(Op::Release {
+            key: *key.digest(),
+            token,
+        })
+        .await
+    }
+
+    async fn renew(&self, key: &StorageKey, token: LeaseToken, lock_ttl: Duration) -> Result<bool, StoreError> {
+        let lease_until_ms = unix_ms().saturating_add(lock_ttl.as_millis() as u64);
+        self.write_done(Op::Renew {
+            key: *key.digest(),
+            token,
+            lease_until_ms,
+        })
+        .await
+    }
+
+    async fn lookup(&self, key: &StorageKey) -> Result<Option<KeyState>, StoreError> {
+        let now = unix_ms();
+        Ok(self.live(key.digest(), now)?.map(|(expires, record)| KeyState {
+            existing: Existing {
+                lease_left: lease_left_at(&record, now),
+                record,
+            },
+            expires_in: Some(Duration::from_millis(expires.saturating_sub(now))),
+        }))
+    }
+
+    async fn clear(&self, key: &StorageKey) -> Result<bool, StoreError> {
+        self.write_done(Op::Clear { key: *key.digest() }).await
+    }
+
+    /// Ready while the writer runs and the data directory takes a new file (a full disk or a
+    /// directory gone read-only or removed is not ready).
+    async fn ping(&self) -> Result<(), StoreError> {
+        if self.writer.as_ref().is_none_or(JoinHandle::is_finished) {
+            return Err(writer_gone());
+        }
+        let probe = self.dir.join(".ready-probe");
+        std::fs::write(&probe, b"ok")
+            .and_then(|()| std::fs::remove_file(&probe))
+            .map_err(|e| {
+                StoreError::unreachable(format!(
+                    "the data directory {} is not writable: {e}",
+                    self.dir.display()
+                ))
+            })
+    }
+}
+
+/// Creates the tables of a new file; the record count and footprint of an existing one.
+fn prepare(db: &Database) -> Result<(u64, u64), redb::Error> {
+    let tx = db.begin_write()?;
+    let counters = {
+        tx.open_table(RECORDS)?;
+        tx.open_table(EXPIRY)?;
+        let meta = tx.open_table(META)?;
+        let counter = |name: &str| -> Result<u64, redb::Error> { Ok(meta.get(name)?.map_or(0, |v| v.value())) };
+        (counter("records")?, counter("footprint")?)
+    };
+    tx.commit()?;
+    Ok(counters)
+}
+
+/// A damaged record of `key`: logged at error, answered `Corrupt` (docs/behaviour.md §11).
+fn corrupt(key: &[u8; 32], err: RecordError) -> StoreError {
+    tracing::error!(key = %hex::encode(&key[..6]), error = %err, "disk store: damaged record; its key answers 503 until cleared or expired");
+    StoreError::Corrupt(err)
+}
+
+/// A redb failure as the store's answer: damage it detected is `Corrupt`, the rest (I/O, a
+/// full disk) is the store being unavailable.
+fn storage_failure(err: &redb::Error) -> StoreError {
+    match err {
+        redb::Error::Corrupted(_) => {
+            tracing::error!(error = %err, "disk store: damaged page");
+            StoreError::Corrupt(RecordError::Corrupt("disk store page damaged"))
+        }
+        other => StoreError::unreachable(other.to_string()),
+    }
+}
+
+fn writer_gone() -> StoreError {
+    StoreError::unreachable("the disk store's writer has stopped")
+}
+
+#[cfg(test)]
+mod tests;
