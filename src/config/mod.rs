@@ -568,6 +568,33 @@ mod tests {
     }
 
     #[test]
+    fn the_embedded_store_is_on_disk_unless_memory_is_chosen_and_ignored_with_redis() {
+        let store =
+            |extra: &str| Config::from_toml(&format!("upstream.url = \"http://a:1\"\n{extra}")).map(|c| c.store);
+        assert!(matches!(
+            store(""),
+            Ok(StoreSettings::Disk { data_dir, max_disk_bytes })
+                if data_dir == Path::new("idemproxy-data") && max_disk_bytes == defaults::MAX_DISK_BYTES
+        ));
+        assert!(matches!(
+            store("store.embedded = \"memory\"\nstore.memory_max_entries = 5"),
+            Ok(StoreSettings::Memory { max_entries: 5 })
+        ));
+        assert!(matches!(
+            store("store.data_dir = \"/srv/idem\"\nstore.max_disk_bytes = 2097152"),
+            Ok(StoreSettings::Disk { data_dir, max_disk_bytes: 2_097_152 }) if data_dir == Path::new("/srv/idem")
+        ));
+        let err = error_of("upstream.url = \"http://a:1\"\nstore.max_disk_bytes = 1000");
+        assert!(err.contains("`store.max_disk_bytes`"), "{err}");
+        let err = error_of("upstream.url = \"http://a:1\"\nstore.embedded = \"tape\"");
+        assert!(err.contains("`store.embedded`"), "{err}");
+        match store("store.redis = \"redis://127.0.0.1:1\"\nstore.embedded = \"disk\"\nstore.data_dir = \"d\"") {
+            Ok(StoreSettings::Redis { ignored, .. }) => assert_eq!(ignored, ["store.embedded", "store.data_dir"]),
+            other => panic!("expected Redis, got {other:?}"),
+        }
+    }
+
+    #[test]
     fn an_unset_lock_ttl_follows_a_shorter_key_ttl() {
         let config = Config::from_toml("upstream.url = \"http://a:1\"\nidempotency.key_ttl = \"2s\"").expect("valid");
         assert_eq!(config.routes[0].policy.key_ttl, Duration::from_secs(2));
