@@ -118,17 +118,18 @@ impl DiskStore {
             .map_err(|e| StoreError::unreachable(format!("cannot create data directory {}: {e}", dir.display())))?;
         let lock = DirLock::acquire(dir).map_err(StoreError::unreachable)?;
         let file = dir.join(DATA_FILE);
-        let db = redb::Builder::new()
-            .set_cache_size(CACHE_BYTES)
-            .create(&file)
-            .map_err(|e| {
-                StoreError::unreachable(format!(
-                    "cannot open the disk store {}: {e} (a file damaged beyond repair can be moved away to start empty, forgetting its keys)",
-                    file.display()
-                ))
-            })?;
-        let (records, footprint) = prepare(&db)
-            .map_err(|e| StoreError::unreachable(format!("cannot read the disk store {}: {e}", file.display())))?;
+        let cannot_open = |e: &dyn std::fmt::Display| {
+            StoreError::unreachable(format!(
+                "cannot open the disk store {}: {e} (a file damaged beyond repair can be moved away to start empty, forgetting its keys)",
+                file.display()
+            ))
+        };
+        let db = unpanicked(|| redb::Builder::new().set_cache_size(CACHE_BYTES).create(&file))
+            .map_err(|e| cannot_open(&e))?
+            .map_err(|e| cannot_open(&e))?;
+        let (records, footprint) = unpanicked(|| prepare(&db))
+            .map_err(|e| cannot_open(&e))?
+            .map_err(|e| cannot_open(&e))?;
         metrics.max_bytes.set(max_disk_bytes.min(i64::MAX as u64) as i64);
         let shared = Arc::new(Shared {
             records: AtomicU64::new(records),
@@ -175,6 +176,10 @@ impl DiskStore {
 
     /// The key's record as committed, expired or not.
     fn read(&self, key: &[u8; 32]) -> Result<Option<(u64, Record)>, StoreError> {
+        unpanicked(|| self.read_unguarded(key)).unwrap_or_else(|err| Err(corrupt(key, err)))
+    }
+
+    fn read_unguarded(&self, key: &[u8; 32]) -> Result<Option<(u64, Record)>, StoreError> {
         let tx = self.db.begin_read().map_err(|e| storage_failure(&e.into()))?;
         let table = tx.open_table(RECORDS).map_err(|e| storage_failure(&e.into()))?;
         let Some(value) = table.get(&key[..]).map_err(|e| storage_failure(&e.into()))? else {
@@ -316,6 +321,14 @@ fn prepare(db: &Database) -> Result<(u64, u64), redb::Error> {
     };
     tx.commit()?;
     Ok(counters)
+}
+
+/// Runs a redb call, turning a panic into an error: redb panics on some damaged pages (an
+/// invalid page type, say), and the store must not (docs/behaviour.md §11): the key, or every
+/// key once redb's state is poisoned, answers `Corrupt` instead.
+pub(crate) fn unpanicked<T>(call: impl FnOnce() -> T) -> Result<T, RecordError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(call))
+        .map_err(|_| RecordError::Corrupt("the disk store's file is damaged (redb panicked reading it)"))
 }
 
 /// A damaged record of `key`: logged at error, answered `Corrupt` (docs/behaviour.md §11).

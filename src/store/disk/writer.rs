@@ -20,7 +20,7 @@ use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 use tokio::sync::oneshot;
 
 use super::format::{decode_value, digest_of_expiry_key, encode_value, expiry_key, value_expiry};
-use super::{corrupt, footprint, lease_left_at, storage_failure, Shared, EXPIRY, META, RECORDS};
+use super::{corrupt, footprint, lease_left_at, storage_failure, unpanicked, Shared, EXPIRY, META, RECORDS};
 use crate::config::UnknownOutcome;
 use crate::idempotency::{decide, unix_ms, Decision, Existing, Fingerprint, LeaseToken, Record};
 use crate::store::{Begin, StoreError};
@@ -121,10 +121,17 @@ impl Writer {
                 Err(RecvTimeoutError::Disconnected) => return,
             }
             if Instant::now() >= next_sweep {
-                let removed = self.sweep().unwrap_or_else(|err| {
-                    tracing::error!(error = %crate::error::Chain(&err), "disk store: expiry sweep failed");
-                    0
-                });
+                let removed = match unpanicked(|| self.sweep()) {
+                    Ok(Ok(removed)) => removed,
+                    Ok(Err(err)) => {
+                        tracing::error!(error = %crate::error::Chain(&err), "disk store: expiry sweep failed");
+                        0
+                    }
+                    Err(err) => {
+                        tracing::error!(error = %err, "disk store: expiry sweep failed");
+                        0
+                    }
+                };
                 // A full sweep leaves more behind: sweep again after the next batch.
                 let pause = if removed == SWEEP_BATCH {
                     Duration::ZERO
@@ -149,7 +156,18 @@ impl Writer {
         let flush = commands.iter().any(|c| !matches!(c.op, Op::Renew { .. }));
         let started = Instant::now();
         let (ops, replies): (Vec<Op>, Vec<_>) = commands.into_iter().map(|c| (c.op, c.reply)).unzip();
-        match self.transact(flush, ops) {
+        let transacted = unpanicked(|| self.transact(flush, ops));
+        let transacted = match transacted {
+            Ok(transacted) => transacted,
+            Err(err) => {
+                tracing::error!(error = %err, "disk store: commit failed");
+                for reply in replies {
+                    let _ = reply.send(Err(StoreError::Corrupt(err.clone())));
+                }
+                return;
+            }
+        };
+        match transacted {
             Ok(answers) => {
                 if flush {
                     self.shared.flushed(started.elapsed());
