@@ -7,7 +7,8 @@
 # It installs what is missing (wrk, nginx, redis-server, redis-cli, taskset, python3, via
 # apt-get), builds idemproxy in release, and starts on free loopback ports: a fast upstream (nginx
 # `return 200`, or the hyper helper examples/bench_upstream.rs with UPSTREAM_KIND=hyper), a fresh
-# redis-server (no persistence), idemproxy twice (Redis store, embedded store), nginx as a
+# redis-server (no persistence), idemproxy three times (Redis store, embedded memory store, disk
+# store on a fresh directory in the temp dir), nginx as a
 # `proxy_pass` peer with upstream keepalive, and a bare hyper forwarder (examples/bench_floor.rs:
 # what the HTTP stack alone costs, shown as the floor under idemproxy's own work). wrk runs on
 # one core, every server on the other (taskset).

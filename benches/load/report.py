@@ -33,6 +33,9 @@ LABELS: Dict[Key, Tuple[str, str, str]] = {
     ("replay", "idemproxy-embedded"): ("5", _SAME, "idemproxy, embedded"),
     ("storm", "idemproxy-redis"): ("6", _STORM, "idemproxy, Redis"),
     ("storm", "idemproxy-embedded"): ("6", _STORM, "idemproxy, embedded"),
+    ("new", "idemproxy-disk"): ("7", _NEW, "idemproxy, disk store"),
+    ("replay", "idemproxy-disk"): ("7", _SAME, "idemproxy, disk store"),
+    ("storm", "idemproxy-disk"): ("7", _STORM, "idemproxy, disk store"),
 }
 ORDER: List[Key] = list(LABELS)
 
@@ -341,9 +344,25 @@ def _embedded_ratios(agg: Agg) -> List[str]:
     return out
 
 
+def _disk_ratios(agg: Agg) -> List[str]:
+    """The disk store against the memory store (issue 13's speed targets)."""
+    out = []
+    new_d, new_m = agg.get(("new", "idemproxy-disk")), agg.get(("new", "idemproxy-embedded"))
+    rep_d, rep_m = agg.get(("replay", "idemproxy-disk")), agg.get(("replay", "idemproxy-embedded"))
+    if new_d and new_m:
+        ok = new_d["rps"] >= 0.5 * new_m["rps"]
+        out.append(f"disk store first executions: {new_d['rps']:,.0f} vs memory {new_m['rps']:,.0f} req/s = "
+                   f"**{new_d['rps'] / new_m['rps']:.2f}×** (issue 13 target ≥ 0.5×: {_result(ok)})")
+    if rep_d and rep_m:
+        ok = rep_d["cpu"]["proxy"] <= 1.2 * rep_m["cpu"]["proxy"]
+        out.append(f"disk store replay: proxy CPU {rep_d['cpu']['proxy']:.1f} vs memory {rep_m['cpu']['proxy']:.1f} µs/req = "
+                   f"**{rep_d['cpu']['proxy'] / rep_m['cpu']['proxy']:.2f}×** (issue 13 target ≤ 1.2×: {_result(ok)})")
+    return out
+
+
 def information(agg: Agg, runs: List[dict]) -> List[str]:
     """Ratios with no target: the embedded store, its memory, idemproxy against nginx."""
-    out = _embedded_ratios(agg)
+    out = _disk_ratios(agg) + _embedded_ratios(agg)
     mem_rss = [a["peak_rss_mib"] for k, a in agg.items() if k[1] == "idemproxy-embedded" and a["peak_rss_mib"]]
     if mem_rss:
         growth = embedded_growth_kib(runs)

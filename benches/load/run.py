@@ -17,7 +17,7 @@ from . import chart, parse, report
 from .config import Settings
 from .measure import Sampler, Wrk, calibrate, log_calibration, progress_line
 from .processes import BenchError, Servers, log
-from .scenarios import IDEM_MEM, IDEM_REDIS, Variant, groups
+from .scenarios import IDEM_DISK, IDEM_MEM, IDEM_REDIS, Variant, groups
 from .servers import Ports, body_1k, keyed_post, pick_ports, preflight, redis_cli, start_all
 from .tools import build, versions
 
@@ -86,7 +86,7 @@ class Bench:
 
     def create_replay_key(self) -> None:
         """The key that the replay scenario repeats, executed once on both idemproxies."""
-        for endpoint in (IDEM_REDIS, IDEM_MEM):
+        for endpoint in (IDEM_REDIS, IDEM_MEM, IDEM_DISK):
             result = keyed_post(self.ports.url(endpoint), f"replay-{self.seed}", body_1k())
             if result != (200, False):
                 raise BenchError(f"creating the replay key on {endpoint} answered {result}")
@@ -135,7 +135,8 @@ def loadavg() -> str:
 
 def proxy_logs(tmp: Path) -> Dict[str, dict]:
     """Warn/error counts of each idemproxy's log, by label."""
-    labels = ((IDEM_REDIS, "idemproxy (Redis store)"), (IDEM_MEM, "idemproxy (embedded store)"))
+    labels = ((IDEM_REDIS, "idemproxy (Redis store)"), (IDEM_MEM, "idemproxy (embedded store)"),
+              (IDEM_DISK, "idemproxy (disk store)"))
     return {label: report.log_summary((tmp / f"{role}.err").read_text(errors="replace").splitlines())
             for role, label in labels}
 

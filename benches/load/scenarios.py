@@ -7,6 +7,7 @@ from typing import Dict, List, Tuple
 
 # Endpoints (the server a variant's wrk talks to), by role.
 DIRECT, NGINX, FLOOR, IDEM_REDIS, IDEM_MEM = "upstream", "nginx", "floor", "idem_redis", "idem_mem"
+IDEM_DISK = "idem_disk"  # idemproxy with the disk store (issue 13)
 
 # What serves a variant: role -> kind (proxy, redis or upstream), for CPU per process.
 _UP = (("upstream", "upstream"),)
@@ -52,13 +53,16 @@ def groups(storm_wave: int) -> Dict[str, List[Variant]]:
         "new": [
             Variant("idemproxy-redis", IDEM_REDIS, "keyed_new.lua", ("@SEED",), _proxy(IDEM_REDIS, _REDIS)),
             Variant("idemproxy-embedded", IDEM_MEM, "keyed_new.lua", ("@SEED",), _proxy(IDEM_MEM)),
+            Variant("idemproxy-disk", IDEM_DISK, "keyed_new.lua", ("@SEED",), _proxy(IDEM_DISK)),
         ],
         "replay": [
             Variant("idemproxy-redis", IDEM_REDIS, "keyed_same.lua", ("@KEY",), _proxy(IDEM_REDIS, _REDIS)),
             Variant("idemproxy-embedded", IDEM_MEM, "keyed_same.lua", ("@KEY",), _proxy(IDEM_MEM)),
+            Variant("idemproxy-disk", IDEM_DISK, "keyed_same.lua", ("@KEY",), _proxy(IDEM_DISK)),
         ],
         "storm": [
             Variant("idemproxy-redis", IDEM_REDIS, "storm.lua", ("@SEED", wave), _proxy(IDEM_REDIS, _REDIS)),
             Variant("idemproxy-embedded", IDEM_MEM, "storm.lua", ("@SEED", wave), _proxy(IDEM_MEM)),
+            Variant("idemproxy-disk", IDEM_DISK, "storm.lua", ("@SEED", wave), _proxy(IDEM_DISK)),
         ],
     }

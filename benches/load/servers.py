@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Tuple
 
 from .config import Settings
 from .processes import BenchError, Servers, free_ports, log
-from .scenarios import DIRECT, FLOOR, IDEM_MEM, IDEM_REDIS, NGINX
+from .scenarios import DIRECT, FLOOR, IDEM_DISK, IDEM_MEM, IDEM_REDIS, NGINX
 
 UPSTREAM_BODY = '{"id":"ord_1","status":"created"}'
 
@@ -30,17 +30,19 @@ class Ports:
     mem: int
     mem_admin: int
     floor: int
+    disk: int
+    disk_admin: int
 
     def url(self, endpoint: str) -> str:
         """The benchmarked URL of an endpoint (a role of scenarios.py)."""
         port = {DIRECT: self.upstream, NGINX: self.nginx, FLOOR: self.floor, IDEM_REDIS: self.idem,
-                IDEM_MEM: self.mem}[endpoint]
+                IDEM_MEM: self.mem, IDEM_DISK: self.disk}[endpoint]
         return f"http://127.0.0.1:{port}/orders"
 
 
 def pick_ports() -> Ports:
-    """Eight distinct free ports."""
-    return Ports(*free_ports(8))
+    """Ten distinct free ports."""
+    return Ports(*free_ports(10))
 
 
 # --- HTTP checks ----------------------------------------------------------------------------
@@ -79,13 +81,13 @@ def preflight(ports: Ports, seed: str) -> None:
     """Every endpoint answers GET and keyless POST with 200; both idemproxies execute a keyed
     POST once and replay its retry."""
     body = body_1k()
-    for endpoint in (DIRECT, NGINX, FLOOR, IDEM_REDIS, IDEM_MEM):
+    for endpoint in (DIRECT, NGINX, FLOOR, IDEM_REDIS, IDEM_MEM, IDEM_DISK):
         url = ports.url(endpoint)
         for method, payload in (("GET", None), ("POST", body)):
             status, _ = request(url, method, payload, {"Content-Type": "application/json"} if payload else {})
             if status != 200:
                 raise BenchError(f"{'keyless ' if payload else ''}{method} {url} answered {status}, expected 200")
-    for endpoint in (IDEM_REDIS, IDEM_MEM):
+    for endpoint in (IDEM_REDIS, IDEM_MEM, IDEM_DISK):
         url = ports.url(endpoint)
         first, again = keyed_post(url, f"preflight-{seed}", body), keyed_post(url, f"preflight-{seed}", body)
         if first != (200, False) or again != (200, True):
@@ -235,6 +237,15 @@ def _wait_ready(admin_port: int) -> None:
     raise BenchError(f"idemproxy admin {url} is not ready")
 
 
+def _start_disk_idemproxy(servers: Servers, settings: Settings, bins: Dict[str, Path], ports: Ports) -> None:
+    """idemproxy with the disk store (the default without Redis) on a fresh directory in the temp dir."""
+    data = servers.tmp / "disk-data"
+    log(f"idemproxy (disk store, {data}) on 127.0.0.1:{ports.disk}")
+    _start_idemproxy(servers, IDEM_DISK, ports.disk, ports.disk_admin, ["--embedded-store", "disk", "--data-dir", str(data)],
+                     settings, bins["idemproxy"], ports.upstream)
+    servers.wait_port(IDEM_DISK, ports.disk)
+
+
 def start_all(servers: Servers, settings: Settings, tools: Dict[str, str], bins: Dict[str, Path],
               ports: Ports) -> None:
     """Starts every server and waits until each one is ready."""
@@ -247,8 +258,10 @@ def start_all(servers: Servers, settings: Settings, tools: Dict[str, str], bins:
                      settings, bins["idemproxy"], ports.upstream)
     log(f"idemproxy (embedded store) on 127.0.0.1:{ports.mem}")
     _start_idemproxy(servers, IDEM_MEM, ports.mem, ports.mem_admin,
-                     ["--memory-max-entries", str(settings.memory_max_entries)], settings, bins["idemproxy"],
+                     ["--embedded-store", "memory", "--memory-max-entries", str(settings.memory_max_entries)],
+                     settings, bins["idemproxy"],
                      ports.upstream)
+    _start_disk_idemproxy(servers, settings, bins, ports)
     log(f"hyper floor (examples/bench_floor.rs) on 127.0.0.1:{ports.floor}")
     servers.start(FLOOR, [str(bins["bench_floor"]), f"127.0.0.1:{ports.floor}", f"127.0.0.1:{ports.upstream}"])
     servers.wait_port(FLOOR, ports.floor)
@@ -256,3 +269,4 @@ def start_all(servers: Servers, settings: Settings, tools: Dict[str, str], bins:
     servers.wait_port(IDEM_MEM, ports.mem)
     _wait_ready(ports.idem_admin)
     _wait_ready(ports.mem_admin)
+    _wait_ready(ports.disk_admin)
