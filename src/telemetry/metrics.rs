@@ -92,12 +92,9 @@ impl Default for DiskStoreMetrics {
             bytes: Gauge::default(),
             max_bytes: Gauge::default(),
             flushes: Counter::default(),
-            flush_duration: Histogram::new(
-                [
-                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
-                ]
-                .into_iter(),
-            ),
+            flush_duration: Histogram::new([
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+            ]),
         }
     }
 }

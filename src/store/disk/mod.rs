@@ -196,8 +196,10 @@ impl DiskStore {
     /// Sends a write to the writer and waits until it is durable.
     async fn write(&self, op: Op) -> Result<Answer, StoreError> {
         let (reply, answer) = oneshot::channel();
-        let sent = self.commands.as_ref().map(|c| c.send(Command { op, reply }));
-        if !matches!(sent, Some(Ok(()))) {
+        let Some(commands) = &self.commands else {
+            return Err(writer_gone());
+        };
+        if commands.send(Command { op, reply }).is_err() {
             return Err(writer_gone());
         }
         answer.await.unwrap_or_else(|_| Err(writer_gone()))

@@ -404,10 +404,10 @@ impl<'t> Batch<'t> {
         let Some(key) = digest_of_expiry_key(entry) else {
             return Ok(());
         };
-        let current = match self.records.get(&key[..])? {
-            Some(value) => Some((value_expiry(&key, value.value()), value.value().len())),
-            None => None,
-        };
+        let current = self
+            .records
+            .get(&key[..])?
+            .map(|value| (value_expiry(&key, value.value()), value.value().len()));
         let mut due = [0u8; 8];
         due.copy_from_slice(&entry[..8]);
         let due = u64::from_be_bytes(due);
