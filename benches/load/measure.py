@@ -14,7 +14,7 @@ from .processes import BenchError, Servers, log
 from .servers import keyed_post
 
 # Roles whose peak RSS is recorded per run (reset before, read after).
-PEAK_ROLES = ("idem_redis", "idem_mem", "nginx")
+PEAK_ROLES = ("idem_redis", "idem_mem", "idem_disk", "nginx")
 
 
 class Sampler:

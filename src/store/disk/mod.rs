@@ -23,6 +23,7 @@
 //!
 //! [redb]: https://docs.rs/redb
 
+mod cache;
 pub mod format;
 pub mod lock;
 mod writer;
@@ -36,6 +37,7 @@ use std::time::Duration;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
 
+use self::cache::ReplayCache;
 use self::format::decode_value;
 use self::lock::DirLock;
 use self::writer::{Answer, Claim, Command, Op, Writer};
@@ -104,6 +106,7 @@ pub struct DiskStore {
     commands: Option<mpsc::Sender<Command>>,
     writer: Option<JoinHandle<()>>,
     shared: Arc<Shared>,
+    cache: ReplayCache,
     dir: PathBuf,
     _lock: DirLock,
 }
@@ -155,6 +158,7 @@ impl DiskStore {
             commands: Some(commands),
             writer: Some(writer),
             shared,
+            cache: ReplayCache::default(),
             dir: dir.to_owned(),
             _lock: lock,
         })
@@ -174,23 +178,34 @@ impl DiskStore {
         self.len() == 0
     }
 
-    /// The key's record as committed, expired or not.
-    fn read(&self, key: &[u8; 32]) -> Result<Option<(u64, Record)>, StoreError> {
+    /// The key's record as committed, expired or not, and its stored length.
+    fn read(&self, key: &[u8; 32]) -> Result<Option<(u64, Record, usize)>, StoreError> {
         unpanicked(|| self.read_unguarded(key)).unwrap_or_else(|err| Err(corrupt(key, err)))
     }
 
-    fn read_unguarded(&self, key: &[u8; 32]) -> Result<Option<(u64, Record)>, StoreError> {
+    fn read_unguarded(&self, key: &[u8; 32]) -> Result<Option<(u64, Record, usize)>, StoreError> {
         let tx = self.db.begin_read().map_err(|e| storage_failure(&e.into()))?;
         let table = tx.open_table(RECORDS).map_err(|e| storage_failure(&e.into()))?;
         let Some(value) = table.get(&key[..]).map_err(|e| storage_failure(&e.into()))? else {
             return Ok(None);
         };
-        decode_value(key, value.value()).map(Some).map_err(|e| corrupt(key, e))
+        let value = value.value();
+        let (expires, record) = decode_value(key, value).map_err(|e| corrupt(key, e))?;
+        Ok(Some((expires, record, value.len())))
     }
 
-    /// The key's record unless it has expired at `now_ms`.
+    /// The key's record unless it has expired at `now_ms`: from the replay cache, or read (and
+    /// kept there if it is settled).
     fn live(&self, key: &[u8; 32], now_ms: u64) -> Result<Option<(u64, Record)>, StoreError> {
-        Ok(self.read(key)?.filter(|(expires, _)| *expires > now_ms))
+        if let Some(hit) = self.cache.get(key, now_ms) {
+            return Ok(Some(hit));
+        }
+        let generation = self.cache.generation();
+        let Some((expires, record, len)) = self.read(key)?.filter(|(expires, ..)| *expires > now_ms) else {
+            return Ok(None);
+        };
+        self.cache.keep(key, expires, &record, len, generation);
+        Ok(Some((expires, record)))
     }
 
     /// Sends a write to the writer and waits until it is durable.
@@ -290,7 +305,11 @@ impl Store for DiskStore {
     }
 
     async fn clear(&self, key: &StorageKey) -> Result<bool, StoreError> {
-        self.write_done(Op::Clear { key: *key.digest() }).await
+        let digest = *key.digest();
+        self.cache.forget(&digest);
+        let cleared = self.write_done(Op::Clear { key: digest }).await;
+        self.cache.forget(&digest);
+        cleared
     }
 
     /// Ready while the writer runs and the data directory takes a new file (a full disk or a
@@ -299,7 +318,11 @@ impl Store for DiskStore {
         if self.writer.as_ref().is_none_or(JoinHandle::is_finished) {
             return Err(writer_gone());
         }
-        let probe = self.dir.join(".ready-probe");
+        // A name of its own per probe: concurrent probes must not remove each other's file.
+        static PROBES: AtomicU64 = AtomicU64::new(0);
+        let probe = self
+            .dir
+            .join(format!(".ready-probe-{}", PROBES.fetch_add(1, Ordering::Relaxed)));
         std::fs::write(&probe, b"ok")
             .and_then(|()| std::fs::remove_file(&probe))
             .map_err(|e| {
