@@ -18,13 +18,16 @@ pub const ENTRIES: usize = 1024;
 pub const MAX_RECORD_BYTES: usize = 16 * 1024;
 const SHARDS: usize = 16;
 
+/// One shard: settled records by digest.
+type Shard = HashMap<[u8; 32], Cached>;
+
 struct Cached {
     expires_at_ms: u64,
     record: Record,
 }
 
 pub struct ReplayCache {
-    shards: Box<[Mutex<HashMap<[u8; 32], Cached>>]>,
+    shards: Box<[Mutex<Shard>]>,
     /// Moves on at every clear: a record read under an older generation is not kept.
     generation: AtomicU64,
 }
@@ -39,7 +42,7 @@ impl Default for ReplayCache {
 }
 
 impl ReplayCache {
-    fn shard(&self, key: &[u8; 32]) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Cached>> {
+    fn shard(&self, key: &[u8; 32]) -> std::sync::MutexGuard<'_, Shard> {
         // An entry is one insert or remove: a panic elsewhere cannot leave it half-written.
         self.shards[usize::from(key[0]) % SHARDS]
             .lock()
