@@ -236,9 +236,12 @@ impl Drop for Child {
 async fn json_log_line_per_request_without_secrets() {
     let upstream = TestUpstream::start().await;
     let port = free_port();
+    let data_dir = tempfile::tempdir().expect("a temp data dir");
     let mut child = Child(
         Command::new(env!("CARGO_BIN_EXE_idemproxy"))
             .args(["--listen", &format!("127.0.0.1:{port}"), "--upstream", &upstream.url()])
+            .arg("--data-dir")
+            .arg(data_dir.path())
             .args(["--log-format", "json", "--log-filter", "info"])
             .env_remove("RUST_LOG")
             .stdout(Stdio::null())
