@@ -37,7 +37,8 @@ ROLES = {
     ("storm", "idemproxy-redis"): {"idem_redis": "proxy", "redis": "redis", "upstream": "upstream"},
     ("storm", "idemproxy-embedded"): {"idem_mem": "proxy", "upstream": "upstream"},
 }
-ALL_ROLES = ("upstream", "nginx", "floor", "redis", "idem_redis", "idem_mem")
+ROLES.update({(g, "idemproxy-disk"): {"idem_disk": "proxy", "upstream": "upstream"} for g in ("new", "replay", "storm")})
+ALL_ROLES = ("upstream", "nginx", "floor", "redis", "idem_redis", "idem_mem", "idem_disk")
 
 
 def bench(requests=REQUESTS, rps=10_000.0, p50_us=500, p99_us=1200, s2xx=None, s409=0, s5xx=0):
@@ -330,6 +331,21 @@ class FloorsAndRatios(unittest.TestCase):
         self.assertIn("peak RSS, embedded store: 40.0 MiB (it holds every record of the run in memory; "
                       "it grew ≈ 1.0 KiB per stored record in scenario 5)", info)
         self.assertTrue(any(line.startswith("GET vs nginx: 0.95× throughput") for line in info))
+
+
+class DiskStore(unittest.TestCase):
+    def test_disk_store_against_the_memory_store(self):
+        runs = full_runs() + [
+            run("new", "idemproxy-disk", cpu={"proxy": 40, "upstream": 7}, rps=14_500),
+            run("replay", "idemproxy-disk", cpu={"proxy": 12}, rps=90_000),
+        ]
+        info = report.information(report.aggregate(runs), runs)
+        self.assertIn("disk store first executions: 14,500 vs memory 29,000 req/s = **0.50×** "
+                      "(issue 13 target ≥ 0.5×: PASS)", info)
+        self.assertIn("disk store replay: proxy CPU 12.0 vs memory 10.0 µs/req = **1.20×** "
+                      "(issue 13 target ≤ 1.2×: PASS)", info)
+        self.assertFalse(any(line.startswith("disk store") for line in report.information(
+            report.aggregate(full_runs()), full_runs())), "no disk runs, no disk lines")
 
 
 class Outputs(unittest.TestCase):
