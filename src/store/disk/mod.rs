@@ -25,6 +25,7 @@
 
 mod cache;
 pub mod format;
+mod index;
 pub mod lock;
 mod writer;
 
@@ -38,7 +39,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
 
 use self::cache::ReplayCache;
-use self::format::decode_value;
+use self::format::{decode_value, record_key, split_record_key};
+use self::index::Index;
 use self::lock::DirLock;
 use self::writer::{Answer, Claim, Command, Op, Writer};
 use super::{lease_left_at, Begin, BeginRequest, KeyState, Store, StoreError};
@@ -65,6 +67,7 @@ pub fn footprint(value_len: usize) -> u64 {
 
 /// What the writer and the store share: counters, the bound, metrics.
 pub struct Shared {
+    index: Index,
     records: AtomicU64,
     footprint: AtomicU64,
     max_bytes: u64,
@@ -133,8 +136,20 @@ impl DiskStore {
         let (records, footprint) = unpanicked(|| prepare(&db))
             .map_err(|e| cannot_open(&e))?
             .map_err(|e| cannot_open(&e))?;
+        let index = unpanicked(|| build_index(&db))
+            .map_err(|e| cannot_open(&e))?
+            .map_err(|e| cannot_open(&e))?;
+        if index.len() as u64 != records {
+            tracing::warn!(
+                indexed = index.len(),
+                counted = records,
+                "disk store: record count corrected from the index"
+            );
+        }
+        let records = index.len() as u64;
         metrics.max_bytes.set(max_disk_bytes.min(i64::MAX as u64) as i64);
         let shared = Arc::new(Shared {
+            index,
             records: AtomicU64::new(records),
             footprint: AtomicU64::new(footprint),
             max_bytes: max_disk_bytes,
@@ -183,14 +198,18 @@ impl DiskStore {
         unpanicked(|| self.read_unguarded(key)).unwrap_or_else(|err| Err(corrupt(key, err)))
     }
 
-    fn read_unguarded(&self, key: &[u8; 32]) -> Result<Option<(u64, Record, usize)>, StoreError> {
+    fn read_unguarded(&self, digest: &[u8; 32]) -> Result<Option<(u64, Record, usize)>, StoreError> {
+        let Some(created) = self.shared.index.get(digest) else {
+            return Ok(None);
+        };
+        let key = record_key(created, digest);
         let tx = self.db.begin_read().map_err(|e| storage_failure(&e.into()))?;
         let table = tx.open_table(RECORDS).map_err(|e| storage_failure(&e.into()))?;
         let Some(value) = table.get(&key[..]).map_err(|e| storage_failure(&e.into()))? else {
             return Ok(None);
         };
         let value = value.value();
-        let (expires, record) = decode_value(key, value).map_err(|e| corrupt(key, e))?;
+        let (expires, record) = decode_value(&key, value).map_err(|e| corrupt(digest, e))?;
         Ok(Some((expires, record, value.len())))
     }
 
@@ -346,6 +365,21 @@ fn prepare(db: &Database) -> Result<(u64, u64), redb::Error> {
     };
     tx.commit()?;
     Ok(counters)
+}
+
+/// The index of every record in the file, from the keys of the `records` table.
+fn build_index(db: &Database) -> Result<Index, redb::Error> {
+    let index = Index::default();
+    let tx = db.begin_read()?;
+    let table = tx.open_table(RECORDS)?;
+    for entry in table.iter()? {
+        let (key, _) = entry?;
+        match split_record_key(key.value()) {
+            Some((created, digest)) => index.set(&digest, Some(created)),
+            None => tracing::error!("disk store: a record key of {} bytes is skipped", key.value().len()),
+        }
+    }
+    Ok(index)
 }
 
 /// Runs a redb call, turning a panic into an error: redb panics on some damaged pages (an

@@ -19,7 +19,9 @@ use bytes::Bytes;
 use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 use tokio::sync::oneshot;
 
-use super::format::{decode_value, digest_of_expiry_key, encode_value, expiry_key, value_expiry};
+use std::collections::HashMap;
+
+use super::format::{decode_value, encode_value, expiry_key, record_key, split_expiry_key, value_expiry, RecordKey};
 use super::{corrupt, footprint, lease_left_at, storage_failure, unpanicked, Shared, EXPIRY, META, RECORDS};
 use crate::config::UnknownOutcome;
 use crate::idempotency::{decide, unix_ms, Decision, Existing, Fingerprint, LeaseToken, Record};
@@ -82,9 +84,16 @@ pub struct Command {
 
 /// A stored record as the writer reads it.
 struct Stored {
+    created_ms: u64,
     expires_at_ms: u64,
     record: Record,
     len: usize,
+}
+
+impl Stored {
+    fn key(&self, digest: &[u8; 32]) -> RecordKey {
+        record_key(self.created_ms, digest)
+    }
 }
 
 /// Changes of a transaction to the record count and the estimated footprint, applied to
@@ -95,11 +104,20 @@ pub struct Delta {
     pub footprint: i64,
 }
 
+/// What a committed transaction changes outside the file: the counters, and the index (each
+/// key's record's creation time, or `None`: gone).
+#[derive(Default)]
+pub struct Changes {
+    pub delta: Delta,
+    pub moved: HashMap<[u8; 32], Option<u64>>,
+}
+
 /// The open tables of one write transaction, and what it changed so far.
 struct Batch<'t> {
     records: Table<'t, &'static [u8], &'static [u8]>,
     expiry: Table<'t, &'static [u8], ()>,
-    delta: Delta,
+    changes: Changes,
+    shared: &'t Shared,
     now_ms: u64,
 }
 
@@ -156,32 +174,23 @@ impl Writer {
         let flush = commands.iter().any(|c| !matches!(c.op, Op::Renew { .. }));
         let started = Instant::now();
         let (ops, replies): (Vec<Op>, Vec<_>) = commands.into_iter().map(|c| (c.op, c.reply)).unzip();
-        let transacted = unpanicked(|| self.transact(flush, ops));
-        let transacted = match transacted {
-            Ok(transacted) => transacted,
+        let answers = match unpanicked(|| self.transact(flush, ops)) {
+            Ok(Ok(answers)) => answers,
+            Ok(Err(err)) => {
+                tracing::error!(error = %crate::error::Chain(&err), "disk store: commit failed");
+                let failure = storage_failure(&err);
+                replies.iter().map(|_| Err(clone_error(&failure))).collect()
+            }
             Err(err) => {
                 tracing::error!(error = %err, "disk store: commit failed");
-                for reply in replies {
-                    let _ = reply.send(Err(StoreError::Corrupt(err.clone())));
-                }
-                return;
+                replies.iter().map(|_| Err(StoreError::Corrupt(err.clone()))).collect()
             }
         };
-        match transacted {
-            Ok(answers) => {
-                if flush {
-                    self.shared.flushed(started.elapsed());
-                }
-                for (reply, answer) in replies.into_iter().zip(answers) {
-                    let _ = reply.send(answer);
-                }
-            }
-            Err(err) => {
-                tracing::error!(error = %crate::error::Chain(&err), "disk store: commit failed");
-                for reply in replies {
-                    let _ = reply.send(Err(storage_failure(&err)));
-                }
-            }
+        if flush {
+            self.shared.flushed(started.elapsed());
+        }
+        for (reply, answer) in replies.into_iter().zip(answers) {
+            let _ = reply.send(answer);
         }
     }
 
@@ -191,28 +200,32 @@ impl Writer {
         if !flush {
             tx.set_durability(Durability::None)?;
         }
-        let (answers, delta) = {
-            let mut batch = Batch::open(&tx)?;
+        let (answers, changes) = {
+            let mut batch = Batch::open(&tx, &self.shared)?;
             let answers = ops
                 .into_iter()
-                .map(|op| batch.apply(op, &self.shared))
+                .map(|op| batch.apply(op))
                 .collect::<Result<Vec<_>, _>>()?;
-            (answers, batch.delta)
+            (answers, batch.changes)
         };
-        self.finish(tx, delta)?;
+        self.finish(tx, changes)?;
         Ok(answers)
     }
 
-    /// Stores the counters with the transaction's changes and commits it.
-    fn finish(&self, tx: WriteTransaction, delta: Delta) -> Result<(), redb::Error> {
-        let (records, footprint) = self.shared.after(delta);
+    /// Stores the counters with the transaction's changes, commits it, and then (before anyone
+    /// is answered) applies its changes to the index and the counters.
+    fn finish(&self, tx: WriteTransaction, changes: Changes) -> Result<(), redb::Error> {
+        let (records, footprint) = self.shared.after(changes.delta);
         {
             let mut meta = tx.open_table(META)?;
             meta.insert("records", records)?;
             meta.insert("footprint", footprint)?;
         }
         tx.commit()?;
-        self.shared.apply(delta);
+        for (digest, created) in &changes.moved {
+            self.shared.index.set(digest, *created);
+        }
+        self.shared.apply(changes.delta);
         Ok(())
     }
 
@@ -222,10 +235,10 @@ impl Writer {
         let mut tx = self.db.begin_write()?;
         // An expired record brought back by a crash is still expired: no flush needed.
         tx.set_durability(Durability::None)?;
-        let (handled, delta) = {
-            let mut batch = Batch::open(&tx)?;
-            let end = expiry_key(batch.now_ms, &[0; 32]);
-            let due: Vec<[u8; 40]> = batch
+        let (handled, changes) = {
+            let mut batch = Batch::open(&tx, &self.shared)?;
+            let end = expiry_key(batch.now_ms, &[0; 40]);
+            let due: Vec<[u8; 48]> = batch
                 .expiry
                 .range::<&[u8]>(..&end[..])?
                 .take(SWEEP_BATCH)
@@ -234,30 +247,40 @@ impl Writer {
             for entry in &due {
                 batch.expire(entry)?;
             }
-            (due.len(), batch.delta)
+            (due.len(), batch.changes)
         };
         if handled > 0 {
-            self.finish(tx, delta)?;
+            self.finish(tx, changes)?;
         }
         Ok(handled)
     }
 }
 
+/// The same failure again, for each write of a failed batch.
+fn clone_error(err: &StoreError) -> StoreError {
+    match err {
+        StoreError::Corrupt(record) => StoreError::Corrupt(record.clone()),
+        StoreError::Full(records) => StoreError::Full(*records),
+        StoreError::Unavailable(_) => StoreError::unreachable(crate::error::Chain(err).to_string()),
+    }
+}
+
 impl<'t> Batch<'t> {
-    fn open(tx: &'t WriteTransaction) -> Result<Self, redb::Error> {
+    fn open(tx: &'t WriteTransaction, shared: &'t Shared) -> Result<Self, redb::Error> {
         Ok(Self {
             records: tx.open_table(RECORDS)?,
             expiry: tx.open_table(EXPIRY)?,
-            delta: Delta::default(),
+            changes: Changes::default(),
+            shared,
             now_ms: unix_ms(),
         })
     }
 
     /// Applies one write. A damaged record is that write's `Corrupt` answer; a storage error
     /// aborts the whole transaction.
-    fn apply(&mut self, op: Op, shared: &Shared) -> Result<Result<Answer, StoreError>, redb::Error> {
+    fn apply(&mut self, op: Op) -> Result<Result<Answer, StoreError>, redb::Error> {
         let answer = match op {
-            Op::Begin(claim) => self.begin(&claim, shared).map(Answer::Begun),
+            Op::Begin(claim) => self.begin(&claim).map(Answer::Begun),
             Op::Complete { key, token, record } => self.replace_owned(&key, token, Some(&record)).map(Answer::Done),
             Op::Release { key, token } => self.replace_owned(&key, token, None).map(Answer::Done),
             Op::Renew {
@@ -274,14 +297,27 @@ impl<'t> Batch<'t> {
         }
     }
 
+    /// The creation time of the key's record as this transaction sees it.
+    fn locate(&self, digest: &[u8; 32]) -> Option<u64> {
+        match self.changes.moved.get(digest) {
+            Some(created) => *created,
+            None => self.shared.index.get(digest),
+        }
+    }
+
     /// The key's record, expired or not; a damaged one is `Corrupt`.
-    fn read(&self, key: &[u8; 32]) -> Result<Option<Stored>, BatchError> {
+    fn read(&self, digest: &[u8; 32]) -> Result<Option<Stored>, BatchError> {
+        let Some(created_ms) = self.locate(digest) else {
+            return Ok(None);
+        };
+        let key = record_key(created_ms, digest);
         let Some(value) = self.records.get(&key[..])? else {
             return Ok(None);
         };
         let value = value.value();
-        let (expires_at_ms, record) = decode_value(key, value).map_err(|err| corrupt(key, err))?;
+        let (expires_at_ms, record) = decode_value(&key, value).map_err(|err| corrupt(digest, err))?;
         Ok(Some(Stored {
+            created_ms,
             expires_at_ms,
             record,
             len: value.len(),
@@ -289,141 +325,159 @@ impl<'t> Batch<'t> {
     }
 
     /// The key's record if it has not expired.
-    fn live(&self, key: &[u8; 32]) -> Result<Option<Stored>, BatchError> {
-        Ok(self.read(key)?.filter(|s| s.expires_at_ms > self.now_ms))
+    fn live(&self, digest: &[u8; 32]) -> Result<Option<Stored>, BatchError> {
+        Ok(self.read(digest)?.filter(|s| s.expires_at_ms > self.now_ms))
     }
 
     /// docs/behaviour.md §4's table, applied: decided on the record as this transaction sees it.
-    fn begin(&mut self, claim: &Claim, shared: &Shared) -> Result<Begin<LeaseToken>, BatchError> {
+    fn begin(&mut self, claim: &Claim) -> Result<Begin<LeaseToken>, BatchError> {
         let stored = self.read(&claim.key)?;
         let live = stored.as_ref().filter(|s| s.expires_at_ms > claim.now_ms);
-        let expires_at_ms = live.map(|s| s.expires_at_ms);
         let existing = live.map(|s| Existing {
             lease_left: lease_left_at(&s.record, claim.now_ms),
             record: s.record.clone(),
         });
         let decision = decide(existing, &claim.fingerprint, claim.unknown_outcome);
-        match (&decision, expires_at_ms) {
+        match (&decision, live) {
             (Decision::Execute, _) => {
-                let (records, used) = shared.after(self.delta);
-                if used.saturating_add(footprint(claim.in_flight.len())) > shared.max_bytes {
+                let (records, used) = self.shared.after(self.changes.delta);
+                if used.saturating_add(footprint(claim.in_flight.len())) > self.shared.max_bytes {
                     return Err(BatchError::Store(StoreError::Full(records as usize)));
                 }
                 if let Some(old) = &stored {
-                    self.remove(&claim.key, old.expires_at_ms, old.len)?;
+                    self.remove(&claim.key, old)?;
                 }
-                self.put(&claim.key, claim.expires_at_ms, &claim.in_flight, None)?;
+                self.create(&claim.key, claim.now_ms, claim.expires_at_ms, &claim.in_flight)?;
             }
-            (Decision::TakeOver, Some(expires)) => self.put(&claim.key, expires, &claim.in_flight, stored.as_ref())?,
-            (Decision::MarkUnknown, Some(expires)) => self.put(&claim.key, expires, &claim.lapsed, stored.as_ref())?,
+            (Decision::TakeOver, Some(live)) => self.replace(&claim.key, live, &claim.in_flight)?,
+            (Decision::MarkUnknown, Some(live)) => self.replace(&claim.key, live, &claim.lapsed)?,
             _ => {}
         }
         Ok(Begin::applied(decision, claim.token))
     }
 
     /// The owner's complete (`Some(record)`) or release (`None`). `false`: not the owner.
-    fn replace_owned(&mut self, key: &[u8; 32], token: LeaseToken, record: Option<&Bytes>) -> Result<bool, BatchError> {
-        let Some(stored) = self.live(key)?.filter(|s| owned_by(&s.record, token)) else {
+    fn replace_owned(
+        &mut self,
+        digest: &[u8; 32],
+        token: LeaseToken,
+        record: Option<&Bytes>,
+    ) -> Result<bool, BatchError> {
+        let Some(stored) = self.live(digest)?.filter(|s| owned_by(&s.record, token)) else {
             return Ok(false);
         };
         match record {
-            Some(record) => self.put(key, stored.expires_at_ms, record, Some(&stored))?,
-            None => self.remove(key, stored.expires_at_ms, stored.len)?,
+            Some(record) => self.replace(digest, &stored, record)?,
+            None => self.remove(digest, &stored)?,
         }
         Ok(true)
     }
 
-    fn renew(&mut self, key: &[u8; 32], token: LeaseToken, until_ms: u64) -> Result<bool, BatchError> {
-        let Some(mut stored) = self.live(key)?.filter(|s| owned_by(&s.record, token)) else {
+    fn renew(&mut self, digest: &[u8; 32], token: LeaseToken, until_ms: u64) -> Result<bool, BatchError> {
+        let Some(mut stored) = self.live(digest)?.filter(|s| owned_by(&s.record, token)) else {
             return Ok(false);
         };
         if let Record::InFlight { lease_until_ms, .. } = &mut stored.record {
             *lease_until_ms = until_ms;
         }
         let record = stored.record.encode();
-        self.put(key, stored.expires_at_ms, &record, Some(&stored))?;
+        self.replace(digest, &stored, &record)?;
         Ok(true)
     }
 
     /// Deletes the key whatever its record holds (damaged ones too: the operator's way out).
     /// Returns whether a live record was there.
-    fn clear(&mut self, key: &[u8; 32]) -> Result<bool, redb::Error> {
+    fn clear(&mut self, digest: &[u8; 32]) -> Result<bool, redb::Error> {
+        let Some(created_ms) = self.locate(digest) else {
+            return Ok(false);
+        };
+        let key = record_key(created_ms, digest);
+        self.changes.moved.insert(*digest, None);
         let Some(old) = self.records.remove(&key[..])? else {
             return Ok(false);
         };
         let value = old.value();
-        let expiry = value_expiry(key, value);
-        self.delta.records -= 1;
-        self.delta.footprint -= footprint(value.len()) as i64;
-        let live = match expiry {
+        let expiry = value_expiry(&key, value);
+        self.changes.delta.records -= 1;
+        self.changes.delta.footprint -= footprint(value.len()) as i64;
+        drop(old);
+        match expiry {
             Ok(at) => {
-                drop(old);
-                self.expiry.remove(&expiry_key(at, key)[..])?;
-                at > self.now_ms
+                self.expiry.remove(&expiry_key(at, &key)[..])?;
+                Ok(at > self.now_ms)
             }
             // Its expiry entry cannot be found; the sweep drops it when it comes due.
-            Err(_) => true,
-        };
-        Ok(live)
+            Err(_) => Ok(true),
+        }
     }
 
-    /// Writes `record` under `key` (replacing `old`, if given, whose expiry it keeps).
-    fn put(
+    /// Writes a new record for `digest`, created at `created_ms`.
+    fn create(
         &mut self,
-        key: &[u8; 32],
+        digest: &[u8; 32],
+        created_ms: u64,
         expires_at_ms: u64,
         record: &[u8],
-        old: Option<&Stored>,
     ) -> Result<(), BatchError> {
-        let value = encode_value(key, expires_at_ms, record);
+        let key = record_key(created_ms, digest);
+        let value = encode_value(&key, expires_at_ms, record);
         self.records.insert(&key[..], &value[..])?;
-        self.delta.footprint += footprint(value.len()) as i64;
-        match old {
-            Some(old) => self.delta.footprint -= footprint(old.len) as i64,
-            None => {
-                self.delta.records += 1;
-                self.expiry.insert(&expiry_key(expires_at_ms, key)[..], ())?;
-            }
-        }
+        self.expiry.insert(&expiry_key(expires_at_ms, &key)[..], ())?;
+        self.changes.delta.records += 1;
+        self.changes.delta.footprint += footprint(value.len()) as i64;
+        self.changes.moved.insert(*digest, Some(created_ms));
         Ok(())
     }
 
-    /// Deletes a record whose expiry is `expires_at_ms` and stored length `len`.
-    fn remove(&mut self, key: &[u8; 32], expires_at_ms: u64, len: usize) -> Result<(), BatchError> {
+    /// Replaces the record `old` of `digest` with `record`, keeping its key and expiry.
+    fn replace(&mut self, digest: &[u8; 32], old: &Stored, record: &[u8]) -> Result<(), BatchError> {
+        let key = old.key(digest);
+        let value = encode_value(&key, old.expires_at_ms, record);
+        self.records.insert(&key[..], &value[..])?;
+        self.changes.delta.footprint += footprint(value.len()) as i64 - footprint(old.len) as i64;
+        Ok(())
+    }
+
+    /// Deletes the record `old` of `digest`.
+    fn remove(&mut self, digest: &[u8; 32], old: &Stored) -> Result<(), BatchError> {
+        let key = old.key(digest);
         self.records.remove(&key[..])?;
-        self.expiry.remove(&expiry_key(expires_at_ms, key)[..])?;
-        self.delta.records -= 1;
-        self.delta.footprint -= footprint(len) as i64;
+        self.expiry.remove(&expiry_key(old.expires_at_ms, &key)[..])?;
+        self.changes.delta.records -= 1;
+        self.changes.delta.footprint -= footprint(old.len) as i64;
+        self.changes.moved.insert(*digest, None);
         Ok(())
     }
 
     /// Handles one due entry of the `expiry` table: removes it, and its record if the record
     /// still has that expiry (or is damaged: it would have expired by now).
-    fn expire(&mut self, entry: &[u8; 40]) -> Result<(), redb::Error> {
+    fn expire(&mut self, entry: &[u8; 48]) -> Result<(), redb::Error> {
         self.expiry.remove(&entry[..])?;
-        let Some(key) = digest_of_expiry_key(entry) else {
+        let Some((due, key)) = split_expiry_key(entry) else {
+            return Ok(());
+        };
+        let Some((created_ms, digest)) = super::format::split_record_key(&key) else {
             return Ok(());
         };
         let current = self
             .records
             .get(&key[..])?
             .map(|value| (value_expiry(&key, value.value()), value.value().len()));
-        let mut due = [0u8; 8];
-        due.copy_from_slice(&entry[..8]);
-        let due = u64::from_be_bytes(due);
-        match current {
-            Some((Ok(at), len)) if at == due => {
-                self.records.remove(&key[..])?;
-                self.delta.records -= 1;
-                self.delta.footprint -= footprint(len) as i64;
+        let Some((expiry, len)) = current else {
+            return Ok(());
+        };
+        match expiry {
+            Ok(at) if at != due => return Ok(()),
+            Ok(_) => {}
+            Err(_) => {
+                tracing::error!(key = %hex::encode(&digest[..6]), "disk store: damaged record removed by the expiry sweep")
             }
-            Some((Err(_), len)) => {
-                tracing::error!(key = %hex::encode(&key[..6]), "disk store: damaged record removed by the expiry sweep");
-                self.records.remove(&key[..])?;
-                self.delta.records -= 1;
-                self.delta.footprint -= footprint(len) as i64;
-            }
-            _ => {}
+        }
+        self.records.remove(&key[..])?;
+        self.changes.delta.records -= 1;
+        self.changes.delta.footprint -= footprint(len) as i64;
+        if self.locate(&digest) == Some(created_ms) {
+            self.changes.moved.insert(digest, None);
         }
         Ok(())
     }
