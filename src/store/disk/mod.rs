@@ -3,7 +3,9 @@
 //! every key it acknowledged.
 //!
 //! - Files: `records.redb` (tables `records`, `expiry` and `meta`; layout in [`format`]) and
-//!   `LOCK` (one process per directory: [`lock`]).
+//!   `LOCK` (one process per directory: [`lock`]). Records are keyed by creation time, found
+//!   through an in-memory [`index`] rebuilt at open; settled ones are also kept for replays in a
+//!   small [`cache`].
 //! - Writes go to one writer thread ([`writer`]), which commits every write waiting in one
 //!   transaction with one flush and answers them once it is durable (group commit): `begin`
 //!   returns only after the `InFlight` record is on disk, `complete` and `release` only after
