@@ -1,7 +1,7 @@
 //! How a record lies in the disk store's tables (docs/behaviour.md §11).
 //!
 //! `records`: key = creation time (Unix ms, 8 bytes big-endian) then the storage key's 32-byte
-//! digest (time first, so that new records are written side by side: [`super::index`]); value =
+//! digest (time first, so that new records are written side by side: `index`); value =
 //!
 //! | offset | size | field |
 //! | --- | --- | --- |

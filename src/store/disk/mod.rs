@@ -2,11 +2,11 @@
 //! directory, so a proxy killed at any instant and restarted on the same directory still knows
 //! every key it acknowledged.
 //!
-//! - Files: `records.redb` (tables `records`, `expiry` and `meta`; layout in [`format`]) and
+//! - Files: `records.redb` (tables `records`, `expiry` and `meta`; layout in [`format`](mod@format)) and
 //!   `LOCK` (one process per directory: [`lock`]). Records are keyed by creation time, found
-//!   through an in-memory [`index`] rebuilt at open; settled ones are also kept for replays in a
-//!   small [`cache`].
-//! - Writes go to one writer thread ([`writer`]), which commits every write waiting in one
+//!   through an in-memory `index` rebuilt at open; settled ones are also kept for replays in a
+//!   small `cache`.
+//! - Writes go to one writer thread (`writer`), which commits every write waiting in one
 //!   transaction with one flush and answers them once it is durable (group commit): `begin`
 //!   returns only after the `InFlight` record is on disk, `complete` and `release` only after
 //!   theirs is.
