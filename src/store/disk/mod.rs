@@ -2,7 +2,7 @@
 //! directory, so a proxy killed at any instant and restarted on the same directory still knows
 //! every key it acknowledged.
 //!
-//! - Files: `records.redb` (tables `records`, `expiry` and `meta`; layout in [`format`](mod@format)) and
+//! - Files: `records.redb` (tables `records` and `expiry`; layout in [`format`](mod@format)) and
 //!   `LOCK` (one process per directory: [`lock`]). Records are keyed by creation time, found
 //!   through an in-memory `index` rebuilt at open; settled ones are also kept for replays in a
 //!   small `cache`.
@@ -58,7 +58,6 @@ const CACHE_BYTES: usize = 32 * 1024 * 1024;
 
 const RECORDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("records");
 const EXPIRY: TableDefinition<&[u8], ()> = TableDefinition::new("expiry");
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// The disk a record of `value_len` bytes is counted for against `store.max_disk_bytes`: its
 /// key and value, its expiry entry, and the B-tree's slack (pages are about half full after
@@ -135,19 +134,12 @@ impl DiskStore {
         let db = unpanicked(|| redb::Builder::new().set_cache_size(CACHE_BYTES).create(&file))
             .map_err(|e| cannot_open(&e))?
             .map_err(|e| cannot_open(&e))?;
-        let (records, footprint) = unpanicked(|| prepare(&db))
+        unpanicked(|| prepare(&db))
             .map_err(|e| cannot_open(&e))?
             .map_err(|e| cannot_open(&e))?;
-        let index = unpanicked(|| build_index(&db))
+        let (index, footprint) = unpanicked(|| build_index(&db))
             .map_err(|e| cannot_open(&e))?
             .map_err(|e| cannot_open(&e))?;
-        if index.len() as u64 != records {
-            tracing::warn!(
-                indexed = index.len(),
-                counted = records,
-                "disk store: record count corrected from the index"
-            );
-        }
         let records = index.len() as u64;
         metrics.max_bytes.set(max_disk_bytes.min(i64::MAX as u64) as i64);
         let shared = Arc::new(Shared {
@@ -355,33 +347,31 @@ impl Store for DiskStore {
     }
 }
 
-/// Creates the tables of a new file; the record count and footprint of an existing one.
-fn prepare(db: &Database) -> Result<(u64, u64), redb::Error> {
+/// Creates the tables of a new file.
+fn prepare(db: &Database) -> Result<(), redb::Error> {
     let tx = db.begin_write()?;
-    let counters = {
-        tx.open_table(RECORDS)?;
-        tx.open_table(EXPIRY)?;
-        let meta = tx.open_table(META)?;
-        let counter = |name: &str| -> Result<u64, redb::Error> { Ok(meta.get(name)?.map_or(0, |v| v.value())) };
-        (counter("records")?, counter("footprint")?)
-    };
+    tx.open_table(RECORDS)?;
+    tx.open_table(EXPIRY)?;
     tx.commit()?;
-    Ok(counters)
+    Ok(())
 }
 
-/// The index of every record in the file, from the keys of the `records` table.
-fn build_index(db: &Database) -> Result<Index, redb::Error> {
+/// The index of every record in the file, from the keys of the `records` table, and the
+/// records' footprint (so no counter is written with every commit).
+fn build_index(db: &Database) -> Result<(Index, u64), redb::Error> {
     let index = Index::default();
+    let mut used = 0u64;
     let tx = db.begin_read()?;
     let table = tx.open_table(RECORDS)?;
     for entry in table.iter()? {
-        let (key, _) = entry?;
+        let (key, value) = entry?;
         match split_record_key(key.value()) {
             Some((created, digest)) => index.set(&digest, Some(created)),
             None => tracing::error!("disk store: a record key of {} bytes is skipped", key.value().len()),
         }
+        used = used.saturating_add(footprint(value.value().len()));
     }
-    Ok(index)
+    Ok((index, used))
 }
 
 /// Runs a redb call, turning a panic into an error: redb panics on some damaged pages (an

@@ -117,6 +117,10 @@ async fn a_full_store_refuses_new_keys_and_keeps_the_live_ones() {
         store.begin(&request(&key(1), DAY)).await,
         Ok(Begin::Replay(_))
     ));
+    // The footprint is counted again from the file when it opens.
+    drop(store);
+    let store = open(dir.path(), 2 * footprint(in_flight_value) + 10);
+    assert_eq!(store.begin(&request(&key(3), DAY)).await, Err(StoreError::Full(2)));
     assert_eq!(store.clear(&key(2)).await, Ok(true));
     owned(&store, &key(3), DAY).await;
 }

@@ -22,7 +22,7 @@ use tokio::sync::oneshot;
 use std::collections::HashMap;
 
 use super::format::{decode_value, encode_value, expiry_key, record_key, split_expiry_key, value_expiry, RecordKey};
-use super::{corrupt, footprint, lease_left_at, storage_failure, unpanicked, Shared, EXPIRY, META, RECORDS};
+use super::{corrupt, footprint, lease_left_at, storage_failure, unpanicked, Shared, EXPIRY, RECORDS};
 use crate::config::UnknownOutcome;
 use crate::idempotency::{decide, unix_ms, Decision, Existing, Fingerprint, LeaseToken, Record};
 use crate::store::{Begin, StoreError};
@@ -212,15 +212,9 @@ impl Writer {
         Ok(answers)
     }
 
-    /// Stores the counters with the transaction's changes, commits it, and then (before anyone
-    /// is answered) applies its changes to the index and the counters.
+    /// Commits the transaction, and then (before anyone is answered) applies its changes to the
+    /// index and the counters.
     fn finish(&self, tx: WriteTransaction, changes: Changes) -> Result<(), redb::Error> {
-        let (records, footprint) = self.shared.after(changes.delta);
-        {
-            let mut meta = tx.open_table(META)?;
-            meta.insert("records", records)?;
-            meta.insert("footprint", footprint)?;
-        }
         tx.commit()?;
         for (digest, created) in &changes.moved {
             self.shared.index.set(digest, *created);
