@@ -1,10 +1,12 @@
-//! Micro benchmarks of the per-request idempotency work: key parsing, fingerprinting,
-//! record encoding/decoding and the decision. Run: `cargo bench --bench micro`.
+//! Micro benchmarks of the per-request idempotency work: key parsing, key sources,
+//! fingerprinting (bytes and canonical JSON), record encoding/decoding and the decision.
+//! Run: `cargo bench --bench micro`.
 
 use bytes::Bytes;
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use http::{HeaderName, HeaderValue, Method, StatusCode, Uri};
-use idemproxy::config::UnknownOutcome;
+use idemproxy::config::{JsonPointer, KeySource, UnknownOutcome};
+use idemproxy::idempotency::source::{self, json_key, BodyView};
 use idemproxy::idempotency::{decide, key, Existing, Fingerprint, LeaseToken, Record, StorageKey, StoredResponse};
 
 fn key_parsing(c: &mut Criterion) {
@@ -44,6 +46,75 @@ fn fingerprinting(c: &mut Criterion) {
             )
         })
     });
+}
+
+/// A JSON order of about `size` bytes, members in no particular order: a client order id and a
+/// timestamp up front, then line items.
+fn json_body(size: usize) -> Vec<u8> {
+    let mut body = String::from(
+        r#"{"sent_at":"2026-11-21T10:00:00.123Z","client_order_id":"ord-8e03978e","currency":"EUR","items":["#,
+    );
+    let mut i = 0u32;
+    while body.len() + 120 < size {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(&format!(
+            r#"{{"sku":"sku-{i:06}","qty":{},"price":{},"note":"gift wrap é {i}","tags":["a","b"]}}"#,
+            i % 7 + 1,
+            1999 + i
+        ));
+        i += 1;
+    }
+    body.push_str(r#"],"amount":9007199254740993}"#);
+    body.into_bytes()
+}
+
+fn json_fingerprinting(c: &mut Criterion) {
+    let mut group = c.benchmark_group("fingerprint_json");
+    let uri: Uri = "/v1/orders?expand=items".parse().expect("uri");
+    let ignore = [JsonPointer::parse("/sent_at").expect("pointer")];
+    for size in [1024usize, 64 * 1024, 1024 * 1024] {
+        let body = json_body(size);
+        group.throughput(Throughput::Bytes(body.len() as u64));
+        group.bench_with_input(BenchmarkId::from_parameter(size), &body, |b, body| {
+            b.iter(|| Fingerprint::of_json(&Method::POST, &uri, Some(b"application/json"), black_box(body), &ignore))
+        });
+    }
+    group.finish();
+}
+
+fn key_sources(c: &mut Criterion) {
+    let mut group = c.benchmark_group("key_source");
+    let body = json_body(1024);
+    let first = JsonPointer::parse("/client_order_id").expect("pointer");
+    let last = JsonPointer::parse("/amount").expect("pointer");
+    group.throughput(Throughput::Bytes(body.len() as u64));
+    group.bench_function("json_1024_near_start", |b| {
+        b.iter(|| json_key(black_box(&body), &first).map(|k| k.map(|k| k.as_bytes().len())))
+    });
+    group.bench_function("json_1024_at_end", |b| {
+        b.iter(|| json_key(black_box(&body), &last).map(|k| k.map(|k| k.as_bytes().len())))
+    });
+    // The default source, as every keyed request without key_sources settings looks it up.
+    let sources = [KeySource::default_header()];
+    let mut headers = http::HeaderMap::new();
+    headers.insert(
+        "idempotency-key",
+        HeaderValue::from_static("8e03978e-40d5-43e8-bc93-6894a57f9324"),
+    );
+    headers.insert("content-type", HeaderValue::from_static("application/json"));
+    let uri: Uri = "/v1/orders".parse().expect("uri");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("default_header", |b| {
+        b.iter(|| {
+            matches!(
+                source::find(&sources, 0, black_box(&headers), &uri, BodyView::NotRead),
+                Ok(source::Lookup::Found { .. })
+            )
+        })
+    });
+    group.finish();
 }
 
 fn completed(body_len: usize) -> Record {
@@ -127,5 +198,13 @@ fn decision(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, key_parsing, fingerprinting, records, decision);
+criterion_group!(
+    benches,
+    key_parsing,
+    key_sources,
+    fingerprinting,
+    json_fingerprinting,
+    records,
+    decision
+);
 criterion_main!(benches);

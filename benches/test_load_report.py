@@ -8,7 +8,7 @@ import unittest
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from load import chart, parse, report
+from load import chart, measure, parse, report, scenarios, servers
 from load.config import ConfigError, from_env
 
 TESTDATA = Path(__file__).resolve().parent / "testdata"
@@ -36,9 +36,18 @@ ROLES = {
     ("replay", "idemproxy-embedded"): {"idem_mem": "proxy", "upstream": "upstream"},
     ("storm", "idemproxy-redis"): {"idem_redis": "proxy", "redis": "redis", "upstream": "upstream"},
     ("storm", "idemproxy-embedded"): {"idem_mem": "proxy", "upstream": "upstream"},
+    ("get", "idemproxy-baseline"): {"idem_redis_base": "proxy", "redis": "redis", "upstream": "upstream"},
+    ("new", "idemproxy-embedded-baseline"): {"idem_mem_base": "proxy", "upstream": "upstream"},
+    ("new", "embedded-json-fingerprint"): {"idem_json": "proxy", "upstream": "upstream"},
+    **{(group, f"replicated-min{n}"): {f"idem_repl{n}": "proxy", "redis_primary": "redis", "redis_replica": "redis",
+                                       "upstream": "upstream"}
+       for group in ("new", "replay") for n in (0, 1)},
 }
 ROLES.update({(g, "idemproxy-disk"): {"idem_disk": "proxy", "upstream": "upstream"} for g in ("new", "replay", "storm")})
-ALL_ROLES = ("upstream", "nginx", "floor", "redis", "idem_redis", "idem_mem", "idem_disk")
+ALL_ROLES = ("upstream", "nginx", "floor", "redis", "idem_redis", "idem_mem", "idem_redis_base", "idem_mem_base",
+             "redis_primary", "redis_replica", "idem_repl0", "idem_repl1", "idem_json", "idem_disk")
+REPLICAS_TARGET = report.REPLICAS_TARGET
+JSON_TARGET = report.JSON_FINGERPRINT_TARGET
 
 
 def bench(requests=REQUESTS, rps=10_000.0, p50_us=500, p99_us=1200, s2xx=None, s409=0, s5xx=0):
@@ -91,6 +100,33 @@ def full_runs():
             redis_calls={"set": REQUESTS}),
         run("storm", "idemproxy-embedded", cpu={"proxy": 11}, rps=88_000, s409=500),
     ]
+
+
+def replicated_runs(new1=16_000, replay1=66_000):
+    """The replicated-Redis variants (issue 14), one round each: min_replicas 0 and 1, first
+    executions (`new1` req/s with 1 against 20,000 with 0) and replays (`replay1` against 68,000)."""
+    peaks = {"idem_redis": 18 * 1024, "idem_mem": 30 * 1024, "nginx": 14 * 1024, "idem_repl0": 19 * 1024,
+             "idem_repl1": 21 * 1024}
+    return [
+        run("new", "replicated-min0", cpu={"proxy": 27, "redis": 14, "upstream": 7}, rps=20_000, peaks=peaks,
+            redis_calls={"set": 2 * REQUESTS, "get": REQUESTS, "evalsha": REQUESTS}),
+        run("new", "replicated-min1", cpu={"proxy": 29, "redis": 16, "upstream": 7}, rps=new1, peaks=peaks,
+            redis_calls={"set": 2 * REQUESTS, "get": REQUESTS, "evalsha": REQUESTS, "wait": REQUESTS // 4}),
+        run("replay", "replicated-min0", cpu={"proxy": 12, "redis": 2}, rps=68_000, peaks=peaks,
+            redis_calls={"set": REQUESTS}),
+        run("replay", "replicated-min1", cpu={"proxy": 12, "redis": 2}, rps=replay1, peaks=peaks,
+            redis_calls={"set": REQUESTS}),
+    ]
+
+
+def json_fingerprint_runs(json_proxy=30.0, bytes_proxy=25.0, rounds=1):
+    """The new-key embedded variants of issue 15, `rounds` interleaved rounds: the byte fingerprint
+    (`bytes_proxy` proxy µs/req) and --fingerprint-body json (`json_proxy`), upstream 7 µs each."""
+    peaks = {"idem_redis": 18 * 1024, "idem_mem": 30 * 1024, "nginx": 14 * 1024, "idem_json": 31 * 1024}
+    return [run("new", variant, round_, cpu={"proxy": proxy, "upstream": 7}, rps=rps, peaks=peaks)
+            for round_ in range(1, rounds + 1)
+            for variant, proxy, rps in (("idemproxy-embedded", bytes_proxy, 29_000),
+                                        ("embedded-json-fingerprint", json_proxy, 27_000))]
 
 
 CALIBRATION = {
@@ -218,6 +254,14 @@ class Runs(unittest.TestCase):
         self.assertAlmostEqual(r["rps"], 10_000.0)
         self.assertEqual((r["p50_ms"], r["p99_ms"]), (0.5, 1.2))
 
+    def test_replicated_redis_cpu_is_primary_plus_replica(self):
+        roles = ROLES[("new", "replicated-min1")]
+        pre, post = sample(), sample({"idem_repl1": 1029, "redis_primary": 1015, "redis_replica": 1006, "redis": 1500})
+        r = report.build_run({"group": "new", "variant": "replicated-min1", "round": 1, "roles": roles}, bench(),
+                             pre, post, {"idem_repl1": 20 * 1024}, CLK_TCK, None)
+        self.assertEqual(r["cpu_us_per_req"], {"proxy": 29.0, "redis": 21.0, "upstream": 0.0})
+        self.assertEqual((r["cpu_us_per_req_total"], r["peak_rss_mib"]), (50.0, 20.0))
+
     def test_floor_has_no_peak_rss(self):
         self.assertIsNone(run("get", "hyper-floor", cpu={"proxy": 12})["peak_rss_mib"])
 
@@ -309,6 +353,90 @@ class Targets(unittest.TestCase):
         self.assertEqual(len(results), 7)
         self.assertEqual(set(results.values()), {("not run", "n/a")})
 
+    def test_replica_target_only_with_replicated_runs(self):
+        # Without the replicated variants (older reports, ONLY without new and replay) the
+        # targets are the seven they were; with them, the replica target comes last.
+        self.assertNotIn(REPLICAS_TARGET, self.results(full_runs()))
+        results = self.results(full_runs() + replicated_runs())
+        self.assertEqual(list(results)[-1], REPLICAS_TARGET)
+        self.assertEqual([r for _, r in results.values()],
+                         ["FAIL", "FAIL", "FAIL", "PASS", "PASS", "PASS", "PASS", "PASS"])
+        self.assertEqual(results[REPLICAS_TARGET][0],
+                         "first executions 16,000 vs 20,000 req/s = **0.80×** (p99 1.20 vs 1.20 ms); "
+                         "replays 66,000 vs 68,000 req/s = **0.97×** (p99 1.20 vs 1.20 ms)")
+        # The replicated idemproxies are not the Redis-store idemproxy of the RSS target.
+        self.assertEqual(results["peak RSS < 64 MiB under load (idemproxy, Redis store)"][0], "**18.0 MiB**")
+
+    def test_replica_target_limits(self):
+        def agg(new0, new1, replay0, replay1):
+            figures = {"new": (new0, new1), "replay": (replay0, replay1)}
+            return {(g, f"replicated-min{n}"): {"rps": figures[g][n], "p99_ms": 1.0} for g in figures for n in (0, 1)}
+        self.assertEqual(report.target_replicas(agg(20_000, 14_000, 10_000, 9_000))[2], "PASS")  # exactly 0.7×, 0.9×
+        self.assertEqual(report.target_replicas(agg(20_000, 13_999, 10_000, 10_000))[2], "FAIL")
+        self.assertEqual(report.target_replicas(agg(20_000, 14_000, 10_000, 8_999))[2], "FAIL")
+        cases = [  # (new with 1 req/s against 20,000, replay with 1 against 68,000) -> result
+            ((14_100, 61_300), "PASS"),  # just above 0.7× and 0.9×
+            ((13_900, 68_000), "FAIL"),  # first executions below 0.7×
+            ((20_000, 61_000), "FAIL"),  # replays below 0.9×
+            ((30_000, 80_000), "PASS"),  # faster is fine
+        ]
+        for (new1, replay1), expected in cases:
+            with self.subTest(new1=new1, replay1=replay1):
+                self.assertEqual(self.results(replicated_runs(new1, replay1), {})[REPLICAS_TARGET][1], expected)
+
+    def test_replica_target_judges_the_halves_that_ran(self):
+        runs = replicated_runs(new1=13_000, replay1=67_000)
+        only_new, only_replay = runs[:2], runs[2:]
+        self.assertEqual(self.results(only_new, {})[REPLICAS_TARGET][1], "FAIL")
+        measured, result = self.results(only_replay, {})[REPLICAS_TARGET]
+        self.assertEqual((measured, result), ("replays 67,000 vs 68,000 req/s = **0.99×** (p99 1.20 vs 1.20 ms)", "PASS"))
+        # One variant of a pair alone measures nothing.
+        self.assertEqual(self.results(runs[:1], {})[REPLICAS_TARGET], ("not run", "n/a"))
+
+
+class JsonFingerprintTarget(unittest.TestCase):
+    def results(self, runs):
+        return {name: (measured, result)
+                for name, measured, result in report.targets(report.aggregate(runs), CALIBRATION)}
+
+    def test_only_when_both_fingerprints_ran(self):
+        # Older reports (no JSON-fingerprint variant) keep their seven targets; one variant of
+        # the pair alone measures nothing and adds no line.
+        self.assertNotIn(JSON_TARGET, self.results(full_runs()))
+        json_run = json_fingerprint_runs()[1]
+        self.assertNotIn(JSON_TARGET, self.results([json_run]))
+        self.assertNotIn(JSON_TARGET, self.results(full_runs()[:8] + [json_run]))
+        results = self.results(full_runs() + json_fingerprint_runs()[1:])
+        self.assertEqual(list(results)[-1], JSON_TARGET)
+        self.assertEqual(len(results), 8)
+        # After the replica target when both ran.
+        results = self.results(full_runs() + replicated_runs() + json_fingerprint_runs()[1:])
+        self.assertEqual(list(results)[-2:], [REPLICAS_TARGET, JSON_TARGET])
+
+    def test_measured(self):
+        measured, result = self.results(json_fingerprint_runs(json_proxy=29, bytes_proxy=25))[JSON_TARGET]
+        self.assertEqual(measured, "29.0 vs 25.0 µs = **1.16×** (totals with upstream: 36.0 vs 32.0 µs; "
+                                   "27,000 vs 29,000 req/s)")
+        self.assertEqual(result, "PASS")
+
+    def test_limit_is_proxy_cpu(self):
+        cases = [  # (json, bytes proxy µs/req) -> result
+            ((30, 25), "PASS"),  # exactly 1.2×
+            ((31, 25), "FAIL"),  # 1.24×
+            ((24, 25), "PASS"),  # cheaper is fine
+        ]
+        for (json_proxy, bytes_proxy), expected in cases:
+            with self.subTest(json_proxy=json_proxy, bytes_proxy=bytes_proxy):
+                runs = json_fingerprint_runs(json_proxy, bytes_proxy)
+                self.assertEqual(self.results(runs)[JSON_TARGET][1], expected)
+        # The proxy's CPU is judged, not the total: 31 + 7 = 38 ≤ 1.2 × (25 + 7) = 38.4 still fails.
+        self.assertEqual(self.results(json_fingerprint_runs(31, 25))[JSON_TARGET][1], "FAIL")
+
+    def test_medians_over_the_rounds(self):
+        runs = json_fingerprint_runs(json_proxy=30, bytes_proxy=25, rounds=3)
+        runs[1] = run("new", "embedded-json-fingerprint", 1, cpu={"proxy": 90, "upstream": 7}, rps=9_000)
+        self.assertIn("30.0 vs 25.0 µs = **1.20×**", self.results(runs)[JSON_TARGET][0])
+
 
 class FloorsAndRatios(unittest.TestCase):
     def test_floors(self):
@@ -346,6 +474,57 @@ class DiskStore(unittest.TestCase):
                       "(issue 13 target ≤ 1.2×: PASS)", info)
         self.assertFalse(any(line.startswith("disk store") for line in report.information(
             report.aggregate(full_runs()), full_runs())), "no disk runs, no disk lines")
+
+    def test_disk_store_rows_have_no_baseline_label(self):
+        runs = full_runs() + [run(g, "idemproxy-disk", cpu={"proxy": 12}) for g in ("new", "replay", "storm")]
+        agg = report.aggregate(runs)
+        md = report.markdown(ENV, agg, runs, report.targets(agg, CALIBRATION), {})
+        self.assertIn("| 9 | keyed POST 1 KiB, every key new | idemproxy, disk store |", md)
+        self.assertIn("| 9 | retry storm (32 conns, one key per wave) | idemproxy, disk store |", md)
+        self.assertNotIn(("new", "idemproxy-disk-baseline"), report.LABELS)
+        self.assertEqual([k for k in report.ORDER if k[1] == "idemproxy-disk"],
+                         [("new", "idemproxy-disk"), ("replay", "idemproxy-disk"), ("storm", "idemproxy-disk")])
+        self.assertEqual(report.ab(runs), [])
+
+    def test_disk_store_idemproxy_roles_ports_and_flags(self):
+        roles = scenarios.idemproxy_roles(True, True, True, True)
+        self.assertEqual(roles, ("idem_redis", "idem_mem", "idem_json", "idem_repl0", "idem_repl1", "idem_disk",
+                                 "idem_redis_base", "idem_mem_base"))
+        self.assertEqual(scenarios.idemproxy_roles(False, disk=True), ("idem_redis", "idem_mem", "idem_disk"))
+        self.assertTrue(all(scenarios.needs_disk((g,)) for g in ("new", "replay", "storm")))
+        self.assertFalse(scenarios.needs_disk(("get", "post")))
+        self.assertEqual(scenarios.idemproxy_label("idem_disk"), "idemproxy (disk store)")
+        self.assertFalse(scenarios.is_baseline("idem_disk") or scenarios.has_redis_store("idem_disk"))
+        self.assertIn("idem_disk", measure.PEAK_ROLES)
+        ports = servers.pick_ports(roles)
+        every = [ports.upstream, ports.nginx, ports.redis, ports.floor, *ports.replicated,
+                 *(p for pair in ports.idemproxies.values() for p in pair)]
+        self.assertEqual(len(set(every)), 22)
+        self.assertIn(ports.url("idem_disk"), [ports.url(e) for e in ports.endpoints()])
+        settings = from_env({}, Path("/r"), 2)
+        self.assertEqual(servers._store_flags("idem_disk", settings, ports, Path("/tmp/x")),
+                         ["--embedded-store", "disk", "--data-dir", "/tmp/x/disk-data"])
+        self.assertEqual(servers._policy_flags("idem_disk"), [])
+        # This build's memory store is asked for (its default is the disk store); the baseline's
+        # flags stay those an older build knows, and its environment asks for the memory store.
+        self.assertEqual(servers._store_flags("idem_mem", settings, ports),
+                         ["--embedded-store", "memory", "--memory-max-entries", "10000000"])
+        self.assertEqual(servers._store_flags("idem_mem_base", settings, ports), ["--memory-max-entries", "10000000"])
+        self.assertEqual(servers._idemproxy_env("idem_mem_base").get("IDEMPROXY_EMBEDDED_STORE"), "memory")
+        for role in ("idem_mem", "idem_disk", "idem_redis_base"):
+            self.assertNotIn("IDEMPROXY_EMBEDDED_STORE", servers._idemproxy_env(role))
+
+    def test_the_committed_report_re_renders_byte_identically(self):
+        # benches/results/: runs measured before the disk store; rendering them again changes nothing.
+        results = Path(__file__).resolve().parent / "results"
+        data = json.loads((results / "latest.json").read_text())
+        agg = report.aggregate(data["runs"])
+        target_rows = report.targets(agg, data["calibration"])
+        self.assertEqual(report.markdown(data["env"], agg, data["runs"], target_rows, {}),
+                         (results / "latest.md").read_text())
+        self.assertEqual(report.to_json(data["env"], data["calibration"], data["runs"], agg, target_rows),
+                         (results / "latest.json").read_text())
+        self.assertEqual(chart.svg(data["env"], agg), (results / "latest.svg").read_text())
 
 
 class Outputs(unittest.TestCase):
@@ -397,6 +576,57 @@ class Outputs(unittest.TestCase):
         self.assertEqual([(t["target"], t["measured"], t["result"]) for t in data["targets"]],
                          report.targets(again, data["calibration"]))
 
+    def test_replicated_rows_and_target_in_markdown(self):
+        _, agg, rows, md = self.outputs(runs=full_runs() + replicated_runs())
+        lines = md.splitlines()
+        start = lines.index(report.TABLE_HEAD[0])
+        table = lines[start + 2:start + 2 + len(agg)]
+        self.assertEqual([line.split("|")[1].strip() for line in table],
+                         ["1"] * 4 + ["2"] * 3 + ["3", "4", "5", "5", "6", "6", "7", "7", "8", "8"])
+        self.assertTrue(table[-4].startswith("| 7 | keyed POST 1 KiB, every key new | idemproxy, replicated Redis, "
+                                             "min_replicas 0 | 20,000 |"))
+        self.assertIn("| SET 2.00 · GET 1.00 · EVALSHA 1.00 · WAIT 0.25 | 4.25 | 21.0 |", table[-3])
+        self.assertIn("| 8 | keyed POST 1 KiB, same key (replay) | idemproxy, replicated Redis, min_replicas 1 |",
+                      table[-1])
+        self.assertEqual(rows[-1][0], REPLICAS_TARGET)
+        self.assertIn(f"| {REPLICAS_TARGET} | first executions 16,000 vs 20,000 req/s = **0.80×**", md)
+        self.assertEqual(md.count("| **PASS** |") + md.count("| **FAIL** |"), 8)
+
+    def test_nothing_changes_without_replicated_runs(self):
+        # What the committed latest.json holds: no replicated variant, so no row, target or label.
+        _, agg, rows, md = self.outputs()
+        self.assertEqual(len(rows), 7)
+        self.assertNotIn("replicated", md)
+        self.assertNotIn("min_replicas", md)
+        self.assertNotIn("replicated", chart.svg(ENV, agg))
+
+    def test_json_fingerprint_row_and_target_in_markdown(self):
+        _, agg, rows, md = self.outputs(runs=full_runs() + json_fingerprint_runs()[1:])
+        lines = md.splitlines()
+        start = lines.index(report.TABLE_HEAD[0])
+        table = lines[start + 2:start + 2 + len(agg)]
+        # Right after the embedded first executions it is measured against, under scenario 5.
+        self.assertEqual([line.split("|")[1].strip() for line in table],
+                         ["1"] * 4 + ["2"] * 3 + ["3", "4", "5", "5", "5", "6", "6"])
+        self.assertTrue(table[9].startswith("| 5 | keyed POST 1 KiB, every key new | idemproxy, embedded | "))
+        self.assertTrue(table[10].startswith("| 5 | keyed POST 1 KiB, every key new | idemproxy, embedded, "
+                                             "--fingerprint-body json | 27,000 |"), table[10])
+        self.assertIn("| 30.0 | — | 7.0 | **37.0** | — | — | 31.0 |", table[10])
+        self.assertEqual(rows[-1][0], JSON_TARGET)
+        self.assertIn(f"| {JSON_TARGET} | 30.0 vs 26.0 µs = **1.15×**", md)
+        self.assertEqual(md.count("| **PASS** |") + md.count("| **FAIL** |"), 8)
+        self.assertIn("--fingerprint-body json", chart.svg(ENV, agg))
+        # It has no baseline twin, so no A/B row either.
+        self.assertEqual(report.ab(full_runs() + json_fingerprint_runs()[1:]), [])
+
+    def test_nothing_changes_without_the_json_fingerprint_variant(self):
+        # What the committed latest.json holds: no JSON-fingerprint variant, so no row or target.
+        _, agg, rows, md = self.outputs()
+        self.assertEqual(len(rows), 7)
+        self.assertNotIn("fingerprint-body", md)
+        self.assertNotIn("JSON fingerprint", md)
+        self.assertNotIn("fingerprint-body", chart.svg(ENV, agg))
+
     def test_svg_is_well_formed(self):
         env = dict(ENV, commit="<a&b>")
         _, agg, _, _ = self.outputs(env)
@@ -420,6 +650,258 @@ class Outputs(unittest.TestCase):
         self.assertEqual(report.log_summary(lines), {("WARN", "slow"): 2, ("ERROR", "boom"): 1})
 
 
+def ab_runs():
+    """GET through this build and the baseline, interleaved over 3 rounds: this build has more
+    req/s and less CPU in every round, a p99 within the baseline's range and a higher peak RSS."""
+    this = [(52_000, 1200, 13, 18), (54_000, 1300, 14, 19), (53_000, 1100, 13, 18)]
+    base = [(50_000, 1250, 15, 17), (51_000, 1150, 16, 17), (49_000, 1400, 15, 17)]
+    runs = []
+    for round_, (t, b) in enumerate(zip(this, base), 1):
+        for variant, (rps, p99_us, proxy, rss), role in (("idemproxy", t, "idem_redis"),
+                                                         ("idemproxy-baseline", b, "idem_redis_base")):
+            runs.append(run("get", variant, round_, rps=rps, p99_us=p99_us, cpu={"proxy": proxy, "upstream": 5},
+                            peaks={role: rss * 1024, "idem_mem": 30 * 1024, "nginx": 14 * 1024}))
+    return runs
+
+
+class Baseline(unittest.TestCase):
+    def test_variants_with_a_baseline(self):
+        plain, paired = scenarios.groups(320, False), scenarios.groups(320, True)
+        self.assertEqual([v.name for v in paired["get"]],
+                         ["direct", "nginx", "hyper-floor", "idemproxy", "idemproxy-baseline"])
+        # The replicated-Redis variants have no baseline twin (an older build lacks
+        # --redis-min-replicas).
+        # Neither has the JSON-fingerprint variant (an older build lacks --fingerprint-body); it
+        # runs in the new-key group only, right after the embedded variant it is compared with.
+        # Nor the disk-store variant (an older build lacks --embedded-store and --data-dir), in the
+        # three keyed groups.
+        self.assertEqual([v.name for v in plain["new"]],
+                         ["idemproxy-redis", "idemproxy-embedded", "embedded-json-fingerprint", "idemproxy-disk",
+                          "replicated-min0", "replicated-min1"])
+        self.assertEqual([v.name for v in paired["new"]],
+                         ["idemproxy-redis", "idemproxy-redis-baseline", "idemproxy-embedded",
+                          "idemproxy-embedded-baseline", "embedded-json-fingerprint", "idemproxy-disk",
+                          "replicated-min0", "replicated-min1"])
+        self.assertEqual([v.name for v in plain["replay"]],
+                         ["idemproxy-redis", "idemproxy-embedded", "idemproxy-disk", "replicated-min0",
+                          "replicated-min1"])
+        self.assertEqual([v.name for v in paired["replay"]],
+                         ["idemproxy-redis", "idemproxy-redis-baseline", "idemproxy-embedded",
+                          "idemproxy-embedded-baseline", "idemproxy-disk", "replicated-min0", "replicated-min1"])
+        self.assertEqual([v.name for v in paired["storm"]],
+                         ["idemproxy-redis", "idemproxy-redis-baseline", "idemproxy-embedded",
+                          "idemproxy-embedded-baseline", "idemproxy-disk"])
+        for group in ("get", "post", "storm"):
+            self.assertFalse(any(v.name.startswith("replicated") for v in paired[group]))
+        for group in ("get", "post", "replay", "storm"):
+            self.assertFalse(any(v.endpoint == "idem_json" for v in paired[group]))
+        for group, variants in plain.items():
+            with self.subTest(group):
+                self.assertFalse(any(v.name.endswith("-baseline") for v in variants))
+                self.assertEqual([v for v in paired[group] if not v.name.endswith("-baseline")], variants)
+        redis, redis_base = paired["storm"][:2]
+        self.assertEqual((redis_base.endpoint, redis_base.script, redis_base.args),
+                         ("idem_redis_base", redis.script, redis.args))
+        self.assertEqual(redis_base.role_kinds(), {"idem_redis_base": "proxy", "redis": "redis", "upstream": "upstream"})
+        self.assertEqual(paired["replay"][3].role_kinds(), {"idem_mem_base": "proxy", "upstream": "upstream"})
+
+    def test_replicated_variants(self):
+        new, replay = scenarios.groups(320, False)["new"], scenarios.groups(320, False)["replay"]
+        for variants, script, args in ((new, "keyed_new.lua", ("@SEED",)), (replay, "keyed_same.lua", ("@KEY",))):
+            min0, min1 = variants[-2:]
+            self.assertEqual((min0.endpoint, min1.endpoint), ("idem_repl0", "idem_repl1"))
+            self.assertEqual((min0.script, min0.args, min1.script, min1.args), (script, args, script, args))
+            self.assertEqual(min1.role_kinds(), {"idem_repl1": "proxy", "redis_primary": "redis",
+                                                 "redis_replica": "redis", "upstream": "upstream"})
+            self.assertIn(min0.name, [k[1] for k in report.LABELS])
+        self.assertEqual(scenarios.MIN_REPLICAS, {"idem_repl0": 0, "idem_repl1": 1})
+        self.assertTrue(scenarios.needs_replicated(("get", "replay")))
+        self.assertFalse(scenarios.needs_replicated(("get", "post", "storm")))
+
+    def test_json_fingerprint_variant(self):
+        new = {v.name: v for v in scenarios.groups(320, False)["new"]}
+        embedded, json_fp = new["idemproxy-embedded"], new["embedded-json-fingerprint"]
+        # The same wrk script (its 1 KiB body) as the embedded variant, on its own idemproxy.
+        self.assertEqual((json_fp.endpoint, json_fp.script, json_fp.args),
+                         ("idem_json", embedded.script, embedded.args))
+        self.assertEqual(json_fp.role_kinds(), {"idem_json": "proxy", "upstream": "upstream"})
+        self.assertEqual(report.LABELS[("new", json_fp.name)],
+                         ("5", "keyed POST 1 KiB, every key new", "idemproxy, embedded, --fingerprint-body json"))
+        self.assertNotIn(("new", json_fp.name + "-baseline"), report.LABELS)
+        self.assertEqual(measure.counted_redis(json_fp.role_kinds(), ["redis"]), ["redis"])
+        self.assertIn("idem_json", measure.PEAK_ROLES)
+        self.assertEqual([r["peak_rss_mib"] for r in json_fingerprint_runs()], [30.0, 31.0])
+        self.assertTrue(scenarios.needs_json_fingerprint(("get", "new")))
+        self.assertFalse(scenarios.needs_json_fingerprint(("get", "post", "replay", "storm")))
+
+    def test_json_fingerprint_idemproxy(self):
+        roles = scenarios.idemproxy_roles(True, True, True)
+        self.assertEqual(roles, ("idem_redis", "idem_mem", "idem_json", "idem_repl0", "idem_repl1",
+                                 "idem_redis_base", "idem_mem_base"))
+        self.assertEqual(scenarios.idemproxy_roles(False, False, True), ("idem_redis", "idem_mem", "idem_json"))
+        self.assertEqual(scenarios.idemproxy_label("idem_json"), "idemproxy (embedded store, --fingerprint-body json)")
+        self.assertFalse(scenarios.is_baseline("idem_json") or scenarios.has_redis_store("idem_json"))
+        ports = servers.pick_ports(roles)
+        every = [ports.upstream, ports.nginx, ports.redis, ports.floor, *ports.replicated,
+                 *(p for pair in ports.idemproxies.values() for p in pair)]
+        self.assertEqual(len(set(every)), 20)
+        # The embedded idemproxy's store, and the JSON fingerprint on top; the others keep bytes.
+        settings = from_env({}, Path("/r"), 2)
+        self.assertEqual(servers._store_flags("idem_json", settings, ports),
+                         servers._store_flags("idem_mem", settings, ports))
+        self.assertEqual(servers._store_flags("idem_json", settings, ports),
+                         ["--embedded-store", "memory", "--memory-max-entries", "10000000"])
+        self.assertEqual(servers._policy_flags("idem_json"), ["--fingerprint-body", "json"])
+        for role in roles[:2] + roles[3:]:
+            self.assertEqual(servers._policy_flags(role), [])
+
+    def test_body_is_json_and_its_reordering_is_the_same_document(self):
+        body = servers.body_1k()
+        self.assertEqual(len(body), 1024)
+        doc = json.loads(body)
+        self.assertEqual(list(doc), ["sku", "qty", "pad"])
+        # wrk's body (benches/wrk/common.lua) is the same JSON object.
+        common = (Path(__file__).resolve().parent / "wrk" / "common.lua").read_text()
+        self.assertIn("local head = '{\"sku\":\"bench\",\"qty\":1,\"pad\":\"'", common)
+        other = servers.reordered(body)
+        self.assertNotEqual(other, body)
+        self.assertEqual(json.loads(other), doc)
+        self.assertEqual(list(json.loads(other)), ["pad", "qty", "sku"])
+
+    def test_redis_counted_per_variant(self):
+        # The replicated variants count the replicated primary's commands (not its replica's:
+        # it repeats the primary's writes); the others the benchmark's own Redis.
+        primaries = ["redis", "redis_primary"]
+        by_name = {v.name: v for v in scenarios.groups(320, True)["new"]}
+        self.assertEqual(measure.counted_redis(by_name["replicated-min1"].role_kinds(), primaries), ["redis_primary"])
+        self.assertEqual(measure.counted_redis(by_name["idemproxy-redis-baseline"].role_kinds(), primaries), ["redis"])
+        self.assertEqual(measure.counted_redis(by_name["idemproxy-embedded"].role_kinds(), primaries), ["redis"])
+        self.assertIn("idem_repl0", measure.PEAK_ROLES)
+        self.assertIn("idem_repl1", measure.PEAK_ROLES)
+        # Peak RSS of the replicated idemproxies is their own.
+        self.assertEqual([r["peak_rss_mib"] for r in replicated_runs()], [19.0, 21.0, 19.0, 21.0])
+
+    def test_idemproxy_roles_and_labels(self):
+        self.assertEqual(scenarios.idemproxy_roles(False), ("idem_redis", "idem_mem"))
+        self.assertEqual(scenarios.idemproxy_roles(False, True), ("idem_redis", "idem_mem", "idem_repl0", "idem_repl1"))
+        self.assertEqual(scenarios.idemproxy_roles(True, True), ("idem_redis", "idem_mem", "idem_repl0", "idem_repl1",
+                                                                 "idem_redis_base", "idem_mem_base"))
+        self.assertEqual([scenarios.idemproxy_label(r) for r in ("idem_repl0", "idem_repl1")],
+                         ["idemproxy (replicated Redis, --redis-min-replicas 0)",
+                          "idemproxy (replicated Redis, --redis-min-replicas 1)"])
+        self.assertFalse(any(scenarios.is_baseline(r) or scenarios.has_redis_store(r) for r in scenarios.MIN_REPLICAS))
+        roles = scenarios.idemproxy_roles(True)
+        self.assertEqual(roles, ("idem_redis", "idem_mem", "idem_redis_base", "idem_mem_base"))
+        self.assertEqual([scenarios.idemproxy_label(r) for r in roles],
+                         ["idemproxy (Redis store)", "idemproxy (embedded store)",
+                          "baseline idemproxy (Redis store)", "baseline idemproxy (embedded store)"])
+
+    def test_ports_of_every_idemproxy(self):
+        ports = servers.pick_ports(scenarios.idemproxy_roles(True))
+        self.assertEqual(ports.endpoints(), ["upstream", "nginx", "floor", "idem_redis", "idem_mem",
+                                             "idem_redis_base", "idem_mem_base"])
+        listen = {ports.url(e) for e in ports.endpoints()}
+        admin = {f"http://127.0.0.1:{a}/orders" for _, a in ports.idemproxies.values()}
+        self.assertEqual(len(listen | admin | {f"http://127.0.0.1:{ports.redis}/orders"}), 12)
+        self.assertIsNone(ports.replicated)
+
+    def test_ports_and_flags_of_the_replicated_idemproxies(self):
+        ports = servers.pick_ports(scenarios.idemproxy_roles(True, True))
+        self.assertEqual(list(ports.idemproxies), ["idem_redis", "idem_mem", "idem_repl0", "idem_repl1",
+                                                   "idem_redis_base", "idem_mem_base"])
+        every = [ports.upstream, ports.nginx, ports.redis, ports.floor, *ports.replicated,
+                 *(p for pair in ports.idemproxies.values() for p in pair)]
+        self.assertEqual(len(set(every)), 18)
+        primary = ports.replicated[0]
+        # Each on its own database of the replicated primary; the baseline's on database 1 of the
+        # benchmark's own Redis, as before.
+        self.assertEqual(servers._store_flags("idem_repl0", None, ports),
+                         ["--redis", f"redis://127.0.0.1:{primary}/0", "--redis-min-replicas", "0"])
+        self.assertEqual(servers._store_flags("idem_repl1", None, ports),
+                         ["--redis", f"redis://127.0.0.1:{primary}/1", "--redis-min-replicas", "1"])
+        self.assertEqual(servers._store_flags("idem_redis_base", None, ports),
+                         ["--redis", f"redis://127.0.0.1:{ports.redis}/1"])
+        self.assertEqual(ports.url("idem_repl1"), f"http://127.0.0.1:{ports.idemproxies['idem_repl1'][0]}/orders")
+
+    def test_beyond_noise_needs_ranges_apart(self):
+        self.assertEqual(report.beyond_noise([3, 4], [1, 2], True), "better")
+        self.assertEqual(report.beyond_noise([3, 4], [1, 2], False), "worse")
+        self.assertEqual(report.beyond_noise([1, 2], [3, 4], False), "better")
+        self.assertEqual(report.beyond_noise([1, 3], [2, 4], True), "within noise")
+        self.assertEqual(report.beyond_noise([2, 3], [3, 4], False), "within noise")  # touching ranges
+        self.assertEqual(report.beyond_noise([5], [1, 2], True), "n/a")
+
+    def test_ab_rows(self):
+        rows = report.ab(list(reversed(ab_runs())))  # in round order whatever the order of the runs
+        self.assertEqual([r["metric"] for r in rows], [m.name for m in report.AB_METRICS])
+        self.assertEqual({(r["group"], r["variant"]) for r in rows}, {("get", "idemproxy")})
+        by = {r["metric"]: r for r in rows}
+        rps = by["req/s"]
+        self.assertAlmostEqual(rps["this"], 53_000, delta=1)
+        self.assertAlmostEqual(rps["baseline"], 50_000, delta=1)
+        self.assertAlmostEqual(rps["ratio"], 1.06, places=4)
+        self.assertEqual([round(x) for x in rps["this_rounds"]], [52_000, 54_000, 53_000])
+        self.assertEqual([round(x) for x in rps["baseline_rounds"]], [50_000, 51_000, 49_000])
+        self.assertEqual({m: r["verdict"] for m, r in by.items()},
+                         {"req/s": "better", "p99 ms": "within noise", "proxy CPU µs/req": "better",
+                          "total CPU µs/req": "better", "peak RSS MiB": "worse"})
+        self.assertEqual((by["p99 ms"]["this"], by["p99 ms"]["baseline"]), (1.2, 1.25))
+        self.assertEqual((by["total CPU µs/req"]["this"], by["total CPU µs/req"]["baseline"]), (18.0, 20.0))
+        self.assertEqual(by["proxy CPU µs/req"]["this_rounds"], [13.0, 14.0, 13.0])
+        self.assertEqual((by["peak RSS MiB"]["this"], by["peak RSS MiB"]["baseline"]), (19.0, 17.0))  # the max
+
+    def test_ab_needs_both_builds(self):
+        self.assertEqual(report.ab(full_runs()), [])
+        self.assertEqual(report.ab(full_runs() + replicated_runs()), [])
+        # The replicated variants stay out of the A/B, next to a baseline's.
+        rows = report.ab(replicated_runs() + ab_runs())
+        self.assertEqual({(r["group"], r["variant"]) for r in rows}, {("get", "idemproxy")})
+        self.assertNotIn(("new", "replicated-min0-baseline"), report.LABELS)
+        self.assertEqual(report.ab([r for r in ab_runs() if r["variant"] == "idemproxy-baseline"]), [])
+
+    def test_baseline_rows_follow_their_variant(self):
+        runs = full_runs() + ab_runs()[1:2] + [
+            run("new", "idemproxy-embedded-baseline", cpu={"proxy": 25}, peaks={"idem_mem_base": 1024})]
+        keys = list(report.aggregate(runs))
+        self.assertEqual(keys[keys.index(("get", "idemproxy")) + 1], ("get", "idemproxy-baseline"))
+        self.assertEqual(keys[keys.index(("new", "idemproxy-embedded")) + 1], ("new", "idemproxy-embedded-baseline"))
+        self.assertEqual(report.LABELS[("get", "idemproxy-baseline")], ("1", report._GET, "idemproxy · baseline"))
+        # The baseline is no part of the targets: the Redis-store peak RSS is this build's.
+        self.assertEqual(report.target_rss(report.aggregate(runs))[1], "**18.0 MiB**")
+
+    def test_ab_in_markdown_and_json(self):
+        runs = full_runs()[:3] + ab_runs()
+        env = dict(ENV, baseline="f6430ef", baseline_revision="main~3")
+        agg = report.aggregate(runs)
+        rows = report.targets(agg, {})
+        md = report.markdown(env, agg, runs, rows, {})
+        lines = md.splitlines()
+        start = lines.index(report.AB_HEAD[0])
+        self.assertIn("## A/B: this build vs baseline `f6430ef`", lines[start - 4])
+        self.assertIn("baseline: `BASELINE=main~3`, commit `f6430ef`", lines[start - 2])
+        self.assertLess(lines.index(report.TABLE_HEAD[0]), start)
+        self.assertLess(start, lines.index("## Targets (issue 5)"))
+        table = lines[start + 2:start + 2 + len(report.AB_METRICS)]
+        self.assertEqual(lines[start + 2 + len(report.AB_METRICS)], "")
+        self.assertEqual({line.count("|") for line in table}, {11})
+        self.assertEqual(table[0], "| 1 | GET pass-through, small body | idemproxy | req/s | 53,000 | 50,000 | **1.060×** "
+                                   "| 52,000 / 54,000 / 53,000 | 50,000 / 51,000 / 49,000 | **better** |")
+        self.assertEqual(table[1], "|  |  |  | p99 ms | 1.20 | 1.25 | **0.960×** | 1.20 / 1.30 / 1.10 "
+                                   "| 1.25 / 1.15 / 1.40 | within noise |")
+        self.assertEqual(table[4], "|  |  |  | peak RSS MiB | 19.0 | 17.0 | **1.118×** | 18.0 / 19.0 / 18.0 "
+                                   "| 17.0 / 17.0 / 17.0 | **worse** |")
+        data = json.loads(report.to_json(env, {}, runs, agg, rows))
+        self.assertEqual(data["ab"], report.ab(runs))
+        self.assertEqual(data["env"]["baseline"], "f6430ef")
+
+    def test_nothing_changes_without_a_baseline(self):
+        runs = full_runs()
+        agg = report.aggregate(runs)
+        md = report.markdown(ENV, agg, runs, report.targets(agg, CALIBRATION), {})
+        self.assertNotIn("A/B", md)
+        self.assertNotIn("ab", json.loads(report.to_json(ENV, CALIBRATION, runs, agg, [])))
+
+
 class Settings(unittest.TestCase):
     def test_defaults_and_quick(self):
         s = from_env({}, Path("/r"), 2)
@@ -428,9 +910,16 @@ class Settings(unittest.TestCase):
         q = from_env({"QUICK": "1", "ONLY": "get get new"}, Path("/r"), 1)
         self.assertEqual((q.duration, q.warmup, q.only, q.pinned), (2, 1, ("get", "new"), False))
 
+    def test_baseline(self):
+        self.assertIsNone(from_env({}, Path("/r"), 2).baseline)
+        self.assertIsNone(from_env({"BASELINE": " "}, Path("/r"), 2).baseline)
+        for rev in ("f6430ef", "main~3", "v0.1.0", "HEAD^", "origin/main@{1}"):
+            self.assertEqual(from_env({"BASELINE": rev}, Path("/r"), 2).baseline, rev)
+
     def test_bad_values(self):
         for env in ({"DURATION": "0"}, {"ROUNDS": "x"}, {"ONLY": "get put"}, {"UPSTREAM_KIND": "apache"},
-                    {"SERVER_CPUS": "one"}):
+                    {"SERVER_CPUS": "one"}, {"BASELINE": "--upload-pack=x"}, {"BASELINE": "a b"},
+                    {"BASELINE": "a;rm"}):
             with self.assertRaises(ConfigError):
                 from_env(env, Path("/r"), 2)
 

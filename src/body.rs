@@ -38,6 +38,15 @@ impl ProxyBody {
     }
 }
 
+/// The chunks of a body read in pieces, as one buffer (no copy for zero or one chunk).
+pub fn concat(mut chunks: Vec<Bytes>) -> Bytes {
+    match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.pop().unwrap_or_default(),
+        _ => chunks.concat().into(),
+    }
+}
+
 impl From<Incoming> for ProxyBody {
     fn from(body: Incoming) -> Self {
         Self::stream(body)

@@ -142,6 +142,16 @@ pub fn set_forwarded(headers: &mut HeaderMap, client_ip: &HeaderValue, proto: &H
     }
 }
 
+/// The retry hint (docs/behaviour.md §16): `name: true` when a retry with the same key can
+/// get a different answer, `name: false` when it cannot. Nothing when the route names no
+/// header. Replaces a value the upstream set: the proxy knows what a retry will get.
+pub fn set_retry_hint(headers: &mut HeaderMap, name: Option<&HeaderName>, retry: bool) {
+    if let Some(name) = name {
+        let value = HeaderValue::from_static(if retry { "true" } else { "false" });
+        headers.insert(name.clone(), value);
+    }
+}
+
 fn join(parts: &[&[u8]], last: &[u8]) -> HeaderValue {
     let mut out = Vec::with_capacity(parts.iter().map(|p| p.len() + 2).sum::<usize>() + last.len());
     for part in parts {
@@ -157,21 +167,32 @@ fn join(parts: &[&[u8]], last: &[u8]) -> HeaderValue {
 mod tests {
     use super::*;
 
+    /// The field names left after [`remove_hop_by_hop`] on a message with `fields`, sorted.
+    fn kept_after_removal(fields: &[(&'static str, &'static str)]) -> Vec<String> {
+        let mut headers = HeaderMap::new();
+        for (name, value) in fields {
+            headers.append(*name, HeaderValue::from_static(value));
+        }
+        remove_hop_by_hop(&mut headers);
+        let mut names: Vec<_> = headers.keys().map(|k| k.as_str().to_owned()).collect();
+        names.sort_unstable();
+        names
+    }
+
     #[test]
     fn removes_hop_by_hop_and_connection_options() {
-        let mut headers = HeaderMap::new();
-        headers.insert(CONNECTION, HeaderValue::from_static("keep-alive, X-Secret , close"));
-        headers.append(CONNECTION, HeaderValue::from_static("x-other"));
-        headers.insert("x-secret", HeaderValue::from_static("1"));
-        headers.insert("x-other", HeaderValue::from_static("1"));
-        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        headers.insert(TE, HeaderValue::from_static("trailers"));
-        headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
-        headers.insert(PROXY_AUTHORIZATION, HeaderValue::from_static("Basic x"));
-        headers.insert("x-kept", HeaderValue::from_static("1"));
-        remove_hop_by_hop(&mut headers);
-        let names: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
-        assert_eq!(names, vec!["x-kept"]);
+        let kept = kept_after_removal(&[
+            ("connection", "keep-alive, X-Secret , close"),
+            ("connection", "x-other"),
+            ("x-secret", "1"),
+            ("x-other", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("upgrade", "websocket"),
+            ("proxy-authorization", "Basic x"),
+            ("x-kept", "1"),
+        ]);
+        assert_eq!(kept, vec!["x-kept"]);
     }
 
     #[test]
@@ -184,25 +205,22 @@ mod tests {
 
     #[test]
     fn connection_close_alone_goes_and_the_rest_stays() {
-        let mut headers = HeaderMap::new();
-        headers.insert(CONNECTION, HeaderValue::from_static("Close, Keep-Alive, x-absent"));
-        headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-        headers.insert("x-kept", HeaderValue::from_static("1"));
-        remove_hop_by_hop(&mut headers);
-        let mut names: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
-        names.sort_unstable();
-        assert_eq!(names, vec!["content-type", "x-kept"]);
+        let kept = kept_after_removal(&[
+            ("connection", "Close, Keep-Alive, x-absent"),
+            ("content-type", "text/plain"),
+            ("x-kept", "1"),
+        ]);
+        assert_eq!(kept, vec!["content-type", "x-kept"]);
     }
 
     #[test]
     fn fixed_hop_by_hop_fields_go_without_connection() {
-        let mut headers = HeaderMap::new();
-        headers.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
-        headers.insert(PROXY_CONNECTION, HeaderValue::from_static("keep-alive"));
-        headers.insert("x-kept", HeaderValue::from_static("1"));
-        remove_hop_by_hop(&mut headers);
-        let names: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
-        assert_eq!(names, vec!["x-kept"]);
+        let kept = kept_after_removal(&[
+            ("transfer-encoding", "chunked"),
+            ("proxy-connection", "keep-alive"),
+            ("x-kept", "1"),
+        ]);
+        assert_eq!(kept, vec!["x-kept"]);
     }
 
     #[test]
@@ -219,6 +237,17 @@ mod tests {
         let mut fresh = HeaderMap::new();
         set_forwarded(&mut fresh, &ip, &proto, None);
         assert_eq!(fresh[X_FORWARDED_FOR], "10.0.0.9");
+    }
+
+    #[test]
+    fn retry_hint_is_set_only_when_named_and_replaces_the_upstreams() {
+        let name = HeaderName::from_static("stripe-should-retry");
+        let mut headers = HeaderMap::new();
+        set_retry_hint(&mut headers, None, false);
+        assert!(headers.is_empty());
+        headers.insert(name.clone(), HeaderValue::from_static("true"));
+        set_retry_hint(&mut headers, Some(&name), false);
+        assert_eq!(headers.get_all(&name).iter().collect::<Vec<_>>(), ["false"]);
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod config;
 pub mod error;
 pub mod headers;
 pub mod idempotency;
+pub mod keytool;
 pub mod proxy;
 pub mod server;
 pub mod state;

@@ -2,6 +2,7 @@
 //!
 //! Exit codes: `0` after a graceful stop, `2` for a configuration error (flags, environment,
 //! config file, TLS files), `1` for a failure at run time (a listener that cannot be bound).
+//! `idemproxy key …` runs the key tool instead of the proxy (`keytool`, with its own exit codes).
 
 use std::process::ExitCode;
 
@@ -9,12 +10,15 @@ use clap::Parser;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use idemproxy::config::{Cli, Config};
+use idemproxy::config::{Cli, Command, Config};
 use idemproxy::error::Chain;
 use idemproxy::ServeError;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Key(command)) = &cli.command {
+        return idemproxy::keytool::run(&cli, command);
+    }
     let config = match Config::load(&cli) {
         Ok(config) => config,
         Err(err) => {

@@ -6,7 +6,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, StoreSettings};
 use crate::error::ServeError;
-use crate::store::{AnyStore, DiskStore, MemoryStore, RedisStore};
+use crate::store::{AnyStore, DiskStore, MemoryStore, RedisOptions, RedisStore};
 use crate::telemetry::{DiskStoreMetrics, Metrics};
 use crate::upstream::Upstream;
 
@@ -50,15 +50,27 @@ impl State {
                 url,
                 command_timeout,
                 ca_file,
+                sentinel_password,
+                replication,
                 ..
             } => {
                 let ca_pem = ca_file
                     .as_deref()
                     .map(|path| crate::tls::read_ca_pem("store.ca_file", path))
                     .transpose()?;
-                AnyStore::Redis(RedisStore::connect_with_ca(url, *command_timeout, ca_pem).await?)
+                let options = RedisOptions {
+                    command_timeout: *command_timeout,
+                    ca_pem,
+                    sentinel_password: sentinel_password.clone(),
+                    replication: *replication,
+                    replica_acks: metrics.replica_acks(),
+                };
+                AnyStore::Redis(RedisStore::connect_with(url, options).await?)
             }
         };
+        for route in config.routes.iter().filter(|r| r.policy.enabled) {
+            metrics.start_guarded(route.index, &route.policy.methods);
+        }
         Ok(Self {
             metrics,
             upstream,

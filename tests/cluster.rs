@@ -1,16 +1,31 @@
 //! Redis Cluster: a real 3-master cluster of `redis-server --cluster-enabled yes` processes,
-//! created with `redis-cli --cluster create`, shared by two proxies.
+//! created with `redis-cli --cluster create`, shared by two proxies; and one whose masters have
+//! a replica each, with `store.min_replicas = 1` (docs/behaviour.md §4.4).
 
 mod common;
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, TestClient, TestProxy, TestUpstream};
+use common::{count_status, free_port, start_harness, TestClient, TestProxy, TestUpstream};
 use futures::future::join_all;
 use http::{Method, StatusCode};
 
 /// Three cluster-enabled masters on ephemeral ports, killed on drop.
+/// A free port for a cluster node whose cluster bus port (the port + 10000) is free too: a node
+/// whose bus port is taken never starts.
+fn cluster_port() -> u16 {
+    loop {
+        let port = free_port();
+        let bus_free = port
+            .checked_add(10_000)
+            .is_some_and(|bus| std::net::TcpListener::bind(("127.0.0.1", bus)).is_ok());
+        if bus_free {
+            return port;
+        }
+    }
+}
+
 struct RedisCluster {
     ports: Vec<u16>,
     children: Vec<Child>,
@@ -19,11 +34,26 @@ struct RedisCluster {
 
 impl RedisCluster {
     fn start() -> Self {
-        Self::start_on((0..3).map(|_| free_port()).collect())
+        Self::start_on((0..3).map(|_| cluster_port()).collect())
     }
 
     /// A cluster of one master on each of `ports`.
     fn start_on(ports: Vec<u16>) -> Self {
+        Self::start_nodes(ports, 0)
+    }
+
+    /// Three masters, each with `replicas` replicas, once every master has them attached.
+    fn start_with_replicas(replicas: usize) -> Self {
+        let cluster = Self::start_nodes((0..3 * (1 + replicas)).map(|_| cluster_port()).collect(), replicas);
+        for port in cluster.masters() {
+            cluster.wait_for(port, "INFO replication", &format!("connected_slaves:{replicas}"));
+            cluster.wait_for(port, "INFO replication", "state=online");
+        }
+        cluster
+    }
+
+    /// The nodes on `ports`, `replicas` of them per master.
+    fn start_nodes(ports: Vec<u16>, replicas: usize) -> Self {
         let mut children = Vec::new();
         let mut dirs = Vec::new();
         for &port in &ports {
@@ -40,7 +70,7 @@ impl RedisCluster {
                     "no",
                 ])
                 .args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"])
-                .args(["--cluster-node-timeout", "2000"])
+                .args(["--cluster-node-timeout", "2000", "--repl-diskless-sync-delay", "0"])
                 .arg("--dir")
                 .arg(dir.path())
                 .stdout(Stdio::null())
@@ -62,7 +92,7 @@ impl RedisCluster {
         let status = Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&nodes)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
@@ -91,6 +121,25 @@ impl RedisCluster {
 
     fn url(&self) -> String {
         cluster_url(&self.ports)
+    }
+
+    /// `redis-cli -p port <command>`'s output.
+    fn cli(&self, port: u16, command: &str) -> String {
+        let output = Command::new("redis-cli")
+            .args(["-p", &port.to_string()])
+            .args(command.split(' '))
+            .output()
+            .expect("redis-cli runs");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// The ports of the nodes that are masters now.
+    fn masters(&self) -> Vec<u16> {
+        self.ports
+            .iter()
+            .copied()
+            .filter(|port| self.cli(*port, "ROLE").starts_with("master"))
+            .collect()
     }
 
     /// Keys stored on each node.
@@ -148,11 +197,8 @@ async fn two_proxies_on_a_three_master_cluster_execute_each_key_once() {
     });
     let responses = join_all(requests).await;
     assert_eq!(upstream.hits(), 30, "each key executed exactly once");
-    assert_eq!(responses.iter().filter(|r| r.status == StatusCode::CREATED).count(), 30);
-    assert_eq!(
-        responses.iter().filter(|r| r.status == StatusCode::CONFLICT).count(),
-        90
-    );
+    assert_eq!(count_status(&responses, StatusCode::CREATED), 30);
+    assert_eq!(count_status(&responses, StatusCode::CONFLICT), 90);
     for k in 0..30 {
         let replay = TestClient::new()
             .post_keyed(&b.url("/orders"), &format!("cluster-{k}"), "{}")
@@ -177,16 +223,12 @@ async fn two_proxies_on_a_three_master_cluster_execute_each_key_once() {
 /// answers, then they are protected as usual.
 #[tokio::test]
 async fn a_proxy_starts_before_its_cluster_and_uses_it_once_it_is_up() {
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::to(&upstream)
-        .config(&format!(
-            "store.redis = \"{}\"\nstore.command_timeout = \"500ms\"",
-            cluster_url(&ports)
-        ))
-        .start()
-        .await;
-    let client = TestClient::new();
+    let ports: Vec<u16> = (0..3).map(|_| cluster_port()).collect();
+    let store = format!(
+        "store.redis = \"{}\"\nstore.command_timeout = \"500ms\"",
+        cluster_url(&ports)
+    );
+    let (upstream, proxy, client) = start_harness(|up| TestProxy::to(up).config(&store)).await;
     let early = client.post_keyed(&proxy.url("/orders"), "early", "{}").await;
     assert_eq!(
         early.status,
@@ -216,4 +258,47 @@ async fn a_proxy_starts_before_its_cluster_and_uses_it_once_it_is_up() {
     let replay = client.post_keyed(&proxy.url("/orders"), "later", "{}").await;
     assert_eq!(replay.header("idempotent-replayed"), Some("true"));
     assert_eq!(upstream.hits(), 2, "executed once, then replayed");
+}
+
+/// `min_replicas = 1` on a cluster whose masters each have a replica: a key's record is written
+/// to the master of its slot and acknowledged by that master's replica (one `WAIT` per master
+/// written, never one that spans the cluster); each key executes once and replays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_writes_wait_on_the_master_they_were_written_to() {
+    let cluster = tokio::task::spawn_blocking(|| RedisCluster::start_with_replicas(1))
+        .await
+        .expect("the cluster starts");
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::to(&upstream)
+        .config(&format!("store.redis = \"{}\"\nstore.min_replicas = 1", cluster.url()))
+        .start()
+        .await;
+    let client = TestClient::new();
+    let keys = (0..30).map(|k| {
+        let (client, url) = (client.clone(), proxy.url("/orders"));
+        async move { client.post_keyed(&url, &format!("acked-{k}"), "{}").await }
+    });
+    for response in join_all(keys).await {
+        assert_eq!(response.status, StatusCode::CREATED, "{response:?}");
+    }
+    for k in 0..30 {
+        let replay = client
+            .post_keyed(&proxy.url("/orders"), &format!("acked-{k}"), "{}")
+            .await;
+        assert_eq!(replay.header("idempotent-replayed"), Some("true"));
+    }
+    assert_eq!(upstream.hits(), 30, "each key executed once");
+    let masters = cluster.masters();
+    assert_eq!(masters.len(), 3);
+    for port in masters {
+        let stats = cluster.cli(port, "INFO commandstats");
+        assert!(
+            stats.contains("cmdstat_wait:"),
+            "master {port} waited for its replica: {stats}"
+        );
+        let keys: usize = cluster.cli(port, "DBSIZE").trim().parse().unwrap_or(0);
+        assert!(keys > 0, "keys spread over every master");
+    }
+    let stored: usize = cluster.keys_per_node().iter().sum();
+    assert_eq!(stored, 60, "every record on its master and on that master's replica");
 }

@@ -37,24 +37,25 @@ fn replay(target: &str, check: fn(&[u8]) -> bool) {
     assert!(failures.is_empty(), "{target}: {failures:#?}");
 }
 
-#[test]
-fn key_parser() {
-    replay("key_parser", checks::check_key);
+/// One test per fuzz target, named after it: `target => the property its inputs must keep`.
+macro_rules! replay_each_target {
+    ($($target:ident => $check:path),* $(,)?) => {
+        $(
+            #[test]
+            fn $target() {
+                replay(stringify!($target), $check);
+            }
+        )*
+    };
 }
 
-#[test]
-fn record_decode() {
-    replay("record_decode", checks::check_record);
-}
-
-#[test]
-fn config_load() {
-    replay("config_load", checks::check_config_bytes);
-}
-
-#[test]
-fn config_structured() {
-    replay("config_structured", checks::check_config_structured);
+replay_each_target! {
+    key_parser => checks::check_key,
+    record_decode => checks::check_record,
+    json_canonical => checks::check_canonical,
+    json_pointer => checks::check_pointer,
+    config_load => checks::check_config_bytes,
+    config_structured => checks::check_config_structured,
 }
 
 #[test]

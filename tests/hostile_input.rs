@@ -10,7 +10,10 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{find, proc_status_kib, read_one_response, read_until_closed, ProxyProcess, TestProxy, TestUpstream};
+use common::{
+    find, proc_status_kib, read_one_response, read_until_closed, start_harness, ProxyProcess, Recorded, TestProxy,
+    TestUpstream,
+};
 use http::Method;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -64,9 +67,8 @@ fn head_has(answer: &[u8], header_line: &str) -> bool {
         .any(|l| l.trim() == header_line)
 }
 
-/// `answer` is exactly one `status` answer from hyper's HTTP/1 parser (an empty body), and
-/// the proxy closed the connection after it.
-fn assert_parser_rejected(answer: &[u8], expected: u16, case: &str) {
+/// `answer` is exactly one response, of status `expected`.
+fn assert_one_answer(answer: &[u8], expected: u16, case: &str) {
     assert_eq!(
         status(answer),
         Some(expected),
@@ -98,6 +100,54 @@ fn assert_problem(answer: &[u8], expected: u16, slug: &str, case: &str) {
     );
 }
 
+/// A Stripe-form error (docs/behaviour.md §16) of `expected` status whose `code` is `slug`.
+fn assert_stripe_error(answer: &[u8], expected: u16, slug: &str, case: &str) {
+    let text = String::from_utf8_lossy(answer);
+    assert_eq!(status(answer), Some(expected), "{case}: got {text:?}");
+    assert!(head_has(answer, "content-type: application/json"), "{case}: {text:?}");
+    let json = body_json(answer);
+    assert_eq!(json["error"]["code"], slug, "{case}: {json}");
+}
+
+/// Writes each `(case, request)` on a new connection: each is refused by hyper's HTTP/1 parser
+/// with exactly one `expected` answer (an empty body), the proxy closes the connection, and
+/// none reaches the upstream.
+async fn assert_parser_rejects<R: AsRef<[u8]>>(
+    proxy: SocketAddr,
+    upstream: &TestUpstream,
+    expected: u16,
+    cases: impl IntoIterator<Item = (&str, R)>,
+) {
+    let before = upstream.hits();
+    for (case, request) in cases {
+        let answer = exchange(proxy, request.as_ref()).await;
+        assert_one_answer(&answer, expected, case);
+    }
+    assert_eq!(upstream.hits(), before, "{:?}", upstream.requests());
+}
+
+/// Writes `request` on a new connection: the proxy answers with the problem+json `expected`
+/// whose `type` ends with `#slug`. Returns the answer.
+async fn assert_refused_with_problem(
+    proxy: SocketAddr,
+    request: &[u8],
+    expected: u16,
+    slug: &str,
+    case: &str,
+) -> Vec<u8> {
+    let answer = exchange(proxy, request).await;
+    assert_problem(&answer, expected, slug, case);
+    answer
+}
+
+/// Writes `request` (one that ends the connection) on a new connection: the upstream answers
+/// it, once, `201`. Returns the last request the upstream received.
+async fn forwarded(proxy: SocketAddr, upstream: &TestUpstream, request: &[u8], case: &str) -> Recorded {
+    let answer = exchange(proxy, request).await;
+    assert_one_answer(&answer, 201, case);
+    upstream.requests().pop().expect("the request reached the upstream")
+}
+
 /// No request whose path is `path` reached the upstream.
 fn assert_never_reached(upstream: &TestUpstream, path: &str) {
     let requests = upstream.requests();
@@ -111,14 +161,9 @@ fn assert_never_reached(upstream: &TestUpstream, path: &str) {
 /// wedge), and it is the only new request the upstream sees.
 async fn assert_still_serves(proxy: SocketAddr, upstream: &TestUpstream) {
     let before = upstream.hits();
-    let answer = exchange(
-        proxy,
-        b"GET /still-serving HTTP/1.1\r\nHost: api.example\r\nConnection: close\r\n\r\n",
-    )
-    .await;
-    assert_eq!(status(&answer), Some(201), "{:?}", String::from_utf8_lossy(&answer));
+    let request = b"GET /still-serving HTTP/1.1\r\nHost: api.example\r\nConnection: close\r\n\r\n";
+    let last = forwarded(proxy, upstream, request, "still serving").await;
     assert_eq!(upstream.hits(), before + 1);
-    let last = upstream.requests().pop().expect("a request reached the upstream");
     assert_eq!(last.uri.path(), "/still-serving");
 }
 
@@ -271,22 +316,9 @@ async fn content_length_with_chunked_is_never_smuggled() {
         (&te_cl, "/te-cl", ""),
         (&keyed, "/keyed", SMUGGLED),
     ] {
-        let answer = exchange(proxy.addr, payload.as_bytes()).await;
         // Answered once, by the upstream, and the connection closed (RFC 9112 §6.1: "the
         // server MUST close the connection after responding to such a request").
-        assert_eq!(
-            status(&answer),
-            Some(201),
-            "{path}: {:?}",
-            String::from_utf8_lossy(&answer)
-        );
-        assert_eq!(
-            response_count(&answer),
-            1,
-            "{path}: {:?}",
-            String::from_utf8_lossy(&answer)
-        );
-        let seen = upstream.requests().pop().expect("the request reached the upstream");
+        let seen = forwarded(proxy.addr, &upstream, payload.as_bytes(), path).await;
         assert_eq!(seen.uri.path(), path);
         assert_eq!(
             seen.body.as_ref(),
@@ -302,7 +334,7 @@ async fn content_length_with_chunked_is_never_smuggled() {
     assert!(heads.iter().all(|h| !h.contains("/smuggled")), "{heads:?}");
 
     // Obfuscated or non-final chunked, and Transfer-Encoding in HTTP/1.0: refused by the parser.
-    for (case, payload) in [
+    let obfuscated = [
         (
             "TE not ending in chunked",
             "POST /te-gzip HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: gzip\r\n\r\nhello",
@@ -319,11 +351,8 @@ async fn content_length_with_chunked_is_never_smuggled() {
             "TE in HTTP/1.0",
             "POST /te-10 HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
         ),
-    ] {
-        let answer = exchange(proxy.addr, payload.as_bytes()).await;
-        assert_parser_rejected(&answer, 400, case);
-    }
-    assert_eq!(upstream.hits(), 3);
+    ];
+    assert_parser_rejects(proxy.addr, &upstream, 400, obfuscated).await;
     assert_still_serves(proxy.addr, &upstream).await;
 }
 
@@ -331,32 +360,25 @@ async fn content_length_with_chunked_is_never_smuggled() {
 /// `400` and the connection is closed; nothing is forwarded.
 #[tokio::test]
 async fn two_different_content_lengths_are_400() {
-    let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::to(&upstream).start().await;
-    for (case, payload) in [
-        (
-            "two fields",
-            "POST /two-cl HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 10\r\n\r\nhelloGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n",
-        ),
-        (
-            "one list",
-            "POST /two-cl HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 10\r\n\r\nhelloGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n",
-        ),
+    let (upstream, proxy, _) = start_harness(TestProxy::to).await;
+    // A POST of `hello` framed by `fields`, then `after` on the same connection.
+    let post = |fields: &str, after: &str| format!("POST /two-cl HTTP/1.1\r\nHost: a\r\n{fields}\r\n\r\nhello{after}");
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
+    let conflicting_lengths = [
+        ("two fields", post("Content-Length: 5\r\nContent-Length: 10", smuggled)),
+        ("one list", post("Content-Length: 5, 10", smuggled)),
         (
             "keyed",
-            "POST /two-cl HTTP/1.1\r\nHost: a\r\nIdempotency-Key: k-cl\r\nContent-Length: 10\r\nContent-Length: 5\r\n\r\nhelloGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n",
+            post(
+                "Idempotency-Key: k-cl\r\nContent-Length: 10\r\nContent-Length: 5",
+                smuggled,
+            ),
         ),
-        ("negative", "POST /two-cl HTTP/1.1\r\nHost: a\r\nContent-Length: -5\r\n\r\nhello"),
-        ("signed", "POST /two-cl HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\nhello"),
-        (
-            "overflowing",
-            "POST /two-cl HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999999999999\r\n\r\nhello",
-        ),
-    ] {
-        let answer = exchange(proxy.addr, payload.as_bytes()).await;
-        assert_parser_rejected(&answer, 400, case);
-    }
-    assert_eq!(upstream.hits(), 0);
+        ("negative", post("Content-Length: -5", "")),
+        ("signed", post("Content-Length: +5", "")),
+        ("overflowing", post("Content-Length: 99999999999999999999999", "")),
+    ];
+    assert_parser_rejects(proxy.addr, &upstream, 400, conflicting_lengths).await;
     assert_still_serves(proxy.addr, &upstream).await;
 }
 
@@ -365,8 +387,7 @@ async fn two_different_content_lengths_are_400() {
 /// forwarded or stored: the same key with a good body then executes normally.
 #[tokio::test]
 async fn invalid_chunk_sizes_on_keyed_posts_are_not_forwarded() {
-    let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::to(&upstream).start().await;
+    let (upstream, proxy, _) = start_harness(TestProxy::to).await;
     let head = |key: &str| {
         format!("POST /chunks HTTP/1.1\r\nHost: a\r\nIdempotency-Key: {key}\r\nTransfer-Encoding: chunked\r\n\r\n")
     };
@@ -376,9 +397,9 @@ async fn invalid_chunk_sizes_on_keyed_posts_are_not_forwarded() {
         ("chunk-overflow", "fffffffffffffffffffff\r\nhello\r\n0\r\n\r\n"),
         ("chunk-no-crlf", "5\r\nhelloXX3\r\nabc\r\n0\r\n\r\n"),
     ] {
-        let answer = exchange(proxy.addr, format!("{}{body}", head(key)).as_bytes()).await;
+        let request = format!("{}{body}", head(key));
         // hyper closes the connection after a body it could not frame (`exchange` waited for it).
-        assert_problem(&answer, 400, "bad-request", key);
+        let answer = assert_refused_with_problem(proxy.addr, request.as_bytes(), 400, "bad-request", key).await;
         assert_eq!(response_count(&answer), 1, "{key}");
     }
     // A size larger than the data, then the client half-closes: the body can never complete.
@@ -399,9 +420,8 @@ async fn invalid_chunk_sizes_on_keyed_posts_are_not_forwarded() {
         "{}5\r\nhello\r\n0\r\n\r\n",
         head("chunk-short").replace("\r\n\r\n", "\r\nConnection: close\r\n\r\n")
     );
-    let answer = exchange(proxy.addr, good.as_bytes()).await;
-    assert_eq!(status(&answer), Some(201), "{:?}", String::from_utf8_lossy(&answer));
-    assert_eq!(upstream.requests().pop().expect("executed").body.as_ref(), b"hello");
+    let executed = forwarded(proxy.addr, &upstream, good.as_bytes(), "a good body").await;
+    assert_eq!(executed.body.as_ref(), b"hello");
     assert_still_serves(proxy.addr, &upstream).await;
 }
 
@@ -420,9 +440,8 @@ async fn invalid_chunk_sizes_on_streamed_posts_never_complete_upstream() {
         ("overflow", "5\r\nhello\r\nfffffffffffffffffffff\r\nabc\r\n0\r\n\r\n"),
     ] {
         let request = format!("POST /stream-{case} HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n{body}");
-        let answer = exchange(proxy.addr, request.as_bytes()).await;
         // The upstream exchange fails on the client's body: the client's error.
-        assert_problem(&answer, 400, "bad-request", case);
+        assert_refused_with_problem(proxy.addr, request.as_bytes(), 400, "bad-request", case).await;
     }
     // A size larger than the data, then the client half-closes.
     let answer = exchange_then_eof(
@@ -453,9 +472,8 @@ async fn invalid_chunk_sizes_on_streamed_posts_never_complete_upstream() {
 /// with `400`, wherever it appears.
 #[tokio::test]
 async fn obs_fold_is_400() {
-    let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::to(&upstream).start().await;
-    for (case, payload) in [
+    let (upstream, proxy, _) = start_harness(TestProxy::to).await;
+    let folded = [
         (
             "space",
             "GET /fold HTTP/1.1\r\nHost: a\r\nX-Folded: one\r\n two\r\n\r\n",
@@ -466,11 +484,8 @@ async fn obs_fold_is_400() {
             "folded key",
             "POST /fold HTTP/1.1\r\nHost: a\r\nIdempotency-Key: one\r\n two\r\nContent-Length: 0\r\n\r\n",
         ),
-    ] {
-        let answer = exchange(proxy.addr, payload.as_bytes()).await;
-        assert_parser_rejected(&answer, 400, case);
-    }
-    assert_eq!(upstream.hits(), 0);
+    ];
+    assert_parser_rejects(proxy.addr, &upstream, 400, folded).await;
     assert_still_serves(proxy.addr, &upstream).await;
 }
 
@@ -479,13 +494,10 @@ async fn obs_fold_is_400() {
 /// 20): more fields are `431` too.
 #[tokio::test]
 async fn header_block_over_the_limits_is_431() {
-    let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::to(&upstream)
-        .config("server.max_header_bytes = 16384\nserver.max_headers = 20")
-        .start()
-        .await;
+    let (upstream, proxy, _) =
+        start_harness(|up| TestProxy::to(up).config("server.max_header_bytes = 16384\nserver.max_headers = 20")).await;
     let big = "v".repeat(20 * 1024);
-    for (case, payload) in [
+    let over_the_limits = [
         (
             "one 20 KiB field",
             format!("GET /big HTTP/1.1\r\nHost: a\r\nX-Big: {big}\r\n\r\n"),
@@ -514,11 +526,8 @@ async fn header_block_over_the_limits_is_431() {
                 (0..30).map(|i| format!("X-F{i}: {i}\r\n")).collect::<String>()
             ),
         ),
-    ] {
-        let answer = exchange(proxy.addr, payload.as_bytes()).await;
-        assert_parser_rejected(&answer, 431, case);
-    }
-    assert_eq!(upstream.hits(), 0);
+    ];
+    assert_parser_rejects(proxy.addr, &upstream, 431, over_the_limits).await;
 
     // Under both limits: 12 KiB in 19 fields is served and forwarded whole.
     let fine = format!(
@@ -527,9 +536,7 @@ async fn header_block_over_the_limits_is_431() {
             .map(|i| format!("X-Part-{i}: {}\r\n", &big[..2048]))
             .collect::<String>()
     );
-    let answer = exchange(proxy.addr, fine.as_bytes()).await;
-    assert_eq!(status(&answer), Some(201), "{:?}", String::from_utf8_lossy(&answer));
-    let seen = upstream.requests().pop().expect("forwarded");
+    let seen = forwarded(proxy.addr, &upstream, fine.as_bytes(), "under the limits").await;
     assert_eq!(seen.headers["x-part-5"].len(), 2048);
     assert_still_serves(proxy.addr, &upstream).await;
 }
@@ -540,9 +547,8 @@ async fn header_block_over_the_limits_is_431() {
 /// fields in CRLF lines, never a value containing CR or LF.
 #[tokio::test]
 async fn nul_cr_lf_in_field_values() {
-    let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::to(&upstream).start().await;
-    for (case, payload) in [
+    let (upstream, proxy, _) = start_harness(TestProxy::to).await;
+    let control_characters = [
         ("NUL", &b"GET /ctl HTTP/1.1\r\nHost: a\r\nX-Value: a\0b\r\n\r\n"[..]),
         ("bare CR", b"GET /ctl HTTP/1.1\r\nHost: a\r\nX-Value: a\rb\r\n\r\n"),
         (
@@ -562,19 +568,11 @@ async fn nul_cr_lf_in_field_values() {
             b"POST /ctl HTTP/1.1\r\nHost: a\r\nIdempotency-Key: k\rx\r\nContent-Length: 0\r\n\r\n",
         ),
         ("NUL in a name", b"GET /ctl HTTP/1.1\r\nHost: a\r\nX-Na\0me: a\r\n\r\n"),
-    ] {
-        let answer = exchange(proxy.addr, payload).await;
-        assert_parser_rejected(&answer, 400, case);
-    }
-    assert_eq!(upstream.hits(), 0);
+    ];
+    assert_parser_rejects(proxy.addr, &upstream, 400, control_characters).await;
 
-    let answer = exchange(
-        proxy.addr,
-        b"GET /lf HTTP/1.1\r\nHost: a\r\nX-Value: a\nX-Injected: b\r\nConnection: close\r\n\r\n",
-    )
-    .await;
-    assert_eq!(status(&answer), Some(201), "{:?}", String::from_utf8_lossy(&answer));
-    let seen = upstream.requests().pop().expect("forwarded");
+    let lf = b"GET /lf HTTP/1.1\r\nHost: a\r\nX-Value: a\nX-Injected: b\r\nConnection: close\r\n\r\n";
+    let seen = forwarded(proxy.addr, &upstream, lf, "bare LF").await;
     assert_eq!(seen.headers["x-value"], "a");
     assert_eq!(seen.headers["x-injected"], "b");
     assert!(
@@ -594,22 +592,14 @@ async fn nul_cr_lf_in_field_values() {
 /// Userinfo in the target and asterisk-form (`OPTIONS *`) are `400`.
 #[tokio::test]
 async fn absolute_form_goes_to_the_configured_upstream_and_asterisk_form_is_400() {
-    let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::to(&upstream).start().await;
+    let (upstream, proxy, _) = start_harness(TestProxy::to).await;
     for (target, host) in [
         ("http://example.com/path?q=1", "example.com"),
         ("https://example.com:8443/path?q=1", "other.example"),
         ("http://169.254.169.254/path?q=1", "169.254.169.254"),
     ] {
         let request = format!("GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-        let answer = exchange(proxy.addr, request.as_bytes()).await;
-        assert_eq!(
-            status(&answer),
-            Some(201),
-            "{target}: {:?}",
-            String::from_utf8_lossy(&answer)
-        );
-        let seen = upstream.requests().pop().expect("forwarded");
+        let seen = forwarded(proxy.addr, &upstream, request.as_bytes(), target).await;
         assert_eq!(
             seen.uri.path_and_query().map(|pq| pq.as_str()),
             Some("/path?q=1"),
@@ -621,22 +611,20 @@ async fn absolute_form_goes_to_the_configured_upstream_and_asterisk_form_is_400(
     }
     assert_eq!(upstream.hits(), 3);
 
-    // Userinfo in the target (RFC 9110 §4.2.4: treat it as an error) is `400`.
-    let answer = exchange(
-        proxy.addr,
-        b"GET http://user:pw@example.com/path HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n",
-    )
-    .await;
-    assert_problem(&answer, 400, "bad-request", "userinfo");
-    assert_eq!(upstream.hits(), 3);
-
-    let answer = exchange(
-        proxy.addr,
-        b"OPTIONS * HTTP/1.1\r\nHost: api.example\r\nConnection: close\r\n\r\n",
-    )
-    .await;
-    assert_problem(&answer, 400, "bad-request", "OPTIONS *");
-    assert_eq!(upstream.hits(), 3);
+    // Userinfo in the target (RFC 9110 §4.2.4: treat it as an error) and asterisk-form are `400`.
+    for (case, request) in [
+        (
+            "userinfo",
+            "GET http://user:pw@example.com/path HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n",
+        ),
+        (
+            "OPTIONS *",
+            "OPTIONS * HTTP/1.1\r\nHost: api.example\r\nConnection: close\r\n\r\n",
+        ),
+    ] {
+        assert_refused_with_problem(proxy.addr, request.as_bytes(), 400, "bad-request", case).await;
+        assert_eq!(upstream.hits(), 3);
+    }
     assert_still_serves(proxy.addr, &upstream).await;
 }
 
@@ -644,14 +632,9 @@ async fn absolute_form_goes_to_the_configured_upstream_and_asterisk_form_is_400(
 /// answer, so bytes the client sent for the tunnel are never read as requests.
 #[tokio::test]
 async fn connect_is_400_and_not_tunnelled() {
-    let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::to(&upstream).start().await;
-    let answer = exchange(
-        proxy.addr,
-        b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\nGET /tunnelled HTTP/1.1\r\nHost: example.com\r\n\r\n",
-    )
-    .await;
-    assert_problem(&answer, 400, "bad-request", "CONNECT");
+    let (upstream, proxy, _) = start_harness(TestProxy::to).await;
+    let connect = b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\nGET /tunnelled HTTP/1.1\r\nHost: example.com\r\n\r\n";
+    let answer = assert_refused_with_problem(proxy.addr, connect, 400, "bad-request", "CONNECT").await;
     assert!(
         head_has(&answer, "connection: close"),
         "{:?}",
@@ -659,8 +642,8 @@ async fn connect_is_400_and_not_tunnelled() {
     );
     assert_eq!(response_count(&answer), 1, "{:?}", String::from_utf8_lossy(&answer));
     // Over HTTP/1.0 too.
-    let answer = exchange(proxy.addr, b"CONNECT 127.0.0.1:22 HTTP/1.0\r\n\r\nSSH-2.0-x\r\n").await;
-    assert_problem(&answer, 400, "bad-request", "CONNECT 1.0");
+    let connect_1_0 = b"CONNECT 127.0.0.1:22 HTTP/1.0\r\n\r\nSSH-2.0-x\r\n";
+    assert_refused_with_problem(proxy.addr, connect_1_0, 400, "bad-request", "CONNECT 1.0").await;
     assert_eq!(upstream.hits(), 0);
     assert_never_reached(&upstream, "/tunnelled");
     assert_still_serves(proxy.addr, &upstream).await;
@@ -671,9 +654,8 @@ async fn connect_is_400_and_not_tunnelled() {
 /// forms are forwarded byte for byte.
 #[tokio::test]
 async fn non_utf8_request_target_is_400() {
-    let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::to(&upstream).start().await;
-    for (case, payload) in [
+    let (upstream, proxy, _) = start_harness(TestProxy::to).await;
+    let not_utf8 = [
         ("0xff 0xfe", &b"GET /a\xff\xfe HTTP/1.1\r\nHost: a\r\n\r\n"[..]),
         (
             "0xff 0xfe in the query",
@@ -684,26 +666,18 @@ async fn non_utf8_request_target_is_400() {
             b"POST /\xc3\x28 HTTP/1.1\r\nHost: a\r\nIdempotency-Key: k\r\nContent-Length: 0\r\n\r\n",
         ),
         ("NUL", b"GET /a\0b HTTP/1.1\r\nHost: a\r\n\r\n"),
-    ] {
-        let answer = exchange(proxy.addr, payload).await;
-        assert_parser_rejected(&answer, 400, case);
-    }
+    ];
+    assert_parser_rejects(proxy.addr, &upstream, 400, not_utf8).await;
     // Valid UTF-8 that is not ASCII gets past hyper's parser; the proxy refuses it (RFC 9112
     // §3.2: the request target is ASCII) before routing.
     for target in ["/caf\u{e9}", "/a?q=\u{e9}t\u{e9}", "/\u{202e}txt.exe"] {
         let request = format!("GET {target} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
-        let answer = exchange(proxy.addr, request.as_bytes()).await;
-        assert_problem(&answer, 400, "bad-request", target);
+        assert_refused_with_problem(proxy.addr, request.as_bytes(), 400, "bad-request", target).await;
     }
     assert_eq!(upstream.hits(), 0);
 
-    let answer = exchange(
-        proxy.addr,
-        b"GET /a%FF%FE?q=%c3%28 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
-    )
-    .await;
-    assert_eq!(status(&answer), Some(201), "{:?}", String::from_utf8_lossy(&answer));
-    let seen = upstream.requests().pop().expect("forwarded");
+    let percent_encoded = b"GET /a%FF%FE?q=%c3%28 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+    let seen = forwarded(proxy.addr, &upstream, percent_encoded, "percent-encoded").await;
     assert_eq!(
         seen.uri.path_and_query().map(|pq| pq.as_str()),
         Some("/a%FF%FE?q=%c3%28")
@@ -715,15 +689,13 @@ async fn non_utf8_request_target_is_400() {
 /// forwarded.
 #[tokio::test]
 async fn ten_kib_idempotency_key_is_400_invalid_key() {
-    let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::to(&upstream).start().await;
+    let (upstream, proxy, _) = start_harness(TestProxy::to).await;
     let key = "k".repeat(10 * 1024);
     for key in [key.clone(), format!("\"{key}\"")] {
         let request = format!(
             "POST /pay HTTP/1.1\r\nHost: a\r\nIdempotency-Key: {key}\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
         );
-        let answer = exchange(proxy.addr, request.as_bytes()).await;
-        assert_problem(&answer, 400, "invalid-key", "10 KiB key");
+        assert_refused_with_problem(proxy.addr, request.as_bytes(), 400, "invalid-key", "10 KiB key").await;
     }
     assert_eq!(upstream.hits(), 0);
     assert_still_serves(proxy.addr, &upstream).await;
@@ -734,11 +706,10 @@ async fn ten_kib_idempotency_key_is_400_invalid_key() {
 /// connect succeeds, its request is not read) until one of the 4 closes, and is then served.
 #[tokio::test]
 async fn excess_connections_wait_until_one_closes() {
-    let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::to(&upstream)
-        .config("server.max_connections = 4\nserver.header_read_timeout = \"20s\"")
-        .start()
-        .await;
+    let (upstream, proxy, _) = start_harness(|up| {
+        TestProxy::to(up).config("server.max_connections = 4\nserver.header_read_timeout = \"20s\"")
+    })
+    .await;
     let mut held = Vec::new();
     for i in 0..4 {
         let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
@@ -876,4 +847,47 @@ async fn slow_readers_do_not_grow_memory_without_bound() {
     let client = common::TestClient::new();
     let response = client.send(Method::GET, &proxy.url("/after"), &[], "").await;
     assert_eq!(response.status, http::StatusCode::CREATED);
+}
+
+/// With `error_format = "stripe"` on a route, what is refused before a route is known (a
+/// `CONNECT`, an asterisk-form or non-ASCII target, a path no route serves) is still
+/// problem+json; what is refused on the route (an oversized key, a broken keyed body) is in
+/// Stripe's form.
+#[tokio::test]
+async fn the_stripe_form_starts_once_the_route_is_known() {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&format!(
+        "log.filter = \"warn\"\n[[route]]\nprefix = \"/v1\"\nupstream = \"{}\"\nidempotency.error_format = \"stripe\"",
+        upstream.url()
+    ))
+    .await;
+    for (case, request) in [
+        (
+            "CONNECT",
+            "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+        ),
+        (
+            "OPTIONS *",
+            "OPTIONS * HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        ),
+        (
+            "non-ASCII",
+            "GET /v1/caf\u{e9} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        ),
+    ] {
+        assert_refused_with_problem(proxy.addr, request.as_bytes(), 400, "bad-request", case).await;
+    }
+    let no_route = b"GET /v2/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+    assert_refused_with_problem(proxy.addr, no_route, 404, "no-route", "no route").await;
+
+    let key = "k".repeat(10 * 1024);
+    let request = format!(
+        "POST /v1/charges HTTP/1.1\r\nHost: a\r\nIdempotency-Key: {key}\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+    );
+    let answer = exchange(proxy.addr, request.as_bytes()).await;
+    assert_stripe_error(&answer, 400, "invalid-key", "10 KiB key");
+    let broken = "POST /v1/charges HTTP/1.1\r\nHost: a\r\nIdempotency-Key: chunk-zz\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\nabc\r\n0\r\n\r\n";
+    let answer = exchange(proxy.addr, broken.as_bytes()).await;
+    assert_stripe_error(&answer, 400, "bad-request", "broken chunk");
+    assert_eq!(upstream.hits(), 0, "{:?}", upstream.requests());
 }

@@ -4,21 +4,28 @@
 //! `per_store!` list below;
 //! another store is one more line there and a `common::Backend` variant);
 //! what only one store can show (two proxies sharing Redis, Redis down, its command budget; a
-//! full embedded store) follows as single tests.
+//! full embedded store) follows as single tests. The behaviours that end in one of the proxy's
+//! own errors run once per error form as well (`problem::<store>::<behaviour>`,
+//! `stripe::<store>::<behaviour>`: docs/behaviour.md §8 and §16, retry hints included).
 
 mod common;
 
 use std::time::Duration;
 
-use common::{per_store, Backend, ProxyProcess, RedisServer, TestClient, TestProxy, TestResponse, TestUpstream};
+use common::{
+    assert_error, assert_executed, assert_problem, assert_replay_of, count_status, per_store, per_store_and_form,
+    start_harness, Backend, ErrorForm, ProxyProcess, RedisServer, TestClient, TestProxy, TestResponse, TestUpstream,
+};
 use futures::future::join_all;
 use http::{Method, StatusCode};
 
-/// Sends `n` POSTs with `headers` and body `{}` at once, the i-th to `url(i)`, each on its own
-/// connection.
-async fn keyed_posts_at_once(n: usize, url: impl Fn(usize) -> String, headers: &[(&str, &str)]) -> Vec<TestResponse> {
+/// Sends `n` copies of one keyed `POST {}` at once, the i-th to `url(i)`, each on its own
+/// connection; the upstream takes `delay_ms` to answer each.
+async fn duplicates_at_once(n: usize, url: impl Fn(usize) -> String, key: &str, delay_ms: &str) -> Vec<TestResponse> {
+    let headers = [("idempotency-key", key), ("x-upstream-delay-ms", delay_ms)];
     join_all((0..n).map(|i| {
         let url = url(i);
+        let headers = &headers;
         async move { TestClient::new().send(Method::POST, &url, headers, "{}").await }
     }))
     .await
@@ -36,9 +43,7 @@ async fn post_keyed_with(client: &TestClient, url: &str, key: &str, extra: &[(&s
 // ---- Every store --------------------------------------------------------------------------
 
 async fn replay_is_identical_and_marked(store: Backend) {
-    let upstream = TestUpstream::start().await;
-    let proxy = store.proxy(&upstream).start().await;
-    let client = TestClient::new();
+    let (upstream, proxy, client) = start_harness(|up| store.proxy(up)).await;
     let url = proxy.url("/orders?src=app");
     let first = client
         .send(
@@ -63,72 +68,60 @@ async fn replay_is_identical_and_marked(store: Backend) {
         .await;
     assert_eq!(first.status, StatusCode::CREATED);
     assert_eq!(again.status, first.status);
-    assert_eq!(again.body, first.body);
+    assert_replay_of(&again, &first);
     for name in ["content-type", "x-hit", "set-cookie", "location", "via"] {
         assert_eq!(again.header(name), first.header(name), "header {name}");
     }
-    assert_eq!(again.header("idempotent-replayed"), Some("true"));
     assert_eq!(first.header("idempotent-replayed"), None);
     assert!(again.header("date").is_some(), "a replay carries a fresh Date");
     assert_eq!(upstream.hits(), 1);
 }
 
-async fn same_key_with_changed_body_or_path_is_422(store: Backend) {
-    let upstream = TestUpstream::start().await;
-    let proxy = store.proxy(&upstream).start().await;
-    let client = TestClient::new();
+/// `422` `key-reused`; Stripe's `400` `idempotency_error`.
+async fn same_key_with_changed_body_or_path_is_422(store: Backend, form: ErrorForm) {
+    let (upstream, proxy, client) = start_harness(|up| store.proxy(up).error_form(form)).await;
     let first = client.post_keyed(&proxy.url("/orders"), "k-422", "{\"n\":1}").await;
     assert_eq!(first.status, StatusCode::CREATED);
-    let body_changed = client.post_keyed(&proxy.url("/orders"), "k-422", "{\"n\":2}").await;
-    assert_eq!(body_changed.status, StatusCode::UNPROCESSABLE_ENTITY);
-    assert!(body_changed.problem_type().ends_with("#key-reused"));
-    let path_changed = client.post_keyed(&proxy.url("/refunds"), "k-422", "{\"n\":1}").await;
-    assert_eq!(path_changed.status, StatusCode::UNPROCESSABLE_ENTITY);
-    let query_changed = client.post_keyed(&proxy.url("/orders?x=1"), "k-422", "{\"n\":1}").await;
-    assert_eq!(query_changed.status, StatusCode::UNPROCESSABLE_ENTITY);
+    // The same key again with another body, another path, another query.
+    for (path, body) in [
+        ("/orders", "{\"n\":2}"),
+        ("/refunds", "{\"n\":1}"),
+        ("/orders?x=1", "{\"n\":1}"),
+    ] {
+        let reused = client.post_keyed(&proxy.url(path), "k-422", body).await;
+        assert_error(&reused, form, form.key_reused_status(), "key-reused");
+        assert_eq!(reused.retry_hint(), None, "the SDK does not retry a 400 anyway");
+    }
     assert_eq!(upstream.hits(), 1);
 }
 
-async fn forty_concurrent_duplicates_execute_once(store: Backend) {
-    let upstream = TestUpstream::start().await;
-    let proxy = store.proxy(&upstream).start().await;
+async fn forty_concurrent_duplicates_execute_once(store: Backend, form: ErrorForm) {
+    let (upstream, proxy, _) = start_harness(|up| store.proxy(up).error_form(form)).await;
     let url = proxy.url("/orders");
-    let responses = keyed_posts_at_once(
-        40,
-        |_| url.clone(),
-        &[("idempotency-key", "storm"), ("x-upstream-delay-ms", "500")],
-    )
-    .await;
-    let created = responses.iter().filter(|r| r.status == StatusCode::CREATED).count();
-    let conflicts: Vec<_> = responses.iter().filter(|r| r.status == StatusCode::CONFLICT).collect();
+    let responses = duplicates_at_once(40, |_| url.clone(), "storm", "500").await;
     assert_eq!(upstream.hits(), 1);
-    assert_eq!(created, 1, "{responses:?}");
-    assert_eq!(conflicts.len(), 39);
-    for conflict in conflicts {
+    assert_eq!(count_status(&responses, StatusCode::CREATED), 1, "{responses:?}");
+    assert_eq!(count_status(&responses, StatusCode::CONFLICT), 39);
+    for conflict in responses.iter().filter(|r| r.status == StatusCode::CONFLICT) {
         assert_eq!(conflict.header("retry-after"), Some("1"));
-        assert!(conflict.problem_type().ends_with("#request-in-progress"));
+        assert_eq!(conflict.error_slug(form), "request-in-progress");
+        assert_eq!(conflict.retry_hint(), form.hint(true));
     }
 }
 
 async fn with_wait_every_duplicate_gets_the_one_result(store: Backend) {
-    let upstream = TestUpstream::start().await;
-    let proxy = store
-        .proxy(&upstream)
-        .idempotency("on_conflict = \"wait\"\nwait_timeout = \"5s\"")
-        .start()
-        .await;
-    let url = proxy.url("/orders");
-    let responses = keyed_posts_at_once(
-        40,
-        |_| url.clone(),
-        &[("idempotency-key", "wait-storm"), ("x-upstream-delay-ms", "300")],
-    )
+    let (upstream, proxy, _) = start_harness(|up| {
+        store
+            .proxy(up)
+            .idempotency("on_conflict = \"wait\"\nwait_timeout = \"5s\"")
+    })
     .await;
+    let url = proxy.url("/orders");
+    let responses = duplicates_at_once(40, |_| url.clone(), "wait-storm", "300").await;
     assert_eq!(upstream.hits(), 1);
-    let first_body = responses[0].body.clone();
     for response in &responses {
         assert_eq!(response.status, StatusCode::CREATED, "{response:?}");
-        assert_eq!(response.body, first_body);
+        assert_eq!(response.body, responses[0].body);
     }
     let replayed = responses
         .iter()
@@ -138,17 +131,14 @@ async fn with_wait_every_duplicate_gets_the_one_result(store: Backend) {
 }
 
 async fn keys_are_scoped_by_authorization(store: Backend) {
-    let upstream = TestUpstream::start().await;
-    let proxy = store.proxy(&upstream).start().await;
-    let client = TestClient::new();
+    let (upstream, proxy, client) = start_harness(|up| store.proxy(up)).await;
     let url = proxy.url("/orders");
     let as_alice = [("authorization", "Bearer alice")];
     let alice = post_keyed_with(&client, &url, "k", &as_alice).await;
     let bob = post_keyed_with(&client, &url, "k", &[("authorization", "Bearer bob")]).await;
     assert_eq!(alice.status, StatusCode::CREATED);
-    assert_eq!(bob.status, StatusCode::CREATED);
+    assert_executed(&bob);
     assert_ne!(alice.hit(), bob.hit());
-    assert_eq!(bob.header("idempotent-replayed"), None);
     let alice_again = post_keyed_with(&client, &url, "k", &as_alice).await;
     assert_eq!(alice_again.hit(), alice.hit());
     assert_eq!(upstream.hits(), 2);
@@ -160,60 +150,85 @@ async fn keys_are_scoped_by_authorization(store: Backend) {
     }
 }
 
-async fn server_errors_are_recorded_by_default(store: Backend) {
+/// A recorded 5xx (a 500: 503 is released by default, docs/behaviour.md §14) is replayed as is;
+/// with a retry hint header, it and its replays say that retrying cannot help (the upstream's
+/// own hint is replaced), while a recorded 2xx gets none.
+async fn server_errors_are_recorded_by_default(store: Backend, form: ErrorForm) {
+    let (upstream, proxy, client) = start_harness(|up| store.proxy(up).error_form(form)).await;
+    let url = proxy.url("/orders");
+    let failing = [
+        ("x-upstream-status", "500"),
+        ("x-upstream-header", "stripe-should-retry=true"),
+    ];
+    let first = post_keyed_with(&client, &url, "k5xx", &failing).await;
+    let again = post_keyed_with(&client, &url, "k5xx", &failing).await;
+    assert_eq!(first.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(again.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_replay_of(&again, &first);
+    let upstreams_hint = Some("true");
+    assert_eq!(first.retry_hint(), form.hint(false).or(upstreams_hint));
+    assert_eq!(again.retry_hint(), form.hint(false).or(upstreams_hint));
+    assert_eq!(again.headers.get_all("stripe-should-retry").iter().count(), 1);
+    client.post_keyed(&url, "k2xx", "{}").await;
+    assert_eq!(client.post_keyed(&url, "k2xx", "{}").await.retry_hint(), None);
+    assert_eq!(upstream.hits(), 2);
+}
+
+/// docs/behaviour.md §14: `429` and `503` say the request was not processed. They are relayed,
+/// and the key is left free: the retry executes (503 was recorded before this default).
+async fn too_many_requests_and_service_unavailable_release_the_key_by_default(store: Backend) {
     let upstream = TestUpstream::start().await;
     let proxy = store.proxy(&upstream).start().await;
     let client = TestClient::new();
     let url = proxy.url("/orders");
-    let first = post_keyed_with(&client, &url, "k5xx", &[("x-upstream-status", "503")]).await;
-    let again = post_keyed_with(&client, &url, "k5xx", &[("x-upstream-status", "503")]).await;
-    assert_eq!(first.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(again.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(again.header("idempotent-replayed"), Some("true"));
-    assert_eq!(again.body, first.body);
-    assert_eq!(upstream.hits(), 1);
+    for (key, status) in [
+        ("k429", StatusCode::TOO_MANY_REQUESTS),
+        ("k503", StatusCode::SERVICE_UNAVAILABLE),
+    ] {
+        let code = status.as_u16().to_string();
+        let refused = post_keyed_with(&client, &url, key, &[("x-upstream-status", &code)]).await;
+        assert_eq!(refused.status, status);
+        assert_eq!(
+            refused.header("content-type"),
+            Some("application/json"),
+            "relayed as is"
+        );
+        let retried = client.post_keyed(&url, key, "{}").await;
+        assert_eq!(retried.status, StatusCode::CREATED, "{key}");
+        assert_eq!(retried.header("idempotent-replayed"), None);
+        assert_ne!(retried.hit(), refused.hit());
+        let replayed = client.post_keyed(&url, key, "{}").await;
+        assert_eq!(replayed.header("idempotent-replayed"), Some("true"));
+    }
+    assert_eq!(upstream.hits(), 4);
 }
 
 async fn server_errors_release_the_key_when_not_recorded(store: Backend) {
-    let upstream = TestUpstream::start().await;
-    let proxy = store
-        .proxy(&upstream)
-        .idempotency("record_server_errors = false")
-        .start()
-        .await;
-    let client = TestClient::new();
+    let (upstream, proxy, client) =
+        start_harness(|up| store.proxy(up).idempotency("record_server_errors = false")).await;
     let url = proxy.url("/orders");
     let failed = post_keyed_with(&client, &url, "k5xx", &[("x-upstream-status", "500")]).await;
     assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR);
-    let retried = client.post_keyed(&url, "k5xx", "{}").await;
-    assert_eq!(retried.status, StatusCode::CREATED);
-    assert_eq!(retried.header("idempotent-replayed"), None);
+    assert_executed(&client.post_keyed(&url, "k5xx", "{}").await);
     assert_eq!(upstream.hits(), 2);
 }
 
 async fn keys_expire_after_key_ttl(store: Backend) {
-    let upstream = TestUpstream::start().await;
-    let proxy = store
-        .proxy(&upstream)
-        .idempotency("key_ttl = \"1s\"\nlock_ttl = \"500ms\"")
-        .start()
-        .await;
-    let client = TestClient::new();
+    let (upstream, proxy, client) =
+        start_harness(|up| store.proxy(up).idempotency("key_ttl = \"1s\"\nlock_ttl = \"500ms\"")).await;
     let url = proxy.url("/orders");
     let first = client.post_keyed(&url, "short-lived", "{}").await;
     let replay = client.post_keyed(&url, "short-lived", "{}").await;
     assert_eq!(replay.header("idempotent-replayed"), Some("true"));
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let after = client.post_keyed(&url, "short-lived", "{}").await;
-    assert_eq!(after.status, StatusCode::CREATED);
-    assert_eq!(after.header("idempotent-replayed"), None);
+    assert_executed(&after);
     assert_ne!(after.hit(), first.hit());
     assert_eq!(upstream.hits(), 2);
 }
 
 async fn lease_is_renewed_while_a_slow_upstream_runs(store: Backend) {
-    let upstream = TestUpstream::start().await;
-    let proxy = store.proxy(&upstream).idempotency("lock_ttl = \"300ms\"").start().await;
+    let (upstream, proxy, _) = start_harness(|up| store.proxy(up).idempotency("lock_ttl = \"300ms\"")).await;
     let url = proxy.url("/orders");
     let slow = common::spawn_slow_keyed_post(&url, "slow", 1500);
     // Well past several lock_ttl periods, the lease must still be alive: 409, not a takeover
@@ -228,49 +243,45 @@ async fn lease_is_renewed_while_a_slow_upstream_runs(store: Backend) {
     assert_eq!(upstream.hits(), 1);
 }
 
-async fn upstream_slower_than_timeout_is_504_then_outcome_unknown(store: Backend) {
-    let upstream = TestUpstream::start().await;
-    let proxy = store
-        .proxy(&upstream)
-        .config("upstream.timeout = \"300ms\"")
-        .start()
-        .await;
-    let client = TestClient::new();
+async fn upstream_slower_than_timeout_is_504_then_outcome_unknown(store: Backend, form: ErrorForm) {
+    let (upstream, proxy, client) =
+        start_harness(|up| store.proxy(up).config("upstream.timeout = \"300ms\"").error_form(form)).await;
     let url = proxy.url("/orders");
-    let too_slow = [("x-upstream-delay-ms", "1000")];
-    let first = post_keyed_with(&client, &url, "too-slow", &too_slow).await;
-    assert_eq!(first.status, StatusCode::GATEWAY_TIMEOUT);
-    assert!(first.problem_type().ends_with("#outcome-unknown"));
-    let retry = post_keyed_with(&client, &url, "too-slow", &too_slow).await;
-    assert_eq!(retry.status, StatusCode::GATEWAY_TIMEOUT);
-    assert!(retry.problem_type().ends_with("#outcome-unknown"));
+    // The first attempt times out, and so does its retry while the first still runs.
+    for _attempt in ["first", "retry"] {
+        let timed_out = post_keyed_with(&client, &url, "too-slow", &[("x-upstream-delay-ms", "1000")]).await;
+        assert_error(&timed_out, form, StatusCode::GATEWAY_TIMEOUT, "outcome-unknown");
+        assert_eq!(timed_out.retry_hint(), form.hint(false));
+    }
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let later = client.post_keyed(&url, "too-slow", "{}").await;
-    assert!(later.problem_type().ends_with("#outcome-unknown"));
+    assert_eq!(later.error_slug(form), "outcome-unknown");
     assert_eq!(upstream.hits(), 1);
 }
 
-async fn timeout_with_unknown_outcome_retry_runs_again(store: Backend) {
-    let upstream = TestUpstream::start().await;
-    let proxy = store
-        .proxy(&upstream)
-        .config("upstream.timeout = \"300ms\"")
-        .idempotency("unknown_outcome = \"retry\"")
-        .start()
-        .await;
-    let client = TestClient::new();
+async fn timeout_with_unknown_outcome_retry_runs_again(store: Backend, form: ErrorForm) {
+    let (upstream, proxy, client) = start_harness(|up| {
+        store
+            .proxy(up)
+            .config("upstream.timeout = \"300ms\"")
+            .idempotency("unknown_outcome = \"retry\"")
+            .error_form(form)
+    })
+    .await;
     let url = proxy.url("/orders");
     let first = post_keyed_with(&client, &url, "again", &[("x-upstream-delay-ms", "1000")]).await;
-    assert_eq!(first.status, StatusCode::GATEWAY_TIMEOUT);
-    assert!(first.problem_type().ends_with("#upstream-timeout"));
-    let retry = client.post_keyed(&url, "again", "{}").await;
-    assert_eq!(retry.status, StatusCode::CREATED);
+    assert_error(&first, form, StatusCode::GATEWAY_TIMEOUT, "upstream-timeout");
+    assert_eq!(
+        first.retry_hint(),
+        None,
+        "the SDK's own rule (retry a 5xx) is right here"
+    );
+    assert_executed(&client.post_keyed(&url, "again", "{}").await);
     assert_eq!(upstream.hits(), 2);
 }
 
 async fn client_disconnect_does_not_cancel_and_the_retry_gets_the_replay(store: Backend) {
-    let upstream = TestUpstream::start().await;
-    let proxy = store.proxy(&upstream).start().await;
+    let (upstream, proxy, _) = start_harness(|up| store.proxy(up)).await;
     let url = proxy.url("/orders");
     let gone = tokio::time::timeout(
         Duration::from_millis(150),
@@ -286,37 +297,25 @@ async fn client_disconnect_does_not_cancel_and_the_retry_gets_the_replay(store: 
     assert_eq!(upstream.hits(), 1);
 }
 
-async fn invalid_keys_are_400_and_not_forwarded(store: Backend) {
-    let upstream = TestUpstream::start().await;
-    let proxy = store.proxy(&upstream).start().await;
-    let client = TestClient::new();
+async fn invalid_keys_are_400_and_not_forwarded(store: Backend, form: ErrorForm) {
+    let (upstream, proxy, client) = start_harness(|up| store.proxy(up).error_form(form)).await;
     let url = proxy.url("/orders");
     let long = "k".repeat(256);
     for key in ["", "\"unterminated", "two words", "\"a\";param=1", long.as_str()] {
-        let response = client.send(Method::POST, &url, &[("idempotency-key", key)], "{}").await;
-        assert_eq!(response.status, StatusCode::BAD_REQUEST, "key {key:?}");
-        assert!(response.problem_type().ends_with("#invalid-key"));
+        let response = post_keyed_with(&client, &url, key, &[]).await;
+        assert_error(&response, form, StatusCode::BAD_REQUEST, "invalid-key");
     }
-    let twice = client
-        .send(
-            Method::POST,
-            &url,
-            &[("idempotency-key", "a"), ("idempotency-key", "a")],
-            "{}",
-        )
-        .await;
+    let twice = post_keyed_with(&client, &url, "a", &[("idempotency-key", "a")]).await;
     assert_eq!(twice.status, StatusCode::BAD_REQUEST);
     assert_eq!(upstream.hits(), 0);
 }
 
-async fn require_key_refuses_keyless_guarded_methods_only(store: Backend) {
-    let upstream = TestUpstream::start().await;
-    let proxy = store.proxy(&upstream).idempotency("require_key = true").start().await;
-    let client = TestClient::new();
+async fn require_key_refuses_keyless_guarded_methods_only(store: Backend, form: ErrorForm) {
+    let (upstream, proxy, client) =
+        start_harness(|up| store.proxy(up).idempotency("require_key = true").error_form(form)).await;
     let url = proxy.url("/orders");
     let keyless = client.send(Method::POST, &url, &[], "{}").await;
-    assert_eq!(keyless.status, StatusCode::BAD_REQUEST);
-    assert!(keyless.problem_type().ends_with("#missing-key"));
+    assert_error(&keyless, form, StatusCode::BAD_REQUEST, "missing-key");
     assert_eq!(
         client.send(Method::GET, &url, &[], "").await.status,
         StatusCode::CREATED
@@ -325,90 +324,78 @@ async fn require_key_refuses_keyless_guarded_methods_only(store: Backend) {
 }
 
 async fn patch_is_guarded_only_when_configured(store: Backend) {
-    let upstream = TestUpstream::start().await;
-    let proxy = store
-        .proxy(&upstream)
-        .idempotency("methods = [\"POST\", \"PATCH\"]")
-        .start()
-        .await;
-    let client = TestClient::new();
+    let (upstream, proxy, client) =
+        start_harness(|up| store.proxy(up).idempotency("methods = [\"POST\", \"PATCH\"]")).await;
     let url = proxy.url("/orders/1");
     let keyed = [("idempotency-key", "p")];
     let first = client.send(Method::PATCH, &url, &keyed, "{}").await;
     let again = client.send(Method::PATCH, &url, &keyed, "{}").await;
-    assert_eq!(again.header("idempotent-replayed"), Some("true"));
-    assert_eq!(again.body, first.body);
+    assert_replay_of(&again, &first);
     let put = client.send(Method::PUT, &url, &keyed, "{}").await;
     let put_again = client.send(Method::PUT, &url, &keyed, "{}").await;
     assert_ne!(put.body, put_again.body, "PUT passes through");
     assert_eq!(upstream.hits(), 3);
 }
 
-async fn oversized_request_body_is_413_before_forwarding(store: Backend) {
-    let upstream = TestUpstream::start().await;
-    let proxy = store
-        .proxy(&upstream)
-        .idempotency("max_body_bytes = 1024")
-        .start()
-        .await;
-    let client = TestClient::new();
+async fn oversized_request_body_is_413_before_forwarding(store: Backend, form: ErrorForm) {
+    let (upstream, proxy, client) =
+        start_harness(|up| store.proxy(up).idempotency("max_body_bytes = 1024").error_form(form)).await;
     let url = proxy.url("/orders");
     let big = "x".repeat(2048);
     let response = client.post_keyed(&url, "big", &big).await;
-    assert_eq!(response.status, StatusCode::PAYLOAD_TOO_LARGE);
-    assert!(response.problem_type().ends_with("#body-too-large"));
+    assert_error(&response, form, StatusCode::PAYLOAD_TOO_LARGE, "body-too-large");
     let keyless = client.send(Method::POST, &url, &[], big.clone()).await;
     assert_eq!(keyless.status, StatusCode::CREATED, "keyless requests are not limited");
     assert_eq!(upstream.hits(), 1);
 }
 
-async fn oversized_response_is_streamed_once_and_never_replayed(store: Backend) {
-    let upstream = TestUpstream::start().await;
-    let proxy = store
-        .proxy(&upstream)
-        .idempotency("max_response_bytes = 100000")
-        .start()
-        .await;
-    let client = TestClient::new();
+async fn oversized_response_is_streamed_once_and_never_replayed(store: Backend, form: ErrorForm) {
+    let (upstream, proxy, client) = start_harness(|up| {
+        store
+            .proxy(up)
+            .idempotency("max_response_bytes = 100000")
+            .error_form(form)
+    })
+    .await;
     let url = proxy.url("/export");
-    let huge = [("x-upstream-body-bytes", "1000000")];
-    let first = post_keyed_with(&client, &url, "huge", &huge).await;
+    let export = || post_keyed_with(&client, &url, "huge", &[("x-upstream-body-bytes", "1000000")]);
+    let first = export().await;
     assert_eq!(first.status, StatusCode::CREATED);
     assert_eq!(first.body.len(), 1_000_000);
-    let retry = post_keyed_with(&client, &url, "huge", &huge).await;
-    assert_eq!(retry.status, StatusCode::BAD_GATEWAY);
-    assert!(retry.problem_type().ends_with("#response-not-replayable"));
+    let retry = export().await;
+    assert_error(&retry, form, StatusCode::BAD_GATEWAY, "response-not-replayable");
+    assert_eq!(retry.retry_hint(), form.hint(false));
     assert_eq!(upstream.hits(), 1);
 }
 
-async fn unreachable_upstream_releases_the_key(store: Backend) {
+async fn unreachable_upstream_releases_the_key(store: Backend, form: ErrorForm) {
     let upstream = TestUpstream::start().await;
     let addr = upstream.addr;
     upstream.stop();
     drop(upstream);
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let proxy = TestProxy::to_url(format!("http://{addr}")).store(&store).start().await;
+    let proxy = TestProxy::to_url(format!("http://{addr}"))
+        .store(&store)
+        .error_form(form)
+        .start()
+        .await;
     let client = TestClient::new();
     let url = proxy.url("/orders");
     let refused = client.post_keyed(&url, "retry-me", "{}").await;
-    assert_eq!(refused.status, StatusCode::BAD_GATEWAY);
-    assert!(refused.problem_type().ends_with("#upstream-unreachable"));
+    assert_error(&refused, form, StatusCode::BAD_GATEWAY, "upstream-unreachable");
     let upstream = TestUpstream::start_on(addr).await;
-    let retried = client.post_keyed(&url, "retry-me", "{}").await;
-    assert_eq!(retried.status, StatusCode::CREATED);
+    assert_executed(&client.post_keyed(&url, "retry-me", "{}").await);
     assert_eq!(upstream.hits(), 1);
 }
 
-async fn upstream_reset_after_sending_is_outcome_unknown(store: Backend) {
-    let upstream = TestUpstream::start().await;
-    let proxy = store.proxy(&upstream).start().await;
-    let client = TestClient::new();
+async fn upstream_reset_after_sending_is_outcome_unknown(store: Backend, form: ErrorForm) {
+    let (upstream, proxy, client) = start_harness(|up| store.proxy(up).error_form(form)).await;
     let url = proxy.url("/orders");
     let first = post_keyed_with(&client, &url, "reset", &[("x-upstream-reset", "1")]).await;
-    assert_eq!(first.status, StatusCode::BAD_GATEWAY);
-    assert!(first.problem_type().ends_with("#outcome-unknown"));
+    assert_error(&first, form, StatusCode::BAD_GATEWAY, "outcome-unknown");
+    assert_eq!(first.retry_hint(), form.hint(false));
     let retry = client.post_keyed(&url, "reset", "{}").await;
-    assert!(retry.problem_type().ends_with("#outcome-unknown"));
+    assert_eq!(retry.error_slug(form), "outcome-unknown");
     assert_eq!(upstream.hits(), 1);
 }
 
@@ -420,20 +407,35 @@ per_store! {
     }
     tests {
         replay_is_identical_and_marked,
-        same_key_with_changed_body_or_path_is_422,
-        forty_concurrent_duplicates_execute_once,
         with_wait_every_duplicate_gets_the_one_result,
         keys_are_scoped_by_authorization,
-        server_errors_are_recorded_by_default,
+        too_many_requests_and_service_unavailable_release_the_key_by_default,
         server_errors_release_the_key_when_not_recorded,
         keys_expire_after_key_ttl,
         lease_is_renewed_while_a_slow_upstream_runs,
+        client_disconnect_does_not_cancel_and_the_retry_gets_the_replay,
+        patch_is_guarded_only_when_configured,
+    }
+}
+
+per_store_and_form! {
+    forms {
+        problem => ErrorForm::Problem,
+        stripe => ErrorForm::Stripe,
+    }
+    stores {
+        memory => Backend::memory(),
+        disk => Backend::disk(),
+        redis => Backend::redis(),
+    }
+    tests {
+        same_key_with_changed_body_or_path_is_422,
+        forty_concurrent_duplicates_execute_once,
+        server_errors_are_recorded_by_default,
         upstream_slower_than_timeout_is_504_then_outcome_unknown,
         timeout_with_unknown_outcome_retry_runs_again,
-        client_disconnect_does_not_cancel_and_the_retry_gets_the_replay,
         invalid_keys_are_400_and_not_forwarded,
         require_key_refuses_keyless_guarded_methods_only,
-        patch_is_guarded_only_when_configured,
         oversized_request_body_is_413_before_forwarding,
         oversized_response_is_streamed_once_and_never_replayed,
         unreachable_upstream_releases_the_key,
@@ -449,42 +451,45 @@ async fn two_proxies_sharing_redis_execute_once() {
     let upstream = TestUpstream::start().await;
     let a = TestProxy::to(&upstream).redis(&redis).start().await;
     let b = TestProxy::to(&upstream).redis(&redis).start().await;
-    let responses = keyed_posts_at_once(
-        20,
-        |i| if i % 2 == 0 { a.url("/orders") } else { b.url("/orders") },
-        &[("idempotency-key", "shared"), ("x-upstream-delay-ms", "300")],
-    )
-    .await;
+    let either = |i: usize| {
+        if i.is_multiple_of(2) {
+            a.url("/orders")
+        } else {
+            b.url("/orders")
+        }
+    };
+    let responses = duplicates_at_once(20, either, "shared", "300").await;
     assert_eq!(upstream.hits(), 1);
-    assert_eq!(responses.iter().filter(|r| r.status == StatusCode::CREATED).count(), 1);
-    assert_eq!(
-        responses.iter().filter(|r| r.status == StatusCode::CONFLICT).count(),
-        19
-    );
+    assert_eq!(count_status(&responses, StatusCode::CREATED), 1);
+    assert_eq!(count_status(&responses, StatusCode::CONFLICT), 19);
     let client = TestClient::new();
     let from_a = client.post_keyed(&a.url("/orders"), "shared", "{}").await;
     let from_b = client.post_keyed(&b.url("/orders"), "shared", "{}").await;
-    assert_eq!(from_a.header("idempotent-replayed"), Some("true"));
-    assert_eq!(from_a.body, from_b.body);
+    assert_replay_of(&from_a, &from_b);
     assert_eq!(upstream.hits(), 1);
 }
 
 #[tokio::test]
 async fn redis_down_fails_closed_and_recovers_without_restart() {
     let mut redis = RedisServer::start();
-    let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::to(&upstream).redis(&redis).start().await;
-    let client = TestClient::new();
+    let (upstream, proxy, client) = start_harness(|up| TestProxy::to(up).redis(&redis)).await;
+    let stripe = TestProxy::to(&upstream)
+        .redis(&redis)
+        .error_form(ErrorForm::Stripe)
+        .start()
+        .await;
     let url = proxy.url("/orders");
     assert_eq!(
         client.post_keyed(&url, "before", "{}").await.status,
         StatusCode::CREATED
     );
     redis.kill();
-    let down = client.post_keyed(&url, "during", "{}").await;
-    assert_eq!(down.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(down.header("retry-after"), Some("1"));
-    assert!(down.problem_type().ends_with("#store-unavailable"));
+    for (proxy, form) in [(&proxy, ErrorForm::Problem), (&stripe, ErrorForm::Stripe)] {
+        let down = client.post_keyed(&proxy.url("/orders"), "during", "{}").await;
+        assert_error(&down, form, StatusCode::SERVICE_UNAVAILABLE, "store-unavailable");
+        assert_eq!(down.header("retry-after"), Some("1"));
+        assert_eq!(down.retry_hint(), form.hint(true));
+    }
     let passthrough = client.send(Method::GET, &url, &[], "").await;
     assert_eq!(passthrough.status, StatusCode::CREATED, "pass-through is unaffected");
     assert_eq!(upstream.hits(), 2, "nothing guarded was forwarded");
@@ -504,14 +509,9 @@ async fn redis_down_fails_closed_and_recovers_without_restart() {
 #[tokio::test]
 async fn redis_down_fails_open_when_configured() {
     let mut redis = RedisServer::start();
-    let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::to(&upstream)
-        .redis(&redis)
-        .idempotency("store_failure = \"open\"")
-        .start()
-        .await;
+    let (upstream, proxy, client) =
+        start_harness(|up| TestProxy::to(up).redis(&redis).idempotency("store_failure = \"open\"")).await;
     redis.kill();
-    let client = TestClient::new();
     let url = proxy.url("/orders");
     let first = client.post_keyed(&url, "open", "{}").await;
     let second = client.post_keyed(&url, "open", "{}").await;
@@ -523,9 +523,7 @@ async fn redis_down_fails_open_when_configured() {
 #[tokio::test]
 async fn redis_command_budget_is_two_per_execution_and_one_per_replay() {
     let redis = RedisServer::start();
-    let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::to(&upstream).redis(&redis).start().await;
-    let client = TestClient::new();
+    let (_upstream, proxy, client) = start_harness(|up| TestProxy::to(up).redis(&redis)).await;
     let url = proxy.url("/orders");
     // Warm up: loads the scripts once.
     client.post_keyed(&url, "warm-up", "{}").await;
@@ -622,8 +620,7 @@ async fn proxy_killed_mid_request(unknown_outcome: &str) -> (TestResponse, usize
 #[tokio::test]
 async fn proxy_killed_mid_request_makes_the_outcome_unknown() {
     let (after, hits) = proxy_killed_mid_request("reject").await;
-    assert_eq!(after.status, StatusCode::BAD_GATEWAY);
-    assert!(after.problem_type().ends_with("#outcome-unknown"));
+    assert_problem(&after, StatusCode::BAD_GATEWAY, "outcome-unknown");
     assert_eq!(hits, 1, "never executed twice");
 }
 

@@ -8,7 +8,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::{
-    free_port, read_one_response, read_until_closed, Recorded, RedisServer, TestClient, TestProxy, TestUpstream,
+    assert_error, assert_executed, free_port, read_one_response, read_until_closed, start_harness, ErrorForm, Recorded,
+    RedisServer, TestClient, TestProxy, TestResponse, TestUpstream,
 };
 use http::{Method, StatusCode, Version};
 use tokio::io::AsyncWriteExt;
@@ -45,6 +46,13 @@ async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
     read_until_closed(&mut stream, Duration::from_secs(10))
         .await
         .expect("the proxy closes the connection")
+}
+
+/// `GET url` with `headers`, which the upstream answers (`201`).
+async fn get_forwarded(client: &TestClient, url: &str, headers: &[(&str, &str)]) -> TestResponse {
+    let response = client.send(Method::GET, url, headers, "").await;
+    assert_eq!(response.status, StatusCode::CREATED, "{response:?}");
+    response
 }
 
 /// RFC 9110 §7.6.1 on the request: `Connection`, every field it names, and the fixed
@@ -96,24 +104,16 @@ async fn hop_by_hop_request_fields_are_not_forwarded() {
 /// `Connection` names) never reach the client.
 #[tokio::test]
 async fn hop_by_hop_response_fields_are_not_forwarded() {
-    let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::to(&upstream).start().await;
-    let response = TestClient::new()
-        .send(
-            Method::GET,
-            &proxy.url("/resp"),
-            &[
-                ("x-upstream-header", "connection=x-resp-secret"),
-                ("x-upstream-header", "x-resp-secret=1"),
-                ("x-upstream-header", "keep-alive=timeout=9"),
-                ("x-upstream-header", "proxy-connection=keep-alive"),
-                ("x-upstream-header", "upgrade=h2c"),
-                ("x-upstream-header", "x-resp-kept=1"),
-            ],
-            "",
-        )
-        .await;
-    assert_eq!(response.status, StatusCode::CREATED);
+    let (_upstream, proxy, client) = start_harness(TestProxy::to).await;
+    let upstream_answers_with = [
+        ("x-upstream-header", "connection=x-resp-secret"),
+        ("x-upstream-header", "x-resp-secret=1"),
+        ("x-upstream-header", "keep-alive=timeout=9"),
+        ("x-upstream-header", "proxy-connection=keep-alive"),
+        ("x-upstream-header", "upgrade=h2c"),
+        ("x-upstream-header", "x-resp-kept=1"),
+    ];
+    let response = get_forwarded(&client, &proxy.url("/resp"), &upstream_answers_with).await;
     for name in [
         "connection",
         "x-resp-secret",
@@ -143,24 +143,16 @@ async fn hop_by_hop_response_fields_are_not_forwarded() {
 /// path and query go through byte for byte.
 #[tokio::test]
 async fn forwarding_fields_host_and_target_by_default() {
-    let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::to(&upstream).start().await;
+    let (upstream, proxy, client) = start_harness(TestProxy::to).await;
     let target = "/a%2Fb/c;v=1/..%2F~x?x=1&y=%20&x=2&e=&plus=a+b";
-    let response = TestClient::new()
-        .send(
-            Method::GET,
-            &proxy.url(target),
-            &[
-                ("host", "shop.example"),
-                ("x-forwarded-for", "203.0.113.7"),
-                ("x-forwarded-proto", "https"),
-                ("x-forwarded-host", "spoofed.example"),
-                ("via", "1.0 fred"),
-            ],
-            "",
-        )
-        .await;
-    assert_eq!(response.status, StatusCode::CREATED);
+    let from_the_client = [
+        ("host", "shop.example"),
+        ("x-forwarded-for", "203.0.113.7"),
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-host", "spoofed.example"),
+        ("via", "1.0 fred"),
+    ];
+    get_forwarded(&client, &proxy.url(target), &from_the_client).await;
 
     let seen = only_request(&upstream);
     assert_eq!(seen.uri.path_and_query().map(|pq| pq.as_str()), Some(target));
@@ -178,10 +170,8 @@ async fn forwarding_fields_host_and_target_by_default() {
 /// Without a client `X-Forwarded-For`, the upstream sees just the client's address.
 #[tokio::test]
 async fn x_forwarded_for_starts_with_the_client_address() {
-    let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::to(&upstream).start().await;
-    let response = TestClient::new().send(Method::GET, &proxy.url("/"), &[], "").await;
-    assert_eq!(response.status, StatusCode::CREATED);
+    let (upstream, proxy, client) = start_harness(TestProxy::to).await;
+    get_forwarded(&client, &proxy.url("/"), &[]).await;
     let seen = only_request(&upstream);
     assert_eq!(all_values(&seen.headers, "x-forwarded-for"), vec!["127.0.0.1"]);
     assert_eq!(
@@ -193,15 +183,8 @@ async fn x_forwarded_for_starts_with_the_client_address() {
 /// `upstream.preserve_host = true` forwards the client's `Host`.
 #[tokio::test]
 async fn preserve_host_forwards_the_client_host() {
-    let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::to(&upstream)
-        .config("upstream.preserve_host = true")
-        .start()
-        .await;
-    let response = TestClient::new()
-        .send(Method::GET, &proxy.url("/p?q=%41"), &[("host", "shop.example")], "")
-        .await;
-    assert_eq!(response.status, StatusCode::CREATED);
+    let (upstream, proxy, client) = start_harness(|up| TestProxy::to(up).config("upstream.preserve_host = true")).await;
+    get_forwarded(&client, &proxy.url("/p?q=%41"), &[("host", "shop.example")]).await;
     let seen = only_request(&upstream);
     assert_eq!(all_values(&seen.headers, "host"), vec!["shop.example"]);
     assert_eq!(all_values(&seen.headers, "x-forwarded-host"), vec!["shop.example"]);
@@ -243,20 +226,13 @@ async fn h2c_prior_knowledge_is_proxied_to_http1_upstream() {
     );
     // The same h2 connection carries a second request, whose chunked (streamed) upstream
     // response has connection-specific fields that HTTP/2 forbids (RFC 9113 §8.2.2).
-    let again = client
-        .send(
-            Method::GET,
-            &proxy.url("/h2/again"),
-            &[
-                ("x-upstream-body-bytes", "200000"),
-                ("x-upstream-header", "connection=x-resp-secret"),
-                ("x-upstream-header", "x-resp-secret=1"),
-                ("x-upstream-header", "keep-alive=timeout=9"),
-            ],
-            "",
-        )
-        .await;
-    assert_eq!(again.status, StatusCode::CREATED);
+    let streamed_with_connection_fields = [
+        ("x-upstream-body-bytes", "200000"),
+        ("x-upstream-header", "connection=x-resp-secret"),
+        ("x-upstream-header", "x-resp-secret=1"),
+        ("x-upstream-header", "keep-alive=timeout=9"),
+    ];
+    let again = get_forwarded(&client, &proxy.url("/h2/again"), &streamed_with_connection_fields).await;
     assert_eq!(again.body.len(), 200_000);
     for name in ["connection", "x-resp-secret", "keep-alive", "transfer-encoding"] {
         assert!(!again.headers.contains_key(name), "`{name}` reached the h2 client");
@@ -264,46 +240,40 @@ async fn h2c_prior_knowledge_is_proxied_to_http1_upstream() {
     assert_eq!(upstream.hits(), 2);
 }
 
-fn assert_problem(response: &common::TestResponse, status: StatusCode, slug: &str) {
-    assert_eq!(response.status, status, "{response:?}");
-    let problem_type = response.problem_type();
-    assert!(problem_type.ends_with(&format!("#{slug}")), "type {problem_type}");
-    let json = response.json();
-    assert_eq!(json["status"], status.as_u16());
-    assert!(json["title"].as_str().is_some_and(|t| !t.is_empty()), "{json}");
-    assert!(json["detail"].as_str().is_some_and(|d| !d.is_empty()), "{json}");
-    let link = response.header("link").expect("a Link header");
-    assert_eq!(link, format!("<{problem_type}>; rel=\"describedby\""));
-}
-
-/// Nothing listening upstream: `502` problem, type upstream-unreachable.
+/// Nothing listening upstream: `502` upstream-unreachable, in either error form (pass-through
+/// requests on a route answer in its form too).
 #[tokio::test]
 async fn refused_upstream_is_502_problem() {
     let dead = format!("http://127.0.0.1:{}", free_port());
-    let proxy = TestProxy::to_url(dead).start().await;
-    let response = TestClient::new().send(Method::GET, &proxy.url("/x"), &[], "").await;
-    assert_problem(&response, StatusCode::BAD_GATEWAY, "upstream-unreachable");
-    let keyless_post = TestClient::new().send(Method::POST, &proxy.url("/x"), &[], "{}").await;
-    assert_problem(&keyless_post, StatusCode::BAD_GATEWAY, "upstream-unreachable");
+    for form in [ErrorForm::Problem, ErrorForm::Stripe] {
+        let proxy = TestProxy::to_url(dead.clone()).error_form(form).start().await;
+        let response = TestClient::new().send(Method::GET, &proxy.url("/x"), &[], "").await;
+        assert_error(&response, form, StatusCode::BAD_GATEWAY, "upstream-unreachable");
+        let keyless_post = TestClient::new().send(Method::POST, &proxy.url("/x"), &[], "{}").await;
+        assert_error(&keyless_post, form, StatusCode::BAD_GATEWAY, "upstream-unreachable");
+    }
 }
 
-/// An upstream slower than `upstream.timeout`: `504` problem, type upstream-timeout, answered
-/// at the timeout rather than when the upstream finally answers.
+/// An upstream slower than `upstream.timeout`: `504` upstream-timeout, answered at the timeout
+/// rather than when the upstream finally answers, in either error form.
 #[tokio::test]
 async fn slow_upstream_is_504_problem_at_the_timeout() {
-    let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::to(&upstream)
-        .config("upstream.timeout = \"300ms\"")
-        .start()
+    for form in [ErrorForm::Problem, ErrorForm::Stripe] {
+        let (_upstream, proxy, client) = start_harness(|up| {
+            TestProxy::to(up)
+                .config("upstream.timeout = \"300ms\"")
+                .error_form(form)
+        })
         .await;
-    let started = Instant::now();
-    let response = TestClient::new()
-        .send(Method::GET, &proxy.url("/slow"), &[("x-upstream-delay-ms", "2000")], "")
-        .await;
-    let elapsed = started.elapsed();
-    assert_problem(&response, StatusCode::GATEWAY_TIMEOUT, "upstream-timeout");
-    assert!(elapsed >= Duration::from_millis(250), "answered after {elapsed:?}");
-    assert!(elapsed < Duration::from_millis(1500), "answered after {elapsed:?}");
+        let started = Instant::now();
+        let response = client
+            .send(Method::GET, &proxy.url("/slow"), &[("x-upstream-delay-ms", "2000")], "")
+            .await;
+        let elapsed = started.elapsed();
+        assert_error(&response, form, StatusCode::GATEWAY_TIMEOUT, "upstream-timeout");
+        assert!(elapsed >= Duration::from_millis(250), "answered after {elapsed:?}");
+        assert!(elapsed < Duration::from_millis(1500), "answered after {elapsed:?}");
+    }
 }
 
 /// Garbage on a socket gets a 400 or a closed connection, and the process keeps serving.
@@ -324,8 +294,7 @@ async fn garbage_bytes_do_not_stop_the_server() {
         );
     }
     assert_eq!(upstream.hits(), 0);
-    let response = TestClient::new().send(Method::GET, &proxy.url("/after"), &[], "").await;
-    assert_eq!(response.status, StatusCode::CREATED);
+    get_forwarded(&TestClient::new(), &proxy.url("/after"), &[]).await;
     assert_eq!(upstream.hits(), 1);
 }
 
@@ -431,8 +400,7 @@ async fn silent_client_is_disconnected() {
         assert!(elapsed >= Duration::from_millis(400), "closed after only {elapsed:?}");
         assert!(received.is_empty(), "{received:?}");
     }
-    let response = TestClient::new().send(Method::GET, &proxy.url("/"), &[], "").await;
-    assert_eq!(response.status, StatusCode::CREATED);
+    get_forwarded(&TestClient::new(), &proxy.url("/"), &[]).await;
 }
 
 /// An idle HTTP/1.1 keep-alive connection is closed after `server.header_read_timeout`.
@@ -459,11 +427,8 @@ async fn idle_http2_connection_is_closed_but_not_while_a_request_runs() {
     use http_body_util::{BodyExt, Empty};
     use hyper_util::rt::{TokioExecutor, TokioIo};
 
-    let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::to(&upstream)
-        .config("server.http2_idle_timeout = \"400ms\"")
-        .start()
-        .await;
+    let (upstream, proxy, _) =
+        start_harness(|up| TestProxy::to(up).config("server.http2_idle_timeout = \"400ms\"")).await;
     let stream = TcpStream::connect(proxy.addr).await.expect("connect");
     let (mut sender, connection) =
         hyper::client::conn::http2::handshake::<_, _, Empty<bytes::Bytes>>(TokioExecutor::new(), TokioIo::new(stream))
@@ -498,9 +463,7 @@ async fn idle_http2_connection_is_closed_but_not_while_a_request_runs() {
 /// executes it again.
 #[tokio::test]
 async fn every_method_passes_through_with_its_body() {
-    let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::to(&upstream).start().await;
-    let client = TestClient::new();
+    let (upstream, proxy, client) = start_harness(TestProxy::to).await;
     let cases = [
         (Method::GET, ""),
         (Method::HEAD, ""),
@@ -548,16 +511,13 @@ async fn every_method_passes_through_with_its_body() {
 /// A keyless POST is executed every time (never stored, never replayed).
 #[tokio::test]
 async fn keyless_post_is_executed_every_time() {
-    let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::to(&upstream).start().await;
-    let client = TestClient::new();
+    let (upstream, proxy, client) = start_harness(TestProxy::to).await;
     for n in 1..=3 {
         let response = client
             .send(Method::POST, &proxy.url("/orders"), &[], "{\"same\":true}")
             .await;
-        assert_eq!(response.status, StatusCode::CREATED);
+        assert_executed(&response);
         assert_eq!(response.json()["hit"], n);
-        assert_eq!(response.header("idempotent-replayed"), None);
         assert_eq!(upstream.hits(), n);
     }
 }
@@ -566,27 +526,15 @@ async fn keyless_post_is_executed_every_time() {
 /// would be invalid on a guarded request) and does not make the request idempotent.
 #[tokio::test]
 async fn idempotency_key_on_get_is_forwarded_untouched() {
-    let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::to(&upstream).start().await;
-    let client = TestClient::new();
+    let (upstream, proxy, client) = start_harness(TestProxy::to).await;
     for (n, key) in ["\"quoted-key\"", "bare-key", "\"a\", \"b\""].iter().enumerate() {
-        let response = client
-            .send(Method::GET, &proxy.url("/items"), &[("idempotency-key", key)], "")
-            .await;
-        assert_eq!(response.status, StatusCode::CREATED, "key {key}");
+        let response = get_forwarded(&client, &proxy.url("/items"), &[("idempotency-key", key)]).await;
         assert_eq!(response.header("idempotent-replayed"), None);
         let seen = upstream.requests().pop().expect("recorded");
         assert_eq!(all_values(&seen.headers, "idempotency-key"), vec![key.to_string()]);
         assert_eq!(upstream.hits(), n + 1);
     }
-    let again = client
-        .send(
-            Method::GET,
-            &proxy.url("/items"),
-            &[("idempotency-key", "bare-key")],
-            "",
-        )
-        .await;
+    let again = get_forwarded(&client, &proxy.url("/items"), &[("idempotency-key", "bare-key")]).await;
     assert_eq!(again.header("x-hit"), Some("4"));
 }
 
@@ -631,12 +579,9 @@ async fn pass_through_never_touches_the_store() {
 
 #[tokio::test]
 async fn upstream_connections_are_kept_alive_and_shared_between_clients() {
-    let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::to(&upstream).start().await;
-    let client = TestClient::new();
+    let (upstream, proxy, client) = start_harness(TestProxy::to).await;
     for _ in 0..20 {
-        let response = client.send(Method::GET, &proxy.url("/one"), &[], "").await;
-        assert_eq!(response.status, StatusCode::CREATED);
+        get_forwarded(&client, &proxy.url("/one"), &[]).await;
     }
     assert_eq!(
         upstream.connections(),
@@ -648,8 +593,7 @@ async fn upstream_connections_are_kept_alive_and_shared_between_clients() {
     // Each new client connection (a fresh client each time) finds the idle upstream connection
     // the previous one gave back to the pool when it closed.
     for _ in 0..5 {
-        let response = TestClient::new().send(Method::GET, &proxy.url("/fresh"), &[], "").await;
-        assert_eq!(response.status, StatusCode::CREATED);
+        get_forwarded(&TestClient::new(), &proxy.url("/fresh"), &[]).await;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(upstream.connections(), 1, "closed client connections give theirs back");
@@ -658,18 +602,14 @@ async fn upstream_connections_are_kept_alive_and_shared_between_clients() {
 
 #[tokio::test]
 async fn pooled_connection_closed_by_the_upstream_is_not_an_error() {
-    let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::to(&upstream).start().await;
-    let client = TestClient::new();
-    let response = client.send(Method::GET, &proxy.url("/before"), &[], "").await;
-    assert_eq!(response.status, StatusCode::CREATED);
+    let (upstream, proxy, client) = start_harness(TestProxy::to).await;
+    get_forwarded(&client, &proxy.url("/before"), &[]).await;
     // The upstream restarts: every connection the proxy holds (in the pool and for this client
     // connection) is dead; the next requests go over new ones, and a keyed POST runs once.
     upstream.stop();
     let upstream = upstream.restart().await;
     for _ in 0..3 {
-        let response = client.send(Method::GET, &proxy.url("/after"), &[], "").await;
-        assert_eq!(response.status, StatusCode::CREATED);
+        get_forwarded(&client, &proxy.url("/after"), &[]).await;
     }
     let before = upstream.hits();
     let response = client.post_keyed(&proxy.url("/orders"), "restart-1", "{}").await;

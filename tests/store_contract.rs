@@ -5,7 +5,9 @@ mod common;
 // Each contract is a generic `async fn(&S) where S: Store` in `contract`; `per_store!` (in
 // `common`) instantiates it once per store (`memory_store::<name>` on a fresh `MemoryStore`,
 // `disk_store::<name>` on a fresh `DiskStore` in its own temporary directory,
-// `redis_store::<name>` on a fresh `RedisStore` backed by its own `redis-server`). Every contract
+// `redis_store::<name>` on a fresh `RedisStore` backed by its own `redis-server`,
+// `replicated_redis_store::<name>` on one with `min_replicas = 1` over a primary and its
+// replica, whose writes travel in group-committed batches with their `WAIT`). Every contract
 // uses keys of its own, so the suite could also share one server. Store-specific behaviour (the
 // memory store's bound; Redis corrupt records, command budget and outages) follows at the end.
 
@@ -18,7 +20,9 @@ use idemproxy::idempotency::{
     unix_ms, Fingerprint, LeaseToken, Record, RecordError, StorageKey, StoredResponse, UnknownCause,
     CONFLICT_RETRY_AFTER,
 };
-use idemproxy::store::{Begin, BeginRequest, DiskStore, KeyState, MemoryStore, RedisStore, Store, StoreError};
+use idemproxy::store::{
+    Begin, BeginRequest, DiskStore, KeyState, MemoryStore, RedisOptions, RedisStore, Store, StoreError,
+};
 use idemproxy::telemetry::DiskStoreMetrics;
 
 use common::{per_store, RedisServer};
@@ -537,12 +541,40 @@ impl FreshDiskStore {
     }
 }
 
+/// A `RedisStore` with `min_replicas = 1` on a primary with one replica (dropped after the
+/// store).
+struct FreshReplicatedStore {
+    store: RedisStore,
+    replica: RedisServer,
+    primary: RedisServer,
+}
+
+impl FreshReplicatedStore {
+    async fn start() -> Self {
+        let primary = RedisServer::start();
+        let replica = RedisServer::start_replica_of(&primary);
+        // Generous: 200 concurrent begins on a loaded 2-core machine must all be acknowledged.
+        let mut options = RedisOptions::new(Duration::from_secs(2));
+        options.replication.min_replicas = 1;
+        options.replication.replica_timeout = Duration::from_secs(2);
+        let store = RedisStore::connect_with(&primary.url(), options)
+            .await
+            .expect("connect to redis");
+        Self {
+            store,
+            replica,
+            primary,
+        }
+    }
+}
+
 // Each test makes its own store (the temporary lives until the contract is done).
 per_store! {
     stores {
         memory_store => &MemoryStore::new(1024),
         disk_store => &FreshDiskStore::open().store,
         redis_store => &FreshRedisStore::start().await.store,
+        replicated_redis_store => &FreshReplicatedStore::start().await.store,
     }
     tests {
         new_key_owner_then_in_flight_then_mismatch,
@@ -801,4 +833,137 @@ async fn redis_down_then_back() {
     assert_eq!(store.complete(&k, owner.token, &completed(FP, &stored)).await, Ok(true));
     assert_eq!(begin(&store, &req(&k, FP)).await, Begin::Replay(stored));
     assert_eq!(store.ping().await, Ok(()));
+}
+
+// ---- Redis with min_replicas -----------------------------------------------------------------
+
+/// With `min_replicas = 1`, a key owned is a key its replica holds: every `begin` that answers
+/// `Owner` (the `WAIT` pipelined behind its write said so) finds its record on the replica at
+/// once, and so does every completion. Many at once share `WAIT`s (group commit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicated_owner_records_are_on_the_replica() {
+    let fresh = FreshReplicatedStore::start().await;
+    let store = &fresh.store;
+    let keys: Vec<StorageKey> = (0..200).map(|i| key(&format!("acked-{i}"))).collect();
+    let begins = keys.iter().map(|k| async move {
+        let attempt = req(k, FP);
+        let begun = begin(store, &attempt).await;
+        (begun == Begin::Owner(attempt.token), attempt.token)
+    });
+    fresh.primary.reset_stats();
+    let owned = futures::future::join_all(begins).await;
+    let waits = fresh.primary.command_calls().get("wait").copied().unwrap_or(0);
+    for (k, (is_owner, token)) in keys.iter().zip(&owned) {
+        assert!(is_owner, "{k:?}");
+        let on_replica: Option<Vec<u8>> = fresh.replica.query(redis::cmd("GET").arg(k.record_key()));
+        assert!(on_replica.is_some(), "an owned key is on the replica");
+        let stored = response(201, Some(b"acked"));
+        assert_eq!(store.complete(k, *token, &completed(FP, &stored)).await, Ok(true));
+        let on_replica: Vec<u8> = fresh.replica.query(redis::cmd("GET").arg(k.record_key()));
+        assert_eq!(
+            on_replica,
+            completed(FP, &stored).encode().to_vec(),
+            "the completion too"
+        );
+    }
+    assert!(waits < 200, "200 concurrent begins shared their WAITs: {waits}");
+}
+
+/// [`store_calls`] without the replica's own `REPLCONF` acknowledgements.
+fn proxy_calls(server: &RedisServer) -> Calls {
+    store_calls(server)
+        .into_iter()
+        .filter(|(name, _)| !name.starts_with("replconf"))
+        .collect()
+}
+
+/// Spec §4's budget with `min_replicas = 1`, as the request sees it: a write and the `WAIT`
+/// pipelined behind it are one round trip. A replay: one `SET … NX GET` (its batch's `WAIT` is
+/// sent, but the replay does not wait for it); a first execution: that and one `EVAL`, each with
+/// its `WAIT`.
+#[tokio::test]
+async fn replicated_command_budget() {
+    let fresh = FreshReplicatedStore::start().await;
+    let (store, server) = (&fresh.store, &fresh.primary);
+    let stored = response(201, Some(b"budget"));
+
+    server.reset_stats();
+    let k = key("replicated-budget");
+    let owner = req(&k, FP);
+    assert_eq!(begin(store, &owner).await, Begin::Owner(owner.token));
+    assert_eq!(store.complete(&k, owner.token, &completed(FP, &stored)).await, Ok(true));
+    // Sent: SET NX GET + WAIT, EVAL + WAIT. In the script: GET, SET KEEPTTL.
+    assert_eq!(
+        proxy_calls(server),
+        pairs(&[("eval", 1), ("get", 1), ("set", 2), ("wait", 2)])
+    );
+
+    server.reset_stats();
+    let started = Instant::now();
+    assert_eq!(begin(store, &req(&k, FP)).await, Begin::Replay(stored.clone()));
+    assert!(started.elapsed() < Duration::from_millis(100));
+    let calls = proxy_calls(server);
+    assert_eq!(
+        calls.iter().find(|(n, _)| n == "set"),
+        Some(&("set".to_owned(), 1)),
+        "{calls:?}"
+    );
+    assert!(calls.iter().all(|(n, _)| n == "set" || n == "wait"), "{calls:?}");
+
+    // A renewal and a release wait for no replica: one EVALSHA each on the store's connection
+    // (once the renewal script is loaded).
+    let k = key("replicated-budget-2");
+    let owner = req(&k, FP);
+    assert_eq!(begin(store, &owner).await, Begin::Owner(owner.token));
+    assert_eq!(store.renew(&k, owner.token, LOCK_TTL).await, Ok(true));
+    server.reset_stats();
+    assert_eq!(store.renew(&k, owner.token, LOCK_TTL).await, Ok(true));
+    assert_eq!(store.release(&k, owner.token).await, Ok(true));
+    let calls = proxy_calls(server);
+    assert!(!calls.iter().any(|(n, _)| n == "wait"), "{calls:?}");
+    assert_eq!(
+        calls
+            .iter()
+            .filter(|(n, _)| n == "evalsha")
+            .map(|(_, c)| c)
+            .sum::<u64>(),
+        2,
+        "{calls:?}"
+    );
+}
+
+/// The replica gone: a new key is not owned (the store failure, the key released), a replay is
+/// still answered, and a completion that cannot be acknowledged is still recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicated_store_without_its_replica() {
+    let mut fresh = FreshReplicatedStore::start().await;
+    let stored = response(201, Some(b"before"));
+    let k = key("replica-gone-done");
+    let owner = req(&k, FP);
+    assert_eq!(begin(&fresh.store, &owner).await, Begin::Owner(owner.token));
+    let running = key("replica-gone-running");
+    let runner = req(&running, FP);
+    assert_eq!(begin(&fresh.store, &runner).await, Begin::Owner(runner.token));
+    assert_eq!(
+        fresh.store.complete(&k, owner.token, &completed(FP, &stored)).await,
+        Ok(true)
+    );
+
+    fresh.replica.kill();
+    let fresh_key = key("replica-gone-new");
+    let refused = fresh.store.begin(&req(&fresh_key, FP)).await;
+    assert!(matches!(refused, Err(StoreError::Unavailable(_))), "{refused:?}");
+    assert_eq!(lookup(&fresh.store, &fresh_key).await, None, "released");
+    assert_eq!(begin(&fresh.store, &req(&k, FP)).await, Begin::Replay(stored));
+    let late = response(201, Some(b"late"));
+    assert_eq!(
+        fresh
+            .store
+            .complete(&running, runner.token, &completed(FP, &late))
+            .await,
+        Ok(true),
+        "answered anyway"
+    );
+    assert_eq!(record(&fresh.store, &running).await, completed(FP, &late));
+    assert!(matches!(fresh.store.ping().await, Err(StoreError::Unavailable(_))));
 }

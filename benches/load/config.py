@@ -35,6 +35,7 @@ class Settings:
     keep_tmp: bool
     load_cpus: Optional[str]
     server_cpus: Optional[str]
+    baseline: Optional[str]
 
     @property
     def pinned(self) -> bool:
@@ -71,6 +72,16 @@ def _cpus(env: Mapping[str, str], name: str, default: str) -> str:
     return raw
 
 
+def _revision(env: Mapping[str, str]) -> Optional[str]:
+    """BASELINE: a git revision (`f6430ef`, `main~3`, `v0.1.0`), or None when unset."""
+    raw = env.get("BASELINE", "").strip()
+    if not raw:
+        return None
+    if raw.startswith("-") or not re.fullmatch(r"[A-Za-z0-9._/~^@{}:+-]+", raw):
+        raise ConfigError(f"BASELINE must be a git revision such as f6430ef or main~3 (got {raw!r})")
+    return raw
+
+
 def from_env(env: Mapping[str, str], root: Path, ncpu: int) -> Settings:
     """Settings from environment variables; `ncpu` decides whether cores are pinned."""
     quick = env.get("QUICK", "0") == "1"
@@ -96,4 +107,5 @@ def from_env(env: Mapping[str, str], root: Path, ncpu: int) -> Settings:
         keep_tmp=env.get("KEEP_TMP", "0") == "1",
         load_cpus=_cpus(env, "LOAD_CPUS", "0") if pinned else None,
         server_cpus=_cpus(env, "SERVER_CPUS", "1") if pinned else None,
+        baseline=_revision(env),
     )

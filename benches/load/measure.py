@@ -7,22 +7,36 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Mapping, Sequence
 
 from . import parse
 from .processes import BenchError, Servers, log
+from .scenarios import (IDEM_DISK, IDEM_JSON, IDEM_MEM, IDEM_MEM_BASE, IDEM_REDIS, IDEM_REDIS_BASE, IDEM_REPL0,
+                        IDEM_REPL1, NGINX)
 from .servers import keyed_post
 
-# Roles whose peak RSS is recorded per run (reset before, read after).
-PEAK_ROLES = ("idem_redis", "idem_mem", "idem_disk", "nginx")
+# Roles whose peak RSS is recorded per run (reset before, read after), those of the run that exist.
+PEAK_ROLES = (IDEM_REDIS, IDEM_MEM, NGINX, IDEM_REDIS_BASE, IDEM_MEM_BASE, IDEM_REPL0, IDEM_REPL1, IDEM_JSON,
+              IDEM_DISK)
+# The Redis whose commands a variant that uses none counts (its figures are not shown).
+DEFAULT_REDIS = "redis"
+
+
+def counted_redis(role_kinds: Mapping[str, str], primaries: Sequence[str]) -> List[str]:
+    """The Redis primaries (roles of `primaries`) that serve a variant (`role_kinds`: role ->
+    kind), whose commandstats its run counts: the benchmark's own Redis, or the replicated
+    primary (not its replica: it only repeats the primary's writes); the benchmark's own when the
+    variant uses no Redis."""
+    return [role for role, kind in role_kinds.items() if kind == "redis" and role in primaries] or [DEFAULT_REDIS]
 
 
 class Sampler:
     """Samples of the servers' CPU ticks, the cores' /proc/stat and Redis' commandstats."""
 
-    def __init__(self, servers: Servers, redis_cli: List[str]):
+    def __init__(self, servers: Servers, redis_clis: Mapping[str, List[str]]):
         self.servers = servers
-        self.redis_cli = redis_cli
+        self.redis_clis = dict(redis_clis)
+        self.peak_roles = [role for role in PEAK_ROLES if role in servers.role_pids]
 
     def ticks(self, role: str) -> int:
         """utime + stime of every process of `role`, in clock ticks."""
@@ -34,20 +48,29 @@ class Sampler:
                 raise BenchError(f"{role} (pid {pid}) died during the benchmark") from e
         return total
 
-    def sample(self) -> dict:
-        """{"ticks": role -> ticks, "stat": core -> (busy, total), "redis": command -> calls}."""
-        info = subprocess.run(self.redis_cli + ["info", "commandstats"], capture_output=True, text=True)
-        if info.returncode != 0:
-            raise BenchError(f"redis-cli info commandstats failed: {info.stderr.strip()}")
+    def redis_for(self, role_kinds: Mapping[str, str]) -> List[str]:
+        """The Redis roles whose commands a variant's run counts (counted_redis)."""
+        return counted_redis(role_kinds, list(self.redis_clis))
+
+    def sample(self, redis_roles: Sequence[str] = (DEFAULT_REDIS,)) -> dict:
+        """{"ticks": role -> ticks, "stat": core -> (busy, total), "redis": command -> calls},
+        the calls summed over the Redis `redis_roles`."""
+        calls: Dict[str, int] = {}
+        for role in redis_roles:
+            info = subprocess.run(self.redis_clis[role] + ["info", "commandstats"], capture_output=True, text=True)
+            if info.returncode != 0:
+                raise BenchError(f"redis-cli info commandstats ({role}) failed: {info.stderr.strip()}")
+            for command, n in parse.commandstats(info.stdout).items():
+                calls[command] = calls.get(command, 0) + n
         return {
             "ticks": {role: self.ticks(role) for role in self.servers.role_pids},
             "stat": parse.cpu_times(Path("/proc/stat").read_text()),
-            "redis": parse.commandstats(info.stdout),
+            "redis": calls,
         }
 
     def reset_peaks(self) -> None:
         """Resets VmHWM of the recorded roles (clear_refs 5), so a peak is per run."""
-        for role in PEAK_ROLES:
+        for role in self.peak_roles:
             for pid in self.servers.role_pids[role]:
                 try:
                     Path(f"/proc/{pid}/clear_refs").write_text("5")
@@ -57,7 +80,7 @@ class Sampler:
     def peaks(self) -> Dict[str, int]:
         """role -> VmHWM (KiB) summed over the role's processes."""
         return {role: sum(parse.vm_hwm_kib(Path(f"/proc/{pid}/status").read_text())
-                          for pid in self.servers.role_pids[role]) for role in PEAK_ROLES}
+                          for pid in self.servers.role_pids[role]) for role in self.peak_roles}
 
 
 class Wrk:
@@ -87,7 +110,7 @@ def progress_line(bench: Dict[str, int], group: str, variant: str, round_: int) 
     extra = ""
     if bench["status_counted"]:
         extra = f"  2xx {bench['s2xx']} 409 {bench['s409']} 4xx {bench['s4xx']} 5xx {bench['s5xx']}"
-    return (f"  {group:6} {variant:19} round {round_}: {rps:9.0f} req/s  p50 {bench['p50_us'] / 1000:.2f} ms"
+    return (f"  {group:6} {variant:27} round {round_}: {rps:9.0f} req/s  p50 {bench['p50_us'] / 1000:.2f} ms"
             f"  p99 {bench['p99_us'] / 1000:.2f} ms  non-2xx {bench['non2xx3xx']}{extra}")
 
 

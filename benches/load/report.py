@@ -1,11 +1,14 @@
 """The report, as pure functions: raw runs → per-run figures → medians over the rounds →
-targets (PASS/FAIL), floors and ratios → latest.md and latest.json (the chart is chart.py)."""
+targets (PASS/FAIL), floors and ratios, the A/B of this build against a baseline build →
+latest.md and latest.json (the chart is chart.py)."""
 
 from __future__ import annotations
 
 import json
 import statistics
-from typing import Dict, Iterable, List, Mapping, Optional, Set, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Set, Tuple
+
+from .scenarios import BASELINE_SUFFIX
 
 Key = Tuple[str, str]  # (group, variant)
 Agg = Dict[Key, dict]
@@ -18,8 +21,9 @@ _POST = "keyless POST 1 KiB"
 _NEW = "keyed POST 1 KiB, every key new"
 _SAME = "keyed POST 1 KiB, same key (replay)"
 _STORM = "retry storm (32 conns, one key per wave)"
-# (group, variant) -> (scenario number, scenario, variant label), in table order.
-LABELS: Dict[Key, Tuple[str, str, str]] = {
+# (group, variant) -> (scenario number, scenario, variant label), in table order, before the
+# baseline variants are added.
+_LABELS: Dict[Key, Tuple[str, str, str]] = {
     ("get", "direct"): ("1", _GET, "direct to upstream"),
     ("get", "nginx"): ("1", _GET, "nginx"),
     ("get", "hyper-floor"): ("1", _GET, "hyper floor (bare forwarder)"),
@@ -30,13 +34,42 @@ LABELS: Dict[Key, Tuple[str, str, str]] = {
     ("new", "idemproxy-redis"): ("3", _NEW, "idemproxy, Redis"),
     ("replay", "idemproxy-redis"): ("4", _SAME, "idemproxy, Redis"),
     ("new", "idemproxy-embedded"): ("5", _NEW, "idemproxy, embedded"),
+    ("new", "embedded-json-fingerprint"): ("5", _NEW, "idemproxy, embedded, --fingerprint-body json"),
     ("replay", "idemproxy-embedded"): ("5", _SAME, "idemproxy, embedded"),
     ("storm", "idemproxy-redis"): ("6", _STORM, "idemproxy, Redis"),
     ("storm", "idemproxy-embedded"): ("6", _STORM, "idemproxy, embedded"),
-    ("new", "idemproxy-disk"): ("7", _NEW, "idemproxy, disk store"),
-    ("replay", "idemproxy-disk"): ("7", _SAME, "idemproxy, disk store"),
-    ("storm", "idemproxy-disk"): ("7", _STORM, "idemproxy, disk store"),
+    ("new", "replicated-min0"): ("7", _NEW, "idemproxy, replicated Redis, min_replicas 0"),
+    ("new", "replicated-min1"): ("7", _NEW, "idemproxy, replicated Redis, min_replicas 1"),
+    ("replay", "replicated-min0"): ("8", _SAME, "idemproxy, replicated Redis, min_replicas 0"),
+    ("replay", "replicated-min1"): ("8", _SAME, "idemproxy, replicated Redis, min_replicas 1"),
+    ("new", "idemproxy-disk"): ("9", _NEW, "idemproxy, disk store"),
+    ("replay", "idemproxy-disk"): ("9", _SAME, "idemproxy, disk store"),
+    ("storm", "idemproxy-disk"): ("9", _STORM, "idemproxy, disk store"),
 }
+REPLICATED_KEYS = [key for key in _LABELS if key[1].startswith("replicated-")]
+# The disk-store variants (issue 13): no baseline twin (an older build lacks their flags).
+DISK_KEYS = [key for key in _LABELS if key[1] == "idemproxy-disk"]
+JSON_FINGERPRINT_KEY: Key = ("new", "embedded-json-fingerprint")
+BYTES_FINGERPRINT_KEY: Key = ("new", "idemproxy-embedded")
+
+
+def baseline_key(key: Key) -> Key:
+    """The variant of the baseline build (BASELINE=<revision>) that pairs with `key`."""
+    return key[0], key[1] + BASELINE_SUFFIX
+
+
+def _with_baselines(labels: Mapping[Key, Tuple[str, str, str]]) -> Dict[Key, Tuple[str, str, str]]:
+    """`labels`, each idemproxy variant followed by its baseline variant (the disk store's have
+    none)."""
+    out = {}
+    for key, (num, scenario, variant) in labels.items():
+        out[key] = (num, scenario, variant)
+        if key[1].startswith("idemproxy") and key not in DISK_KEYS:
+            out[baseline_key(key)] = (num, scenario, variant + " · baseline")
+    return out
+
+
+LABELS = _with_baselines(_LABELS)
 ORDER: List[Key] = list(LABELS)
 
 # --- one run ------------------------------------------------------------------------------
@@ -93,12 +126,14 @@ def build_run(meta: Mapping, bench: Mapping[str, int], pre: Mapping, post: Mappi
 
     meta: group, variant, round, roles (role -> kind); bench: the BENCH line (requests > 0);
     pre/post: samples {"ticks": role -> ticks, "redis": commandstats, "stat": /proc/stat cores};
-    peaks: role -> VmHWM KiB."""
+    peaks: role -> VmHWM KiB. The CPU of the roles of one kind is summed (the replicated Redis'
+    primary and replica are both `redis`)."""
     requests = bench["requests"]
     roles = dict(meta["roles"])
     ticks = {r: post["ticks"][r] - pre["ticks"][r] for r in post["ticks"]}
-    cpu = {kind: cpu_us_per_request(pre["ticks"][role], post["ticks"][role], clk_tck, requests)
-           for role, kind in roles.items()}
+    cpu: Dict[str, float] = {}
+    for role, kind in roles.items():  # summed per kind: a replicated Redis is a primary and a replica
+        cpu[kind] = cpu.get(kind, 0.0) + cpu_us_per_request(pre["ticks"][role], post["ticks"][role], clk_tck, requests)
     busy, foreign = core_shares(pre["stat"], post["stat"], cores, sum(ticks.values()))
     proxy_role = next((r for r, k in roles.items() if k == "proxy"), None)
     seconds = bench["duration_us"] / 1e6
@@ -227,6 +262,47 @@ def target_calibration(name: str, expected: int, calibration: Mapping[str, Mappi
                    f"{c['replayed']} replayed)" + under_load), _result(ok)
 
 
+REPLICAS_TARGET = ("replica acknowledgements (issue 14, replicated Redis): first executions with min_replicas=1 "
+                   "≥ 0.7× the throughput with 0; replays unchanged (≥ 0.9×)")
+
+
+def target_replicas(agg: Agg) -> Target:
+    """`--redis-min-replicas 1` against 0 on the same replicated Redis, same run: first executions
+    (which wait for the replica's WAIT) keep at least 0.7× the throughput; replays, which write
+    nothing and so wait for no replica, are unchanged: at least 0.9× (the rest is noise). Each
+    half is judged when both its variants ran."""
+    new0, new1 = agg.get(("new", "replicated-min0")), agg.get(("new", "replicated-min1"))
+    rep0, rep1 = agg.get(("replay", "replicated-min0")), agg.get(("replay", "replicated-min1"))
+    measured, ok = [], []
+    if new0 and new1:
+        ratio = new1["rps"] / new0["rps"]
+        measured.append(f"first executions {new1['rps']:,.0f} vs {new0['rps']:,.0f} req/s = **{ratio:.2f}×** "
+                        f"(p99 {new1['p99_ms']:.2f} vs {new0['p99_ms']:.2f} ms)")
+        ok.append(ratio >= 0.7)
+    if rep0 and rep1:
+        ratio = rep1["rps"] / rep0["rps"]
+        measured.append(f"replays {rep1['rps']:,.0f} vs {rep0['rps']:,.0f} req/s = **{ratio:.2f}×** "
+                        f"(p99 {rep1['p99_ms']:.2f} vs {rep0['p99_ms']:.2f} ms)")
+        ok.append(ratio >= 0.9)
+    if not ok:
+        return REPLICAS_TARGET, "not run", _result(None)
+    return REPLICAS_TARGET, "; ".join(measured), _result(all(ok))
+
+
+JSON_FINGERPRINT_TARGET = ("JSON fingerprint (issue 15): proxy CPU µs/req with `--fingerprint-body json` ≤ 1.2× "
+                           "the bytes fingerprint's (1 KiB bodies)")
+
+
+def target_json_fingerprint(json_fp: dict, bytes_fp: dict) -> Target:
+    """First executions on the embedded store with the canonical JSON fingerprint against the
+    byte fingerprint, same 1 KiB JSON body, same run: the proxy's CPU per request at most 1.2×."""
+    ratio = json_fp["cpu"]["proxy"] / bytes_fp["cpu"]["proxy"]
+    return JSON_FINGERPRINT_TARGET, (
+        f"{json_fp['cpu']['proxy']:.1f} vs {bytes_fp['cpu']['proxy']:.1f} µs = **{ratio:.2f}×** "
+        f"(totals with upstream: {json_fp['cpu_total']:.1f} vs {bytes_fp['cpu_total']:.1f} µs; "
+        f"{json_fp['rps']:,.0f} vs {bytes_fp['rps']:,.0f} req/s)"), _result(ratio <= 1.2)
+
+
 def target_rss(agg: Agg) -> Target:
     """Peak RSS of the Redis-store idemproxy under 64 MiB."""
     name = "peak RSS < 64 MiB under load (idemproxy, Redis store)"
@@ -237,8 +313,13 @@ def target_rss(agg: Agg) -> Target:
 
 
 def targets(agg: Agg, calibration: Mapping[str, Mapping[str, str]]) -> List[Target]:
-    """Every target of the performance work, measured or `not run`."""
+    """Every target of the performance work, measured or `not run`; the replica target only when
+    a replicated-Redis variant ran, the JSON-fingerprint target only when both fingerprints' variants
+    ran (reports of runs without them stay as they were)."""
     new_r, rep_r = agg.get(("new", "idemproxy-redis")), agg.get(("replay", "idemproxy-redis"))
+    replicas = [target_replicas(agg)] if any(key in agg for key in REPLICATED_KEYS) else []
+    fingerprints = _all(agg, JSON_FINGERPRINT_KEY, BYTES_FINGERPRINT_KEY)
+    json_fp = [target_json_fingerprint(*fingerprints)] if fingerprints else []
     return [
         target_get(agg),
         target_vs("keyed first execution (Redis): total CPU ≤ 1.5 × nginx keyless POST total",
@@ -249,6 +330,8 @@ def targets(agg: Agg, calibration: Mapping[str, Mapping[str, str]]) -> List[Targ
         target_calibration("first-execution", 2, calibration, new_r),
         target_calibration("replay", 1, calibration, rep_r),
         target_rss(agg),
+        *replicas,
+        *json_fp,
     ]
 
 
@@ -387,6 +470,66 @@ def noise(agg: Agg) -> Optional[str]:
                                            "CPU µs/req less so." if worst > 0.05 else "."))
 
 
+# --- A/B: this build against a baseline build (BASELINE=<revision>) ----------------------------
+
+
+class Metric(NamedTuple):
+    """One figure of the A/B: its name, its value in a run, its summary over the rounds (as in
+    the table), whether higher is better, and its decimals in latest.md."""
+
+    name: str
+    value: Callable[[dict], float]
+    summary: Callable[[Sequence[float]], float]
+    higher_is_better: bool
+    digits: int
+
+
+AB_METRICS = (
+    Metric("req/s", lambda r: r["rps"], statistics.median, True, 0),
+    Metric("p99 ms", lambda r: r["p99_ms"], statistics.median, False, 2),
+    Metric("proxy CPU µs/req", lambda r: r["cpu_us_per_req"]["proxy"], statistics.median, False, 1),
+    Metric("total CPU µs/req", lambda r: r["cpu_us_per_req_total"], statistics.median, False, 1),
+    Metric("peak RSS MiB", lambda r: r["peak_rss_mib"], max, False, 1),
+)
+
+
+def beyond_noise(this: Sequence[float], base: Sequence[float], higher_is_better: bool) -> str:
+    """`better` or `worse` when every round of this build is above (or below) every round of the
+    baseline, `within noise` when their ranges overlap, `n/a` with fewer than 2 rounds of each."""
+    if min(len(this), len(base)) < 2:
+        return "n/a"
+    if min(this) > max(base):
+        return "better" if higher_is_better else "worse"
+    if max(this) < min(base):
+        return "worse" if higher_is_better else "better"
+    return "within noise"
+
+
+def _rounds(runs: List[dict], key: Key) -> List[dict]:
+    """The runs of the variant `key`, in round order."""
+    return sorted((r for r in runs if (r["group"], r["variant"]) == key), key=lambda r: r["round"])
+
+
+def ab_metric(key: Key, metric: Metric, this_runs: List[dict], base_runs: List[dict]) -> dict:
+    """One metric of one variant: both builds' summaries, their ratio, the rounds, the verdict."""
+    this, base = [metric.value(r) for r in this_runs], [metric.value(r) for r in base_runs]
+    a, b = metric.summary(this), metric.summary(base)
+    return {"group": key[0], "variant": key[1], "metric": metric.name, "this": a, "baseline": b,
+            "ratio": a / b if b else None, "this_rounds": this, "baseline_rounds": base,
+            "verdict": beyond_noise(this, base, metric.higher_is_better)}
+
+
+def ab(runs: List[dict]) -> List[dict]:
+    """This build against the baseline build, for every idemproxy variant that ran with its
+    baseline variant, in table order: one row per metric of AB_METRICS (latest.json `ab`)."""
+    out = []
+    for key in _LABELS:
+        this, base = _rounds(runs, key), _rounds(runs, baseline_key(key))
+        if this and base:
+            out += [ab_metric(key, metric, this, base) for metric in AB_METRICS]
+    return out
+
+
 def log_summary(lines: Iterable[str]) -> Dict[Tuple[str, str], int]:
     """(level, message) -> count of the WARN and ERROR lines of an idemproxy JSON log."""
     counts: Dict[Tuple[str, str], int] = {}
@@ -416,14 +559,18 @@ def fmt(x: Optional[float], digits: int = 1) -> str:
     return f"{x:.{digits}f}"
 
 
+def _commit(env: Mapping[str, str]) -> str:
+    """The commit measured, with the number of uncommitted files if there are any."""
+    return f"`{env['commit']}`" + (f" (+{env['dirty']} uncommitted files)" if env["dirty"] != "0" else "")
+
+
 def _header(env: Mapping[str, str]) -> List[str]:
     """Title, machine, versions and settings of the run."""
     quick = " (QUICK smoke run: numbers are indicative only)" if env.get("quick") == "1" else ""
-    dirty = f" (+{env['dirty']} uncommitted files)" if env["dirty"] != "0" else ""
     upstream = "nginx `return 200`" if env["upstream_kind"] == "nginx" else "examples/bench_upstream (hyper)"
     return [
         "# idemproxy load benchmark" + quick, "",
-        f"Run {env['date']} · commit `{env['commit']}`{dirty} · {env['ncpu']} × {env['cpu_model']} "
+        f"Run {env['date']} · commit {_commit(env)} · {env['ncpu']} × {env['cpu_model']} "
         f"· Linux {env['kernel']}",
         f"nginx {env['nginx']} · redis {env['redis']} · wrk {env['wrk']} · rustc {env['rustc']} · "
         f"upstream: {upstream}",
@@ -468,6 +615,43 @@ def table_row(key: Key, a: dict) -> str:
             f"| {fmt(a['peak_rss_mib'])} | {_non2xx(a)} | {' / '.join(f'{x:,.0f}' for x in a['rps_rounds'])} |")
 
 
+AB_HEAD = [
+    "| # | scenario | variant | metric | this build | baseline | this/baseline | this build per round "
+    "| baseline per round | beyond noise? |",
+    "|---|---|---|---|--:|--:|--:|---|---|---|",
+]
+_DIGITS = {metric.name: metric.digits for metric in AB_METRICS}
+
+
+def ab_row(row: Mapping, first: bool) -> str:
+    """One metric of the A/B table; the scenario and variant only on a variant's `first` row."""
+    num, scenario, variant = LABELS[(row["group"], row["variant"])] if first else ("", "", "")
+    digits = _DIGITS[row["metric"]]
+    ratio = "—" if row["ratio"] is None else f"**{row['ratio']:.3f}×**"
+    verdict = row["verdict"] if row["verdict"] in ("within noise", "n/a") else f"**{row['verdict']}**"
+    per_round = [" / ".join(fmt(x, digits) for x in row[side]) for side in ("this_rounds", "baseline_rounds")]
+    return (f"| {num} | {scenario} | {variant} | {row['metric']} | {fmt(row['this'], digits)} "
+            f"| {fmt(row['baseline'], digits)} | {ratio} | {per_round[0]} | {per_round[1]} | {verdict} |")
+
+
+def ab_section(env: Mapping[str, str], rows: List[dict]) -> List[str]:
+    """The A/B section of latest.md (`rows` from ab()); nothing without a baseline."""
+    if not rows:
+        return []
+    keys = [(row["group"], row["variant"]) for row in rows]
+    table = [ab_row(row, i == 0 or keys[i] != keys[i - 1]) for i, row in enumerate(rows)]
+    return [
+        f"## A/B: this build vs baseline `{env['baseline']}`", "",
+        f"This build: commit {_commit(env)}; baseline: `BASELINE={env['baseline_revision']}`, commit "
+        f"`{env['baseline']}`, built in release from a clean worktree and started with the same flags (its Redis "
+        "store on database 1 of the same redis-server). Each baseline variant ran right after its idemproxy variant "
+        "in every round. this/baseline: ratio of the medians (peak RSS: of the max over the rounds). Beyond noise: "
+        "**better** or **worse** when every round of one build beats every round of the other; within noise when "
+        "their ranges overlap.", "",
+        *AB_HEAD, *table, "",
+    ]
+
+
 def _bullets(title: str, items: List[str]) -> List[str]:
     """`title`, then `items` as a list; nothing when there are none."""
     return [title, "", *(f"- {item}" for item in items), ""] if items else []
@@ -486,8 +670,10 @@ def _logs(logs: Mapping[str, Mapping[Tuple[str, str], int]]) -> List[str]:
 
 def markdown(env: Mapping[str, str], agg: Agg, runs: List[dict], target_rows: List[Target],
              logs: Mapping[str, Mapping[Tuple[str, str], int]]) -> str:
-    """latest.md: the table, the targets, floors, ratios, noise and proxy logs."""
+    """latest.md: the table, the A/B against a baseline, the targets, floors, ratios, noise and
+    proxy logs."""
     lines = _header(env) + TABLE_HEAD + [table_row(k, a) for k, a in agg.items()] + [""]
+    lines += ab_section(env, ab(runs))
     lines += ["## Targets (issue 5)", "", "| target | measured | result |", "|---|---|---|"]
     lines += [f"| {name} | {measured} | **{result}** |" for name, measured, result in target_rows] + [""]
     lines += _bullets("Floors (information: what the HTTP stack and Redis cost before any idemproxy work):",
@@ -503,9 +689,12 @@ def markdown(env: Mapping[str, str], agg: Agg, runs: List[dict], target_rows: Li
 
 def to_json(env: Mapping[str, str], calibration: Mapping, runs: List[dict], agg: Agg,
             target_rows: List[Target]) -> str:
-    """latest.json: the environment, the calibration, every run, the medians and the targets."""
+    """latest.json: the environment, the calibration, every run, the medians, the targets and,
+    with a baseline, the A/B."""
+    rows = ab(runs)
     return json.dumps({
         "env": env, "calibration": calibration, "runs": runs,
         "aggregate": [{"group": k[0], "variant": k[1], **v} for k, v in agg.items()],
         "targets": [{"target": t, "measured": m, "result": r} for t, m, r in target_rows],
+        **({"ab": rows} if rows else {}),
     }, indent=1, ensure_ascii=True)

@@ -11,15 +11,16 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 from . import chart, parse, report
 from .config import Settings
 from .measure import Sampler, Wrk, calibrate, log_calibration, progress_line
 from .processes import BenchError, Servers, log
-from .scenarios import IDEM_DISK, IDEM_MEM, IDEM_REDIS, Variant, groups
-from .servers import Ports, body_1k, keyed_post, pick_ports, preflight, redis_cli, start_all
-from .tools import build, versions
+from .scenarios import (IDEM_REDIS, Variant, groups, idemproxy_label, idemproxy_roles, needs_disk,
+                        needs_json_fingerprint, needs_replicated)
+from .servers import Ports, body_1k, keyed_post, pick_ports, preflight, redis_cli, redis_clis, start_all
+from .tools import Baseline, build, build_baseline, versions
 
 
 class Bench:
@@ -30,7 +31,7 @@ class Bench:
         self.servers = servers
         self.ports = ports
         self.redis_cli = redis_cli(tools, ports)
-        self.sampler = Sampler(servers, self.redis_cli)
+        self.sampler = Sampler(servers, redis_clis(tools, ports))
         pin = ["taskset", "-c", settings.load_cpus] if settings.pinned else []
         self.wrk = Wrk(tools["wrk"], settings.root / "benches" / "wrk", pin, settings.wrk_threads, settings.conns)
         self.seed = f"{int(time.time())}{random.randrange(0x10000):04x}"
@@ -59,19 +60,20 @@ class Bench:
         """One measured run: samples before and after wrk, peak RSS, the run's figures."""
         self.servers.check_alive()
         self.sampler.reset_peaks()
-        pre = self.sampler.sample()
+        counted = self.sampler.redis_for(variant.role_kinds())
+        pre = self.sampler.sample(counted)
         name = f"{len(self.runs) + 1:03d}-{group}-{variant.name}"
         out = self._wrk(self.runs_dir / f"{name}.wrk.out", variant, self.settings.duration)
         time.sleep(0.2)  # let executions that outlived their client finish
         self.servers.check_alive()
-        post, peaks = self.sampler.sample(), self.sampler.peaks()
+        post, peaks = self.sampler.sample(counted), self.sampler.peaks()
         bench = parse.wrk_output(out)
         if not bench["requests"]:
             raise BenchError(f"wrk completed no request on {variant.endpoint} ({variant.script})")
         log(progress_line(bench, group, variant.name, round_))
         meta = {"group": group, "variant": variant.name, "round": round_, "roles": variant.role_kinds()}
         (self.runs_dir / f"{name}.samples.json").write_text(
-            json.dumps({"meta": meta, "pre": pre, "post": post, "peaks": peaks}))
+            json.dumps({"meta": meta, "redis_counted": counted, "pre": pre, "post": post, "peaks": peaks}))
         self.runs.append(report.build_run(meta, bench, pre, post, peaks, self.clk_tck, self.cores))
 
     def run_group(self, group: str, variants: List[Variant]) -> None:
@@ -85,8 +87,8 @@ class Bench:
                 self.measure(group, round_, variant)
 
     def create_replay_key(self) -> None:
-        """The key that the replay scenario repeats, executed once on both idemproxies."""
-        for endpoint in (IDEM_REDIS, IDEM_MEM, IDEM_DISK):
+        """The key that the replay scenario repeats, executed once on every idemproxy."""
+        for endpoint in self.ports.idemproxies:
             result = keyed_post(self.ports.url(endpoint), f"replay-{self.seed}", body_1k())
             if result != (200, False):
                 raise BenchError(f"creating the replay key on {endpoint} answered {result}")
@@ -133,12 +135,10 @@ def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
-def proxy_logs(tmp: Path) -> Dict[str, dict]:
-    """Warn/error counts of each idemproxy's log, by label."""
-    labels = ((IDEM_REDIS, "idemproxy (Redis store)"), (IDEM_MEM, "idemproxy (embedded store)"),
-              (IDEM_DISK, "idemproxy (disk store)"))
-    return {label: report.log_summary((tmp / f"{role}.err").read_text(errors="replace").splitlines())
-            for role, label in labels}
+def proxy_logs(tmp: Path, roles: List[str]) -> Dict[str, dict]:
+    """Warn/error counts of the log of each idemproxy `roles`, by label."""
+    return {idemproxy_label(role): report.log_summary((tmp / f"{role}.err").read_text(errors="replace").splitlines())
+            for role in roles}
 
 
 def write_report(out_dir: Path, env: Dict[str, str], calibration: dict, runs: List[dict],
@@ -154,18 +154,31 @@ def write_report(out_dir: Path, env: Dict[str, str], calibration: dict, runs: Li
     return md
 
 
-def benchmark(settings: Settings, tools: Dict[str, str], tmp: Path) -> str:
-    """Builds, starts the servers, measures every group, writes the report; returns the markdown."""
+def build_all(settings: Settings, tmp: Path) -> Tuple[Dict[str, Path], Optional[Baseline]]:
+    """This build's binaries (name -> path) with the baseline's as `idemproxy-baseline`, and the
+    baseline (None without BASELINE)."""
     examples = ["bench_floor"] + (["bench_upstream"] if settings.upstream_kind == "hyper" else [])
     bins = build(settings.root, tmp, examples)
-    ports = pick_ports()
+    if not settings.baseline:
+        return bins, None
+    baseline = build_baseline(settings.root, settings.baseline, tmp)
+    return {**bins, "idemproxy-baseline": baseline.binary}, baseline
+
+
+def benchmark(settings: Settings, tools: Dict[str, str], tmp: Path) -> str:
+    """Builds, starts the servers, measures every group, writes the report; returns the markdown."""
+    bins, baseline = build_all(settings, tmp)
+    ports = pick_ports(idemproxy_roles(baseline is not None, needs_replicated(settings.only),
+                                       needs_json_fingerprint(settings.only), needs_disk(settings.only)))
     pin = ["taskset", "-c", settings.server_cpus] if settings.pinned else []
     with Servers(tmp, pin) as servers:
         start_all(servers, settings, tools, bins, ports)
         bench = Bench(settings, tools, servers, ports)
         preflight(ports, bench.seed)
         env = environment(settings, versions(tools, settings.root))
-        all_groups = groups(settings.storm_wave)
+        if baseline:
+            env.update(baseline=baseline.commit, baseline_revision=baseline.revision)
+        all_groups = groups(settings.storm_wave, baseline is not None)
         for group in settings.only:
             if group == "replay":
                 bench.create_replay_key()
@@ -173,7 +186,7 @@ def benchmark(settings: Settings, tools: Dict[str, str], tmp: Path) -> str:
         calibration = bench.calibration()
         env["loadavg_end"] = loadavg()
         servers.check_alive()
-    return write_report(settings.out_dir, env, calibration, bench.runs, proxy_logs(tmp))
+    return write_report(settings.out_dir, env, calibration, bench.runs, proxy_logs(tmp, list(ports.idemproxies)))
 
 
 def main_run(settings: Settings, tools: Dict[str, str]) -> None:

@@ -1,48 +1,60 @@
-"""The benchmark's servers: the upstream, Redis, the nginx peer, idemproxy with each store and
-the hyper floor, each on a free loopback port; and the HTTP checks that they answer."""
+"""The benchmark's servers: the upstream, Redis, the nginx peer, idemproxy with each store (and
+the baseline build's, with BASELINE), for the keyed scenarios a replicated Redis (primary + one
+replica) with two idemproxies on it (--redis-min-replicas 0 and 1), for the new-key scenario an
+embedded-store idemproxy with --fingerprint-body json, for the keyed scenarios an idemproxy
+with the disk store, and the hyper floor, each on a free loopback port; and the HTTP checks that
+they answer."""
 
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .config import Settings
 from .processes import BenchError, Servers, free_ports, log
-from .scenarios import DIRECT, FLOOR, IDEM_DISK, IDEM_MEM, IDEM_REDIS, NGINX
+from .scenarios import (DIRECT, FLOOR, IDEM_DISK, IDEM_JSON, IDEM_MEM, MIN_REPLICAS, NGINX, REDIS_PRIMARY,
+                        REDIS_REPLICA, has_redis_store, idemproxy_label, is_baseline)
 
 UPSTREAM_BODY = '{"id":"ord_1","status":"created"}'
 
 
 @dataclass(frozen=True)
 class Ports:
-    """The loopback ports of one run."""
+    """The loopback ports of one run; `idemproxies`: role -> (listen, admin) of each idemproxy;
+    `replicated`: (primary, replica) of the replicated Redis, when its idemproxies run."""
 
     upstream: int
     nginx: int
     redis: int
-    idem: int
-    idem_admin: int
-    mem: int
-    mem_admin: int
     floor: int
-    disk: int
-    disk_admin: int
+    idemproxies: Dict[str, Tuple[int, int]]
+    replicated: Optional[Tuple[int, int]] = None
+
+    def endpoints(self) -> List[str]:
+        """Every endpoint of the run (roles of scenarios.py)."""
+        return [DIRECT, NGINX, FLOOR, *self.idemproxies]
 
     def url(self, endpoint: str) -> str:
-        """The benchmarked URL of an endpoint (a role of scenarios.py)."""
-        port = {DIRECT: self.upstream, NGINX: self.nginx, FLOOR: self.floor, IDEM_REDIS: self.idem,
-                IDEM_MEM: self.mem, IDEM_DISK: self.disk}[endpoint]
+        """The benchmarked URL of an endpoint."""
+        fixed = {DIRECT: self.upstream, NGINX: self.nginx, FLOOR: self.floor}
+        port = fixed[endpoint] if endpoint in fixed else self.idemproxies[endpoint][0]
         return f"http://127.0.0.1:{port}/orders"
 
 
-def pick_ports() -> Ports:
-    """Ten distinct free ports."""
-    return Ports(*free_ports(10))
+def pick_ports(idemproxies: Sequence[str]) -> Ports:
+    """Distinct free ports: upstream, nginx, Redis, floor, two per idemproxy role, and the
+    replicated Redis' primary and replica when a role of MIN_REPLICAS is among `idemproxies`."""
+    replicated = any(role in MIN_REPLICAS for role in idemproxies)
+    ports = free_ports(4 + 2 * len(idemproxies) + (2 if replicated else 0))
+    pairs = ports[4:4 + 2 * len(idemproxies)]
+    primary_replica = (ports[-2], ports[-1]) if replicated else None
+    return Ports(*ports[:4], dict(zip(idemproxies, zip(pairs[0::2], pairs[1::2]))), primary_replica)
 
 
 # --- HTTP checks ----------------------------------------------------------------------------
@@ -77,23 +89,47 @@ def body_1k() -> bytes:
     return (head + "x" * (1024 - len(head) - len(tail)) + tail).encode()
 
 
+def reordered(body: bytes) -> bytes:
+    """The same JSON document as `body` in another form: its members in reverse order, with
+    whitespace. The same canonical JSON, other bytes."""
+    doc = json.loads(body)
+    return json.dumps(dict(reversed(list(doc.items()))), indent=1).encode()
+
+
+def _check_json_fingerprint(ports: Ports, seed: str, body: bytes) -> None:
+    """The JSON-fingerprint idemproxy really fingerprints the canonical form: a retry of the
+    1 KiB body with its members reordered replays there, while the byte fingerprint of the
+    embedded-store idemproxy answers it 422 (another request)."""
+    other = reordered(body)
+    for role, expected in ((IDEM_JSON, (200, True)), (IDEM_MEM, (422, False))):
+        url, key = ports.url(role), f"preflight-reordered-{seed}"
+        first, again = keyed_post(url, key, body), keyed_post(url, key, other)
+        if first != (200, False) or again != expected:
+            raise BenchError(f"keyed POST to {url} ({idemproxy_label(role)}): first {first}, retry with its JSON "
+                             f"members reordered {again}; expected (200, False) then {expected}")
+
+
 def preflight(ports: Ports, seed: str) -> None:
-    """Every endpoint answers GET and keyless POST with 200; both idemproxies execute a keyed
-    POST once and replay its retry."""
+    """Every endpoint answers GET and keyless POST with 200; every idemproxy executes a keyed
+    POST once and replays its retry."""
     body = body_1k()
-    for endpoint in (DIRECT, NGINX, FLOOR, IDEM_REDIS, IDEM_MEM, IDEM_DISK):
+    for endpoint in ports.endpoints():
         url = ports.url(endpoint)
         for method, payload in (("GET", None), ("POST", body)):
             status, _ = request(url, method, payload, {"Content-Type": "application/json"} if payload else {})
             if status != 200:
                 raise BenchError(f"{'keyless ' if payload else ''}{method} {url} answered {status}, expected 200")
-    for endpoint in (IDEM_REDIS, IDEM_MEM, IDEM_DISK):
+    for endpoint in ports.idemproxies:
         url = ports.url(endpoint)
         first, again = keyed_post(url, f"preflight-{seed}", body), keyed_post(url, f"preflight-{seed}", body)
         if first != (200, False) or again != (200, True):
             raise BenchError(f"keyed POST to {url}: first {first}, retry {again}; expected (200, False) "
                              f"then (200, True) (replayed)")
-    log("pre-flight OK (GET, keyless POST, keyed POST + replay on every endpoint)")
+    checked = ""
+    if IDEM_JSON in ports.idemproxies:
+        _check_json_fingerprint(ports, seed, body)
+        checked = "; reordered JSON replays with --fingerprint-body json, 422 with bytes"
+    log(f"pre-flight OK (GET, keyless POST, keyed POST + replay on every endpoint{checked})")
 
 
 # --- nginx ----------------------------------------------------------------------------------
@@ -194,34 +230,97 @@ def redis_cli(tools: Dict[str, str], ports: Ports) -> List[str]:
     return [tools["redis-cli"], "-h", "127.0.0.1", "-p", str(ports.redis)]
 
 
-def _start_redis(servers: Servers, tools: Dict[str, str], ports: Ports) -> None:
-    """A fresh redis-server without persistence, answering PING."""
-    log(f"redis-server on 127.0.0.1:{ports.redis}")
-    data = servers.tmp / "redis"
+def redis_clis(tools: Dict[str, str], ports: Ports) -> Dict[str, List[str]]:
+    """role -> redis-cli command line of every Redis primary of the run (the benchmark's own,
+    and the replicated one when it runs): the Redis whose commands a variant counts."""
+    clis = {"redis": redis_cli(tools, ports)}
+    if ports.replicated:
+        clis[REDIS_PRIMARY] = [tools["redis-cli"], "-h", "127.0.0.1", "-p", str(ports.replicated[0])]
+    return clis
+
+
+def _start_one_redis(servers: Servers, tools: Dict[str, str], role: str, port: int, *extra: str) -> None:
+    """A fresh redis-server without persistence for `role`, answering PING."""
+    data = servers.tmp / role
     data.mkdir()
-    servers.start("redis", [tools["redis-server"], "--port", str(ports.redis), "--bind", "127.0.0.1",
-                            "--save", "", "--appendonly", "no", "--dir", str(data), "--daemonize", "no",
-                            "--logfile", ""])
-    servers.wait_port("redis", ports.redis)
+    servers.start(role, [tools["redis-server"], "--port", str(port), "--bind", "127.0.0.1",
+                         "--save", "", "--appendonly", "no", "--dir", str(data), "--daemonize", "no",
+                         "--logfile", "", *extra])
+    servers.wait_port(role, port)
     for _ in range(100):
-        ping = subprocess.run(redis_cli(tools, ports) + ["ping"], capture_output=True, text=True)
+        ping = subprocess.run([tools["redis-cli"], "-h", "127.0.0.1", "-p", str(port), "ping"],
+                              capture_output=True, text=True)
         if ping.stdout.strip() == "PONG":
             return
         time.sleep(0.05)
-    raise BenchError("redis-server does not answer PING")
+    raise BenchError(f"redis-server ({role}) does not answer PING")
 
 
-def _idemproxy_env() -> Dict[str, str]:
-    """The environment without IDEMPROXY_* and RUST_LOG: only the flags count."""
-    return {k: v for k, v in os.environ.items() if not (k.startswith("IDEMPROXY_") or k == "RUST_LOG")}
+def _start_redis(servers: Servers, tools: Dict[str, str], ports: Ports) -> None:
+    """The benchmark's own Redis."""
+    log(f"redis-server on 127.0.0.1:{ports.redis}")
+    _start_one_redis(servers, tools, "redis", ports.redis)
 
 
-def _start_idemproxy(servers: Servers, role: str, port: int, admin: int, store: List[str],
-                     settings: Settings, idemproxy: Path, upstream: int) -> None:
-    """One idemproxy in front of the upstream, with the store flags `store`."""
-    servers.start(role, [str(idemproxy), "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
-                         "--upstream", f"http://127.0.0.1:{upstream}", *store, "--log-filter", settings.proxy_log],
-                  env=_idemproxy_env())
+def _start_replicated(servers: Servers, tools: Dict[str, str], primary: int, replica: int) -> None:
+    """The replicated Redis: a primary and one replica, waiting until the replica has synchronised
+    and the primary counts it (so `--redis-min-replicas 1` is ready and WAIT can be answered)."""
+    log(f"replicated redis-server: primary on 127.0.0.1:{primary}, its replica on 127.0.0.1:{replica}")
+    _start_one_redis(servers, tools, REDIS_PRIMARY, primary)
+    _start_one_redis(servers, tools, REDIS_REPLICA, replica, "--replicaof", "127.0.0.1", str(primary))
+    for _ in range(200):
+        info = [subprocess.run([tools["redis-cli"], "-h", "127.0.0.1", "-p", str(port), "info", "replication"],
+                               capture_output=True, text=True).stdout for port in (replica, primary)]
+        if "master_link_status:up" in info[0] and "connected_slaves:1" in info[1]:
+            return
+        time.sleep(0.05)
+    raise BenchError(f"the replica on 127.0.0.1:{replica} never synchronised with its primary")
+
+
+def _idemproxy_env(role: str) -> Dict[str, str]:
+    """The environment without IDEMPROXY_* and RUST_LOG: only the flags count. A baseline on the
+    embedded store also gets IDEMPROXY_EMBEDDED_STORE=memory: a build that has the disk store
+    (and its default) keeps the memory store it is compared with, an older one ignores it."""
+    env = {k: v for k, v in os.environ.items() if not (k.startswith("IDEMPROXY_") or k == "RUST_LOG")}
+    if is_baseline(role) and not has_redis_store(role):
+        env["IDEMPROXY_EMBEDDED_STORE"] = "memory"
+    return env
+
+
+def _store_flags(role: str, settings: Settings, ports: Ports, tmp: Optional[Path] = None) -> List[str]:
+    """The store flags of an idemproxy: Redis (the baseline's records in database 1, apart from
+    this build's in database 0), the replicated Redis with its --redis-min-replicas (min_replicas
+    N in database N, so each has its own records), the disk store on a fresh directory in the temp
+    dir, or the embedded memory store: asked for explicitly from this build (whose default without
+    Redis is the disk store); the baseline's is its default (an older build lacks the flag)."""
+    if role in MIN_REPLICAS:
+        assert ports.replicated, "replicated idemproxies need the replicated Redis"
+        n = MIN_REPLICAS[role]
+        return ["--redis", f"redis://127.0.0.1:{ports.replicated[0]}/{n}", "--redis-min-replicas", str(n)]
+    if has_redis_store(role):
+        return ["--redis", f"redis://127.0.0.1:{ports.redis}{'/1' if is_baseline(role) else ''}"]
+    if role == IDEM_DISK:
+        assert tmp, "the disk-store idemproxy needs the temp dir for its data"
+        return ["--embedded-store", "disk", "--data-dir", str(tmp / "disk-data")]
+    memory = [] if is_baseline(role) else ["--embedded-store", "memory"]
+    return memory + ["--memory-max-entries", str(settings.memory_max_entries)]
+
+
+def _policy_flags(role: str) -> List[str]:
+    """The idempotency flags of an idemproxy beyond the defaults: `--fingerprint-body json` for
+    the JSON-fingerprint one (issue 15), none for the others."""
+    return ["--fingerprint-body", "json"] if role == IDEM_JSON else []
+
+
+def _start_idemproxy(servers: Servers, role: str, settings: Settings, binary: Path, ports: Ports) -> None:
+    """One idemproxy in front of the upstream, on the ports of `role`."""
+    port, admin = ports.idemproxies[role]
+    log(f"{idemproxy_label(role)} on 127.0.0.1:{port}")
+    servers.start(role, [str(binary), "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
+                         "--upstream", f"http://127.0.0.1:{ports.upstream}",
+                         *_store_flags(role, settings, ports, servers.tmp), *_policy_flags(role),
+                         "--log-filter", settings.proxy_log],
+                  env=_idemproxy_env(role))
 
 
 def _wait_ready(admin_port: int) -> None:
@@ -237,36 +336,34 @@ def _wait_ready(admin_port: int) -> None:
     raise BenchError(f"idemproxy admin {url} is not ready")
 
 
-def _start_disk_idemproxy(servers: Servers, settings: Settings, bins: Dict[str, Path], ports: Ports) -> None:
-    """idemproxy with the disk store (the default without Redis) on a fresh directory in the temp dir."""
-    data = servers.tmp / "disk-data"
-    log(f"idemproxy (disk store, {data}) on 127.0.0.1:{ports.disk}")
-    _start_idemproxy(servers, IDEM_DISK, ports.disk, ports.disk_admin, ["--embedded-store", "disk", "--data-dir", str(data)],
-                     settings, bins["idemproxy"], ports.upstream)
-    servers.wait_port(IDEM_DISK, ports.disk)
+def _wait_idemproxy(servers: Servers, role: str, ports: Ports, baseline: Optional[str]) -> None:
+    """Waits for an idemproxy's port and readiness; a baseline that does not start is named."""
+    port, admin = ports.idemproxies[role]
+    try:
+        servers.wait_port(role, port)
+        _wait_ready(admin)
+    except BenchError as e:
+        if is_baseline(role):
+            raise BenchError(f"the baseline idemproxy of BASELINE={baseline} does not start with this "
+                             f"build's flags (a flag it lacks?): {e}") from e
+        raise
 
 
 def start_all(servers: Servers, settings: Settings, tools: Dict[str, str], bins: Dict[str, Path],
               ports: Ports) -> None:
-    """Starts every server and waits until each one is ready."""
+    """Starts every server and waits until each one is ready; the baseline idemproxies run
+    bins["idemproxy-baseline"]."""
     _start_upstream(servers, settings, tools, bins, ports)
     _start_redis(servers, tools, ports)
+    if ports.replicated:
+        _start_replicated(servers, tools, *ports.replicated)
     log(f"nginx proxy_pass peer on 127.0.0.1:{ports.nginx}")
     start_nginx(servers, tools["nginx"], NGINX, ports.nginx, _peer_block(ports.nginx, ports.upstream))
-    log(f"idemproxy (Redis store) on 127.0.0.1:{ports.idem}")
-    _start_idemproxy(servers, IDEM_REDIS, ports.idem, ports.idem_admin, ["--redis", f"redis://127.0.0.1:{ports.redis}"],
-                     settings, bins["idemproxy"], ports.upstream)
-    log(f"idemproxy (embedded store) on 127.0.0.1:{ports.mem}")
-    _start_idemproxy(servers, IDEM_MEM, ports.mem, ports.mem_admin,
-                     ["--embedded-store", "memory", "--memory-max-entries", str(settings.memory_max_entries)],
-                     settings, bins["idemproxy"],
-                     ports.upstream)
-    _start_disk_idemproxy(servers, settings, bins, ports)
+    for role in ports.idemproxies:
+        binary = bins["idemproxy-baseline" if is_baseline(role) else "idemproxy"]
+        _start_idemproxy(servers, role, settings, binary, ports)
     log(f"hyper floor (examples/bench_floor.rs) on 127.0.0.1:{ports.floor}")
     servers.start(FLOOR, [str(bins["bench_floor"]), f"127.0.0.1:{ports.floor}", f"127.0.0.1:{ports.upstream}"])
     servers.wait_port(FLOOR, ports.floor)
-    servers.wait_port(IDEM_REDIS, ports.idem)
-    servers.wait_port(IDEM_MEM, ports.mem)
-    _wait_ready(ports.idem_admin)
-    _wait_ready(ports.mem_admin)
-    _wait_ready(ports.disk_admin)
+    for role in ports.idemproxies:
+        _wait_idemproxy(servers, role, ports, settings.baseline)

@@ -1,4 +1,5 @@
-"""The tools the benchmark needs: found, or installed with apt-get; their versions; the build."""
+"""The tools the benchmark needs: found, or installed with apt-get; their versions; the build,
+and the baseline build (BASELINE=<revision>)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Sequence
 
@@ -98,6 +100,13 @@ def versions(tools: Dict[str, str], root: Path) -> Dict[str, str]:
     }
 
 
+def _target_dir(root: Path) -> Path:
+    """Cargo's target directory of the workspace at `root`."""
+    meta = subprocess.run(["cargo", "metadata", "--format-version", "1", "--no-deps"], cwd=root,
+                          capture_output=True, text=True, check=True)
+    return Path(json.loads(meta.stdout)["target_directory"])
+
+
 def build(root: Path, tmp: Path, examples: Sequence[str]) -> Dict[str, Path]:
     """cargo build --release of idemproxy and `examples`, copied into `tmp` (so a rebuild in a
     shared target dir during the run cannot change what is measured): name -> path."""
@@ -107,12 +116,62 @@ def build(root: Path, tmp: Path, examples: Sequence[str]) -> Dict[str, Path]:
         argv += ["--example", example]
     if subprocess.run(argv, cwd=root).returncode != 0:
         raise BenchError("cargo build failed")
-    meta = subprocess.run(["cargo", "metadata", "--format-version", "1", "--no-deps"], cwd=root,
-                          capture_output=True, text=True, check=True)
-    release = Path(json.loads(meta.stdout)["target_directory"]) / "release"
+    release = _target_dir(root) / "release"
     sources = {"idemproxy": release / "idemproxy", **{e: release / "examples" / e for e in examples}}
     copies = {}
     for name, source in sources.items():
         copies[name] = tmp / name
         shutil.copy2(source, copies[name])
     return copies
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The idemproxy of BASELINE=<revision>: the revision as given, its short commit, its binary."""
+
+    revision: str
+    commit: str
+    binary: Path
+
+
+def _git(root: Path, *args: str) -> str:
+    """What `git args` prints, run in `root`; a BenchError with git's message if it fails."""
+    done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise BenchError(f"git {' '.join(args)} failed: {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
+def build_baseline(root: Path, revision: str, tmp: Path) -> Baseline:
+    """The release idemproxy of `revision`: built once, then kept as
+    target/bench-baseline/<sha>/idemproxy and reused by the next runs."""
+    try:
+        sha = _git(root, "rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}")
+    except BenchError as e:
+        raise BenchError(f"BASELINE={revision} is not a commit of {root}") from e
+    short = _git(root, "rev-parse", "--short", sha)
+    home = _target_dir(root) / "bench-baseline"
+    binary = home / sha / "idemproxy"
+    if binary.exists():
+        log(f"baseline {revision} ({short}): reusing {binary}")
+    else:
+        _build_revision(root, sha, tmp / "baseline-src", home / "cargo", binary)
+    return Baseline(revision, short, binary)
+
+
+def _build_revision(root: Path, sha: str, src: Path, target_dir: Path, binary: Path) -> None:
+    """cargo build --release of idemproxy at commit `sha`, in a detached git worktree `src`
+    (removed afterwards) with its own CARGO_TARGET_DIR `target_dir`; the binary ends as `binary`."""
+    log(f"building the baseline idemproxy {sha[:12]} (release) in {src}, CARGO_TARGET_DIR={target_dir}")
+    _git(root, "worktree", "add", "--detach", "--quiet", str(src), sha)
+    try:
+        env = dict(os.environ, CARGO_TARGET_DIR=str(target_dir))
+        if subprocess.run(["cargo", "build", "--release", "--bin", "idemproxy"], cwd=src, env=env).returncode != 0:
+            raise BenchError(f"cargo build of the baseline {sha[:12]} failed")
+        binary.parent.mkdir(parents=True, exist_ok=True)
+        partial = binary.with_name("idemproxy.partial")
+        shutil.copy2(target_dir / "release" / "idemproxy", partial)
+        os.replace(partial, binary)  # whole or absent: a later run reuses only a finished build
+    finally:
+        if subprocess.run(["git", "worktree", "remove", "--force", str(src)], cwd=root).returncode != 0:
+            log(f"warning: the worktree {src} is still registered (`git worktree prune` drops it)")

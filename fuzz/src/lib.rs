@@ -10,9 +10,13 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use bytes::Bytes;
+use idemproxy::config::JsonPointer;
+use idemproxy::idempotency::canonical::canonical_json;
 use idemproxy::idempotency::key::{self, MAX_KEY_LEN};
+use idemproxy::idempotency::source::json_key;
 use idemproxy::idempotency::Record;
 use idemproxy::Config;
+use serde_json::Value;
 
 /// `key_parser`: an accepted key is 1 to 255 printable ASCII characters; serialised as an
 /// sf-string (RFC 9651 §4.1.6) it parses back to itself; a bare key is the trimmed value.
@@ -66,6 +70,95 @@ pub fn check_record(data: &[u8]) -> bool {
     );
     assert_eq!(Record::decode(encoded), Ok(record), "decode(encode(r)) != r");
     true
+}
+
+/// `json_canonical`: any bytes as a request body, to the canonicaliser of `fingerprint_body =
+/// "json"` (docs/behaviour.md §13). Never panics; a canonical form is JSON that reads as the
+/// same value as the input (numbers keep their text), and is its own canonical form.
+pub fn check_canonical(data: &[u8]) -> bool {
+    let Some(canonical) = canonical_json(data, &[]) else {
+        return false;
+    };
+    let text = std::str::from_utf8(&canonical).expect("the canonical form is UTF-8");
+    assert!(
+        serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok(),
+        "the canonical form is not JSON: {text}"
+    );
+    // Values whose numbers overflow a double do not parse as a `Value`; the rest must agree.
+    if let (Ok(before), Ok(after)) = (
+        serde_json::from_slice::<Value>(data),
+        serde_json::from_str::<Value>(text),
+    ) {
+        assert_eq!(before, after, "the canonical form is another value: {text}");
+    }
+    assert_eq!(
+        canonical_json(&canonical, &[]).as_deref(),
+        Some(&canonical[..]),
+        "the canonical form is not its own canonical form"
+    );
+    true
+}
+
+/// `json_pointer`: the first line as an RFC 6901 pointer, the rest as a JSON body. Never panics;
+/// an accepted pointer reads back as written; the key found at it agrees with `serde_json`'s own
+/// `Value::pointer`; a value left out of a fingerprint is gone from the canonical form. Returns
+/// whether the pointer was accepted.
+pub fn check_pointer(data: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(data);
+    let (pointer_text, document) = text.split_once('\n').unwrap_or((&text, ""));
+    let Ok(pointer) = JsonPointer::parse(pointer_text) else {
+        return false;
+    };
+    assert_eq!(pointer.as_str(), pointer_text, "a pointer reads back as written");
+    let value = serde_json::from_str::<Value>(document).ok();
+    let expected = value.as_ref().and_then(|v| v.pointer(pointer_text));
+    match json_key(document.as_bytes(), &pointer) {
+        Ok(Some(key)) => {
+            let key = std::str::from_utf8(key.as_bytes()).expect("a key is ASCII");
+            match expected {
+                Some(Value::String(s)) => assert_eq!(key, s, "another key than serde_json's pointer"),
+                Some(Value::Number(n)) => {
+                    let exact = n.as_i64().map(i128::from).or(n.as_u64().map(i128::from));
+                    if let Some(exact) = exact {
+                        assert_eq!(
+                            key.parse::<i128>().ok(),
+                            Some(exact),
+                            "the integer {n} as the key `{key}`"
+                        );
+                    }
+                }
+                other => assert!(value.is_none(), "a key `{key}` where serde_json finds {other:?}"),
+            }
+        }
+        Ok(None) => {
+            let usable =
+                |s: &str| !s.is_empty() && s.len() <= MAX_KEY_LEN && s.bytes().all(|b| (0x20..=0x7e).contains(&b));
+            if let Some(Value::String(s)) = expected {
+                assert!(!usable(s), "no key where serde_json finds the string {s:?}");
+            }
+        }
+        Err(_) => {}
+    }
+    check_left_out(document, &pointer, pointer_text);
+    true
+}
+
+/// With `pointer` ignored, the canonical form has nothing at it when its parent is an object
+/// (an array shifts its later elements into the left-out place).
+fn check_left_out(document: &str, pointer: &JsonPointer, pointer_text: &str) {
+    let Some(canonical) = canonical_json(document.as_bytes(), std::slice::from_ref(pointer)) else {
+        return;
+    };
+    let Ok(value) = serde_json::from_slice::<Value>(&canonical) else {
+        return;
+    };
+    let parent = pointer_text.rfind('/').map_or("", |at| &pointer_text[..at]);
+    if value.pointer(parent).is_some_and(Value::is_object) {
+        assert!(
+            value.pointer(pointer_text).is_none(),
+            "{pointer_text} is still in {value}"
+        );
+    }
 }
 
 /// `config_load`: arbitrary text (inputs that are not UTF-8 are skipped) never panics the loader,
@@ -204,6 +297,26 @@ pub const KEYS: &[&str] = &[
     "unknown_outcome",
     "max_headers",
     "enabled",
+    // Appended, so that the indexes of the inputs kept in fuzz/regressions/ stay as they were.
+    "idempotency.key_sources",
+    "idempotency.buffer_bytes",
+    "idempotency.fingerprint_body",
+    "idempotency.fingerprint_ignore",
+    "idempotency.replay_header",
+    "idempotency.release_statuses",
+    "idempotency.unknown_statuses",
+    "key_sources",
+    "fingerprint_ignore",
+    "release_statuses",
+    "unknown_statuses",
+    // Appended: error forms, retry hints, Sentinel and replica acknowledgements.
+    "idempotency.error_format",
+    "idempotency.retry_hint_header",
+    "error_format",
+    "retry_hint_header",
+    "store.sentinel_password",
+    "store.min_replicas",
+    "store.replica_timeout",
 ];
 
 /// TOML values: the valid ones of every key, their edges, and near misses.
@@ -290,6 +403,24 @@ pub const VALUES: &[&str] = &[
     "{}",
     "{ require_key = true }",
     "{ enabled = false, methods = [\"PATCH\"] }",
+    // Appended (see KEYS): key sources, pointers and status lists.
+    "[\"header:X-Request-Id\", \"json:/client_order_id\"]",
+    "[\"json:/a~1b/0\", \"query:rid\"]",
+    "[\"json:nope\"]",
+    "[\"cookie:sid\"]",
+    "[\"/sent_at\", \"/meta/trace\"]",
+    "[\"/a~2\"]",
+    "[429, 503]",
+    "[502, 504]",
+    "[600]",
+    "\"bytes\"",
+    "\"X-Replayed\"",
+    // Appended: error forms, retry hints, Sentinel URLs.
+    "\"stripe\"",
+    "\"problem\"",
+    "\"Stripe-Should-Retry\"",
+    "\"Idempotent-Replayed\"",
+    "\"redis+sentinel://s1:26379,s2:26379/mymaster\"",
 ];
 
 /// Builds a TOML document from `data`, so the fuzzer reaches the validation code behind the TOML

@@ -21,10 +21,13 @@ use std::time::Duration;
 
 use clap::builder::{PossibleValue, TypedValueParser};
 use clap::error::{ContextKind, ContextValue};
-use clap::{Args, Parser, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
-use super::{ConfigError, EmbeddedStore, LogFormat, OnConflict, StoreFailure, UnknownOutcome};
+use super::{
+    ConfigError, EmbeddedStore, ErrorFormat, FingerprintBody, LogFormat, OnConflict, Secret, StoreFailure,
+    UnknownOutcome,
+};
 
 /// How one layer of settings lies over the layer below it.
 pub(crate) trait Layer {
@@ -231,7 +234,7 @@ section! {
     #[serde(deny_unknown_fields)]
     #[command(next_help_heading = "Store")]
     pub struct StoreSection {
-        /// Redis URL (redis://, rediss://, redis+cluster://h1:p1,h2:p2) [default: the embedded store].
+        /// Redis URL (redis://, rediss://, redis+cluster://h1:p1,h2:p2, redis+sentinel://s1:p1,s2:p2/master) [default: the embedded store].
         #[arg(long, env = "IDEMPROXY_REDIS")]
         pub redis: Option<String>,
         /// Embedded store without Redis: disk (durable) or memory (lost on restart) [default: disk].
@@ -249,6 +252,27 @@ section! {
         /// Disk store: new keys are refused once its records would take more, bytes [default: 1073741824].
         #[arg(long, env = "IDEMPROXY_MAX_DISK_BYTES")]
         pub max_disk_bytes: Option<u64>,
+        /// Redis Sentinel: password of the sentinels (the Redis nodes' is in the URL).
+        #[arg(long, env = "IDEMPROXY_SENTINEL_PASSWORD", hide_env_values = true)]
+        pub sentinel_password: Option<Secret>,
+        /// Redis: replicas that must acknowledge a key's record (WAIT) before it is forwarded [default: 0].
+        #[arg(
+            id = "redis_min_replicas",
+            long = "redis-min-replicas",
+            value_name = "N",
+            env = "IDEMPROXY_REDIS_MIN_REPLICAS"
+        )]
+        pub min_replicas: Option<u32>,
+        /// Redis: longest wait for those acknowledgements, at most command_timeout [default: 1s].
+        #[serde(default, with = "humantime_serde")]
+        #[arg(
+            id = "redis_replica_timeout",
+            long = "redis-replica-timeout",
+            value_name = "DURATION",
+            env = "IDEMPROXY_REDIS_REPLICA_TIMEOUT",
+            value_parser = humantime::parse_duration,
+        )]
+        pub replica_timeout: Option<Duration>,
         /// CA certificates (PEM) trusted for rediss:// instead of the bundled roots.
         #[arg(id = "redis_ca", long = "redis-ca", value_name = "REDIS_CA", env = "IDEMPROXY_REDIS_CA")]
         pub ca_file: Option<PathBuf>,
@@ -344,7 +368,7 @@ section! {
         /// Largest response body stored for replay, bytes [default: 8388608].
         #[arg(long, env = "IDEMPROXY_MAX_RESPONSE_BYTES")]
         pub max_response_bytes: Option<u64>,
-        /// Record 5xx answers (true) or release the key on them (false) [default: true].
+        /// Record 5xx answers (true) or release the key on every 5xx not in --unknown-statuses (false) [default: true].
         #[arg(long, env = "IDEMPROXY_RECORD_SERVER_ERRORS")]
         pub record_server_errors: Option<bool>,
         /// When the upstream may or may not have acted: reject (mark Unknown) or retry [default: reject].
@@ -354,10 +378,68 @@ section! {
             value_parser = keyed::<UnknownOutcome>("idempotency.unknown_outcome"),
         )]
         pub unknown_outcome: Option<UnknownOutcome>,
+        /// Where a key is taken from, first match wins: header:NAME, json:/pointer, query:NAME; repeatable [default: header:Idempotency-Key].
+        #[arg(long = "key-source", env = "IDEMPROXY_KEY_SOURCES", value_name = "SOURCE", value_delimiter = ',')]
+        pub key_sources: Option<Vec<String>>,
+        /// Bodies up to this many bytes are read to look for a json: key [default: 1048576].
+        #[arg(long, env = "IDEMPROXY_BUFFER_BYTES")]
+        pub buffer_bytes: Option<u64>,
+        /// Fingerprint the body as bytes, or as canonical JSON (RFC 8785, numbers as written) [default: bytes].
+        #[arg(
+            long,
+            env = "IDEMPROXY_FINGERPRINT_BODY",
+            value_parser = keyed::<FingerprintBody>("idempotency.fingerprint_body"),
+        )]
+        pub fingerprint_body: Option<FingerprintBody>,
+        /// JSON pointer left out of a json fingerprint, e.g. /sent_at; repeatable [default: none].
+        #[arg(long = "fingerprint-ignore", env = "IDEMPROXY_FINGERPRINT_IGNORE", value_name = "POINTER", value_delimiter = ',')]
+        pub fingerprint_ignore: Option<Vec<String>>,
+        /// Header that marks a replayed response [default: Idempotent-Replayed].
+        #[arg(long, env = "IDEMPROXY_REPLAY_HEADER")]
+        pub replay_header: Option<String>,
+        /// Upstream statuses that mean "not processed": relayed and the key released; "none" for none [default: 429,503].
+        #[arg(long, env = "IDEMPROXY_RELEASE_STATUSES", value_parser = status_list)]
+        pub release_statuses: Option<StatusList>,
+        /// Upstream statuses that leave the outcome unknown: the key is marked Unknown [default: none].
+        #[arg(long, env = "IDEMPROXY_UNKNOWN_STATUSES", value_parser = status_list)]
+        pub unknown_statuses: Option<StatusList>,
+        /// Body of the errors the proxy makes: problem (RFC 9457) or stripe ({"error": {...}}) [default: problem].
+        #[arg(
+            long,
+            env = "IDEMPROXY_ERROR_FORMAT",
+            value_parser = keyed::<ErrorFormat>("idempotency.error_format"),
+        )]
+        pub error_format: Option<ErrorFormat>,
+        /// Header telling clients whether a retry can help (true/false), e.g. Stripe-Should-Retry [default: none].
+        #[arg(long, env = "IDEMPROXY_RETRY_HINT_HEADER")]
+        pub retry_hint_header: Option<String>,
         /// `false`: the route is plain pass-through, no request is ever guarded.
         #[arg(skip)]
         pub enabled: Option<bool>,
     }
+}
+
+/// A list of HTTP status codes: a TOML array of integers, or on the command line and in the
+/// environment a comma-separated list (`429,503`), where `none` or an empty value is the empty
+/// list. Their range is checked where the policy is resolved, naming the key.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct StatusList(pub Vec<u16>);
+
+/// Parses a [`StatusList`] flag or variable.
+fn status_list(text: &str) -> Result<StatusList, String> {
+    let text = text.trim();
+    if text.is_empty() || text.eq_ignore_ascii_case("none") {
+        return Ok(StatusList::default());
+    }
+    text.split(',')
+        .map(|code| {
+            code.trim()
+                .parse()
+                .map_err(|_| format!("`{}` is not a status code (a list like 429,503, or none)", code.trim()))
+        })
+        .collect::<Result<_, _>>()
+        .map(StatusList)
 }
 
 /// One `[[route]]` table (file only).
@@ -378,6 +460,7 @@ pub struct RouteSection {
 }
 
 /// Command line. Every setting flag can also be set as `IDEMPROXY_<NAME>` (e.g. `IDEMPROXY_UPSTREAM`).
+/// Without a subcommand the proxy runs.
 #[derive(Debug, Default, Clone, Parser)]
 #[command(
     name = "idemproxy",
@@ -387,7 +470,7 @@ pub struct RouteSection {
 )]
 pub struct Cli {
     /// TOML config file (see config/idemproxy.toml).
-    #[arg(long, env = "IDEMPROXY_CONFIG")]
+    #[arg(long, env = "IDEMPROXY_CONFIG", global = true)]
     pub config: Option<PathBuf>,
     /// Validate this config file (with env and flags applied) and exit.
     #[arg(long, value_name = "FILE")]
@@ -396,6 +479,65 @@ pub struct Cli {
     /// variable); they lie over the config file's.
     #[command(flatten)]
     pub settings: FileConfig,
+    /// A tool to run instead of the proxy.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// The subcommands: operators' tools that talk to a running proxy.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Look a key up on a running proxy's admin listener, or clear it.
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+/// `idemproxy key …`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum KeyCommand {
+    /// Show a key's record: its state, age, lease, expiry, and its hash as the logs show it.
+    Show {
+        #[command(flatten)]
+        target: KeyTarget,
+        /// Also print the stored response body of a completed key.
+        #[arg(long)]
+        body: bool,
+    },
+    /// Clear a key's record, whatever its state (after reconciling an outcome-unknown with the
+    /// upstream): the next request with the key executes upstream.
+    Clear {
+        #[command(flatten)]
+        target: KeyTarget,
+    },
+}
+
+/// Which key, on which proxy: the values the client sent, and how to reach the admin listener.
+#[derive(Debug, Clone, Args)]
+pub struct KeyTarget {
+    /// The Idempotency-Key value exactly as the client sent it (with its quotes, if it sent any).
+    pub key: String,
+    /// The route's scope header value as the client sent it (e.g. its whole Authorization value);
+    /// leave it out if the client sent none.
+    #[arg(long, env = "IDEMPROXY_KEY_SCOPE", hide_env_values = true)]
+    pub scope: Option<String>,
+    /// The route's name; needed when several routes are configured.
+    #[arg(long)]
+    pub route: Option<String>,
+    /// The route's key source the key came from: header:NAME, json:/pointer or query:NAME, as
+    /// the route's `key_sources` list it [default: the route's first source]. KEY is then the
+    /// header value as sent, or the body field's or query parameter's value.
+    #[arg(long, value_name = "SOURCE")]
+    pub source: Option<String>,
+    /// The admin listener, e.g. http://127.0.0.1:9090 [default: `admin_listen` of --config or
+    /// IDEMPROXY_ADMIN_LISTEN].
+    #[arg(long, value_name = "URL")]
+    pub admin: Option<String>,
+    /// The admin bearer token [default: `admin_token` of --config].
+    #[arg(long, env = "IDEMPROXY_ADMIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Print the admin listener's JSON answer instead of a summary.
+    #[arg(long)]
+    pub json: bool,
 }
 
 impl FileConfig {
@@ -581,6 +723,12 @@ mod tests {
             "/var/lib/idemproxy",
             "--max-disk-bytes",
             "1048576",
+            "--redis-min-replicas",
+            "1",
+            "--redis-replica-timeout",
+            "250ms",
+            "--sentinel-password",
+            "s3cret",
         ])
         .expect("valid flags");
         let s = &cli.settings;
@@ -588,6 +736,9 @@ mod tests {
         assert_eq!(s.upstream.timeout, Some(Duration::from_secs(5)));
         assert_eq!(s.upstream.ca_file.as_deref(), Some(Path::new("/u.pem")));
         assert_eq!(s.store.ca_file.as_deref(), Some(Path::new("/r.pem")));
+        assert_eq!(s.store.min_replicas, Some(1));
+        assert_eq!(s.store.replica_timeout, Some(Duration::from_millis(250)));
+        assert_eq!(s.store.sentinel_password, Some(Secret::new("s3cret")));
         assert_eq!(s.log.format, Some(LogFormat::Pretty));
         assert_eq!(s.log.filter.as_deref(), Some("debug"));
         assert_eq!(s.tls.cert.as_deref(), Some(Path::new("/c.pem")));
@@ -604,6 +755,59 @@ mod tests {
         assert_eq!(s.store.embedded, Some(EmbeddedStore::Memory));
         assert_eq!(s.store.data_dir.as_deref(), Some(Path::new("/var/lib/idemproxy")));
         assert_eq!(s.store.max_disk_bytes, Some(1_048_576));
+    }
+
+    #[test]
+    fn key_sources_and_status_lists_from_flags() {
+        let cli = Cli::try_parse_from([
+            "idemproxy",
+            "--key-source",
+            "header:X-Request-Id",
+            "--key-source",
+            "json:/a,query:b",
+            "--release-statuses",
+            "429, 503",
+            "--unknown-statuses",
+            "none",
+            "--fingerprint-ignore",
+            "/sent_at",
+        ])
+        .expect("valid flags");
+        let s = &cli.settings.idempotency;
+        assert_eq!(
+            s.key_sources.as_deref(),
+            Some(
+                &[
+                    "header:X-Request-Id".to_owned(),
+                    "json:/a".to_owned(),
+                    "query:b".to_owned()
+                ][..]
+            )
+        );
+        assert_eq!(s.release_statuses, Some(StatusList(vec![429, 503])));
+        assert_eq!(s.unknown_statuses, Some(StatusList(vec![])));
+        assert_eq!(s.fingerprint_ignore.as_deref(), Some(&["/sent_at".to_owned()][..]));
+        assert_eq!(status_list(""), Ok(StatusList(vec![])));
+        assert!(status_list("429,x").is_err_and(|e| e.contains("`x`")));
+    }
+
+    #[test]
+    fn error_format_and_retry_hint_flags() {
+        let cli = Cli::try_parse_from([
+            "idemproxy",
+            "--error-format",
+            "stripe",
+            "--retry-hint-header",
+            "Stripe-Should-Retry",
+        ])
+        .expect("valid flags");
+        assert_eq!(cli.settings.idempotency.error_format, Some(ErrorFormat::Stripe));
+        assert_eq!(
+            cli.settings.idempotency.retry_hint_header.as_deref(),
+            Some("Stripe-Should-Retry")
+        );
+        let err = Cli::try_parse_from(["idemproxy", "--error-format", "json"]).unwrap_err();
+        assert!(err.render().to_string().contains("`idempotency.error_format`"), "{err}");
     }
 
     #[test]

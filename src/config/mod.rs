@@ -23,7 +23,9 @@
 //! there) and the README.
 
 mod file;
+pub mod redis_url;
 mod resolve;
+mod sources;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -36,8 +38,10 @@ use http::{HeaderName, Method, Uri};
 use serde::Deserialize;
 
 pub use file::{
-    Cli, FileConfig, LogSection, PolicySection, RouteSection, ServerSection, StoreSection, TlsSection, UpstreamSection,
+    Cli, Command, FileConfig, KeyCommand, KeyTarget, LogSection, PolicySection, RouteSection, ServerSection,
+    StatusList, StoreSection, TlsSection, UpstreamSection,
 };
+pub use sources::{JsonPointer, KeySource, PointerToken, SourceKind, StatusSet, DEFAULT_KEY_HEADER};
 
 /// A configuration problem found at start-up. The message names the key at fault.
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +115,28 @@ pub enum UnknownOutcome {
     Retry,
 }
 
+/// What of a guarded request's body its fingerprint covers (docs/behaviour.md §13;
+/// `fingerprint_body`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum FingerprintBody {
+    /// The body byte for byte.
+    Bytes,
+    /// A JSON body's canonical form (RFC 8785, numbers as written); other bodies byte for byte.
+    Json,
+}
+
+/// How the errors the proxy makes itself are written on a route (docs/behaviour.md §8, §16;
+/// `error_format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ErrorFormat {
+    /// RFC 9457 problem details (`application/problem+json`).
+    Problem,
+    /// Stripe's error object, `{"error": {"type", "code", "message", "doc_url"}}`.
+    Stripe,
+}
+
 /// Displays an enumerated setting the way the file and the flags spell it (`reject`, `json`).
 macro_rules! display_as_spelled {
     ($($enum:ty),*) => {
@@ -127,7 +153,15 @@ macro_rules! display_as_spelled {
     };
 }
 
-display_as_spelled!(EmbeddedStore, LogFormat, OnConflict, StoreFailure, UnknownOutcome);
+display_as_spelled!(
+    EmbeddedStore,
+    LogFormat,
+    OnConflict,
+    StoreFailure,
+    UnknownOutcome,
+    FingerprintBody,
+    ErrorFormat
+);
 
 /// The resolved idempotency policy of one route.
 #[derive(Debug, Clone)]
@@ -146,6 +180,22 @@ pub struct Policy {
     pub max_response_bytes: u64,
     pub record_server_errors: bool,
     pub unknown_outcome: UnknownOutcome,
+    /// Where keys come from, first match wins (docs/behaviour.md §13); never empty.
+    pub key_sources: Vec<KeySource>,
+    /// Bodies up to this size are looked into by `json:` key sources.
+    pub buffer_bytes: u64,
+    pub fingerprint_body: FingerprintBody,
+    /// Left out of a `json` fingerprint.
+    pub fingerprint_ignore: Vec<JsonPointer>,
+    /// Marks a replayed response.
+    pub replay_header: HeaderName,
+    /// Upstream statuses that release the key (docs/behaviour.md §14).
+    pub release_statuses: StatusSet,
+    /// Upstream statuses that mark the key `Unknown` (docs/behaviour.md §14).
+    pub unknown_statuses: StatusSet,
+    pub error_format: ErrorFormat,
+    /// Tells clients whether a retry can help (docs/behaviour.md §16); `None`: not sent.
+    pub retry_hint_header: Option<HeaderName>,
 }
 
 impl Policy {
@@ -256,7 +306,61 @@ pub enum StoreSettings {
         /// Embedded-store keys that were set and are ignored because Redis is configured (the
         /// start-up log names them).
         ignored: Vec<&'static str>,
+        /// `redis+sentinel://`: the password of the sentinels themselves.
+        sentinel_password: Option<Secret>,
+        /// What a write must reach before it counts (docs/behaviour.md §4.4).
+        replication: Replication,
     },
+}
+
+/// How many replicas acknowledge a key's writes (Redis `WAIT`) before they count, and how long
+/// the proxy waits for them (`store.min_replicas`, `store.replica_timeout`; docs/behaviour.md §4.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replication {
+    /// `0`: no acknowledgement is waited for.
+    pub min_replicas: u32,
+    /// At most `store.command_timeout`.
+    pub replica_timeout: Duration,
+}
+
+impl Default for Replication {
+    fn default() -> Self {
+        Self {
+            min_replicas: 0,
+            replica_timeout: defaults::REDIS_REPLICA_TIMEOUT,
+        }
+    }
+}
+
+/// A password from the configuration: shown as `***` by `Debug`, so that printing a
+/// configuration never prints it.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(secret: impl Into<String>) -> Self {
+        Self(secret.into())
+    }
+
+    /// The password itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Ok(Self(text.to_owned()))
+    }
 }
 
 /// TLS termination on the proxy listener.
@@ -283,6 +387,13 @@ pub struct Config {
     pub key_prefix: String,
     /// Routes, longest prefix first.
     pub routes: Arc<[Arc<Route>]>,
+}
+
+/// Where a configuration's admin listener is, and the token its key endpoints want.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AdminAccess {
+    pub listen: Option<SocketAddr>,
+    pub token: Option<String>,
 }
 
 /// Defaults, one place (docs/behaviour.md §4-§5 and README "Configuration").
@@ -320,6 +431,9 @@ pub mod defaults {
     /// The smallest `store.max_disk_bytes` accepted.
     pub const MIN_MAX_DISK_BYTES: u64 = 1024 * 1024;
     pub const REDIS_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+    /// Longest wait for replica acknowledgements; an unset `store.replica_timeout` is this or
+    /// `store.command_timeout`, the shorter.
+    pub const REDIS_REPLICA_TIMEOUT: Duration = Duration::from_secs(1);
     pub const KEY_PREFIX: &str = "idem:";
     pub const SCOPE_HEADER: &str = "authorization";
     pub const LOG_FORMAT: super::LogFormat = super::LogFormat::Json;
@@ -327,6 +441,13 @@ pub mod defaults {
     pub const ON_CONFLICT: super::OnConflict = super::OnConflict::Reject;
     pub const STORE_FAILURE: super::StoreFailure = super::StoreFailure::Closed;
     pub const UNKNOWN_OUTCOME: super::UnknownOutcome = super::UnknownOutcome::Reject;
+    /// Bodies up to this size are read to look for a `json:` key (1 MiB).
+    pub const BUFFER_BYTES: u64 = 1024 * 1024;
+    pub const FINGERPRINT_BODY: super::FingerprintBody = super::FingerprintBody::Bytes;
+    pub const REPLAY_HEADER: &str = "idempotent-replayed";
+    /// Upstream statuses that say the request was not processed.
+    pub const RELEASE_STATUSES: [u16; 2] = [429, 503];
+    pub const ERROR_FORMAT: super::ErrorFormat = super::ErrorFormat::Problem;
 }
 
 impl Config {
@@ -339,6 +460,22 @@ impl Config {
         };
         file.apply_cli(cli);
         Self::from_file(file)
+    }
+
+    /// The admin listener and token of the configuration `cli` names (its `--config` file under
+    /// `IDEMPROXY_*` and flags), without resolving the rest: what `idemproxy key` reaches a
+    /// running proxy with.
+    pub fn admin_access(cli: &Cli) -> Result<AdminAccess, ConfigError> {
+        let mut file = match cli.config.as_ref() {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        file.apply_cli(cli);
+        let (_, listen) = resolve::listeners(&file)?;
+        Ok(AdminAccess {
+            listen,
+            token: file.admin_token,
+        })
     }
 
     /// Parses config text (no env, no flags): what tests and `--check-config` build on.
@@ -512,6 +649,8 @@ mod tests {
         check::<OnConflict>();
         check::<StoreFailure>();
         check::<UnknownOutcome>();
+        check::<FingerprintBody>();
+        check::<ErrorFormat>();
         assert_eq!(OnConflict::Wait.to_string(), "wait");
         assert_eq!(LogFormat::Pretty.to_string(), "pretty");
     }
@@ -548,6 +687,9 @@ mod tests {
             "redis+cluster://:s3cret@a:1,b:port",
             "redis+cluster://a:1,",
             "rediss+cluster://",
+            "redis+sentinel://:s3cret@a:1,b:2",
+            "rediss+sentinel://:s3cret@a:1,b:port/mymaster",
+            "redis+sentinel://u:s3cret@a:1/mymaster/zero",
         ] {
             let err = store(url).expect_err(url).to_string();
             assert!(err.contains("`store.redis`"), "{url}: {err}");
@@ -561,6 +703,8 @@ mod tests {
             "redis+cluster://a:1,b:2",
             "rediss+cluster://user:pw@a:1,b:2",
             "unix:///tmp/redis.sock",
+            "redis+sentinel://127.0.0.1:26379,127.0.0.1:26380/mymaster",
+            "rediss+sentinel://app:pw@s1,s2,s3/orders/2",
         ] {
             let config = store(url).unwrap_or_else(|e| panic!("{url}: {e}"));
             assert!(matches!(config.store, StoreSettings::Redis { .. }));
@@ -595,6 +739,51 @@ mod tests {
     }
 
     #[test]
+    fn replica_settings_are_checked_against_the_store() {
+        let redis = |extra: &str| format!("upstream.url = \"http://a:1\"\nstore.redis = \"redis://h:1\"\n{extra}");
+        let config = Config::from_toml(&redis("")).expect("valid");
+        let StoreSettings::Redis { replication, .. } = config.store else {
+            panic!("a Redis store");
+        };
+        assert_eq!(replication, Replication::default());
+        assert_eq!(replication.replica_timeout, defaults::REDIS_REPLICA_TIMEOUT);
+
+        // An unset timeout follows a shorter command timeout; one that is set may not exceed it.
+        let config =
+            Config::from_toml(&redis("store.command_timeout = \"300ms\"\nstore.min_replicas = 2")).expect("valid");
+        let StoreSettings::Redis { replication, .. } = config.store else {
+            panic!("a Redis store");
+        };
+        assert_eq!(replication.min_replicas, 2);
+        assert_eq!(replication.replica_timeout, Duration::from_millis(300));
+        let err = error_of(&redis("store.command_timeout = \"1s\"\nstore.replica_timeout = \"2s\""));
+        assert!(
+            err.contains("`store.replica_timeout`") && err.contains("must not exceed"),
+            "{err}"
+        );
+        let err = error_of(&redis("store.replica_timeout = \"0s\""));
+        assert!(err.contains("`store.replica_timeout`"), "{err}");
+
+        // Replicas and sentinels need a Redis that has them.
+        let err = error_of("upstream.url = \"http://a:1\"\nstore.min_replicas = 1");
+        assert!(err.contains("`store.min_replicas`"), "{err}");
+        Config::from_toml("upstream.url = \"http://a:1\"\nstore.min_replicas = 0").expect("0 is the default");
+        let err = error_of(&redis("store.sentinel_password = \"s3cret\""));
+        assert!(
+            err.contains("`store.sentinel_password`") && !err.contains("s3cret"),
+            "{err}"
+        );
+        let sentinel = "upstream.url = \"http://a:1\"\nstore.redis = \"redis+sentinel://h:1/m\"\n";
+        let config = Config::from_toml(&format!("{sentinel}store.sentinel_password = \"s3cret\"")).expect("valid");
+        assert!(
+            !format!("{config:?}").contains("s3cret"),
+            "the password is not in Debug output"
+        );
+        let err = error_of(&format!("{sentinel}store.sentinel_password = \"\""));
+        assert!(err.contains("must not be empty"), "{err}");
+    }
+
+    #[test]
     fn an_unset_lock_ttl_follows_a_shorter_key_ttl() {
         let config = Config::from_toml("upstream.url = \"http://a:1\"\nidempotency.key_ttl = \"2s\"").expect("valid");
         assert_eq!(config.routes[0].policy.key_ttl, Duration::from_secs(2));
@@ -621,6 +810,61 @@ mod tests {
 
         let err = error_of("upstream.url = \"http://a:1\"\nidempotency.key_ttl = \"50ms\"");
         assert!(err.contains("`idempotency.key_ttl`") && err.contains("100ms"), "{err}");
+    }
+
+    #[test]
+    fn error_format_and_retry_hint_are_per_route() {
+        let config = Config::from_toml(
+            "upstream.url = \"http://a:1\"\nidempotency.retry_hint_header = \"Stripe-Should-Retry\"\n\
+             [[route]]\nprefix = \"/v1\"\nidempotency.error_format = \"stripe\"",
+        )
+        .expect("valid");
+        let stripe = &config.route_for("/v1/charges").expect("a route").policy;
+        assert_eq!(stripe.error_format, ErrorFormat::Stripe);
+        assert_eq!(
+            stripe.retry_hint_header.as_ref().map(HeaderName::as_str),
+            Some("stripe-should-retry")
+        );
+        let default = &config.route_for("/orders").expect("default").policy;
+        assert_eq!(default.error_format, defaults::ERROR_FORMAT);
+        assert!(default.retry_hint_header.is_some(), "inherited from [idempotency]");
+        let plain = Config::from_toml("upstream.url = \"http://a:1\"").expect("valid");
+        assert_eq!(plain.routes[0].policy.retry_hint_header, None);
+
+        for name in [
+            "",
+            "bad name",
+            "Retry-After",
+            "content-type",
+            "Connection",
+            "Idempotent-Replayed",
+        ] {
+            let err = error_of(&format!(
+                "upstream.url = \"http://a:1\"\nidempotency.retry_hint_header = \"{name}\""
+            ));
+            assert!(err.contains("`idempotency.retry_hint_header`"), "{name}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_retry_hint_header_is_not_the_routes_replay_header() {
+        let err = error_of(
+            "upstream.url = \"http://a:1\"\nidempotency.replay_header = \"X-Replayed\"\n\
+             idempotency.retry_hint_header = \"x-replayed\"",
+        );
+        assert!(err.contains("`idempotency.retry_hint_header`"), "{err}");
+        // Once the marker is renamed, the proxy no longer sets `Idempotent-Replayed`.
+        let config = Config::from_toml(
+            "upstream.url = \"http://a:1\"\nidempotency.replay_header = \"X-Replayed\"\n\
+             idempotency.retry_hint_header = \"Idempotent-Replayed\"",
+        )
+        .expect("valid");
+        let policy = &config.routes[0].policy;
+        assert_eq!(policy.replay_header, "x-replayed");
+        assert_eq!(
+            policy.retry_hint_header.as_ref().map(HeaderName::as_str),
+            Some("idempotent-replayed")
+        );
     }
 
     #[test]

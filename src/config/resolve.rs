@@ -8,14 +8,18 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::header::{CONTENT_TYPE, LINK, RETRY_AFTER, VIA};
 use http::{HeaderName, Method};
 use redis::IntoConnectionInfo;
 
 use super::file::{LogSection, ServerSection, StoreSection, TlsSection, UpstreamSection};
+use super::redis_url::SentinelUrl;
 use super::{
-    defaults, invalid, ConfigError, EmbeddedStore, FileConfig, Policy, PolicySection, Route, RouteSection,
-    ServerSettings, StoreSettings, TlsSettings, UpstreamSettings, UpstreamTarget,
+    defaults, invalid, ConfigError, EmbeddedStore, FileConfig, FingerprintBody, JsonPointer, KeySource, Policy,
+    PolicySection, Replication, Route, RouteSection, ServerSettings, StatusSet, StoreSettings, TlsSettings,
+    UpstreamSettings, UpstreamTarget,
 };
+use crate::headers::is_replayed;
 
 /// `listen` and `admin_listen`, and the rule that a non-loopback admin listener needs a token.
 pub(super) fn listeners(file: &FileConfig) -> Result<(SocketAddr, Option<SocketAddr>), ConfigError> {
@@ -152,13 +156,21 @@ pub(super) fn store(store: &StoreSection) -> Result<StoreSettings, ConfigError> 
         if store.ca_file.is_some() {
             return Err(invalid("store.ca_file", "is set but `store.redis` is not"));
         }
+        if store.min_replicas.is_some_and(|n| n > 0) {
+            return Err(invalid(
+                "store.min_replicas",
+                "replicas are Redis replicas: set `store.redis`, or leave this at 0",
+            ));
+        }
+        check_sentinel_password(store, false)?;
         return embedded_store(store);
     };
     check_redis_url(&url)?;
+    check_sentinel_password(store, SentinelUrl::is_sentinel(&url))?;
     if store.ca_file.is_some() && !url.starts_with("rediss") {
         return Err(invalid(
             "store.ca_file",
-            "only used with TLS: `store.redis` must be a rediss:// or rediss+cluster:// URL",
+            "only used with TLS: `store.redis` must be a rediss://, rediss+cluster:// or rediss+sentinel:// URL",
         ));
     }
     let ignored = [
@@ -167,14 +179,52 @@ pub(super) fn store(store: &StoreSection) -> Result<StoreSettings, ConfigError> 
         ("store.max_disk_bytes", store.max_disk_bytes.is_some()),
         ("store.memory_max_entries", store.memory_max_entries.is_some()),
     ];
+    let command_timeout = positive(
+        "store.command_timeout",
+        store.command_timeout.unwrap_or(defaults::REDIS_COMMAND_TIMEOUT),
+    )?;
     Ok(StoreSettings::Redis {
         url,
-        command_timeout: positive(
-            "store.command_timeout",
-            store.command_timeout.unwrap_or(defaults::REDIS_COMMAND_TIMEOUT),
-        )?,
+        command_timeout,
         ca_file: store.ca_file.clone(),
         ignored: ignored.iter().filter(|(_, set)| *set).map(|(key, _)| *key).collect(),
+        sentinel_password: store.sentinel_password.clone(),
+        replication: replication(store, command_timeout)?,
+    })
+}
+
+/// `store.sentinel_password` is only for the sentinels of a `redis+sentinel://` URL.
+fn check_sentinel_password(store: &StoreSection, sentinel: bool) -> Result<(), ConfigError> {
+    match &store.sentinel_password {
+        Some(_) if !sentinel => Err(invalid(
+            "store.sentinel_password",
+            "only used with a redis+sentinel:// or rediss+sentinel:// `store.redis` URL",
+        )),
+        Some(password) if password.expose().is_empty() => Err(invalid("store.sentinel_password", "must not be empty")),
+        _ => Ok(()),
+    }
+}
+
+/// `store.min_replicas` and `store.replica_timeout`: an unset timeout follows a shorter
+/// `store.command_timeout`; one that is set must not exceed it.
+fn replication(store: &StoreSection, command_timeout: Duration) -> Result<Replication, ConfigError> {
+    let replica_timeout = match store.replica_timeout {
+        None => defaults::REDIS_REPLICA_TIMEOUT.min(command_timeout),
+        Some(timeout) => positive("store.replica_timeout", timeout)?,
+    };
+    if replica_timeout > command_timeout {
+        return Err(invalid(
+            "store.replica_timeout",
+            format!(
+                "{} must not exceed store.command_timeout {}",
+                humantime::format_duration(replica_timeout),
+                humantime::format_duration(command_timeout),
+            ),
+        ));
+    }
+    Ok(Replication {
+        min_replicas: store.min_replicas.unwrap_or(0),
+        replica_timeout,
     })
 }
 
@@ -215,22 +265,32 @@ fn embedded_store(store: &StoreSection) -> Result<StoreSettings, ConfigError> {
     }
 }
 
-/// `store.redis` parsed the way the store will (each node of a cluster list on its own), without
-/// connecting. The messages never quote the URL: it may hold a password.
+/// `store.redis` parsed the way the store will (each node of a cluster or sentinel list on its
+/// own), without connecting. The messages never quote the URL: it may hold a password.
 fn check_redis_url(url: &str) -> Result<(), ConfigError> {
-    const SCHEMES: [&str; 6] = [
+    const SCHEMES: [&str; 8] = [
         "redis://",
         "rediss://",
         "redis+cluster://",
         "rediss+cluster://",
+        "redis+sentinel://",
+        "rediss+sentinel://",
         "redis+unix://",
         "unix://",
     ];
     if !SCHEMES.iter().any(|p| url.starts_with(p)) {
         return Err(invalid(
             "store.redis",
-            "expected redis://, rediss:// or redis+cluster:// URL",
+            "expected a redis://, rediss://, redis+cluster:// or redis+sentinel:// URL",
         ));
+    }
+    if let Some(sentinel) = SentinelUrl::parse(url) {
+        return sentinel.map(drop).map_err(|why| {
+            invalid(
+                "store.redis",
+                format!("not a usable redis+sentinel://[user:password@]host:port,.../<master-name>[/<db>] URL: {why}"),
+            )
+        });
     }
     let cluster = url
         .strip_prefix("redis+cluster://")
@@ -418,6 +478,19 @@ fn policy(key: &str, route: &str, section: &PolicySection) -> Result<Policy, Con
     if max_body_bytes == 0 {
         return Err(invalid(field("max_body_bytes"), "must be greater than zero"));
     }
+    let key_sources = key_sources(&field("key_sources"), section.key_sources.as_deref())?;
+    let fingerprint_body = section.fingerprint_body.unwrap_or(defaults::FINGERPRINT_BODY);
+    let (release_statuses, unknown_statuses) = statuses(key, section)?;
+    let replay_header = {
+        let name = section.replay_header.as_deref().unwrap_or(defaults::REPLAY_HEADER);
+        HeaderName::from_bytes(name.trim().as_bytes())
+            .map_err(|_| invalid(field("replay_header"), format!("`{name}` is not a header name")))?
+    };
+    let retry_hint_header = retry_hint_header(
+        &field("retry_hint_header"),
+        section.retry_hint_header.as_deref(),
+        &replay_header,
+    )?;
     Ok(Policy {
         enabled: section.enabled.unwrap_or(true),
         methods: methods(&field("methods"), section.methods.as_deref())?,
@@ -432,7 +505,113 @@ fn policy(key: &str, route: &str, section: &PolicySection) -> Result<Policy, Con
         max_response_bytes: section.max_response_bytes.unwrap_or(defaults::MAX_RESPONSE_BYTES),
         record_server_errors: section.record_server_errors.unwrap_or(true),
         unknown_outcome: section.unknown_outcome.unwrap_or(defaults::UNKNOWN_OUTCOME),
+        key_sources,
+        buffer_bytes: match section.buffer_bytes.unwrap_or(defaults::BUFFER_BYTES) {
+            0 => return Err(invalid(field("buffer_bytes"), "must be greater than zero")),
+            n => n,
+        },
+        fingerprint_ignore: fingerprint_ignore(key, fingerprint_body, section.fingerprint_ignore.as_deref())?,
+        fingerprint_body,
+        replay_header,
+        release_statuses,
+        unknown_statuses,
+        error_format: section.error_format.unwrap_or(defaults::ERROR_FORMAT),
+        retry_hint_header,
     })
+}
+
+/// `key_sources` (docs/behaviour.md §13): at least one, each once; the `Idempotency-Key`
+/// header by default.
+fn key_sources(key: &str, list: Option<&[String]>) -> Result<Vec<KeySource>, ConfigError> {
+    let Some(list) = list else {
+        return Ok(vec![KeySource::default_header()]);
+    };
+    if list.is_empty() {
+        return Err(invalid(key, "must name at least one source"));
+    }
+    let mut sources: Vec<KeySource> = Vec::with_capacity(list.len());
+    for spec in list {
+        let source = KeySource::parse(spec).map_err(|message| invalid(key, message))?;
+        if sources.contains(&source) {
+            return Err(invalid(key, format!("`{source}` is listed twice")));
+        }
+        sources.push(source);
+    }
+    Ok(sources)
+}
+
+/// `fingerprint_ignore`: JSON pointers, only meaningful with `fingerprint_body = "json"`.
+fn fingerprint_ignore(
+    key: &str,
+    body: FingerprintBody,
+    list: Option<&[String]>,
+) -> Result<Vec<JsonPointer>, ConfigError> {
+    let field = format!("{key}.fingerprint_ignore");
+    let list = list.unwrap_or_default();
+    if !list.is_empty() && body != FingerprintBody::Json {
+        return Err(invalid(
+            field,
+            "needs `fingerprint_body = \"json\"` (a byte fingerprint has no fields to leave out)",
+        ));
+    }
+    list.iter()
+        .map(|text| JsonPointer::parse(text.trim()).map_err(|message| invalid(&field, message)))
+        .collect()
+}
+
+/// `release_statuses` and `unknown_statuses` (docs/behaviour.md §14): statuses 100-599, none in
+/// both lists. The default release list (429, 503) yields to a status listed as unknown.
+fn statuses(key: &str, section: &PolicySection) -> Result<(StatusSet, StatusSet), ConfigError> {
+    let set = |name: &str, codes: &[u16]| {
+        StatusSet::of(codes).map_err(|code| {
+            invalid(
+                format!("{key}.{name}"),
+                format!("{code} is not an HTTP status (100-599)"),
+            )
+        })
+    };
+    let unknown = set(
+        "unknown_statuses",
+        section.unknown_statuses.as_ref().map_or(&[][..], |list| &list.0),
+    )?;
+    let release = match &section.release_statuses {
+        Some(list) => set("release_statuses", &list.0)?,
+        None => {
+            return Ok((
+                set("release_statuses", &defaults::RELEASE_STATUSES)?.without(&unknown),
+                unknown,
+            ))
+        }
+    };
+    if let Some(code) = release.overlap(&unknown) {
+        return Err(invalid(
+            format!("{key}.release_statuses"),
+            format!("{code} is also in `{key}.unknown_statuses`: a status is either released or unknown"),
+        ));
+    }
+    Ok((release, unknown))
+}
+
+/// `retry_hint_header`: a header name the proxy does not set for its own purposes (framing,
+/// `Content-Type`, `Retry-After`, `Link`, the route's replay marker `replay_header`) and that
+/// is not hop-by-hop.
+fn retry_hint_header(
+    key: &str,
+    name: Option<&str>,
+    replay_header: &HeaderName,
+) -> Result<Option<HeaderName>, ConfigError> {
+    let Some(name) = name else {
+        return Ok(None);
+    };
+    let header = HeaderName::from_bytes(name.trim().as_bytes())
+        .map_err(|_| invalid(key, format!("`{name}` is not a header name")))?;
+    if !is_replayed(&header) || [CONTENT_TYPE, RETRY_AFTER, LINK, VIA].contains(&header) || header == replay_header {
+        return Err(invalid(
+            key,
+            format!("`{name}` is a field the proxy sets itself or a hop-by-hop field: choose another name"),
+        ));
+    }
+    Ok(Some(header))
 }
 
 /// The guarded methods: POST and PATCH only, POST by default.

@@ -4,10 +4,12 @@
 //! Every response the proxy makes itself is an RFC 9457 problem (`application/problem+json`)
 //! with a stable `type`, a `title`, the `status` and a `detail`, plus a
 //! `Link: <…>; rel="describedby"` to the section of `docs/errors.md` that explains it
-//! (docs/behaviour.md §8). Request-path errors ([`ProxyError`]) and admin errors
-//! (`crate::admin::AdminError`) both describe themselves through [`Problem`];
-//! [`problem_response`] alone builds the response. A problem's `detail` is written for the
-//! client: causes from inside the proxy (OS errors, Redis replies) go to the log, never to it.
+//! (docs/behaviour.md §8); on a route with `error_format = "stripe"` it is Stripe's error
+//! object instead (`stripe`, docs/behaviour.md §16). Request-path errors ([`ProxyError`]) and
+//! admin errors (`crate::admin::AdminError`) both describe themselves through [`Problem`];
+//! [`problem_response`] alone builds the response, in the route's [`ErrorStyle`]. A problem's
+//! `detail` is written for the client: causes from inside the proxy (OS errors, Redis replies)
+//! go to the log, never to it.
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
@@ -15,14 +17,17 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, LINK, RETRY_AFTER};
-use http::{HeaderMap, HeaderValue, Response, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 
 pub mod chain;
+pub mod stripe;
 
 pub use self::chain::{BoxError, Chain};
+pub use self::stripe::StripeType;
 
 use crate::body::ProxyBody;
-use crate::config::ConfigError;
+use crate::config::{ConfigError, ErrorFormat, Policy};
+use crate::headers::set_retry_hint;
 use crate::idempotency::key::KeyError;
 use crate::idempotency::record::UnknownCause;
 use crate::store::StoreError;
@@ -103,6 +108,7 @@ fn unknown_detail(cause: UnknownCause) -> &'static str {
         UnknownCause::UpstreamFailed => "the request was sent upstream but the connection failed before a complete response; it may or may not have taken effect, so it will not be sent again: reconcile with the service before retrying with a new key",
         UnknownCause::LeaseLapsed => "the proxy executing this request stopped before it finished; it may or may not have taken effect, so it will not be sent again: reconcile with the service before retrying with a new key",
         UnknownCause::Interrupted => "the proxy's execution of this request was interrupted after it may have been sent upstream; it may or may not have taken effect, so it will not be sent again: reconcile with the service before retrying with a new key",
+        UnknownCause::UpstreamStatus => "the upstream answered with a status that does not tell whether the request took effect (the route's unknown_statuses); it will not be sent again: reconcile with the service before retrying with a new key",
     }
 }
 
@@ -110,6 +116,8 @@ fn unknown_detail(cause: UnknownCause) -> &'static str {
 #[derive(Debug, Clone, Copy)]
 pub struct ProblemType {
     pub status: StatusCode,
+    /// Its anchor in `docs/errors.md`; the `code` of the Stripe form.
+    pub slug: &'static str,
     /// `docs_url#slug`
     pub type_uri: &'static str,
     pub title: &'static str,
@@ -122,6 +130,7 @@ macro_rules! problem_type {
     ($status:expr, $slug:literal, $title:literal) => {
         $crate::error::ProblemType {
             status: $status,
+            slug: $slug,
             type_uri: concat!($crate::error::docs_url!(), "#", $slug),
             title: $title,
             link: concat!("<", $crate::error::docs_url!(), "#", $slug, ">; rel=\"describedby\""),
@@ -147,11 +156,91 @@ pub trait Problem: std::error::Error {
 
     /// Fields the response carries besides the problem's own (`Retry-After`, …).
     fn add_headers(&self, _headers: &mut HeaderMap) {}
+
+    /// Its `type` in Stripe's dialect (docs/behaviour.md §16): by default `api_error` for a
+    /// 5xx, `invalid_request_error` otherwise.
+    fn stripe_type(&self) -> StripeType {
+        if self.problem_type().status.is_server_error() {
+            StripeType::Api
+        } else {
+            StripeType::InvalidRequest
+        }
+    }
+
+    /// Whether a retry with the same key can get another answer, for the route's retry hint
+    /// header (docs/behaviour.md §16); `None`: no hint.
+    fn retry_hint(&self) -> Option<bool> {
+        None
+    }
 }
 
-/// The problem+json response for `problem`: the only place error responses are built.
-pub fn problem_response(problem: &dyn Problem) -> Response<ProxyBody> {
+/// How a route writes the errors the proxy makes (docs/behaviour.md §8, §16): its
+/// `error_format` and `retry_hint_header`.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorStyle<'a> {
+    pub format: ErrorFormat,
+    pub retry_hint: Option<&'a HeaderName>,
+}
+
+impl ErrorStyle<'static> {
+    /// Problem+json without a retry hint: before a route is known, and on the admin listener.
+    pub const PLAIN: Self = ErrorStyle {
+        format: ErrorFormat::Problem,
+        retry_hint: None,
+    };
+}
+
+impl<'a> ErrorStyle<'a> {
+    /// The style of the route with `policy`.
+    pub fn of(policy: &'a Policy) -> Self {
+        ErrorStyle {
+            format: policy.error_format,
+            retry_hint: policy.retry_hint_header.as_ref(),
+        }
+    }
+
+    /// The status `problem` is answered with in this style.
+    pub fn status(&self, problem: &dyn Problem) -> StatusCode {
+        let status = problem.problem_type().status;
+        match self.format {
+            ErrorFormat::Problem => status,
+            ErrorFormat::Stripe => problem.stripe_type().status(status),
+        }
+    }
+}
+
+/// The response for `problem` in `style`: the only place error responses are built. Either
+/// form carries the `Link` to the documentation and the problem's own fields (`Retry-After`).
+pub fn problem_response(problem: &dyn Problem, style: ErrorStyle<'_>) -> Response<ProxyBody> {
     let kind = problem.problem_type();
+    let (content_type, body) = match style.format {
+        ErrorFormat::Problem => ("application/problem+json", problem_body(problem, &kind)),
+        ErrorFormat::Stripe => (
+            "application/json",
+            stripe::body(
+                problem.stripe_type(),
+                kind.slug,
+                &problem.detail(),
+                kind.type_uri,
+                problem.extension(),
+            ),
+        ),
+    };
+    let body = serde_json::to_vec(&body).map(Bytes::from).unwrap_or_default();
+    let mut response = Response::new(ProxyBody::full(body));
+    *response.status_mut() = style.status(problem);
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(LINK, HeaderValue::from_static(kind.link));
+    problem.add_headers(headers);
+    if let Some(retry) = problem.retry_hint() {
+        set_retry_hint(headers, style.retry_hint, retry);
+    }
+    response
+}
+
+/// The RFC 9457 object.
+fn problem_body(problem: &dyn Problem, kind: &ProblemType) -> serde_json::Value {
     let mut body = serde_json::json!({
         "type": kind.type_uri,
         "title": kind.title,
@@ -161,14 +250,7 @@ pub fn problem_response(problem: &dyn Problem) -> Response<ProxyBody> {
     if let Some((name, value)) = problem.extension() {
         body[name] = value;
     }
-    let body = serde_json::to_vec(&body).map(Bytes::from).unwrap_or_default();
-    let mut response = Response::new(ProxyBody::full(body));
-    *response.status_mut() = kind.status;
-    let headers = response.headers_mut();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
-    headers.insert(LINK, HeaderValue::from_static(kind.link));
-    problem.add_headers(headers);
-    response
+    body
 }
 
 /// `Retry-After` (RFC 9110 §10.2.3) in whole seconds, at least one.
@@ -262,10 +344,33 @@ impl Problem for ProxyError {
             _ => {}
         }
     }
+
+    /// A key reused with another request is Stripe's `idempotency_error`; the client's other
+    /// mistakes are `invalid_request_error`; failures of the store, the upstream or the proxy
+    /// are `api_error`.
+    fn stripe_type(&self) -> StripeType {
+        match (self, self.source_of_error()) {
+            (ProxyError::Mismatch, _) => StripeType::Idempotency,
+            (_, ErrorSource::Client) => StripeType::InvalidRequest,
+            (_, ErrorSource::Upstream | ErrorSource::Store | ErrorSource::Internal) => StripeType::Api,
+        }
+    }
+
+    /// `true` where a retry with the same key will be answered differently once the first
+    /// request ends or the store is back (409, 503); `false` where every retry gets this very
+    /// answer (outcome unknown, not replayable).
+    fn retry_hint(&self) -> Option<bool> {
+        match self {
+            ProxyError::Conflict { .. } | ProxyError::StoreUnavailable(_) => Some(true),
+            ProxyError::OutcomeUnknown(_) | ProxyError::NotReplayable => Some(false),
+            _ => None,
+        }
+    }
 }
 
 impl ProxyError {
-    /// The HTTP status this error is answered with.
+    /// The HTTP status of its problem (in Stripe's form a reused key is a `400`:
+    /// [`ErrorStyle::status`]).
     pub fn status(&self) -> StatusCode {
         self.problem_type().status
     }
@@ -316,9 +421,9 @@ impl ProxyError {
         !matches!(self.source_of_error(), ErrorSource::Client) && !matches!(self, ProxyError::NotReplayable)
     }
 
-    /// The problem+json response for this error.
-    pub fn into_response(self) -> Response<ProxyBody> {
-        problem_response(&self)
+    /// The response for this error, in `style`.
+    pub fn into_response(self, style: ErrorStyle<'_>) -> Response<ProxyBody> {
+        problem_response(&self, style)
     }
 }
 
@@ -362,7 +467,7 @@ mod tests {
         let response = ProxyError::Conflict {
             retry_after: Duration::from_secs(1),
         }
-        .into_response();
+        .into_response(ErrorStyle::PLAIN);
         assert_eq!(response.status(), StatusCode::CONFLICT);
         assert_eq!(response.headers()[CONTENT_TYPE], "application/problem+json");
         assert_eq!(response.headers()[RETRY_AFTER], "1");
@@ -388,7 +493,7 @@ mod tests {
             Chain(&err).to_string().contains("os error 111"),
             "the log has the cause"
         );
-        let response = err.into_response();
+        let response = err.into_response(ErrorStyle::PLAIN);
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(response.headers()[RETRY_AFTER], "1");
         let json = problem_json(response).await;
@@ -404,9 +509,114 @@ mod tests {
         assert_eq!(err.status(), StatusCode::INTERNAL_SERVER_ERROR);
         assert_eq!(err.outcome(), Outcome::Internal);
         assert_eq!(err.source_of_error(), ErrorSource::Internal);
-        let json = problem_json(err.into_response()).await;
+        let json = problem_json(err.into_response(ErrorStyle::PLAIN)).await;
         assert!(json["type"].as_str().expect("type").ends_with("#internal-error"));
         assert!(!json["detail"].as_str().expect("detail").contains("boom"));
+    }
+
+    const HINT: HeaderName = HeaderName::from_static("stripe-should-retry");
+
+    #[tokio::test]
+    async fn stripe_form_has_the_type_code_message_and_doc_url() {
+        let cases: Vec<(ProxyError, u16, &str, &str)> = vec![
+            (ProxyError::Mismatch, 400, "idempotency_error", "key-reused"),
+            (
+                ProxyError::from(KeyError::Empty),
+                400,
+                "invalid_request_error",
+                "invalid-key",
+            ),
+            (ProxyError::MissingKey, 400, "invalid_request_error", "missing-key"),
+            (
+                ProxyError::BodyTooLarge { limit: 1 },
+                413,
+                "invalid_request_error",
+                "body-too-large",
+            ),
+            (
+                ProxyError::Conflict {
+                    retry_after: Duration::from_secs(1),
+                },
+                409,
+                "invalid_request_error",
+                "request-in-progress",
+            ),
+            (
+                ProxyError::OutcomeUnknown(UnknownCause::Timeout),
+                504,
+                "api_error",
+                "outcome-unknown",
+            ),
+            (ProxyError::NotReplayable, 502, "api_error", "response-not-replayable"),
+            (
+                ProxyError::StoreUnavailable(StoreError::unreachable(std::io::Error::other("down"))),
+                503,
+                "api_error",
+                "store-unavailable",
+            ),
+            (
+                ProxyError::from(UpstreamError::Timeout(Duration::from_secs(1))),
+                504,
+                "api_error",
+                "upstream-timeout",
+            ),
+        ];
+        let stripe = ErrorStyle {
+            format: ErrorFormat::Stripe,
+            retry_hint: None,
+        };
+        for (err, status, stripe_type, code) in cases {
+            let detail = err.detail().into_owned();
+            let response = err.into_response(stripe);
+            assert_eq!(response.status().as_u16(), status, "{code}");
+            assert_eq!(response.headers()[CONTENT_TYPE], "application/json", "{code}");
+            let link = response.headers()[LINK].to_str().expect("ascii").to_owned();
+            let json = problem_json(response).await;
+            let error = &json["error"];
+            assert_eq!(error["type"], stripe_type, "{code}");
+            assert_eq!(error["code"], code);
+            assert_eq!(error["message"], detail.as_str(), "{code}");
+            let doc_url = error["doc_url"].as_str().expect("doc_url");
+            assert!(doc_url.ends_with(&format!("docs/errors.md#{code}")), "{doc_url}");
+            assert_eq!(link, format!("<{doc_url}>; rel=\"describedby\""));
+        }
+    }
+
+    #[tokio::test]
+    async fn retry_hints_in_either_form() {
+        let name = HINT;
+        for format in [ErrorFormat::Problem, ErrorFormat::Stripe] {
+            let style = ErrorStyle {
+                format,
+                retry_hint: Some(&name),
+            };
+            let hint = |err: ProxyError| {
+                let response = err.into_response(style);
+                response
+                    .headers()
+                    .get(HINT)
+                    .map(|v| v.to_str().expect("ascii").to_owned())
+            };
+            let conflict = ProxyError::Conflict {
+                retry_after: Duration::from_secs(1),
+            };
+            let store = ProxyError::StoreUnavailable(StoreError::unreachable(std::io::Error::other("down")));
+            assert_eq!(hint(conflict).as_deref(), Some("true"), "{format}");
+            assert_eq!(hint(store).as_deref(), Some("true"), "{format}");
+            let unknown = ProxyError::OutcomeUnknown(UnknownCause::UpstreamFailed);
+            assert_eq!(hint(unknown).as_deref(), Some("false"), "{format}");
+            assert_eq!(hint(ProxyError::NotReplayable).as_deref(), Some("false"), "{format}");
+            assert_eq!(hint(ProxyError::Mismatch), None, "{format}");
+        }
+        let unnamed = ProxyError::Conflict {
+            retry_after: Duration::from_secs(1),
+        }
+        .into_response(ErrorStyle::PLAIN);
+        assert!(
+            unnamed.headers().get(HINT).is_none(),
+            "no header unless the route names one"
+        );
+        assert_eq!(unnamed.headers()[RETRY_AFTER], "1", "Retry-After is kept");
     }
 
     #[tokio::test]

@@ -7,6 +7,9 @@ use std::fmt;
 
 use sha2::{Digest, Sha256};
 
+use super::canonical::canonical_json;
+use crate::config::JsonPointer;
+
 fn update_field(hasher: &mut Sha256, field: &[u8]) {
     hasher.update((field.len() as u64).to_be_bytes());
     hasher.update(field);
@@ -23,12 +26,24 @@ pub struct StorageKey {
 }
 
 impl StorageKey {
-    /// Hashes the route name, the scope header's value (empty when absent) and the key.
+    /// Hashes the route name, the scope header's value (empty when absent) and the key: the
+    /// storage key of a key from the `Idempotency-Key` header (docs/behaviour.md §3).
     pub fn new(prefix: &str, route: &str, scope: &[u8], key: &[u8]) -> Self {
+        Self::of_fields(prefix, &[route.as_bytes(), scope, key])
+    }
+
+    /// The storage key of a key from another source (docs/behaviour.md §13): the source's label
+    /// (`json:/client_order_id`) is hashed too, as a fourth field, so a key from one source
+    /// never meets the same key from another, nor one from the header (three fields).
+    pub fn sourced(prefix: &str, route: &str, scope: &[u8], source: &str, key: &[u8]) -> Self {
+        Self::of_fields(prefix, &[route.as_bytes(), scope, source.as_bytes(), key])
+    }
+
+    fn of_fields(prefix: &str, fields: &[&[u8]]) -> Self {
         let mut hasher = Sha256::new();
-        update_field(&mut hasher, route.as_bytes());
-        update_field(&mut hasher, scope);
-        update_field(&mut hasher, key);
+        for field in fields {
+            update_field(&mut hasher, field);
+        }
         let digest: [u8; 32] = hasher.finalize().into();
         let mut hex = [0u8; 64];
         // 64 hex digits for 32 bytes: the buffer has exactly the room needed.
@@ -106,6 +121,24 @@ impl Fingerprint {
     }
 }
 
+impl Fingerprint {
+    /// The fingerprint of a route with `fingerprint_body = "json"` (docs/behaviour.md §13):
+    /// [`of`](Self::of) over the body's canonical JSON form without the values at `ignore`, or
+    /// over its bytes when it is not JSON.
+    pub fn of_json(
+        method: &http::Method,
+        uri: &http::Uri,
+        content_type: Option<&[u8]>,
+        body: &[u8],
+        ignore: &[JsonPointer],
+    ) -> Self {
+        match canonical_json(body, ignore) {
+            Some(canonical) => Self::of(method, uri, content_type, &canonical),
+            None => Self::of(method, uri, content_type, body),
+        }
+    }
+}
+
 impl fmt::Debug for Fingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Fingerprint({})", hex::encode(&self.0[..8]))
@@ -125,6 +158,49 @@ mod tests {
         assert!(!record.contains("k1") && !record.contains("Bearer"));
     }
 
+    /// Records written before key sources existed keep matching: a key from the default source
+    /// hashes exactly as it always has (this digest is fixed, not computed).
+    #[test]
+    fn storage_key_of_the_default_source_is_unchanged() {
+        let key = StorageKey::new("idem:", "default", b"Bearer abc", b"order-1");
+        assert_eq!(
+            key.record_key(),
+            "idem:{731691c1bdfd893d8c7a6162038699ab08516a592a9307d5563783a67cf74d29}"
+        );
+        let sourced = StorageKey::sourced("idem:", "default", b"Bearer abc", "header:x-request-id", b"order-1");
+        assert_ne!(sourced, key);
+        assert_ne!(
+            sourced,
+            StorageKey::sourced("idem:", "default", b"Bearer abc", "json:/id", b"order-1")
+        );
+    }
+
+    #[test]
+    fn byte_fingerprint_is_unchanged() {
+        let fingerprint = fp("POST", "/orders?x=1", Some("application/json"), "{\"n\":1}");
+        assert_eq!(
+            hex::encode(fingerprint.0),
+            "da7d466ac123d38eb2ff9eb16a9aa7f5934210faa61dedf6390df7af685e0302"
+        );
+    }
+
+    #[test]
+    fn json_fingerprint_ignores_order_whitespace_and_ignored_fields() {
+        let method = http::Method::POST;
+        let uri: http::Uri = "/orders".parse().expect("uri");
+        let ignore = [JsonPointer::parse("/sent_at").expect("pointer")];
+        let json = |body: &str| Fingerprint::of_json(&method, &uri, None, body.as_bytes(), &ignore);
+        let first = json(r#"{"amount": 10, "currency": "EUR", "sent_at": 1}"#);
+        assert_eq!(first, json(r#"{ "sent_at": 2, "currency": "EUR", "amount": 10 }"#));
+        assert_ne!(first, json(r#"{"amount": 11, "currency": "EUR", "sent_at": 1}"#));
+        // A body that is not JSON is fingerprinted by its bytes; canonical JSON as itself.
+        assert_eq!(json("not json"), Fingerprint::of(&method, &uri, None, b"not json"));
+        assert_eq!(
+            json(r#"{"amount":10}"#),
+            Fingerprint::of(&method, &uri, None, br#"{"amount":10}"#)
+        );
+    }
+
     #[test]
     fn scope_and_route_separate_keys() {
         let a = StorageKey::new("p:", "r", b"Bearer a", b"k");
@@ -137,36 +213,26 @@ mod tests {
         assert_eq!(a, StorageKey::new("p:", "r", b"Bearer a", b"k"));
     }
 
+    /// The fingerprint of a request given as text parts.
+    fn fp(method: &str, target: &str, content_type: Option<&str>, body: &str) -> Fingerprint {
+        let method: http::Method = method.parse().expect("method");
+        let uri: http::Uri = target.parse().expect("uri");
+        Fingerprint::of(&method, &uri, content_type.map(str::as_bytes), body.as_bytes())
+    }
+
     #[test]
     fn fingerprint_covers_each_part() {
-        let uri: http::Uri = "/orders?x=1".parse().expect("uri");
-        let base = Fingerprint::of(&http::Method::POST, &uri, Some(b"application/json"), b"{}");
-        let other_uri: http::Uri = "/orders?x=2".parse().expect("uri");
-        let no_query: http::Uri = "/orders".parse().expect("uri");
-        let empty_query: http::Uri = "/orders?".parse().expect("uri");
-        assert_ne!(
-            base,
-            Fingerprint::of(&http::Method::PATCH, &uri, Some(b"application/json"), b"{}")
-        );
-        assert_ne!(
-            base,
-            Fingerprint::of(&http::Method::POST, &other_uri, Some(b"application/json"), b"{}")
-        );
-        assert_ne!(
-            base,
-            Fingerprint::of(&http::Method::POST, &uri, Some(b"text/plain"), b"{}")
-        );
-        assert_ne!(
-            base,
-            Fingerprint::of(&http::Method::POST, &uri, Some(b"application/json"), b"{ }")
-        );
-        assert_ne!(
-            Fingerprint::of(&http::Method::POST, &no_query, None, b""),
-            Fingerprint::of(&http::Method::POST, &empty_query, None, b"")
-        );
-        assert_eq!(
-            base,
-            Fingerprint::of(&http::Method::POST, &uri, Some(b"application/json"), b"{}")
-        );
+        let json = Some("application/json");
+        let base = fp("POST", "/orders?x=1", json, "{}");
+        assert_eq!(base, fp("POST", "/orders?x=1", json, "{}"));
+        for (part, other) in [
+            ("method", fp("PATCH", "/orders?x=1", json, "{}")),
+            ("query", fp("POST", "/orders?x=2", json, "{}")),
+            ("content type", fp("POST", "/orders?x=1", Some("text/plain"), "{}")),
+            ("body", fp("POST", "/orders?x=1", json, "{ }")),
+        ] {
+            assert_ne!(base, other, "a different {part}");
+        }
+        assert_ne!(fp("POST", "/orders", None, ""), fp("POST", "/orders?", None, ""));
     }
 }

@@ -16,25 +16,71 @@ pub const IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("ide
 pub const MAX_KEY_LEN: usize = 255;
 
 /// Why a key was refused. Each is answered with `400` and never forwarded.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeyError {
-    #[error("the Idempotency-Key header appears more than once")]
+    /// The field (or query parameter, or body member) appears more than once.
     Multiple,
-    #[error("the Idempotency-Key is empty")]
     Empty,
-    #[error("the Idempotency-Key is longer than {MAX_KEY_LEN} characters")]
     TooLong,
-    #[error("the Idempotency-Key has a character outside printable ASCII at position {0}")]
     InvalidCharacter(usize),
-    #[error("the Idempotency-Key has whitespace at position {0}; a space is allowed only inside a quoted key (\"...\"), a tab nowhere")]
     Whitespace(usize),
-    #[error("the Idempotency-Key string has no closing quote")]
     Unterminated,
-    #[error("the Idempotency-Key string has a bad escape at position {0} (only \\\" and \\\\ are allowed)")]
     BadEscape(usize),
-    #[error("the Idempotency-Key has characters after its closing quote")]
     TrailingCharacters,
+    /// A body member that is a key source holds something other than a string or an integer.
+    NotStringOrInteger,
+    /// A key from another source than the `Idempotency-Key` header (docs/behaviour.md §13):
+    /// `fault`, with the source named (`header:x-request-id`, `json:/client_order_id`).
+    Sourced {
+        from: Box<str>,
+        fault: Box<KeyError>,
+    },
 }
+
+impl KeyError {
+    /// `self` as a fault of the key from `source`.
+    pub fn from_source(self, source: &str) -> Self {
+        KeyError::Sourced {
+            from: source.into(),
+            fault: Box::new(self),
+        }
+    }
+
+    /// What is wrong, without the subject ("is empty").
+    fn fault(&self) -> std::borrow::Cow<'static, str> {
+        use std::borrow::Cow::{Borrowed, Owned};
+        match self {
+            KeyError::Multiple => Borrowed("appears more than once"),
+            KeyError::Empty => Borrowed("is empty"),
+            KeyError::TooLong => Owned(format!("is longer than {MAX_KEY_LEN} characters")),
+            KeyError::InvalidCharacter(at) => {
+                Owned(format!("has a character outside printable ASCII at position {at}"))
+            }
+            KeyError::Whitespace(at) => Owned(format!(
+                "has whitespace at position {at}; a space is allowed only inside a quoted key (\"...\"), a tab nowhere"
+            )),
+            KeyError::Unterminated => Borrowed("string has no closing quote"),
+            KeyError::BadEscape(at) => Owned(format!(
+                "string has a bad escape at position {at} (only \\\" and \\\\ are allowed)"
+            )),
+            KeyError::TrailingCharacters => Borrowed("has characters after its closing quote"),
+            KeyError::NotStringOrInteger => Borrowed("is neither a string nor an integer"),
+            KeyError::Sourced { fault, .. } => fault.fault(),
+        }
+    }
+}
+
+impl std::fmt::Display for KeyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeyError::Multiple => f.write_str("the Idempotency-Key header appears more than once"),
+            KeyError::Sourced { from, fault } => write!(f, "the idempotency key from `{from}` {}", fault.fault()),
+            other => write!(f, "the Idempotency-Key {}", other.fault()),
+        }
+    }
+}
+
+impl std::error::Error for KeyError {}
 
 /// A parsed key: the unquoted characters, borrowed from the header when no unescaping was needed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +90,29 @@ impl IdempotencyKey<'_> {
     /// The key's characters (printable ASCII, 1 to 255 of them).
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
+    }
+}
+
+impl<'a> IdempotencyKey<'a> {
+    /// A key taken as it is, without sf-string unquoting: a JSON string or integer, a decoded
+    /// query parameter (docs/behaviour.md §13). The rules of a key after unquoting apply: 1 to
+    /// 255 printable ASCII characters.
+    pub fn raw(value: Cow<'a, [u8]>) -> Result<Self, KeyError> {
+        if value.is_empty() {
+            return Err(KeyError::Empty);
+        }
+        if value.len() > MAX_KEY_LEN {
+            return Err(KeyError::TooLong);
+        }
+        match value.iter().position(|b| !(0x20..=0x7e).contains(b)) {
+            Some(at) => Err(KeyError::InvalidCharacter(at)),
+            None => Ok(IdempotencyKey(value)),
+        }
+    }
+
+    /// The key, owning its characters.
+    pub fn into_owned(self) -> IdempotencyKey<'static> {
+        IdempotencyKey(Cow::Owned(self.0.into_owned()))
     }
 }
 
@@ -177,6 +246,35 @@ mod tests {
             parse(b"\"caf\xc3\xa9\"").map(|_| ()),
             Err(KeyError::InvalidCharacter(4))
         );
+    }
+
+    #[test]
+    fn raw_keys_follow_the_unquoted_rules() {
+        let raw = |s: &str| IdempotencyKey::raw(Cow::Owned(s.as_bytes().to_vec())).map(|k| k.as_bytes().to_vec());
+        assert_eq!(raw("ord 42"), Ok(b"ord 42".to_vec()));
+        assert_eq!(raw("\"q\\"), Ok(b"\"q\\".to_vec()));
+        assert_eq!(raw(""), Err(KeyError::Empty));
+        assert_eq!(raw(&"k".repeat(256)), Err(KeyError::TooLong));
+        assert_eq!(raw("a\tb"), Err(KeyError::InvalidCharacter(1)));
+        assert_eq!(raw("caf\u{e9}"), Err(KeyError::InvalidCharacter(3)));
+    }
+
+    #[test]
+    fn errors_name_their_source() {
+        assert_eq!(KeyError::Empty.to_string(), "the Idempotency-Key is empty");
+        assert_eq!(
+            KeyError::Multiple.to_string(),
+            "the Idempotency-Key header appears more than once"
+        );
+        let sourced = KeyError::TooLong.from_source("json:/client_order_id");
+        assert_eq!(
+            sourced.to_string(),
+            "the idempotency key from `json:/client_order_id` is longer than 255 characters"
+        );
+        assert!(KeyError::Whitespace(1)
+            .from_source("header:x-request-id")
+            .to_string()
+            .ends_with("a tab nowhere"));
     }
 
     #[test]

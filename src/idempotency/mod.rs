@@ -2,12 +2,14 @@
 //! the scoped storage key and fingerprint, the record, the pure decision, and replays.
 //! No I/O happens here; the store and the upstream sit at the edges (`store`, `proxy`).
 
+pub mod canonical;
 pub mod decision;
 pub mod fingerprint;
 pub mod key;
 pub mod outcome;
 pub mod record;
 pub mod replay;
+pub mod source;
 
 pub use decision::{decide, Decision, Existing, CONFLICT_RETRY_AFTER};
 pub use fingerprint::{Fingerprint, ShortHash, StorageKey};

@@ -15,7 +15,8 @@
 //! - Completed: completed_at ms (8), status (2), flags (1; bit 0: body stored), header count (2),
 //!   then per header name length (2), name, value length (4), value; then the body (the rest).
 //! - Unknown: since ms (8), cause (1: `1` timeout, `2` upstream failed, `3` lease lapsed, `4`
-//!   interrupted).
+//!   interrupted, `5` upstream status). Causes are only ever added: a record written by an
+//!   earlier build keeps decoding.
 //!
 //! The Redis scripts read the state byte and the owner token at these fixed offsets
 //! (`store::redis`), so they can compare-and-set without decoding. Decoding never panics:
@@ -81,6 +82,9 @@ pub enum UnknownCause {
     /// The execution was cut short inside the proxy (a panic, a task dropped) after the
     /// request may have been sent upstream (docs/behaviour.md §5).
     Interrupted,
+    /// The upstream answered with a status the route lists in `unknown_statuses` (a gateway's
+    /// `504` in front of the service, docs/behaviour.md §14).
+    UpstreamStatus,
 }
 
 impl UnknownCause {
@@ -90,6 +94,7 @@ impl UnknownCause {
             Self::UpstreamFailed => 2,
             Self::LeaseLapsed => 3,
             Self::Interrupted => 4,
+            Self::UpstreamStatus => 5,
         }
     }
 
@@ -99,6 +104,7 @@ impl UnknownCause {
             2 => Ok(Self::UpstreamFailed),
             3 => Ok(Self::LeaseLapsed),
             4 => Ok(Self::Interrupted),
+            5 => Ok(Self::UpstreamStatus),
             _ => Err(RecordError::Corrupt("unknown cause")),
         }
     }
@@ -414,14 +420,15 @@ mod tests {
                         },
                     }
                 ),
-            (fingerprint_strategy(), any::<u64>(), 0usize..4).prop_map(|(fingerprint, since_ms, c)| Record::Unknown {
+            (fingerprint_strategy(), any::<u64>(), 0usize..5).prop_map(|(fingerprint, since_ms, c)| Record::Unknown {
                 fingerprint,
                 since_ms,
                 cause: [
                     UnknownCause::Timeout,
                     UnknownCause::UpstreamFailed,
                     UnknownCause::LeaseLapsed,
-                    UnknownCause::Interrupted
+                    UnknownCause::Interrupted,
+                    UnknownCause::UpstreamStatus,
                 ][c],
             }),
         ]
@@ -481,6 +488,31 @@ mod tests {
             Record::decode(Bytes::from(bad_state)),
             Err(RecordError::Corrupt("state"))
         );
+    }
+
+    /// Records written by earlier builds (causes 1-4) decode as they did; cause bytes are fixed.
+    #[test]
+    fn unknown_cause_bytes_are_stable() {
+        let causes = [
+            (1, UnknownCause::Timeout),
+            (2, UnknownCause::UpstreamFailed),
+            (3, UnknownCause::LeaseLapsed),
+            (4, UnknownCause::Interrupted),
+            (5, UnknownCause::UpstreamStatus),
+        ];
+        for (byte, cause) in causes {
+            let mut bytes = vec![VERSION, STATE_UNKNOWN];
+            bytes.extend([9; 32]);
+            bytes.extend(7u64.to_be_bytes());
+            bytes.push(byte);
+            let expected = Record::Unknown {
+                fingerprint: Fingerprint([9; 32]),
+                since_ms: 7,
+                cause,
+            };
+            assert_eq!(Record::decode(Bytes::from(bytes.clone())), Ok(expected.clone()));
+            assert_eq!(expected.encode(), Bytes::from(bytes));
+        }
     }
 
     #[test]

@@ -12,10 +12,13 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use super::{forward, ConnectionInfo};
-use crate::body::ProxyBody;
+use super::connection::ConnectionInfo;
+use super::forward;
+use super::request_log::{self, RequestLog, TaskEnd};
+use crate::body::{concat, ProxyBody};
 use crate::config::Route;
-use crate::error::{Chain, ProxyError};
+use crate::error::{Chain, ErrorStyle, ProxyError};
+use crate::headers::set_retry_hint;
 use crate::idempotency::{replay, settle, unix_ms, Exchange, Record, Settlement, StoredResponse, UnknownCause};
 use crate::state::State;
 use crate::store::{AnyStore, Lease};
@@ -24,23 +27,31 @@ use crate::upstream::UpstreamError;
 
 /// Executes `request` upstream as the owner of `lease`'s key, in its own task: a client that
 /// goes away does not cancel the upstream call, and its result is still recorded for the
-/// client's retry. An execution that panics is answered `500`; its dropped lease settles the
-/// key ([`Lease`]'s drop).
+/// client's retry, and logged on `log`'s line by the task (docs/behaviour.md §10.3). An
+/// execution that panics is answered `500`; its dropped lease settles the key ([`Lease`]'s
+/// drop).
 pub async fn execute(
     state: &Arc<State>,
     connection: &Arc<ConnectionInfo>,
     route: &Arc<Route>,
     lease: Lease<AnyStore>,
     request: Request<ProxyBody>,
+    log: &RequestLog,
 ) -> Result<(Response<ProxyBody>, Outcome), ProxyError> {
     let execution = Execution {
         state: state.clone(),
         connection: connection.clone(),
         route: route.clone(),
     };
+    let (client_end, task_end) = request_log::execution_line(state.clone(), log);
     // Boxed before spawning: the execution's state machine is large, and the task would
     // otherwise be moved through several frames on its way into the runtime.
-    match state.executions.spawn(Box::pin(execution.run(lease, request))).await {
+    let joined = state
+        .executions
+        .spawn(Box::pin(execution.run_logged(lease, request, task_end)))
+        .await;
+    client_end.answered();
+    match joined {
         Ok(result) => result,
         Err(join) => Err(ProxyError::ExecutionFailed(join)),
     }
@@ -83,6 +94,23 @@ struct Execution {
 }
 
 impl Execution {
+    /// [`run`](Self::run), then tells `line` how it ended, as the client is (or would have
+    /// been) answered.
+    async fn run_logged(
+        self,
+        lease: Lease<AnyStore>,
+        request: Request<ProxyBody>,
+        line: TaskEnd,
+    ) -> Result<(Response<ProxyBody>, Outcome), ProxyError> {
+        let route = self.route.clone();
+        let result = self.run(lease, request).await;
+        match &result {
+            Ok((response, outcome)) => line.ended(response.status(), *outcome),
+            Err(err) => line.ended(ErrorStyle::of(&route.policy).status(err), err.outcome()),
+        }
+        result
+    }
+
     async fn run(
         self,
         lease: Lease<AnyStore>,
@@ -98,7 +126,10 @@ impl Execution {
         let settlement = settle(exchanged(&result), policy);
         match result {
             Ok(response) => {
-                let (parts, body) = response.into_parts();
+                let (mut parts, body) = response.into_parts();
+                if policy.unknown_statuses.contains(parts.status) {
+                    tracing::warn!(status = parts.status.as_u16(), key = %lease.key().short_hash(), "outcome unknown: the upstream answered with a status listed in unknown_statuses");
+                }
                 let stored = || {
                     Some(replay::store(
                         parts.status,
@@ -108,7 +139,23 @@ impl Execution {
                     ))
                 };
                 self.settle_key(lease, settlement, stored).await;
-                Ok((Response::from_parts(parts, body.into_client_body()), Outcome::Executed))
+                // The answer is relayed either way; a key left unknown counts as such.
+                let outcome = match settlement {
+                    Settlement::MarkUnknown(_) => Outcome::OutcomeUnknown,
+                    Settlement::Record | Settlement::Release => Outcome::Executed,
+                };
+                // No use retrying (docs/behaviour.md §16): every retry gets a recorded 5xx
+                // replayed, or `outcome-unknown` for a status listed in `unknown_statuses`
+                // (§14). A released status carries no hint.
+                let final_answer = match settlement {
+                    Settlement::Record => parts.status.is_server_error(),
+                    Settlement::MarkUnknown(_) => true,
+                    Settlement::Release => false,
+                };
+                if final_answer {
+                    set_retry_hint(&mut parts.headers, policy.retry_hint_header.as_ref(), false);
+                }
+                Ok((Response::from_parts(parts, body.into_client_body()), outcome))
             }
             Err(err) => {
                 if !matches!(err, UpstreamError::Connect(_)) {
@@ -249,12 +296,4 @@ async fn read_response_body(mut body: Incoming, max: u64) -> Result<ResponseBody
         }
     }
     Ok(ResponseBody::Buffered(concat(chunks)))
-}
-
-fn concat(mut chunks: Vec<Bytes>) -> Bytes {
-    match chunks.len() {
-        0 => Bytes::new(),
-        1 => chunks.pop().unwrap_or_default(),
-        _ => chunks.concat().into(),
-    }
 }

@@ -10,7 +10,7 @@ use http::uri::PathAndQuery;
 use http::{HeaderValue, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 
-use super::ConnectionInfo;
+use super::connection::ConnectionInfo;
 use crate::body::ProxyBody;
 use crate::config::Route;
 use crate::error::ProxyError;
@@ -34,10 +34,7 @@ where
 {
     let started = Instant::now();
     let work = async {
-        let response = state
-            .upstream
-            .send_untimed(route, Some(&connection.affinity), request)
-            .await?;
+        let response = state.upstream.send(route, Some(&connection.affinity), request).await?;
         let (mut parts, body) = response.into_parts();
         prepare_client_response(&mut parts);
         Ok(Response::from_parts(parts, read_body(body).await?))

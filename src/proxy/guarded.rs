@@ -7,17 +7,19 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
-use http::{Request, Response};
+use http::{HeaderMap, Request, Response};
 use http_body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use super::{execution, forward, ConnectionInfo};
+use super::connection::ConnectionInfo;
+use super::request_log::RequestLog;
+use super::{execution, forward};
 use crate::body::ProxyBody;
-use crate::config::{OnConflict, Route, StoreFailure};
+use crate::config::{FingerprintBody, KeySource, OnConflict, Policy, Route, StoreFailure};
 use crate::error::{Chain, ProxyError};
-use crate::idempotency::{replay, Fingerprint, StorageKey};
+use crate::headers::set_retry_hint;
+use crate::idempotency::{replay, source, Fingerprint, StorageKey};
 use crate::state::State;
 use crate::store::lease::Claim;
 use crate::store::{Begin, Lease, StoreError};
@@ -27,21 +29,33 @@ use crate::telemetry::{Outcome, StoreOp};
 const WAIT_FIRST_POLL: Duration = Duration::from_millis(10);
 const WAIT_MAX_POLL: Duration = Duration::from_millis(250);
 
-/// Handles a guarded request (its method is guarded and it carries a valid key).
+/// The storage key of `key`, found in `source`, for a request to `route` with `headers`: scoped
+/// by the route, the value of its scope header and, unless it is the default one, the source
+/// (docs/behaviour.md §3, §13).
+pub fn storage_key(state: &State, route: &Route, headers: &HeaderMap, source: &KeySource, key: &[u8]) -> StorageKey {
+    let scope = headers
+        .get(&route.policy.scope_header)
+        .map_or(&b""[..], |v| v.as_bytes());
+    source::storage_key(source, &state.config.key_prefix, &route.name, scope, key)
+}
+
+/// Handles a guarded request (its method is guarded and it carries a valid key). Its body is
+/// still to be read, or partly or wholly read already when its key came from it. `log` is its
+/// request line, which an execution takes over if the client leaves.
 pub async fn handle(
     state: &Arc<State>,
     connection: &Arc<ConnectionInfo>,
     route: &Arc<Route>,
-    request: Request<Incoming>,
+    request: Request<ProxyBody>,
     key: StorageKey,
+    log: &RequestLog,
 ) -> Result<(Response<ProxyBody>, Outcome), ProxyError> {
     let policy = &route.policy;
     let (parts, body) = request.into_parts();
     let body = read_body(body, policy.max_body_bytes, state.config.server.body_read_timeout).await?;
-    let content_type = parts.headers.get(CONTENT_TYPE).map(|v| v.as_bytes());
     let claim = Claim {
         key: &key,
-        fingerprint: Fingerprint::of(&parts.method, &parts.uri, content_type, &body),
+        fingerprint: fingerprint(policy, &parts, &body),
         key_ttl: policy.key_ttl,
         lock_ttl: policy.lock_ttl,
         unknown_outcome: policy.unknown_outcome,
@@ -68,12 +82,16 @@ pub async fn handle(
             Begin::Owner(lease) => {
                 let request =
                     forward::upstream_request(route, connection, Request::from_parts(parts, body), ProxyBody::full)?;
-                return execution::execute(state, connection, route, lease, request).await;
+                return execution::execute(state, connection, route, lease, request, log).await;
             }
             Begin::Replay(stored) => {
-                return replay::replay(stored)
-                    .map(|response| (response, Outcome::Replayed))
-                    .ok_or(ProxyError::NotReplayable);
+                // A recorded 5xx is what every retry gets: no use retrying (docs/behaviour.md §16).
+                let server_error = stored.status.is_server_error();
+                let mut response = replay::replay(stored, &policy.replay_header).ok_or(ProxyError::NotReplayable)?;
+                if server_error {
+                    set_retry_hint(response.headers_mut(), policy.retry_hint_header.as_ref(), false);
+                }
+                return Ok((response, Outcome::Replayed));
             }
             Begin::InFlight { retry_after } => {
                 let now = Instant::now();
@@ -98,15 +116,46 @@ fn forwards_on_failure(err: &StoreError) -> bool {
     matches!(err, StoreError::Unavailable(_) | StoreError::Full(_))
 }
 
-/// Reads a guarded request's body whole: `413` past `limit` (early, on `Content-Length`), and
-/// a client that sends it too slowly is cut off after `timeout`.
-async fn read_body(body: Incoming, limit: u64, timeout: Duration) -> Result<Bytes, ProxyError> {
-    if body.size_hint().lower() > limit {
-        return Err(ProxyError::BodyTooLarge { limit });
+/// The request's fingerprint (docs/behaviour.md §3), over its body's bytes or, with
+/// `fingerprint_body = "json"`, over its canonical JSON form (§13).
+fn fingerprint(policy: &Policy, parts: &http::request::Parts, body: &[u8]) -> Fingerprint {
+    let content_type = parts.headers.get(CONTENT_TYPE).map(|v| v.as_bytes());
+    match policy.fingerprint_body {
+        FingerprintBody::Bytes => Fingerprint::of(&parts.method, &parts.uri, content_type, body),
+        FingerprintBody::Json => Fingerprint::of_json(
+            &parts.method,
+            &parts.uri,
+            content_type,
+            body,
+            &policy.fingerprint_ignore,
+        ),
     }
-    let limited = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
+}
+
+/// Reads a guarded request's body whole (the rest of it, when a part was read to find its key):
+/// `413` past `limit` (early, on `Content-Length`), and a client that sends it too slowly is
+/// cut off after `timeout`.
+async fn read_body(body: ProxyBody, limit: u64, timeout: Duration) -> Result<Bytes, ProxyError> {
+    let (prefix, rest) = match body {
+        ProxyBody::Empty => return Ok(Bytes::new()),
+        ProxyBody::Full(bytes) => {
+            let bytes = bytes.unwrap_or_default();
+            if bytes.len() as u64 > limit {
+                return Err(ProxyError::BodyTooLarge { limit });
+            }
+            return Ok(bytes);
+        }
+        ProxyBody::Stream { prefix, rest } => (prefix.unwrap_or_default(), rest),
+    };
+    let room = limit.checked_sub(prefix.len() as u64);
+    let room = match room {
+        Some(room) if rest.size_hint().lower() <= room => room,
+        _ => return Err(ProxyError::BodyTooLarge { limit }),
+    };
+    let limited = Limited::new(rest, usize::try_from(room).unwrap_or(usize::MAX));
     match tokio::time::timeout(timeout, limited.collect()).await {
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Ok(collected)) if prefix.is_empty() => Ok(collected.to_bytes()),
+        Ok(Ok(collected)) => Ok([prefix, collected.to_bytes()].concat().into()),
         Ok(Err(err)) if err.is::<LengthLimitError>() => Err(ProxyError::BodyTooLarge { limit }),
         Ok(Err(err)) => Err(ProxyError::ClientBody(err)),
         Err(_) => Err(ProxyError::ClientBodyTimeout(timeout)),

@@ -1,21 +1,30 @@
 //! The request path: route a request, pass it through or guard it, and answer every error in
 //! one place ([`handle`]).
 //!
+//! - [`connection`]: what a handler knows of the client connection a request came on.
 //! - [`forward`]: rewriting a request for the upstream and its response for the client, and the
 //!   one exchange with the upstream that pass-through, fail-open and guarded executions share.
 //! - [`guarded`]: a guarded request's life up to `begin` (docs/behaviour.md §4): body,
 //!   fingerprint, replay, conflict, wait.
+//! - [`body_key`]: a request whose key may be in its body (a `json:` key source, §13): the body
+//!   read up to `buffer_bytes`, then guarded or passed through.
 //! - [`execution`]: the owner's side of a key: the exchange under a renewed lease, and its
 //!   outcome recorded before the client is answered (docs/behaviour.md §5).
+//! - [`request_log`]: each request's log line and metric, written once, by the execution
+//!   itself when its client went away (docs/behaviour.md §10.3).
 
+pub mod body_key;
+pub mod connection;
 pub mod execution;
 pub mod forward;
 pub mod guarded;
+pub mod request_log;
+
+pub use self::connection::ConnectionInfo;
+pub use self::request_log::RequestLog;
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use http::header::CONNECTION;
 use http::uri::PathAndQuery;
@@ -23,85 +32,37 @@ use http::{HeaderValue, Method, Request, Response};
 use hyper::body::Incoming;
 
 use crate::body::ProxyBody;
-use crate::config::Route;
-use crate::error::{Chain, ProxyError};
-use crate::idempotency::{key, ShortHash, StorageKey, IDEMPOTENCY_KEY};
+use crate::error::{Chain, ErrorStyle, ProxyError};
+use crate::idempotency::source::{self, BodyView, Lookup};
 use crate::state::State;
 use crate::telemetry::Outcome;
-use crate::upstream::{Affinity, Upstream};
 
-/// What a handler knows of the connection a request came on, computed once per connection.
-pub struct ConnectionInfo {
-    /// The peer's IP, ready for `X-Forwarded-For`.
-    pub client_ip: HeaderValue,
-    /// `http` or `https`, for `X-Forwarded-Proto`.
-    pub proto: HeaderValue,
-    /// The upstream connection this client connection used last, kept for its next request.
-    pub affinity: Affinity,
-}
-
-impl ConnectionInfo {
-    pub fn new(peer: SocketAddr, tls: bool, upstream: &Upstream) -> Self {
-        let ip = peer.ip().to_canonical().to_string();
-        Self {
-            client_ip: HeaderValue::from_str(&ip).unwrap_or_else(|_| HeaderValue::from_static("unknown")),
-            proto: HeaderValue::from_static(if tls { "https" } else { "http" }),
-            affinity: upstream.affinity(),
-        }
-    }
-}
-
-/// What the access log line says about one request, filled in as it is handled.
-#[derive(Default)]
-pub struct RequestLog {
-    pub route: Option<Arc<Route>>,
-    pub key_hash: Option<ShortHash>,
-}
-
-impl RequestLog {
-    fn route_name(&self) -> &str {
-        self.route.as_ref().map_or("-", |r| &r.name)
-    }
-}
-
-/// Handles one request; every error becomes its problem response here.
+/// Handles one request; every error becomes its error response here ([`rescue`]).
 pub async fn handle(
     state: Arc<State>,
     connection: Arc<ConnectionInfo>,
     request: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
-    let started = Instant::now();
     let _in_flight = state.metrics.in_flight();
-    let method = request.method().clone();
-    let mut log = RequestLog::default();
+    let mut log = RequestLog::new(request.method().clone());
     let (mut response, outcome) = match route_request(&state, &connection, request, &mut log).await {
         Ok(answered) => answered,
         Err(err) => rescue(err, &log),
     };
-    if method == Method::CONNECT {
+    if log.method() == Method::CONNECT {
         // RFC 9110 §9.3.6: a client may send tunnel bytes right behind its CONNECT. It is refused,
         // so close the connection after the answer: those bytes are never read as requests.
         response
             .headers_mut()
             .insert(CONNECTION, HeaderValue::from_static("close"));
     }
-    state
-        .metrics
-        .request(log.route.as_ref().map(|r| r.index), &method, outcome);
-    tracing::info!(
-        route = log.route_name(),
-        method = method.as_str(),
-        status = response.status().as_u16(),
-        outcome = outcome.as_str(),
-        duration_ms = started.elapsed().as_secs_f64() * 1000.0,
-        key = log.key_hash.map(tracing::field::display),
-        "request"
-    );
+    log.write(&state.metrics, response.status(), outcome, false);
     Ok(response)
 }
 
 /// The one place an error becomes a response: logged with its cause when the operator should
-/// hear of it, counted as its outcome.
+/// hear of it, counted as its outcome, and written in its route's style (problem+json before
+/// a route is known; docs/behaviour.md §16).
 fn rescue(err: ProxyError, log: &RequestLog) -> (Response<ProxyBody>, Outcome) {
     if err.is_operational() {
         tracing::warn!(
@@ -113,7 +74,11 @@ fn rescue(err: ProxyError, log: &RequestLog) -> (Response<ProxyBody>, Outcome) {
         );
     }
     let outcome = err.outcome();
-    (err.into_response(), outcome)
+    let style = log
+        .route
+        .as_ref()
+        .map_or(ErrorStyle::PLAIN, |r| ErrorStyle::of(&r.policy));
+    (err.into_response(style), outcome)
 }
 
 /// Checks the request target (docs/behaviour.md §9), finds the route, and passes the request
@@ -132,20 +97,27 @@ async fn route_request(
     log.route = Some(route.clone());
     let policy = &route.policy;
     if policy.guards(request.method()) {
-        match key::from_fields(request.headers().get_all(IDEMPOTENCY_KEY))? {
-            Some(key) => {
-                let scope = request
-                    .headers()
-                    .get(&policy.scope_header)
-                    .map_or(&b""[..], |v| v.as_bytes());
-                let storage_key = StorageKey::new(&state.config.key_prefix, &route.name, scope, key.as_bytes());
+        let lookup = source::find(
+            &policy.key_sources,
+            0,
+            request.headers(),
+            request.uri(),
+            BodyView::NotRead,
+        )?;
+        match lookup {
+            Lookup::Found { key, source } => {
+                let storage_key = guarded::storage_key(state, route, request.headers(), source, key.as_bytes());
                 log.key_hash = Some(storage_key.short_hash());
                 // Boxed: the guarded path's state machine is large, and the pass-through one should not
                 // carry (and move) it.
-                return Box::pin(guarded::handle(state, connection, route, request, storage_key)).await;
+                let request = request.map(ProxyBody::stream);
+                return Box::pin(guarded::handle(state, connection, route, request, storage_key, log)).await;
             }
-            None if policy.require_key => return Err(ProxyError::MissingKey),
-            None => {}
+            Lookup::NeedsBody { from } => {
+                return Box::pin(body_key::handle(state, connection, route, request, from, log)).await;
+            }
+            Lookup::Missing if policy.require_key => return Err(ProxyError::MissingKey),
+            Lookup::Missing => {}
         }
     }
     let request = forward::upstream_request(route, connection, request, ProxyBody::stream)?;

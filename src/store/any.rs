@@ -53,6 +53,7 @@ impl AnyStore {
             AnyStore::Disk(_) => "disk",
             AnyStore::Memory(_) => "memory",
             AnyStore::Redis(s) if s.is_cluster() => "redis-cluster",
+            AnyStore::Redis(s) if s.is_sentinel() => "redis-sentinel",
             AnyStore::Redis(_) => "redis",
         }
     }

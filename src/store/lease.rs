@@ -56,8 +56,18 @@ impl<S: Store> Lease<S> {
             unknown_outcome: claim.unknown_outcome,
             now_ms: unix_ms(),
         };
-        let begun = store.begin(&request).await?;
-        Ok(begun.map_owner(|token| Lease {
+        // Until the store has answered, a dropped future (the client went away) may leave the key
+        // taken with no lease to settle it: the guard releases it then (a no-op unless the store
+        // wrote this token).
+        let mut pending = PendingBegin {
+            store,
+            key: claim.key,
+            token: request.token,
+            answered: false,
+        };
+        let begun = store.begin(&request).await;
+        pending.answered = true;
+        Ok(begun?.map_owner(|token| Lease {
             store: store.clone(),
             key: claim.key.clone(),
             token,
@@ -111,33 +121,74 @@ impl<S: Store> Drop for Lease<S> {
         if self.settled {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            tracing::error!(key = %self.key.short_hash(), "lease dropped outside a runtime: the key stays in flight until its lease lapses");
-            return;
-        };
         let sent = *self.sent.get_mut();
-        let store = self.store.clone();
-        let key = self.key.clone();
-        let token = self.token;
         let unknown = (sent && self.unknown_outcome == UnknownOutcome::Reject).then(|| Record::Unknown {
             fingerprint: self.fingerprint,
             since_ms: unix_ms(),
             cause: UnknownCause::Interrupted,
         });
-        runtime.spawn(async move {
-            let settled = match &unknown {
-                Some(record) => store.complete(&key, token, record).await,
-                None => store.release(&key, token).await,
-            };
-            let state = if unknown.is_some() { "Unknown" } else { "released" };
-            match settled {
-                Ok(_) => tracing::warn!(key = %key.short_hash(), sent, state, "execution interrupted: key settled"),
-                Err(err) => {
-                    tracing::error!(key = %key.short_hash(), error = %crate::error::chain::Chain(&err), "execution interrupted and its key not settled: retries get outcome-unknown once the lease lapses")
-                }
-            }
-        });
+        settle_abandoned(&self.store, &self.key, self.token, unknown, Abandoned::Interrupted);
     }
+}
+
+/// A `begin` in progress: its owner token may be written before the future is dropped.
+struct PendingBegin<'a, S: Store> {
+    store: &'a Arc<S>,
+    key: &'a StorageKey,
+    token: LeaseToken,
+    answered: bool,
+}
+
+impl<S: Store> Drop for PendingBegin<'_, S> {
+    fn drop(&mut self) {
+        if !self.answered {
+            settle_abandoned(self.store, self.key, self.token, None, Abandoned::ClientGone);
+        }
+    }
+}
+
+/// Settles a key whose owner went away without settling it, in a task of its own: records
+/// `unknown` if given, otherwise releases the key; both compare-and-set on `token`, so nothing
+/// happens unless `token` still owns the key.
+/// Why a key was abandoned by its owner.
+#[derive(Debug, Clone, Copy)]
+enum Abandoned {
+    /// The client went away while its `begin` was in progress: routine (logged at debug).
+    ClientGone,
+    /// The execution panicked or its task was dropped: a bug (logged at warn).
+    Interrupted,
+}
+
+fn settle_abandoned<S: Store>(
+    store: &Arc<S>,
+    key: &StorageKey,
+    token: LeaseToken,
+    unknown: Option<Record>,
+    why: Abandoned,
+) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        tracing::error!(key = %key.short_hash(), ?why, "key abandoned outside a runtime: it stays in flight until its lease lapses");
+        return;
+    };
+    let store = store.clone();
+    let key = key.clone();
+    runtime.spawn(async move {
+        let settled = match &unknown {
+            Some(record) => store.complete(&key, token, record).await,
+            None => store.release(&key, token).await,
+        };
+        let state = if unknown.is_some() { "Unknown" } else { "released" };
+        match settled {
+            Ok(true) => match why {
+                Abandoned::ClientGone => tracing::debug!(key = %key.short_hash(), state, "key of a client gone mid-begin released"),
+                Abandoned::Interrupted => tracing::warn!(key = %key.short_hash(), state, "interrupted execution's key settled"),
+            },
+            Ok(false) => {}
+            Err(err) => {
+                tracing::error!(key = %key.short_hash(), ?why, error = %crate::error::chain::Chain(&err), "abandoned key not settled: retries get outcome-unknown once the lease lapses")
+            }
+        }
+    });
 }
 
 #[cfg(test)]
@@ -208,41 +259,97 @@ mod tests {
         let _again = owned(&store, &key, UnknownOutcome::Reject).await;
     }
 
+    /// A lease taken under `unknown_outcome`, marked sent or not, then dropped unsettled:
+    /// the key's state once the drop has settled it.
+    async fn dropped_unsettled(unknown_outcome: UnknownOutcome, sent: bool) -> Option<KeyState> {
+        let store = Arc::new(MemoryStore::new(10));
+        let key = StorageKey::new("t:", "r", b"", b"dropped");
+        let lease = owned(&store, &key, unknown_outcome).await;
+        if sent {
+            lease.mark_sent();
+        }
+        drop(lease);
+        settled_state(&store, &key).await
+    }
+
     #[tokio::test]
     async fn a_lease_dropped_before_sending_releases_its_key() {
-        let store = Arc::new(MemoryStore::new(10));
-        let key = StorageKey::new("t:", "r", b"", b"k3");
-        drop(owned(&store, &key, UnknownOutcome::Reject).await);
-        assert_eq!(settled_state(&store, &key).await, None);
+        assert_eq!(dropped_unsettled(UnknownOutcome::Reject, false).await, None);
     }
 
     #[tokio::test]
     async fn a_lease_dropped_after_sending_marks_its_key_unknown() {
-        let store = Arc::new(MemoryStore::new(10));
-        let key = StorageKey::new("t:", "r", b"", b"k4");
-        let lease = owned(&store, &key, UnknownOutcome::Reject).await;
-        lease.mark_sent();
-        drop(lease);
-        let state = settled_state(&store, &key).await.expect("the key is kept");
+        let state = dropped_unsettled(UnknownOutcome::Reject, true).await;
+        let record = state.expect("the key is kept").existing.record;
         assert!(matches!(
-            state.existing.record,
+            record,
             Record::Unknown {
                 cause: UnknownCause::Interrupted,
                 ..
             }
         ));
-        let retry = Lease::begin(&store, claim(&key, UnknownOutcome::Reject)).await;
-        assert!(matches!(retry, Ok(Begin::Unknown(UnknownCause::Interrupted))));
+        // What a retry gets from such a record.
+        let decided = crate::idempotency::decide(
+            Some(crate::idempotency::Existing {
+                record,
+                lease_left: None,
+            }),
+            &FP,
+            UnknownOutcome::Reject,
+        );
+        assert_eq!(
+            decided,
+            crate::idempotency::Decision::Unknown(UnknownCause::Interrupted)
+        );
     }
 
     #[tokio::test]
     async fn a_lease_dropped_after_sending_with_unknown_outcome_retry_releases_its_key() {
-        let store = Arc::new(MemoryStore::new(10));
-        let key = StorageKey::new("t:", "r", b"", b"k5");
-        let lease = owned(&store, &key, UnknownOutcome::Retry).await;
-        lease.mark_sent();
-        drop(lease);
-        assert_eq!(settled_state(&store, &key).await, None);
+        assert_eq!(dropped_unsettled(UnknownOutcome::Retry, true).await, None);
+    }
+
+    /// A store that takes the key, then never answers `begin` (a reply lost on its way back).
+    struct Unanswering(MemoryStore);
+
+    impl Store for Unanswering {
+        async fn begin(&self, request: &BeginRequest<'_>) -> Result<Begin<LeaseToken>, StoreError> {
+            let _ = self.0.begin(request).await;
+            std::future::pending().await
+        }
+        async fn complete(&self, key: &StorageKey, token: LeaseToken, record: &Record) -> Result<bool, StoreError> {
+            self.0.complete(key, token, record).await
+        }
+        async fn release(&self, key: &StorageKey, token: LeaseToken) -> Result<bool, StoreError> {
+            self.0.release(key, token).await
+        }
+        async fn renew(&self, key: &StorageKey, token: LeaseToken, lock_ttl: Duration) -> Result<bool, StoreError> {
+            self.0.renew(key, token, lock_ttl).await
+        }
+        async fn lookup(&self, key: &StorageKey) -> Result<Option<KeyState>, StoreError> {
+            self.0.lookup(key).await
+        }
+        async fn clear(&self, key: &StorageKey) -> Result<bool, StoreError> {
+            self.0.clear(key).await
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            self.0.ping().await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_begin_dropped_before_its_answer_leaves_no_key_behind() {
+        let store = Arc::new(Unanswering(MemoryStore::new(10)));
+        let key = StorageKey::new("t:", "r", b"", b"abandoned");
+        let begin = Lease::begin(&store, claim(&key, UnknownOutcome::Reject));
+        let gave_up = tokio::time::timeout(Duration::from_millis(10), begin).await;
+        assert!(gave_up.is_err(), "the begin never answers; the client goes away");
+        for _ in 0..100 {
+            if store.lookup(&key).await.expect("lookup").is_none() {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("the key taken by the abandoned begin was not released");
     }
 
     #[tokio::test]

@@ -1,15 +1,21 @@
 //! Where records live: a small async trait and its implementations, the embedded stores
 //! [`DiskStore`] (one sidecar, no Redis: the default, durable, docs/behaviour.md §11) and
-//! [`MemoryStore`] (volatile), and the [`RedisStore`] (many instances, standalone or Redis
-//! Cluster), chosen at start-up as an [`AnyStore`]. All hold to
+//! [`MemoryStore`] (volatile), and the [`RedisStore`] (many instances: standalone, Redis Cluster,
+//! or a Sentinel-monitored master followed across failovers), chosen at start-up as an
+//! [`AnyStore`]. All hold to
 //! [`decide`](crate::idempotency::decide); one contract test suite (`tests/store_contract.rs`)
 //! runs against each. Owning a key is a value, the [`Lease`] (docs/behaviour.md §4).
 
 mod any;
+mod cluster_slots;
 pub mod disk;
+mod group_commit;
 pub mod lease;
 pub mod memory;
 pub mod redis;
+mod redis_connection;
+mod replication;
+mod sentinel;
 
 use std::future::Future;
 use std::time::Duration;
@@ -24,7 +30,7 @@ pub use self::any::AnyStore;
 pub use self::disk::DiskStore;
 pub use self::lease::Lease;
 pub use self::memory::MemoryStore;
-pub use self::redis::RedisStore;
+pub use self::redis::{RedisOptions, RedisStore};
 
 /// Time left on an InFlight record's lease at `now_ms` (wall clock, Unix ms); `None` once it has
 /// lapsed, and for every other record.
@@ -59,6 +65,13 @@ pub enum StoreFault {
     Unreachable(BoxError),
     #[error("unexpected reply to {command}: {reply}")]
     UnexpectedReply { command: &'static str, reply: String },
+    /// A write was not acknowledged by `store.min_replicas` replicas within
+    /// `store.replica_timeout` (docs/behaviour.md §4.4).
+    #[error("the write reached {acknowledged} replica(s) in time, {wanted} required")]
+    Unreplicated { acknowledged: i64, wanted: u32 },
+    /// Fewer replicas are attached to the master than `store.min_replicas` (readiness).
+    #[error("{attached} replica(s) attached to the master, store.min_replicas is {wanted}")]
+    TooFewReplicas { attached: usize, wanted: u32 },
 }
 
 impl StoreError {

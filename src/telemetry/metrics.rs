@@ -1,8 +1,11 @@
-//! Prometheus metrics (text exposition format, via `prometheus-client`).
+//! Prometheus metrics (via `prometheus-client`), exposed as OpenMetrics or classic text
+//! ([`Exposition`]).
 //!
 //! The request counter is looked up without hashing on the hot path: each
 //! (route, method, outcome) series is created on first use and kept in a slot indexed by the
-//! route's position, a method index and the outcome.
+//! route's position, a method index and the outcome. The series of a guarded route's guarded
+//! methods start at zero ([`Metrics::start_guarded`]), so that the first outcome-unknown or
+//! fail-open request is an increase that `rate()` and the alerts see, not a new series.
 
 use std::future::Future;
 use std::sync::OnceLock;
@@ -16,6 +19,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use super::exposition::{classic_from_openmetrics, Exposition};
 use super::Outcome;
 
 type RequestLabels = [(&'static str, String); 3];
@@ -99,6 +103,69 @@ impl Default for DiskStoreMetrics {
     }
 }
 
+/// Replica acknowledgements of Redis writes (`WAIT`, docs/behaviour.md §4.4), one observation
+/// per write waited for: `idemproxy_redis_replica_acks_total{result}` and
+/// `idemproxy_redis_replica_wait_seconds`. A clone counts into the same series; the store gets
+/// one from [`Metrics::replica_acks`] (or a [`Default`] one, registered nowhere).
+#[derive(Clone, Debug)]
+pub struct ReplicaAcks {
+    acknowledged: Counter,
+    timed_out: Counter,
+    wait: Histogram,
+}
+
+impl Default for ReplicaAcks {
+    fn default() -> Self {
+        Self {
+            acknowledged: Counter::default(),
+            timed_out: Counter::default(),
+            wait: Histogram::new(latency_buckets()),
+        }
+    }
+}
+
+impl ReplicaAcks {
+    /// One write's wait for its acknowledgements: `waited` long, `acknowledged` by enough
+    /// replicas or not (too few in time, or no answer).
+    pub fn observe(&self, waited: Duration, acknowledged: bool) {
+        self.wait.observe(waited.as_secs_f64());
+        if acknowledged {
+            self.acknowledged.inc();
+        } else {
+            self.timed_out.inc();
+        }
+    }
+
+    /// A write not waited for (its master's batches were stuck): not acknowledged, no wait.
+    pub fn not_waited_for(&self) {
+        self.timed_out.inc();
+    }
+
+    /// The series registered in `registry`, both label values present from the start.
+    fn registered(registry: &mut Registry) -> Self {
+        let acks = Family::<OneLabel, Counter>::default();
+        registry.register(
+            "redis_replica_acks",
+            "Redis writes waited for until min_replicas replicas acknowledged them (WAIT), by result",
+            acks.clone(),
+        );
+        let wait = Histogram::new(latency_buckets());
+        registry.register(
+            "redis_replica_wait_seconds",
+            "Time a Redis write waited for its replica acknowledgements (WAIT)",
+            wait.clone(),
+        );
+        // One at a time: see `Metrics::new`.
+        let acknowledged = acks.get_or_create(&[("result", "acknowledged")]).clone();
+        let timed_out = acks.get_or_create(&[("result", "timed_out")]).clone();
+        Self {
+            acknowledged,
+            timed_out,
+            wait,
+        }
+    }
+}
+
 /// All metrics of one proxy.
 pub struct Metrics {
     registry: Registry,
@@ -110,6 +177,8 @@ pub struct Metrics {
     store_errors: Vec<Counter>,
     lease_renewals: [Counter; 3],
     in_flight: Gauge,
+    ready: Gauge,
+    replica_acks: ReplicaAcks,
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -117,6 +186,13 @@ fn latency_buckets() -> impl Iterator<Item = f64> {
         0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
     ]
     .into_iter()
+}
+
+/// A gauge registered in `registry`.
+fn gauge(registry: &mut Registry, name: &str, help: &str) -> Gauge {
+    let gauge = Gauge::default();
+    registry.register(name, help, gauge.clone());
+    gauge
 }
 
 impl Metrics {
@@ -173,12 +249,13 @@ impl Metrics {
         // second call in the same expression would wait on it forever.
         let renewal = |result: &'static str| renewal_family.get_or_create(&[("result", result)]).clone();
         let lease_renewals = [renewal("renewed"), renewal("lost"), renewal("failed")];
-        let in_flight = Gauge::default();
-        registry.register(
-            "in_flight_requests",
-            "Requests being handled right now",
-            in_flight.clone(),
+        let in_flight = gauge(&mut registry, "in_flight_requests", "Requests being handled right now");
+        let ready = gauge(
+            &mut registry,
+            "ready",
+            "1 when the last readiness check passed (store answers, upstreams accept connections), else 0",
         );
+        let replica_acks = ReplicaAcks::registered(&mut registry);
         let slots = route_names.len() * METHODS.len() * Outcome::ALL.len();
         Self {
             registry,
@@ -190,6 +267,35 @@ impl Metrics {
             store_errors,
             lease_renewals,
             in_flight,
+            ready,
+            replica_acks,
+        }
+    }
+
+    /// The replica acknowledgement metrics, for the Redis store to count into.
+    pub fn replica_acks(&self) -> ReplicaAcks {
+        self.replica_acks.clone()
+    }
+
+    /// Starts the request series of a guarded route's guarded methods at zero, one per outcome.
+    pub fn start_guarded(&self, route: usize, methods: &[Method]) {
+        let Some(name) = self.route_names.get(route) else {
+            return;
+        };
+        for method in methods {
+            let method_index = method_index(method);
+            for outcome in Outcome::ALL {
+                let slot = self.slot(route, method_index, outcome);
+                self.request_slots[slot].get_or_init(|| {
+                    self.requests
+                        .get_or_create(&[
+                            ("route", name.clone()),
+                            ("method", METHODS[method_index].to_owned()),
+                            ("outcome", outcome.as_str().to_owned()),
+                        ])
+                        .clone()
+                });
+            }
         }
     }
 
@@ -223,10 +329,13 @@ impl Metrics {
         );
     }
 
+    fn slot(&self, route: usize, method_index: usize, outcome: Outcome) -> usize {
+        (route * METHODS.len() + method_index) * Outcome::ALL.len() + outcome as usize
+    }
+
     /// Counts one finished request. `route` is the route's index (`None`: no route matched).
     pub fn request(&self, route: Option<usize>, method: &Method, outcome: Outcome) {
         let method_index = method_index(method);
-        let outcome_index = outcome as usize;
         let Some(route) = route.filter(|r| *r < self.route_names.len()) else {
             self.requests
                 .get_or_create(&[
@@ -237,7 +346,7 @@ impl Metrics {
                 .inc();
             return;
         };
-        let slot = (route * METHODS.len() + method_index) * Outcome::ALL.len() + outcome_index;
+        let slot = self.slot(route, method_index, outcome);
         let counter = self.request_slots[slot].get_or_init(|| {
             self.requests
                 .get_or_create(&[
@@ -282,12 +391,20 @@ impl Metrics {
         InFlightGuard(&self.in_flight)
     }
 
-    /// The Prometheus text exposition of every metric.
-    pub fn render(&self) -> String {
-        let mut out = String::with_capacity(8 * 1024);
+    /// Records the result of a readiness check.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.set(i64::from(ready));
+    }
+
+    /// Every metric, in `format`.
+    pub fn render(&self, format: Exposition) -> String {
+        let mut out = String::with_capacity(16 * 1024);
         // Writing to a String cannot fail.
         let _ = encode(&mut out, &self.registry);
-        out
+        match format {
+            Exposition::OpenMetrics => out,
+            Exposition::Classic => classic_from_openmetrics(&out),
+        }
     }
 }
 
@@ -314,7 +431,7 @@ mod tests {
         {
             let _guard = metrics.in_flight();
         }
-        let text = metrics.render();
+        let text = metrics.render(Exposition::OpenMetrics);
         assert!(
             text.contains(r#"idemproxy_requests_total{route="default",method="POST",outcome="replayed"} 2"#),
             "{text}"
@@ -322,6 +439,76 @@ mod tests {
         assert!(text.contains(r#"idemproxy_requests_total{route="-",method="GET",outcome="bad_request"} 1"#));
         assert!(text.contains(r#"idemproxy_store_errors_total{op="begin"} 1"#));
         assert!(text.contains("idemproxy_in_flight_requests 0"));
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn guarded_series_start_at_zero() {
+        let metrics = Metrics::new(["a", "b"]);
+        metrics.start_guarded(1, &[Method::POST, Method::PATCH]);
+        metrics.start_guarded(7, &[Method::POST]);
+        metrics.request(Some(1), &Method::POST, Outcome::OutcomeUnknown);
+        let text = metrics.render(Exposition::Classic);
+        for line in [
+            r#"idemproxy_requests_total{route="b",method="PATCH",outcome="fail_open"} 0"#,
+            r#"idemproxy_requests_total{route="b",method="POST",outcome="outcome_unknown"} 1"#,
+        ] {
+            assert!(text.contains(line), "missing {line} in {text}");
+        }
+        assert!(!text.contains(r#"idemproxy_requests_total{route="a""#), "{text}");
+    }
+
+    #[test]
+    fn classic_rendering_types_every_family() {
+        let metrics = Metrics::new(["default"]);
+        metrics.set_ready(true);
+        metrics.request(Some(0), &Method::GET, Outcome::Passthrough);
+        let text = format!("\n{}", metrics.render(Exposition::Classic));
+        for (family, kind) in [
+            ("idemproxy_requests_total", "counter"),
+            ("idemproxy_store_errors_total", "counter"),
+            ("idemproxy_lease_renewals_total", "counter"),
+            ("idemproxy_upstream_duration_seconds", "histogram"),
+            ("idemproxy_store_duration_seconds", "histogram"),
+            ("idemproxy_in_flight_requests", "gauge"),
+            ("idemproxy_ready", "gauge"),
+        ] {
+            assert!(
+                text.contains(&format!("\n# TYPE {family} {kind}\n")),
+                "{family} in {text}"
+            );
+            assert!(text.contains(&format!("# HELP {family} ")), "{family} in {text}");
+        }
+        assert!(text.contains("\nidemproxy_ready 1\n"), "{text}");
+        assert!(!text.contains("# EOF") && !text.contains("# UNIT"), "{text}");
+    }
+
+    #[test]
+    fn replica_acknowledgements_are_counted_under_their_exact_names() {
+        let metrics = Metrics::new(["default"]);
+        let text = metrics.render(Exposition::Classic);
+        assert!(
+            text.contains(r#"idemproxy_redis_replica_acks_total{result="timed_out"} 0"#),
+            "{text}"
+        );
+        let acks = metrics.replica_acks();
+        acks.observe(Duration::from_millis(2), true);
+        acks.observe(Duration::from_millis(3), true);
+        acks.observe(Duration::from_secs(1), false);
+        let text = metrics.render(Exposition::Classic);
+        assert!(
+            text.contains(r#"idemproxy_redis_replica_acks_total{result="acknowledged"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"idemproxy_redis_replica_acks_total{result="timed_out"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE idemproxy_redis_replica_wait_seconds histogram"),
+            "{text}"
+        );
+        assert!(text.contains("idemproxy_redis_replica_wait_seconds_count 3"), "{text}");
     }
 
     #[test]
@@ -333,7 +520,7 @@ mod tests {
         disk.max_bytes.set(1 << 30);
         disk.flushes.inc();
         disk.flush_duration.observe(0.0002);
-        let text = metrics.render();
+        let text = metrics.render(Exposition::Classic);
         for line in [
             "idemproxy_disk_store_records 3",
             "idemproxy_disk_store_bytes 0",

@@ -1,11 +1,13 @@
 //! Logs (JSON or pretty, `RUST_LOG`-style filter) and the per-request outcome vocabulary
 //! shared by logs and metrics.
 
+pub mod exposition;
 pub mod metrics;
 
 use tracing_subscriber::{fmt, EnvFilter};
 
-pub use metrics::{DiskStoreMetrics, Metrics, Renewal, StoreOp};
+pub use exposition::Exposition;
+pub use metrics::{DiskStoreMetrics, Metrics, Renewal, ReplicaAcks, StoreOp};
 
 use crate::config::LogFormat;
 

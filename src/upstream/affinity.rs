@@ -80,7 +80,7 @@ mod tests {
 
     use http::Uri;
 
-    use super::super::test_support::{close, eventually, hold, open, port_of, serve};
+    use super::super::test_support::{assert_is, close, eventually, hold, open, port_of, serve};
     use super::*;
 
     /// Pools for two origins, `0` and `1` (the connections all go to one test server: the pool
@@ -98,8 +98,7 @@ mod tests {
         affinity.keep(0, conn.sender);
 
         assert!(affinity.take(1).is_none(), "another origin's request does not get it");
-        let mut reused = affinity.take(0).expect("the held connection");
-        assert_eq!(port_of(&mut reused).await, conn.port);
+        assert_is(affinity.take(0), conn.port, "the held connection").await;
         assert!(affinity.take(0).is_none(), "taken: the slot is empty");
     }
 
@@ -112,10 +111,8 @@ mod tests {
         affinity.keep(0, first.sender);
         affinity.keep(1, second.sender);
 
-        let mut pooled = pools.take(0).expect("the previous connection, back in its pool");
-        assert_eq!(port_of(&mut pooled).await, first.port);
-        let mut held = affinity.take(1).expect("the new connection, held");
-        assert_eq!(port_of(&mut held).await, second.port);
+        assert_is(pools.take(0), first.port, "the previous connection, back in its pool").await;
+        assert_is(affinity.take(1), second.port, "the new connection, held").await;
     }
 
     #[tokio::test]
@@ -127,10 +124,8 @@ mod tests {
         affinity.keep(0, held.sender);
         affinity.keep(0, concurrent.sender);
 
-        let mut pooled = pools.take(0).expect("the concurrent connection, in the pool");
-        assert_eq!(port_of(&mut pooled).await, concurrent.port);
-        let mut still_held = affinity.take(0).expect("the first connection, still held");
-        assert_eq!(port_of(&mut still_held).await, held.port);
+        assert_is(pools.take(0), concurrent.port, "the concurrent connection, in the pool").await;
+        assert_is(affinity.take(0), held.port, "the first connection, still held").await;
     }
 
     #[tokio::test]
@@ -142,8 +137,7 @@ mod tests {
         close(closed.task).await;
         affinity.keep(0, fresh.sender);
 
-        let mut held = affinity.take(0).expect("the new connection, held");
-        assert_eq!(port_of(&mut held).await, fresh.port);
+        assert_is(affinity.take(0), fresh.port, "the new connection, held").await;
     }
 
     #[tokio::test]
@@ -182,7 +176,6 @@ mod tests {
         assert!(pools.take(1).is_none(), "held, not pooled");
 
         drop(affinity);
-        let mut pooled = pools.take(1).expect("given back");
-        assert_eq!(port_of(&mut pooled).await, conn.port);
+        assert_is(pools.take(1), conn.port, "given back").await;
     }
 }

@@ -32,7 +32,6 @@ mod test_support;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
@@ -81,23 +80,10 @@ impl Upstream {
         self.pools.reaper()
     }
 
-    /// Sends `request` (origin-form target) to `route`'s upstream, waiting at most `timeout` for
-    /// the response head. `affinity` is the client connection's slot, if it has one.
+    /// Sends `request` (origin-form target) to `route`'s upstream and returns the response head.
+    /// `affinity` is the client connection's slot, if it has one. It sets no timeout of its
+    /// own: the caller bounds the exchange (`proxy::forward::exchange`, the route's `timeout`).
     pub async fn send(
-        &self,
-        route: &Route,
-        affinity: Option<&Affinity>,
-        request: Request<ProxyBody>,
-        timeout: Duration,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        match tokio::time::timeout(timeout, self.send_untimed(route, affinity, request)).await {
-            Ok(result) => result,
-            Err(_) => Err(UpstreamError::Timeout(timeout)),
-        }
-    }
-
-    /// [`Upstream::send`] without its own timeout, for callers that bound a longer exchange.
-    pub async fn send_untimed(
         &self,
         route: &Route,
         affinity: Option<&Affinity>,
@@ -184,11 +170,10 @@ mod tests {
         let server = serve().await;
         let (upstream, route) = client(&format!("http://{}", server.addr));
         let affinity = upstream.affinity();
-        let timeout = Duration::from_secs(5);
 
         let mut ports = Vec::new();
         for _ in 0..3 {
-            let response = upstream.send(&route, Some(&affinity), get("/"), timeout).await;
+            let response = upstream.send(&route, Some(&affinity), get("/")).await;
             let response = response.expect("an answer");
             ports.push(peer_port(&response));
             response.into_body().collect().await.expect("the body");
@@ -200,11 +185,10 @@ mod tests {
     async fn without_a_slot_the_pooled_connection_is_reused() {
         let server = serve().await;
         let (upstream, route) = client(&format!("http://{}", server.addr));
-        let timeout = Duration::from_secs(5);
 
         let mut ports = Vec::new();
         for _ in 0..2 {
-            let response = upstream.send(&route, None, get("/"), timeout).await;
+            let response = upstream.send(&route, None, get("/")).await;
             let response = response.expect("an answer");
             ports.push(peer_port(&response));
             response.into_body().collect().await.expect("the body");
@@ -221,7 +205,7 @@ mod tests {
         let (upstream, route) = client(&format!("http://127.0.0.1:{port}"));
 
         let err = upstream
-            .send(&route, None, get("/"), Duration::from_secs(5))
+            .send(&route, None, get("/"))
             .await
             .expect_err("nothing listens");
         assert!(matches!(err, UpstreamError::Connect(_)), "{err:?}");
@@ -237,7 +221,7 @@ mod tests {
         let reaper = tokio::spawn(upstream.idle_reaper());
         drop(upstream);
         drop(affinity);
-        tokio::time::timeout(Duration::from_secs(5), reaper)
+        tokio::time::timeout(std::time::Duration::from_secs(5), reaper)
             .await
             .expect("the reaper ends")
             .expect("the reaper does not panic");

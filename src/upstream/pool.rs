@@ -150,7 +150,7 @@ impl Pools {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_support::{close, eventually, hold, open, port_of, serve};
+    use super::super::test_support::{assert_is, close, eventually, hold, open, port_of, serve};
     use super::*;
 
     const LONG: Duration = Duration::from_secs(3600);
@@ -168,10 +168,8 @@ mod tests {
         pools.put_when_ready(0, older.sender);
         pools.put_when_ready(0, newer.sender);
 
-        let mut first = pools.take(0).expect("an idle connection");
-        assert_eq!(port_of(&mut first).await, newer.port);
-        let mut second = pools.take(0).expect("another idle connection");
-        assert_eq!(port_of(&mut second).await, older.port);
+        assert_is(pools.take(0), newer.port, "an idle connection").await;
+        assert_is(pools.take(0), older.port, "another idle connection").await;
         assert!(pools.take(0).is_none());
     }
 
@@ -222,8 +220,7 @@ mod tests {
         pools.put_when_ready(0, closed.sender);
         close(closed.task).await;
 
-        let mut taken = pools.take(0).expect("the live connection");
-        assert_eq!(port_of(&mut taken).await, live.port);
+        assert_is(pools.take(0), live.port, "the live connection").await;
         assert!(pools.take(0).is_none());
     }
 
@@ -262,8 +259,7 @@ mod tests {
 
         pools.close_expired();
         assert_eq!(pools.idle_count(0), 1);
-        let mut taken = pools.take(0).expect("the live connection");
-        assert_eq!(port_of(&mut taken).await, live.port);
+        assert_is(pools.take(0), live.port, "the live connection").await;
     }
 
     #[tokio::test]

@@ -107,6 +107,12 @@ pub(super) fn get(path: &str) -> Request<ProxyBody> {
 
 /// The local port of the connection `sender` sends over (asked of the upstream), the
 /// connection idle again afterwards.
+/// Asserts that `taken` is a connection, and the one whose client port is `port`.
+pub(super) async fn assert_is(taken: Option<Sender>, port: u16, what: &str) {
+    let mut sender = taken.unwrap_or_else(|| panic!("expected {what}, got none"));
+    assert_eq!(port_of(&mut sender).await, port, "{what}");
+}
+
 pub(super) async fn port_of(sender: &mut Sender) -> u16 {
     let response = sender.send_request(get("/")).await.expect("an answer");
     let port = response.headers()["x-peer"]

@@ -67,6 +67,9 @@ impl RedisServer {
             "".into(),
             "--dir".into(),
             self.dir.path().display().to_string(),
+            // A replica's first sync starts at once (Redis waits 5 s for more replicas by default).
+            "--repl-diskless-sync-delay".into(),
+            "0".into(),
         ];
         if !self.extra.iter().any(|a| a == "--appendonly") {
             args.extend(["--appendonly".into(), "no".into()]);
@@ -118,6 +121,64 @@ impl RedisServer {
         self.spawn();
     }
 
+    /// A replica of `primary` on a port of its own, once it has synchronised.
+    pub fn start_replica_of(primary: &RedisServer) -> Self {
+        let port = primary.port.to_string();
+        let replica = Self::start_with(&["--replicaof", "127.0.0.1", &port]);
+        replica.wait_synced(primary.port);
+        replica
+    }
+
+    /// Starts it again on the same port as a replica of the server on `primary_port` (as an
+    /// operator brings a failed primary back after a failover), once it has synchronised.
+    pub fn restart_as_replica_of(&mut self, primary_port: u16) {
+        if let Some(at) = self.extra.iter().position(|a| a == "--replicaof") {
+            self.extra.drain(at..(at + 3).min(self.extra.len()));
+        }
+        self.extra.extend([
+            "--replicaof".to_owned(),
+            "127.0.0.1".to_owned(),
+            primary_port.to_string(),
+        ]);
+        self.restart();
+        self.wait_synced(primary_port);
+    }
+
+    /// Waits until this replica acknowledges writes to the primary on `primary_port` (what a
+    /// `WAIT` counts; for a moment after a sync the primary lists it online before it does),
+    /// 10 s at most. The probe write is deleted again.
+    pub fn wait_synced(&self, primary_port: u16) {
+        let primary = redis::Client::open(format!("redis://127.0.0.1:{primary_port}")).expect("a client");
+        let mut probe = redis::pipe();
+        probe
+            .set("idemproxy-test:sync", 1)
+            .del("idemproxy-test:sync")
+            .cmd("WAIT")
+            .arg(1)
+            .arg(100);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let acknowledged = primary
+                .get_connection_with_timeout(Duration::from_millis(500))
+                .and_then(|mut c| probe.query::<((), i64, i64)>(&mut c));
+            if matches!(acknowledged, Ok((_, _, n)) if n >= 1) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "redis-server on port {} never acknowledged writes to {primary_port}",
+            self.port
+        );
+    }
+
+    /// `INFO section` as text (empty if the server does not answer).
+    pub fn info(&self, section: &str) -> String {
+        self.connection()
+            .and_then(|mut c| redis::cmd("INFO").arg(section).query::<String>(&mut c))
+            .unwrap_or_default()
+    }
+
     /// `INFO commandstats` as command name → calls.
     pub fn command_calls(&self) -> HashMap<String, u64> {
         let mut connection = self.connection().expect("redis reachable");
@@ -154,6 +215,131 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// The name the sentinels of a [`SentinelSet`] monitor their primary under.
+pub const MASTER_NAME: &str = "idem";
+
+/// `redis-server --sentinel` processes on ephemeral ports, monitoring one primary as
+/// [`MASTER_NAME`] with quorum 2, killed on drop. Failure detection is cut down for tests:
+/// a primary is down after 500 ms without an answer, and a failover gives up after 2 s.
+pub struct SentinelSet {
+    pub ports: Vec<u16>,
+    children: Vec<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl SentinelSet {
+    /// `count` sentinels watching `primary`; returns once they know each other and see
+    /// `replicas` replicas of it.
+    pub fn start(primary: &RedisServer, count: usize, replicas: usize) -> Self {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let ports: Vec<u16> = (0..count).map(|_| free_port()).collect();
+        let children = ports
+            .iter()
+            .map(|port| {
+                let config = dir.path().join(format!("sentinel-{port}.conf"));
+                let text = format!(
+                    "port {port}\nbind 127.0.0.1\ndir {dir}\nsentinel announce-ip 127.0.0.1\n\
+                     sentinel monitor {MASTER_NAME} 127.0.0.1 {primary} 2\n\
+                     sentinel down-after-milliseconds {MASTER_NAME} 500\n\
+                     sentinel failover-timeout {MASTER_NAME} 2000\n\
+                     sentinel parallel-syncs {MASTER_NAME} 1\n",
+                    dir = dir.path().display(),
+                    primary = primary.port,
+                );
+                std::fs::write(&config, text).expect("sentinel config written");
+                Command::new("redis-server")
+                    .arg(&config)
+                    .arg("--sentinel")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("redis-server --sentinel starts")
+            })
+            .collect();
+        let set = Self {
+            ports,
+            children,
+            _dir: dir,
+        };
+        set.wait_until(
+            Duration::from_secs(20),
+            "the sentinels to know each other and the replicas",
+            |s| {
+                s.iter().all(|fields| {
+                    field(fields, "num-other-sentinels") == Some(count - 1)
+                        && field(fields, "num-slaves") >= Some(replicas)
+                })
+            },
+        );
+        set
+    }
+
+    /// `redis+sentinel://127.0.0.1:p1,…/idem`.
+    pub fn url(&self) -> String {
+        let nodes: Vec<String> = self.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        format!("redis+sentinel://{}/{MASTER_NAME}", nodes.join(","))
+    }
+
+    /// The primary's port as the first sentinel that answers names it.
+    pub fn master_port(&self) -> Option<u16> {
+        self.ports.iter().find_map(|port| {
+            let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+            let mut connection = client.get_connection_with_timeout(Duration::from_millis(500)).ok()?;
+            let (_ip, port): (String, u16) = redis::cmd("SENTINEL")
+                .arg("get-master-addr-by-name")
+                .arg(MASTER_NAME)
+                .query(&mut connection)
+                .ok()?;
+            Some(port)
+        })
+    }
+
+    /// Waits until every sentinel names the server on `port` as the primary (a failover done).
+    pub fn wait_for_master(&self, port: u16, within: Duration) {
+        self.wait_until(within, "the sentinels to name the new primary", |all| {
+            all.iter().all(|fields| field(fields, "port") == Some(port as usize))
+        });
+    }
+
+    /// Polls `SENTINEL MASTER` on every sentinel until `done` holds of their answers.
+    fn wait_until(&self, within: Duration, what: &str, done: impl Fn(&[HashMap<String, String>]) -> bool) {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            let answers: Option<Vec<HashMap<String, String>>> =
+                self.ports.iter().map(|p| sentinel_master(*p)).collect();
+            if answers.is_some_and(|a| done(&a)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("waited {within:?} for {what}");
+    }
+}
+
+/// A sentinel's `SENTINEL MASTER` fields for [`MASTER_NAME`].
+fn sentinel_master(port: u16) -> Option<HashMap<String, String>> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+    let mut connection = client.get_connection_with_timeout(Duration::from_millis(500)).ok()?;
+    redis::cmd("SENTINEL")
+        .arg("MASTER")
+        .arg(MASTER_NAME)
+        .query(&mut connection)
+        .ok()
+}
+
+fn field(fields: &HashMap<String, String>, name: &str) -> Option<usize> {
+    fields.get(name)?.parse().ok()
+}
+
+impl Drop for SentinelSet {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -565,9 +751,21 @@ impl ProxyBuilder {
     pub fn store(self, store: &Backend) -> Self {
         match store {
             Backend::Memory => self.config("store.embedded = \"memory\""),
-            Backend::Disk(dir) => self.config(&format!("store.data_dir = \"{}\"", dir.path().display())),
+            Backend::Disk(dir) => {
+                // A directory of its own per proxy: two disk stores never share one (a second
+                // would be refused), as two memory stores share nothing.
+                static PROXIES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+                let n = PROXIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let data_dir = dir.path().join(format!("proxy-{n}"));
+                self.config(&format!("store.data_dir = \"{}\"", data_dir.display()))
+            }
             Backend::Redis(redis) => self.redis(redis),
         }
+    }
+
+    /// Writes the proxy's own errors in `form` (and, for Stripe's, with its retry hint).
+    pub fn error_form(self, form: ErrorForm) -> Self {
+        self.idempotency(form.settings())
     }
 
     /// Adds an admin listener on an ephemeral port ([`TestProxy::admin`]).
@@ -604,7 +802,8 @@ impl ProxyBuilder {
 pub enum Backend {
     /// The volatile embedded store (`store.embedded = "memory"`).
     Memory,
-    /// The durable embedded store, in a temporary directory of its own.
+    /// The durable embedded store, in a temporary directory of its own: each proxy started on
+    /// it gets a fresh subdirectory (like the memory store, nothing is shared between proxies).
     Disk(tempfile::TempDir),
     Redis(RedisServer),
 }
@@ -670,6 +869,75 @@ macro_rules! per_store {
 #[allow(unused_imports)]
 pub(crate) use per_store;
 
+/// [`per_store!`] once per [`ErrorForm`] too, for the suites about the proxy's own errors:
+/// each test as `<form>::<store>::<test>`, a `#[tokio::test]` running
+/// `super::super::<test>(<store expression>, <form expression>)`.
+#[allow(unused_macros)]
+macro_rules! per_store_and_form {
+    (forms { $($form:ident => $form_value:expr),* $(,)? } stores $stores:tt tests $tests:tt) => {
+        $(
+            mod $form {
+                #[allow(unused_imports)]
+                use super::*;
+                $crate::common::per_store_and_form!(@stores $form_value, $stores, $tests);
+            }
+        )*
+    };
+    (@stores $form_value:expr, { $($store:ident => $fresh:expr),* $(,)? }, $tests:tt) => {
+        $( $crate::common::per_store_and_form!(@store $form_value, $store => $fresh, $tests); )*
+    };
+    (@store $form_value:expr, $store:ident => $fresh:expr, { $($test:ident),* $(,)? }) => {
+        mod $store {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    super::super::$test($fresh, $form_value).await;
+                }
+            )*
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use per_store_and_form;
+
+/// How the proxy writes its own errors (`idempotency.error_format`, docs/behaviour.md §8, §16).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorForm {
+    /// RFC 9457 problem+json, no retry hint: the default.
+    Problem,
+    /// Stripe's `{"error": {...}}`, with `retry_hint_header = "Stripe-Should-Retry"`.
+    Stripe,
+}
+
+impl ErrorForm {
+    /// The `[idempotency]` lines that select it.
+    pub fn settings(self) -> &'static str {
+        match self {
+            ErrorForm::Problem => "error_format = \"problem\"",
+            ErrorForm::Stripe => "error_format = \"stripe\"\nretry_hint_header = \"Stripe-Should-Retry\"",
+        }
+    }
+
+    /// The status of a key reused with another request: `422`, or `400` as Stripe sends it.
+    pub fn key_reused_status(self) -> StatusCode {
+        match self {
+            ErrorForm::Problem => StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorForm::Stripe => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// The `Stripe-Should-Retry` value expected where a retry with the same key can (`true`)
+    /// or cannot help: none in the problem form, which names no hint header.
+    pub fn hint(self, retry: bool) -> Option<&'static str> {
+        match self {
+            ErrorForm::Problem => None,
+            ErrorForm::Stripe => Some(if retry { "true" } else { "false" }),
+        }
+    }
+}
+
 /// A response read whole.
 #[derive(Debug, Clone)]
 pub struct TestResponse {
@@ -690,6 +958,51 @@ impl TestResponse {
     /// The [`TestUpstream`]'s hit number in its JSON answer: which execution answered.
     pub fn hit(&self) -> u64 {
         self.json()["hit"].as_u64().expect("upstream answer has a hit number")
+    }
+
+    /// The slug (`key-reused`) of one of the proxy's own errors written in `form`, after
+    /// checking the form's shape: problem+json with its `type`, `title`, `status`, `detail`; or
+    /// Stripe's `{"error": {"type", "code", "message", "doc_url"}}` whose `type` fits the slug;
+    /// and in both the `Link` to the documentation.
+    pub fn error_slug(&self, form: ErrorForm) -> String {
+        let json = self.json();
+        let doc_url = match form {
+            ErrorForm::Problem => {
+                let problem_type = self.problem_type();
+                assert_eq!(json["status"], self.status.as_u16(), "{json}");
+                assert!(json["title"].as_str().is_some_and(|t| !t.is_empty()), "{json}");
+                assert!(json["detail"].as_str().is_some_and(|d| !d.is_empty()), "{json}");
+                problem_type
+            }
+            ErrorForm::Stripe => {
+                assert_eq!(self.header("content-type"), Some("application/json"), "{self:?}");
+                let error = &json["error"];
+                assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()), "{json}");
+                let code = error["code"].as_str().expect("a code").to_string();
+                let expected_type = match code.as_str() {
+                    "key-reused" => "idempotency_error",
+                    _ if self.status.is_server_error() => "api_error",
+                    _ => "invalid_request_error",
+                };
+                assert_eq!(error["type"], expected_type, "{json}");
+                let doc_url = error["doc_url"].as_str().expect("a doc_url").to_string();
+                assert!(doc_url.ends_with(&format!("#{code}")), "{json}");
+                doc_url
+            }
+        };
+        assert_eq!(
+            self.header("link"),
+            Some(format!("<{doc_url}>; rel=\"describedby\"").as_str())
+        );
+        doc_url
+            .rsplit_once('#')
+            .map(|(_, slug)| slug.to_string())
+            .unwrap_or_default()
+    }
+
+    /// The retry hint the proxy sets in the [`ErrorForm::Stripe`] setup.
+    pub fn retry_hint(&self) -> Option<&str> {
+        self.header("stripe-should-retry")
     }
 
     /// The `type` of a problem+json answer.
@@ -781,12 +1094,35 @@ pub struct ProxyProcess {
     data_dir: Option<tempfile::TempDir>,
 }
 
-/// Whether `args` choose the store themselves (Redis, a data directory, or the memory store).
+/// Whether `args` choose the store themselves (Redis, a data directory, or the memory store),
+/// directly or in the file `--config` names.
 fn args_choose_the_store(args: &[&str]) -> bool {
     args.iter()
-        .any(|a| a.starts_with("--redis") || a.starts_with("--data-dir") || a.starts_with("--config"))
+        .any(|a| a.starts_with("--redis") || a.starts_with("--data-dir"))
         || args.windows(2).any(|w| w[0] == "--embedded-store" && w[1] == "memory")
         || args.contains(&"--embedded-store=memory")
+        || args
+            .windows(2)
+            .filter_map(|w| (w[0] == "--config").then_some(w[1]))
+            .chain(args.iter().filter_map(|a| a.strip_prefix("--config=")))
+            .any(config_file_chooses_the_store)
+}
+
+/// Whether the config file at `path` chooses the store (as [`with_own_data_dir`] decides); a
+/// file that cannot be read or parsed is left to the proxy to refuse.
+fn config_file_chooses_the_store(path: &str) -> bool {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return true;
+    };
+    match idemproxy::config::FileConfig::parse(&text) {
+        Ok(file) => {
+            let store = &file.store;
+            store.redis.is_some()
+                || store.data_dir.is_some()
+                || store.embedded == Some(idemproxy::config::EmbeddedStore::Memory)
+        }
+        Err(_) => true,
+    }
 }
 
 impl ProxyProcess {
@@ -945,4 +1281,52 @@ pub fn spawn_slow_keyed_post(url: &str, key: &str, delay_ms: u64) -> JoinHandle<
             )
             .await
     })
+}
+
+/// A fresh [`TestUpstream`], a proxy to it built by `proxy` and a [`TestClient`]: where most
+/// end-to-end tests start. `proxy` is `TestProxy::to`, `|up| store.proxy(up)` or
+/// `|up| TestProxy::to(up).config("upstream.timeout = \"300ms\"")`.
+pub async fn start_harness(proxy: impl FnOnce(&TestUpstream) -> ProxyBuilder) -> (TestUpstream, TestProxy, TestClient) {
+    let upstream = TestUpstream::start().await;
+    let proxy = proxy(&upstream).start().await;
+    (upstream, proxy, TestClient::new())
+}
+
+/// `response` is a problem+json answer of `status` whose `type` ends with `#slug`.
+pub fn assert_problem(response: &TestResponse, status: StatusCode, slug: &str) {
+    assert_eq!(response.status, status, "{response:?}");
+    assert_problem_type(response, slug);
+}
+
+/// `response` is the proxy's own error of `status` and `slug`, written in `form` with the form's
+/// members and a `Link` to its documentation ([`TestResponse::error_slug`]).
+pub fn assert_error(response: &TestResponse, form: ErrorForm, status: StatusCode, slug: &str) {
+    assert_eq!(response.status, status, "{response:?}");
+    assert_eq!(response.error_slug(form), slug, "{response:?}");
+}
+
+/// `response` is a problem+json answer whose `type` ends with `#slug` (whatever its status).
+pub fn assert_problem_type(response: &TestResponse, slug: &str) {
+    let problem_type = response.problem_type();
+    assert!(
+        problem_type.ends_with(&format!("#{slug}")),
+        "type {problem_type}, not #{slug}: {response:?}"
+    );
+}
+
+/// `replay` is marked as a replay and carries `original`'s body.
+pub fn assert_replay_of(replay: &TestResponse, original: &TestResponse) {
+    assert_eq!(replay.header("idempotent-replayed"), Some("true"), "{replay:?}");
+    assert_eq!(replay.body, original.body);
+}
+
+/// How many of `responses` have `status`.
+pub fn count_status(responses: &[TestResponse], status: StatusCode) -> usize {
+    responses.iter().filter(|r| r.status == status).count()
+}
+
+/// `response` comes from an execution upstream: `201` and not marked as a replay.
+pub fn assert_executed(response: &TestResponse) {
+    assert_eq!(response.status, StatusCode::CREATED, "{response:?}");
+    assert_eq!(response.header("idempotent-replayed"), None, "{response:?}");
 }
