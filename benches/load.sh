@@ -8,7 +8,7 @@
 # It installs what is missing (wrk, nginx, redis-server, redis-cli, taskset, python3, via
 # apt-get), builds idemproxy in release, and starts on free loopback ports: a fast upstream (nginx
 # `return 200`, or the hyper helper examples/bench_upstream.rs with UPSTREAM_KIND=hyper), a fresh
-# redis-server (no persistence), idemproxy twice (Redis store, embedded store), nginx as a
+# redis-server (no persistence), idemproxy twice (Redis store, embedded memory store), nginx as a
 # `proxy_pass` peer with upstream keepalive, and a bare hyper forwarder (examples/bench_floor.rs:
 # what the HTTP stack alone costs, shown as the floor under idemproxy's own work). wrk runs on
 # one core, every server on the other (taskset).
@@ -33,6 +33,15 @@
 # reordered replays there, and gets 422 from the byte fingerprint). Target: its proxy CPU µs/req
 # <= 1.2x the embedded (bytes fingerprint) variant's; listed only when both ran. No baseline twin
 # and no A/B row (an older build may lack --fingerprint-body).
+#
+# Disk store (issue 13), in the keyed groups `new`, `replay` and `storm`: one more idemproxy with
+# `--embedded-store disk` on a fresh directory in the temp dir, measured as the variant
+# `idemproxy-disk` (scenario 9) against the memory store of `idemproxy-embedded`, its peak RSS
+# recorded. Targets (in the report's ratios): first executions >= 0.5x the memory store's
+# throughput; replay proxy CPU <= 1.2x the memory store's. No baseline twin and no A/B row (an
+# older build lacks --embedded-store and --data-dir). The embedded-store idemproxies of this build
+# ask for the memory store explicitly (the default without Redis is now the disk store); a
+# baseline's gets IDEMPROXY_EMBEDDED_STORE=memory, which an older build ignores.
 #
 # With BASELINE=<git revision>, it also builds that revision in release (once: in a detached git
 # worktree in the temp dir, CARGO_TARGET_DIR target/bench-baseline/cargo, the binary kept as

@@ -43,8 +43,9 @@ ROLES = {
                                        "upstream": "upstream"}
        for group in ("new", "replay") for n in (0, 1)},
 }
+ROLES.update({(g, "idemproxy-disk"): {"idem_disk": "proxy", "upstream": "upstream"} for g in ("new", "replay", "storm")})
 ALL_ROLES = ("upstream", "nginx", "floor", "redis", "idem_redis", "idem_mem", "idem_redis_base", "idem_mem_base",
-             "redis_primary", "redis_replica", "idem_repl0", "idem_repl1", "idem_json")
+             "redis_primary", "redis_replica", "idem_repl0", "idem_repl1", "idem_json", "idem_disk")
 REPLICAS_TARGET = report.REPLICAS_TARGET
 JSON_TARGET = report.JSON_FINGERPRINT_TARGET
 
@@ -460,6 +461,72 @@ class FloorsAndRatios(unittest.TestCase):
         self.assertTrue(any(line.startswith("GET vs nginx: 0.95× throughput") for line in info))
 
 
+class DiskStore(unittest.TestCase):
+    def test_disk_store_against_the_memory_store(self):
+        runs = full_runs() + [
+            run("new", "idemproxy-disk", cpu={"proxy": 40, "upstream": 7}, rps=14_500),
+            run("replay", "idemproxy-disk", cpu={"proxy": 12}, rps=90_000),
+        ]
+        info = report.information(report.aggregate(runs), runs)
+        self.assertIn("disk store first executions: 14,500 vs memory 29,000 req/s = **0.50×** "
+                      "(issue 13 target ≥ 0.5×: PASS)", info)
+        self.assertIn("disk store replay: proxy CPU 12.0 vs memory 10.0 µs/req = **1.20×** "
+                      "(issue 13 target ≤ 1.2×: PASS)", info)
+        self.assertFalse(any(line.startswith("disk store") for line in report.information(
+            report.aggregate(full_runs()), full_runs())), "no disk runs, no disk lines")
+
+    def test_disk_store_rows_have_no_baseline_label(self):
+        runs = full_runs() + [run(g, "idemproxy-disk", cpu={"proxy": 12}) for g in ("new", "replay", "storm")]
+        agg = report.aggregate(runs)
+        md = report.markdown(ENV, agg, runs, report.targets(agg, CALIBRATION), {})
+        self.assertIn("| 9 | keyed POST 1 KiB, every key new | idemproxy, disk store |", md)
+        self.assertIn("| 9 | retry storm (32 conns, one key per wave) | idemproxy, disk store |", md)
+        self.assertNotIn(("new", "idemproxy-disk-baseline"), report.LABELS)
+        self.assertEqual([k for k in report.ORDER if k[1] == "idemproxy-disk"],
+                         [("new", "idemproxy-disk"), ("replay", "idemproxy-disk"), ("storm", "idemproxy-disk")])
+        self.assertEqual(report.ab(runs), [])
+
+    def test_disk_store_idemproxy_roles_ports_and_flags(self):
+        roles = scenarios.idemproxy_roles(True, True, True, True)
+        self.assertEqual(roles, ("idem_redis", "idem_mem", "idem_json", "idem_repl0", "idem_repl1", "idem_disk",
+                                 "idem_redis_base", "idem_mem_base"))
+        self.assertEqual(scenarios.idemproxy_roles(False, disk=True), ("idem_redis", "idem_mem", "idem_disk"))
+        self.assertTrue(all(scenarios.needs_disk((g,)) for g in ("new", "replay", "storm")))
+        self.assertFalse(scenarios.needs_disk(("get", "post")))
+        self.assertEqual(scenarios.idemproxy_label("idem_disk"), "idemproxy (disk store)")
+        self.assertFalse(scenarios.is_baseline("idem_disk") or scenarios.has_redis_store("idem_disk"))
+        self.assertIn("idem_disk", measure.PEAK_ROLES)
+        ports = servers.pick_ports(roles)
+        every = [ports.upstream, ports.nginx, ports.redis, ports.floor, *ports.replicated,
+                 *(p for pair in ports.idemproxies.values() for p in pair)]
+        self.assertEqual(len(set(every)), 22)
+        self.assertIn(ports.url("idem_disk"), [ports.url(e) for e in ports.endpoints()])
+        settings = from_env({}, Path("/r"), 2)
+        self.assertEqual(servers._store_flags("idem_disk", settings, ports, Path("/tmp/x")),
+                         ["--embedded-store", "disk", "--data-dir", "/tmp/x/disk-data"])
+        self.assertEqual(servers._policy_flags("idem_disk"), [])
+        # This build's memory store is asked for (its default is the disk store); the baseline's
+        # flags stay those an older build knows, and its environment asks for the memory store.
+        self.assertEqual(servers._store_flags("idem_mem", settings, ports),
+                         ["--embedded-store", "memory", "--memory-max-entries", "10000000"])
+        self.assertEqual(servers._store_flags("idem_mem_base", settings, ports), ["--memory-max-entries", "10000000"])
+        self.assertEqual(servers._idemproxy_env("idem_mem_base").get("IDEMPROXY_EMBEDDED_STORE"), "memory")
+        for role in ("idem_mem", "idem_disk", "idem_redis_base"):
+            self.assertNotIn("IDEMPROXY_EMBEDDED_STORE", servers._idemproxy_env(role))
+
+    def test_the_committed_report_re_renders_byte_identically(self):
+        # benches/results/: runs measured before the disk store; rendering them again changes nothing.
+        results = Path(__file__).resolve().parent / "results"
+        data = json.loads((results / "latest.json").read_text())
+        agg = report.aggregate(data["runs"])
+        target_rows = report.targets(agg, data["calibration"])
+        self.assertEqual(report.markdown(data["env"], agg, data["runs"], target_rows, {}),
+                         (results / "latest.md").read_text())
+        self.assertEqual(report.to_json(data["env"], data["calibration"], data["runs"], agg, target_rows),
+                         (results / "latest.json").read_text())
+        self.assertEqual(chart.svg(data["env"], agg), (results / "latest.svg").read_text())
+
+
 class Outputs(unittest.TestCase):
     def outputs(self, env=ENV, runs=None):
         runs = full_runs() if runs is None else runs
@@ -606,18 +673,24 @@ class Baseline(unittest.TestCase):
         # --redis-min-replicas).
         # Neither has the JSON-fingerprint variant (an older build lacks --fingerprint-body); it
         # runs in the new-key group only, right after the embedded variant it is compared with.
+        # Nor the disk-store variant (an older build lacks --embedded-store and --data-dir), in the
+        # three keyed groups.
         self.assertEqual([v.name for v in plain["new"]],
-                         ["idemproxy-redis", "idemproxy-embedded", "embedded-json-fingerprint", "replicated-min0",
-                          "replicated-min1"])
+                         ["idemproxy-redis", "idemproxy-embedded", "embedded-json-fingerprint", "idemproxy-disk",
+                          "replicated-min0", "replicated-min1"])
         self.assertEqual([v.name for v in paired["new"]],
                          ["idemproxy-redis", "idemproxy-redis-baseline", "idemproxy-embedded",
-                          "idemproxy-embedded-baseline", "embedded-json-fingerprint", "replicated-min0",
-                          "replicated-min1"])
+                          "idemproxy-embedded-baseline", "embedded-json-fingerprint", "idemproxy-disk",
+                          "replicated-min0", "replicated-min1"])
         self.assertEqual([v.name for v in plain["replay"]],
-                         ["idemproxy-redis", "idemproxy-embedded", "replicated-min0", "replicated-min1"])
+                         ["idemproxy-redis", "idemproxy-embedded", "idemproxy-disk", "replicated-min0",
+                          "replicated-min1"])
         self.assertEqual([v.name for v in paired["replay"]],
                          ["idemproxy-redis", "idemproxy-redis-baseline", "idemproxy-embedded",
-                          "idemproxy-embedded-baseline", "replicated-min0", "replicated-min1"])
+                          "idemproxy-embedded-baseline", "idemproxy-disk", "replicated-min0", "replicated-min1"])
+        self.assertEqual([v.name for v in paired["storm"]],
+                         ["idemproxy-redis", "idemproxy-redis-baseline", "idemproxy-embedded",
+                          "idemproxy-embedded-baseline", "idemproxy-disk"])
         for group in ("get", "post", "storm"):
             self.assertFalse(any(v.name.startswith("replicated") for v in paired[group]))
         for group in ("get", "post", "replay", "storm"):
@@ -676,7 +749,8 @@ class Baseline(unittest.TestCase):
         settings = from_env({}, Path("/r"), 2)
         self.assertEqual(servers._store_flags("idem_json", settings, ports),
                          servers._store_flags("idem_mem", settings, ports))
-        self.assertEqual(servers._store_flags("idem_json", settings, ports), ["--memory-max-entries", "10000000"])
+        self.assertEqual(servers._store_flags("idem_json", settings, ports),
+                         ["--embedded-store", "memory", "--memory-max-entries", "10000000"])
         self.assertEqual(servers._policy_flags("idem_json"), ["--fingerprint-body", "json"])
         for role in roles[:2] + roles[3:]:
             self.assertEqual(servers._policy_flags(role), [])

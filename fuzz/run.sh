@@ -4,7 +4,7 @@
 # Usage: fuzz/run.sh [SECONDS] [TARGET...]
 #   SECONDS  fuzzing time per target (default 600)
 #   TARGET   key_parser, record_decode, config_load, config_structured, json_canonical,
-#            json_pointer (default: all, in that order)
+#            json_pointer, disk_recovery (default: all, in that order)
 # Environment:
 #   FUZZ_SANITIZER  address (default) or none: no AddressSanitizer, faster; panics and integer
 #                   overflows are still caught (debug assertions are always on)
@@ -23,7 +23,7 @@ seconds=${1:-600}
 shift $(($# > 0 ? 1 : 0))
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(key_parser record_decode config_load config_structured json_canonical json_pointer)
+    targets=(key_parser record_decode config_load config_structured json_canonical json_pointer disk_recovery)
 fi
 sanitizer=${FUZZ_SANITIZER:-address}
 export RUSTC_BOOTSTRAP=1

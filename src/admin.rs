@@ -116,8 +116,9 @@ async fn refresh_readiness(state: Arc<State>, mut stop: watch::Receiver<bool>) {
 }
 
 /// `/readyz`: the readiness check, as text. Ready when the store answers (Redis with
-/// `store.min_replicas`: a master with that many replicas attached, docs/behaviour.md §4.4)
-/// and every upstream accepts a TCP connection.
+/// `store.min_replicas`: a master with that many replicas attached, docs/behaviour.md §4.4;
+/// the disk store: its data directory writable, §11) and every upstream accepts a TCP
+/// connection.
 async fn readiness(state: &State) -> Response<ProxyBody> {
     match check_ready(state).await {
         Ok(()) => text(StatusCode::OK, "ready\n"),

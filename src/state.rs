@@ -6,8 +6,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, StoreSettings};
 use crate::error::ServeError;
-use crate::store::{AnyStore, MemoryStore, RedisOptions, RedisStore};
-use crate::telemetry::Metrics;
+use crate::store::{AnyStore, DiskStore, MemoryStore, RedisOptions, RedisStore};
+use crate::telemetry::{DiskStoreMetrics, Metrics};
 use crate::upstream::Upstream;
 
 /// The proxy's shared state.
@@ -23,11 +23,28 @@ pub struct State {
 
 impl State {
     /// Builds the upstream client and the store `config` names. Redis is connected to lazily:
-    /// only a malformed URL or an unusable CA file fails here.
+    /// only a malformed URL or an unusable CA file fails here. The disk store is opened here:
+    /// a data directory that cannot be created, is locked by another process, or holds a file
+    /// that cannot be opened fails start-up (docs/behaviour.md §11).
     pub async fn new(config: Config) -> Result<Self, ServeError> {
         let upstream = Upstream::new(&config.upstream, &config.routes)?;
-        let metrics = Metrics::new(config.routes.iter().map(|r| &*r.name));
+        let mut metrics = Metrics::new(config.routes.iter().map(|r| &*r.name));
         let store = match &config.store {
+            StoreSettings::Disk {
+                data_dir,
+                max_disk_bytes,
+            } => {
+                let disk_metrics = DiskStoreMetrics::default();
+                metrics.register_disk_store(&disk_metrics);
+                let (dir, max) = (data_dir.clone(), *max_disk_bytes);
+                // Opening may repair the file after a crash: off the runtime's threads.
+                let opened = tokio::task::spawn_blocking(move || DiskStore::open(&dir, max, disk_metrics))
+                    .await
+                    .map_err(|e| {
+                        crate::store::StoreError::unreachable(format!("opening the disk store failed: {e}"))
+                    })?;
+                AnyStore::Disk(opened?)
+            }
             StoreSettings::Memory { max_entries } => AnyStore::Memory(MemoryStore::new(*max_entries)),
             StoreSettings::Redis {
                 url,
@@ -35,6 +52,7 @@ impl State {
                 ca_file,
                 sentinel_password,
                 replication,
+                ..
             } => {
                 let ca_pem = ca_file
                     .as_deref()
@@ -66,9 +84,17 @@ impl State {
     /// password.
     pub fn store_description(&self) -> String {
         match &self.config.store {
+            StoreSettings::Disk {
+                data_dir,
+                max_disk_bytes,
+            } => format!("disk {} (at most {max_disk_bytes} bytes)", data_dir.display()),
             StoreSettings::Memory { max_entries } => format!("memory (at most {max_entries} records)"),
-            StoreSettings::Redis { url, .. } => {
-                format!("{} {}", self.store.kind(), crate::store::redis::redacted_url(url))
+            StoreSettings::Redis { url, ignored, .. } => {
+                let mut description = format!("{} {}", self.store.kind(), crate::store::redis::redacted_url(url));
+                if !ignored.is_empty() {
+                    description.push_str(&format!(" ({} ignored: Redis is configured)", ignored.join(", ")));
+                }
+                description
             }
         }
     }

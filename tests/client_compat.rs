@@ -282,6 +282,7 @@ async fn the_default_source_keeps_its_storage_key(store: Backend) {
 per_store! {
     stores {
         memory => Backend::memory(),
+        disk => Backend::disk(),
         redis => Backend::redis(),
     }
     tests {
@@ -430,6 +431,7 @@ per_store_and_form! {
     }
     stores {
         memory => Backend::memory(),
+        disk => Backend::disk(),
         redis => Backend::redis(),
     }
     tests {

@@ -91,8 +91,12 @@ fn example_states_the_defaults() {
     assert_eq!(config.log_filter, "info");
     assert!(config.tls.is_none(), "TLS is commented out");
     assert!(
-        matches!(config.store, StoreSettings::Memory { max_entries } if max_entries == defaults::MEMORY_MAX_ENTRIES),
-        "the embedded store: {:?}",
+        matches!(
+            config.store,
+            StoreSettings::Disk { ref data_dir, max_disk_bytes }
+                if data_dir == std::path::Path::new(defaults::DATA_DIR) && max_disk_bytes == defaults::MAX_DISK_BYTES
+        ),
+        "the embedded store, on disk: {:?}",
         config.store
     );
     assert_eq!(config.key_prefix, defaults::KEY_PREFIX);
@@ -175,6 +179,9 @@ const SETTINGS: &[(&str, &[&str])] = &[
             "ca_file",
             "sentinel_password",
             "key_prefix",
+            "embedded",
+            "data_dir",
+            "max_disk_bytes",
             "memory_max_entries",
             "command_timeout",
             "min_replicas",

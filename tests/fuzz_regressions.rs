@@ -70,3 +70,8 @@ fn structured_generator_emits_known_keys() {
         "every value must be reachable by a byte below 0xF0"
     );
 }
+
+#[test]
+fn disk_recovery() {
+    replay("disk_recovery", checks::check_disk_recovery);
+}

@@ -1,6 +1,7 @@
 //! Idempotency-Key enforcement end to end (docs/behaviour.md §1-§8), against a real upstream and a real
 //! `redis-server`. Every behaviour that does not depend on the store is written once and runs
-//! against each store (`memory::<behaviour>`, `redis::<behaviour>`: the `per_store!` list below;
+//! against each store (`memory::<behaviour>`, `disk::<behaviour>`, `redis::<behaviour>`: the
+//! `per_store!` list below;
 //! another store is one more line there and a `common::Backend` variant);
 //! what only one store can show (two proxies sharing Redis, Redis down, its command budget; a
 //! full embedded store) follows as single tests. The behaviours that end in one of the proxy's
@@ -401,6 +402,7 @@ async fn upstream_reset_after_sending_is_outcome_unknown(store: Backend, form: E
 per_store! {
     stores {
         memory => Backend::memory(),
+        disk => Backend::disk(),
         redis => Backend::redis(),
     }
     tests {
@@ -423,6 +425,7 @@ per_store_and_form! {
     }
     stores {
         memory => Backend::memory(),
+        disk => Backend::disk(),
         redis => Backend::redis(),
     }
     tests {
@@ -636,7 +639,11 @@ async fn proxy_killed_mid_request_reexecutes_with_unknown_outcome_retry() {
 #[tokio::test]
 async fn full_memory_store_follows_store_failure() {
     let upstream = TestUpstream::start().await;
-    let one_entry = || TestProxy::to(&upstream).config("store.memory_max_entries = 1");
+    let one_entry = || {
+        TestProxy::to(&upstream)
+            .config("store.embedded = \"memory\"")
+            .config("store.memory_max_entries = 1")
+    };
     let closed = one_entry().start().await;
     let open = one_entry().idempotency("store_failure = \"open\"").start().await;
     let client = TestClient::new();

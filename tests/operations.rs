@@ -273,17 +273,24 @@ async fn unknown_key_is_seen_by_lookup_and_runs_again_after_clear() {
 }
 
 /// The binary with JSON logs at info level, its stderr lines read on a thread; killed on drop.
+/// Without `--redis` it gets a temporary data dir of its own.
 struct LoggingProxy {
     child: std::process::Child,
     port: u16,
     lines: std::sync::mpsc::Receiver<String>,
+    _data_dir: tempfile::TempDir,
 }
 
 impl LoggingProxy {
     /// Spawns it with `args` plus `--listen` on a free port; waits until it accepts.
     fn spawn(args: &[&str]) -> Self {
         let port = free_port();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_idemproxy"))
+        let data_dir = tempfile::tempdir().expect("a temp data dir");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_idemproxy"));
+        if !args.contains(&"--redis") {
+            command.arg("--data-dir").arg(data_dir.path());
+        }
+        let mut child = command
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(args)
             .args(["--log-format", "json", "--log-filter", "info"])
@@ -301,7 +308,12 @@ impl LoggingProxy {
                 }
             }
         });
-        let proxy = Self { child, port, lines };
+        let proxy = Self {
+            child,
+            port,
+            lines,
+            _data_dir: data_dir,
+        };
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(std::time::Instant::now() < deadline, "proxy did not start");

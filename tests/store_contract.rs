@@ -4,6 +4,7 @@ mod common;
 //
 // Each contract is a generic `async fn(&S) where S: Store` in `contract`; `per_store!` (in
 // `common`) instantiates it once per store (`memory_store::<name>` on a fresh `MemoryStore`,
+// `disk_store::<name>` on a fresh `DiskStore` in its own temporary directory,
 // `redis_store::<name>` on a fresh `RedisStore` backed by its own `redis-server`,
 // `replicated_redis_store::<name>` on one with `min_replicas = 1` over a primary and its
 // replica, whose writes travel in group-committed batches with their `WAIT`). Every contract
@@ -19,7 +20,10 @@ use idemproxy::idempotency::{
     unix_ms, Fingerprint, LeaseToken, Record, RecordError, StorageKey, StoredResponse, UnknownCause,
     CONFLICT_RETRY_AFTER,
 };
-use idemproxy::store::{Begin, BeginRequest, KeyState, MemoryStore, RedisOptions, RedisStore, Store, StoreError};
+use idemproxy::store::{
+    Begin, BeginRequest, DiskStore, KeyState, MemoryStore, RedisOptions, RedisStore, Store, StoreError,
+};
+use idemproxy::telemetry::DiskStoreMetrics;
 
 use common::{per_store, RedisServer};
 use contract::*;
@@ -523,6 +527,20 @@ impl FreshRedisStore {
     }
 }
 
+/// A `DiskStore` in a temporary directory of its own (removed after the store is dropped).
+struct FreshDiskStore {
+    store: DiskStore,
+    _dir: tempfile::TempDir,
+}
+
+impl FreshDiskStore {
+    fn open() -> Self {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = DiskStore::open(dir.path(), 1 << 30, DiskStoreMetrics::default()).expect("the disk store opens");
+        Self { store, _dir: dir }
+    }
+}
+
 /// A `RedisStore` with `min_replicas = 1` on a primary with one replica (dropped after the
 /// store).
 struct FreshReplicatedStore {
@@ -554,6 +572,7 @@ impl FreshReplicatedStore {
 per_store! {
     stores {
         memory_store => &MemoryStore::new(1024),
+        disk_store => &FreshDiskStore::open().store,
         redis_store => &FreshRedisStore::start().await.store,
         replicated_redis_store => &FreshReplicatedStore::start().await.store,
     }

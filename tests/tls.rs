@@ -170,7 +170,8 @@ async fn read_until_closed(stream: &mut (impl AsyncReadExt + Unpin), within: Dur
 
 /// The error `idemproxy::serve` fails with at start-up for `config_toml`.
 async fn start_error(config_toml: &str) -> String {
-    let config = idemproxy::Config::from_toml(config_toml).expect("the config text itself is valid");
+    let (config_toml, _data_dir) = common::with_own_data_dir(config_toml);
+    let config = idemproxy::Config::from_toml(&config_toml).expect("the config text itself is valid");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     match tokio::time::timeout(Duration::from_secs(10), idemproxy::serve(config, listener, pending())).await {
         Ok(Err(err)) => err.to_string(),

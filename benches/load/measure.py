@@ -11,12 +11,13 @@ from typing import Dict, List, Mapping, Sequence
 
 from . import parse
 from .processes import BenchError, Servers, log
-from .scenarios import (IDEM_JSON, IDEM_MEM, IDEM_MEM_BASE, IDEM_REDIS, IDEM_REDIS_BASE, IDEM_REPL0, IDEM_REPL1,
-                        NGINX)
+from .scenarios import (IDEM_DISK, IDEM_JSON, IDEM_MEM, IDEM_MEM_BASE, IDEM_REDIS, IDEM_REDIS_BASE, IDEM_REPL0,
+                        IDEM_REPL1, NGINX)
 from .servers import keyed_post
 
 # Roles whose peak RSS is recorded per run (reset before, read after), those of the run that exist.
-PEAK_ROLES = (IDEM_REDIS, IDEM_MEM, NGINX, IDEM_REDIS_BASE, IDEM_MEM_BASE, IDEM_REPL0, IDEM_REPL1, IDEM_JSON)
+PEAK_ROLES = (IDEM_REDIS, IDEM_MEM, NGINX, IDEM_REDIS_BASE, IDEM_MEM_BASE, IDEM_REPL0, IDEM_REPL1, IDEM_JSON,
+              IDEM_DISK)
 # The Redis whose commands a variant that uses none counts (its figures are not shown).
 DEFAULT_REDIS = "redis"
 

@@ -42,8 +42,13 @@ _LABELS: Dict[Key, Tuple[str, str, str]] = {
     ("new", "replicated-min1"): ("7", _NEW, "idemproxy, replicated Redis, min_replicas 1"),
     ("replay", "replicated-min0"): ("8", _SAME, "idemproxy, replicated Redis, min_replicas 0"),
     ("replay", "replicated-min1"): ("8", _SAME, "idemproxy, replicated Redis, min_replicas 1"),
+    ("new", "idemproxy-disk"): ("9", _NEW, "idemproxy, disk store"),
+    ("replay", "idemproxy-disk"): ("9", _SAME, "idemproxy, disk store"),
+    ("storm", "idemproxy-disk"): ("9", _STORM, "idemproxy, disk store"),
 }
 REPLICATED_KEYS = [key for key in _LABELS if key[1].startswith("replicated-")]
+# The disk-store variants (issue 13): no baseline twin (an older build lacks their flags).
+DISK_KEYS = [key for key in _LABELS if key[1] == "idemproxy-disk"]
 JSON_FINGERPRINT_KEY: Key = ("new", "embedded-json-fingerprint")
 BYTES_FINGERPRINT_KEY: Key = ("new", "idemproxy-embedded")
 
@@ -54,11 +59,12 @@ def baseline_key(key: Key) -> Key:
 
 
 def _with_baselines(labels: Mapping[Key, Tuple[str, str, str]]) -> Dict[Key, Tuple[str, str, str]]:
-    """`labels`, each idemproxy variant followed by its baseline variant."""
+    """`labels`, each idemproxy variant followed by its baseline variant (the disk store's have
+    none)."""
     out = {}
     for key, (num, scenario, variant) in labels.items():
         out[key] = (num, scenario, variant)
-        if key[1].startswith("idemproxy"):
+        if key[1].startswith("idemproxy") and key not in DISK_KEYS:
             out[baseline_key(key)] = (num, scenario, variant + " · baseline")
     return out
 
@@ -421,9 +427,25 @@ def _embedded_ratios(agg: Agg) -> List[str]:
     return out
 
 
+def _disk_ratios(agg: Agg) -> List[str]:
+    """The disk store against the memory store (issue 13's speed targets)."""
+    out = []
+    new_d, new_m = agg.get(("new", "idemproxy-disk")), agg.get(("new", "idemproxy-embedded"))
+    rep_d, rep_m = agg.get(("replay", "idemproxy-disk")), agg.get(("replay", "idemproxy-embedded"))
+    if new_d and new_m:
+        ok = new_d["rps"] >= 0.5 * new_m["rps"]
+        out.append(f"disk store first executions: {new_d['rps']:,.0f} vs memory {new_m['rps']:,.0f} req/s = "
+                   f"**{new_d['rps'] / new_m['rps']:.2f}×** (issue 13 target ≥ 0.5×: {_result(ok)})")
+    if rep_d and rep_m:
+        ok = rep_d["cpu"]["proxy"] <= 1.2 * rep_m["cpu"]["proxy"]
+        out.append(f"disk store replay: proxy CPU {rep_d['cpu']['proxy']:.1f} vs memory {rep_m['cpu']['proxy']:.1f} µs/req = "
+                   f"**{rep_d['cpu']['proxy'] / rep_m['cpu']['proxy']:.2f}×** (issue 13 target ≤ 1.2×: {_result(ok)})")
+    return out
+
+
 def information(agg: Agg, runs: List[dict]) -> List[str]:
     """Ratios with no target: the embedded store, its memory, idemproxy against nginx."""
-    out = _embedded_ratios(agg)
+    out = _disk_ratios(agg) + _embedded_ratios(agg)
     mem_rss = [a["peak_rss_mib"] for k, a in agg.items() if k[1] == "idemproxy-embedded" and a["peak_rss_mib"]]
     if mem_rss:
         growth = embedded_growth_kib(runs)

@@ -17,8 +17,8 @@ from . import chart, parse, report
 from .config import Settings
 from .measure import Sampler, Wrk, calibrate, log_calibration, progress_line
 from .processes import BenchError, Servers, log
-from .scenarios import (IDEM_REDIS, Variant, groups, idemproxy_label, idemproxy_roles, needs_json_fingerprint,
-                        needs_replicated)
+from .scenarios import (IDEM_REDIS, Variant, groups, idemproxy_label, idemproxy_roles, needs_disk,
+                        needs_json_fingerprint, needs_replicated)
 from .servers import Ports, body_1k, keyed_post, pick_ports, preflight, redis_cli, redis_clis, start_all
 from .tools import Baseline, build, build_baseline, versions
 
@@ -169,7 +169,7 @@ def benchmark(settings: Settings, tools: Dict[str, str], tmp: Path) -> str:
     """Builds, starts the servers, measures every group, writes the report; returns the markdown."""
     bins, baseline = build_all(settings, tmp)
     ports = pick_ports(idemproxy_roles(baseline is not None, needs_replicated(settings.only),
-                                       needs_json_fingerprint(settings.only)))
+                                       needs_json_fingerprint(settings.only), needs_disk(settings.only)))
     pin = ["taskset", "-c", settings.server_cpus] if settings.pinned else []
     with Servers(tmp, pin) as servers:
         start_all(servers, settings, tools, bins, ports)

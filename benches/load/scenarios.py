@@ -25,6 +25,11 @@ REDIS_PRIMARY, REDIS_REPLICA = "redis_primary", "redis_replica"
 # 1 KiB JSON body. No baseline twin: an older build may lack the flag.
 IDEM_JSON = "idem_json"
 JSON_FINGERPRINT_GROUPS = ("new",)
+# In the keyed scenarios (new, replay, storm): this build's idemproxy on the disk store (issue 13),
+# on a fresh directory in the temp dir, against the memory store of IDEM_MEM. No baseline twin:
+# an older build may lack its flags (--embedded-store, --data-dir).
+IDEM_DISK = "idem_disk"
+DISK_GROUPS = ("new", "replay", "storm")
 
 # What serves a variant: role -> kind (proxy, redis or upstream), for CPU per process.
 _UP = (("upstream", "upstream"),)
@@ -48,12 +53,14 @@ class Variant:
         return dict(self.roles)
 
 
-def idemproxy_roles(baseline: bool, replicated: bool = False, json_fingerprint: bool = False) -> Tuple[str, ...]:
+def idemproxy_roles(baseline: bool, replicated: bool = False, json_fingerprint: bool = False,
+                    disk: bool = False) -> Tuple[str, ...]:
     """The idemproxy roles of a run: this build's two, its JSON-fingerprint one if
-    `json_fingerprint`, its two on the replicated Redis if `replicated`, then the baseline's two if
-    there is one."""
+    `json_fingerprint`, its two on the replicated Redis if `replicated`, its disk-store one if
+    `disk`, then the baseline's two if there is one."""
     return (tuple(BASELINE_OF) + ((IDEM_JSON,) if json_fingerprint else ())
             + (tuple(MIN_REPLICAS) if replicated else ())
+            + ((IDEM_DISK,) if disk else ())
             + (tuple(BASELINE_OF.values()) if baseline else ()))
 
 
@@ -65,6 +72,11 @@ def needs_replicated(only: Sequence[str]) -> bool:
 def needs_json_fingerprint(only: Sequence[str]) -> bool:
     """True when the groups `only` include one with the JSON-fingerprint variant."""
     return any(group in JSON_FINGERPRINT_GROUPS for group in only)
+
+
+def needs_disk(only: Sequence[str]) -> bool:
+    """True when the groups `only` include one with the disk-store variant."""
+    return any(group in DISK_GROUPS for group in only)
 
 
 def is_baseline(role: str) -> bool:
@@ -80,7 +92,9 @@ def has_redis_store(role: str) -> bool:
 def idemproxy_label(role: str) -> str:
     """`idemproxy (Redis store)`, `baseline idemproxy (embedded store)`,
     `idemproxy (replicated Redis, --redis-min-replicas 1)`,
-    `idemproxy (embedded store, --fingerprint-body json)`, …"""
+    `idemproxy (embedded store, --fingerprint-body json)`, `idemproxy (disk store)`, …"""
+    if role == IDEM_DISK:
+        return "idemproxy (disk store)"
     if role == IDEM_JSON:
         return "idemproxy (embedded store, --fingerprint-body json)"
     if role in MIN_REPLICAS:
@@ -113,8 +127,8 @@ def with_baseline(variants: List[Variant]) -> List[Variant]:
 
 def groups(storm_wave: int, baseline: bool) -> Dict[str, List[Variant]]:
     """Every scenario group, its variants in the interleaving order; with `baseline`, each
-    idemproxy variant is followed by the baseline build's (the replicated-Redis and the
-    JSON-fingerprint variants have none)."""
+    idemproxy variant is followed by the baseline build's (the replicated-Redis, the
+    JSON-fingerprint and the disk-store variants have none)."""
     all_groups = _groups(str(storm_wave))
     if not baseline:
         return all_groups
@@ -139,17 +153,20 @@ def _groups(wave: str) -> Dict[str, List[Variant]]:
             Variant("idemproxy-redis", IDEM_REDIS, "keyed_new.lua", ("@SEED",), _proxy(IDEM_REDIS, _REDIS)),
             Variant("idemproxy-embedded", IDEM_MEM, "keyed_new.lua", ("@SEED",), _proxy(IDEM_MEM)),
             Variant("embedded-json-fingerprint", IDEM_JSON, "keyed_new.lua", ("@SEED",), _proxy(IDEM_JSON)),
+            Variant("idemproxy-disk", IDEM_DISK, "keyed_new.lua", ("@SEED",), _proxy(IDEM_DISK)),
             Variant("replicated-min0", IDEM_REPL0, "keyed_new.lua", ("@SEED",), _proxy(IDEM_REPL0, _REPLICATED)),
             Variant("replicated-min1", IDEM_REPL1, "keyed_new.lua", ("@SEED",), _proxy(IDEM_REPL1, _REPLICATED)),
         ],
         "replay": [
             Variant("idemproxy-redis", IDEM_REDIS, "keyed_same.lua", ("@KEY",), _proxy(IDEM_REDIS, _REDIS)),
             Variant("idemproxy-embedded", IDEM_MEM, "keyed_same.lua", ("@KEY",), _proxy(IDEM_MEM)),
+            Variant("idemproxy-disk", IDEM_DISK, "keyed_same.lua", ("@KEY",), _proxy(IDEM_DISK)),
             Variant("replicated-min0", IDEM_REPL0, "keyed_same.lua", ("@KEY",), _proxy(IDEM_REPL0, _REPLICATED)),
             Variant("replicated-min1", IDEM_REPL1, "keyed_same.lua", ("@KEY",), _proxy(IDEM_REPL1, _REPLICATED)),
         ],
         "storm": [
             Variant("idemproxy-redis", IDEM_REDIS, "storm.lua", ("@SEED", wave), _proxy(IDEM_REDIS, _REDIS)),
             Variant("idemproxy-embedded", IDEM_MEM, "storm.lua", ("@SEED", wave), _proxy(IDEM_MEM)),
+            Variant("idemproxy-disk", IDEM_DISK, "storm.lua", ("@SEED", wave), _proxy(IDEM_DISK)),
         ],
     }

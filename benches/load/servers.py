@@ -1,8 +1,9 @@
 """The benchmark's servers: the upstream, Redis, the nginx peer, idemproxy with each store (and
 the baseline build's, with BASELINE), for the keyed scenarios a replicated Redis (primary + one
 replica) with two idemproxies on it (--redis-min-replicas 0 and 1), for the new-key scenario an
-embedded-store idemproxy with --fingerprint-body json, and the hyper floor, each on a free
-loopback port; and the HTTP checks that they answer."""
+embedded-store idemproxy with --fingerprint-body json, for the keyed scenarios an idemproxy
+with the disk store, and the hyper floor, each on a free loopback port; and the HTTP checks that
+they answer."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .config import Settings
 from .processes import BenchError, Servers, free_ports, log
-from .scenarios import (DIRECT, FLOOR, IDEM_JSON, IDEM_MEM, MIN_REPLICAS, NGINX, REDIS_PRIMARY, REDIS_REPLICA,
-                        has_redis_store, idemproxy_label, is_baseline)
+from .scenarios import (DIRECT, FLOOR, IDEM_DISK, IDEM_JSON, IDEM_MEM, MIN_REPLICAS, NGINX, REDIS_PRIMARY,
+                        REDIS_REPLICA, has_redis_store, idemproxy_label, is_baseline)
 
 UPSTREAM_BODY = '{"id":"ord_1","status":"created"}'
 
@@ -276,22 +277,33 @@ def _start_replicated(servers: Servers, tools: Dict[str, str], primary: int, rep
     raise BenchError(f"the replica on 127.0.0.1:{replica} never synchronised with its primary")
 
 
-def _idemproxy_env() -> Dict[str, str]:
-    """The environment without IDEMPROXY_* and RUST_LOG: only the flags count."""
-    return {k: v for k, v in os.environ.items() if not (k.startswith("IDEMPROXY_") or k == "RUST_LOG")}
+def _idemproxy_env(role: str) -> Dict[str, str]:
+    """The environment without IDEMPROXY_* and RUST_LOG: only the flags count. A baseline on the
+    embedded store also gets IDEMPROXY_EMBEDDED_STORE=memory: a build that has the disk store
+    (and its default) keeps the memory store it is compared with, an older one ignores it."""
+    env = {k: v for k, v in os.environ.items() if not (k.startswith("IDEMPROXY_") or k == "RUST_LOG")}
+    if is_baseline(role) and not has_redis_store(role):
+        env["IDEMPROXY_EMBEDDED_STORE"] = "memory"
+    return env
 
 
-def _store_flags(role: str, settings: Settings, ports: Ports) -> List[str]:
+def _store_flags(role: str, settings: Settings, ports: Ports, tmp: Optional[Path] = None) -> List[str]:
     """The store flags of an idemproxy: Redis (the baseline's records in database 1, apart from
     this build's in database 0), the replicated Redis with its --redis-min-replicas (min_replicas
-    N in database N, so each has its own records) or the embedded store."""
+    N in database N, so each has its own records), the disk store on a fresh directory in the temp
+    dir, or the embedded memory store: asked for explicitly from this build (whose default without
+    Redis is the disk store); the baseline's is its default (an older build lacks the flag)."""
     if role in MIN_REPLICAS:
         assert ports.replicated, "replicated idemproxies need the replicated Redis"
         n = MIN_REPLICAS[role]
         return ["--redis", f"redis://127.0.0.1:{ports.replicated[0]}/{n}", "--redis-min-replicas", str(n)]
     if has_redis_store(role):
         return ["--redis", f"redis://127.0.0.1:{ports.redis}{'/1' if is_baseline(role) else ''}"]
-    return ["--memory-max-entries", str(settings.memory_max_entries)]
+    if role == IDEM_DISK:
+        assert tmp, "the disk-store idemproxy needs the temp dir for its data"
+        return ["--embedded-store", "disk", "--data-dir", str(tmp / "disk-data")]
+    memory = [] if is_baseline(role) else ["--embedded-store", "memory"]
+    return memory + ["--memory-max-entries", str(settings.memory_max_entries)]
 
 
 def _policy_flags(role: str) -> List[str]:
@@ -305,9 +317,10 @@ def _start_idemproxy(servers: Servers, role: str, settings: Settings, binary: Pa
     port, admin = ports.idemproxies[role]
     log(f"{idemproxy_label(role)} on 127.0.0.1:{port}")
     servers.start(role, [str(binary), "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
-                         "--upstream", f"http://127.0.0.1:{ports.upstream}", *_store_flags(role, settings, ports),
-                         *_policy_flags(role), "--log-filter", settings.proxy_log],
-                  env=_idemproxy_env())
+                         "--upstream", f"http://127.0.0.1:{ports.upstream}",
+                         *_store_flags(role, settings, ports, servers.tmp), *_policy_flags(role),
+                         "--log-filter", settings.proxy_log],
+                  env=_idemproxy_env(role))
 
 
 def _wait_ready(admin_port: int) -> None:

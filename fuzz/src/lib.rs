@@ -467,3 +467,145 @@ fn push_toml_string(out: &mut String, s: &str) {
     }
     out.push('"');
 }
+
+/// The disk store file every `disk_recovery` input damages (built once: a clean store holding
+/// completed, in-flight and Unknown records), with the record each key held.
+struct DiskFixture {
+    file: Vec<u8>,
+    records: Vec<(idemproxy::idempotency::StorageKey, Record)>,
+}
+
+/// Records `check_disk_recovery` found missing after damage (redb fell back to the commit before
+/// the damaged newest one), for the deterministic test's report.
+pub static DISK_RECORDS_LOST: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Keys in the `disk_recovery` fixture.
+const DISK_KEYS: u32 = 12;
+
+fn disk_fixture() -> &'static DiskFixture {
+    static FIXTURE: std::sync::OnceLock<DiskFixture> = std::sync::OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        use idemproxy::config::UnknownOutcome;
+        use idemproxy::idempotency::{unix_ms, Fingerprint, LeaseToken, StorageKey, StoredResponse, UnknownCause};
+        use idemproxy::store::{Begin, BeginRequest, DiskStore, Store};
+        let dir = tempfile::tempdir().expect("temp dir");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let records = runtime.block_on(async {
+            let store = DiskStore::open(dir.path(), 1 << 30, Default::default()).expect("opens");
+            let mut records = Vec::new();
+            for i in 0..DISK_KEYS {
+                let key = StorageKey::new("f:", "r", b"", &i.to_be_bytes());
+                let request = BeginRequest {
+                    key: &key,
+                    fingerprint: Fingerprint([i as u8; 32]),
+                    token: LeaseToken::random(),
+                    key_ttl: Duration::from_secs(86_400),
+                    lock_ttl: Duration::from_secs(3_600),
+                    unknown_outcome: UnknownOutcome::Reject,
+                    now_ms: unix_ms(),
+                };
+                assert_eq!(store.begin(&request).await, Ok(Begin::Owner(request.token)));
+                let record = match i % 3 {
+                    0 => request.in_flight_record(),
+                    1 => Record::Completed {
+                        fingerprint: request.fingerprint,
+                        response: StoredResponse {
+                            status: http::StatusCode::CREATED,
+                            headers: vec![(
+                                http::HeaderName::from_static("content-type"),
+                                http::HeaderValue::from_static("application/json"),
+                            )],
+                            body: Some(Bytes::from(format!("{{\"order\":{i}}}"))),
+                            completed_at_ms: 1,
+                        },
+                    },
+                    _ => Record::Unknown {
+                        fingerprint: request.fingerprint,
+                        since_ms: 2,
+                        cause: UnknownCause::Timeout,
+                    },
+                };
+                if i % 3 != 0 {
+                    assert_eq!(store.complete(&key, request.token, &record).await, Ok(true));
+                }
+                records.push((key, record));
+            }
+            records
+        });
+        let file = std::fs::read(dir.path().join(idemproxy::store::disk::DATA_FILE)).expect("the store file");
+        DiskFixture { file, records }
+    })
+}
+
+/// Applies `data` to `file` as damage, 5 bytes per change: a kind byte and a little-endian
+/// offset. Kind % 4: 0 flips one bit, 1 overwrites 512 bytes with the kind byte (a torn page),
+/// 2 cuts the file's tail (a torn last write), 3 appends 64 bytes of garbage.
+fn damage(file: &mut Vec<u8>, data: &[u8]) {
+    for change in data.chunks_exact(5) {
+        let kind = change[0];
+        let offset = u32::from_le_bytes([change[1], change[2], change[3], change[4]]) as usize;
+        if file.is_empty() {
+            return;
+        }
+        let at = offset % file.len();
+        match kind % 4 {
+            0 => file[at] ^= 1 << ((kind >> 2) % 8),
+            1 => {
+                let end = (at + 512).min(file.len());
+                file[at..end].fill(kind);
+            }
+            2 => file.truncate(file.len() - (offset % 4096).min(file.len())),
+            _ => file.extend(std::iter::repeat_n(kind, 64)),
+        }
+    }
+}
+
+/// `disk_recovery`: a disk store whose file was damaged by `data` (see [`damage`]) opens and
+/// answers every key with the record it held, `Corrupt` (a damaged record) or, when the damage
+/// hit the newest commit, nothing (redb opens the commit before it); or it refuses to open with
+/// an error naming its file. It never panics, never answers a record the key did not hold, and
+/// a write after the damage either works or fails cleanly. Returns whether the store opened.
+pub fn check_disk_recovery(data: &[u8]) -> bool {
+    use idemproxy::store::{DiskStore, Store, StoreError};
+    let fixture = disk_fixture();
+    let mut file = fixture.file.clone();
+    damage(&mut file, data);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join(idemproxy::store::disk::DATA_FILE);
+    std::fs::write(&path, &file).expect("write the damaged file");
+    let store = match DiskStore::open(dir.path(), 1 << 30, Default::default()) {
+        Ok(store) => store,
+        Err(err) => {
+            let text = idemproxy::error::Chain(&err).to_string();
+            assert!(
+                text.contains(&path.display().to_string()),
+                "the error names the file: {text}"
+            );
+            return false;
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        for (key, record) in &fixture.records {
+            match store.lookup(key).await {
+                Ok(Some(state)) => assert_eq!(&state.existing.record, record, "a damaged file changed a record"),
+                // redb keeps the previous commit's root beside the newest: when the newest one's
+                // pages are damaged it opens the previous commit, which may predate this key.
+                Ok(None) => {
+                    DISK_RECORDS_LOST.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                Err(StoreError::Corrupt(_)) | Err(StoreError::Unavailable(_)) => {}
+                Err(other) => panic!("unexpected answer {other:?}"),
+            }
+        }
+        let fresh = idemproxy::idempotency::StorageKey::new("f:", "r", b"", b"after the damage");
+        let _ = store.clear(&fresh).await;
+    });
+    true
+}

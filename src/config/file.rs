@@ -24,7 +24,10 @@ use clap::error::{ContextKind, ContextValue};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
-use super::{ConfigError, ErrorFormat, FingerprintBody, LogFormat, OnConflict, Secret, StoreFailure, UnknownOutcome};
+use super::{
+    ConfigError, EmbeddedStore, ErrorFormat, FingerprintBody, LogFormat, OnConflict, Secret, StoreFailure,
+    UnknownOutcome,
+};
 
 /// How one layer of settings lies over the layer below it.
 pub(crate) trait Layer {
@@ -231,9 +234,24 @@ section! {
     #[serde(deny_unknown_fields)]
     #[command(next_help_heading = "Store")]
     pub struct StoreSection {
-        /// Redis URL (redis://, rediss://, redis+cluster://h1:p1,h2:p2, redis+sentinel://s1:p1,s2:p2/master) [default: embedded memory store].
+        /// Redis URL (redis://, rediss://, redis+cluster://h1:p1,h2:p2, redis+sentinel://s1:p1,s2:p2/master) [default: the embedded store].
         #[arg(long, env = "IDEMPROXY_REDIS")]
         pub redis: Option<String>,
+        /// Embedded store without Redis: disk (durable) or memory (lost on restart) [default: disk].
+        #[arg(
+            id = "embedded",
+            long = "embedded-store",
+            value_name = "EMBEDDED_STORE",
+            env = "IDEMPROXY_EMBEDDED_STORE",
+            value_parser = keyed::<EmbeddedStore>("store.embedded"),
+        )]
+        pub embedded: Option<EmbeddedStore>,
+        /// Disk store: its directory, created if missing; one process per directory [default: idemproxy-data].
+        #[arg(long, env = "IDEMPROXY_DATA_DIR")]
+        pub data_dir: Option<PathBuf>,
+        /// Disk store: new keys are refused once its records would take more, bytes [default: 1073741824].
+        #[arg(long, env = "IDEMPROXY_MAX_DISK_BYTES")]
+        pub max_disk_bytes: Option<u64>,
         /// Redis Sentinel: password of the sentinels (the Redis nodes' is in the URL).
         #[arg(long, env = "IDEMPROXY_SENTINEL_PASSWORD", hide_env_values = true)]
         pub sentinel_password: Option<Secret>,
@@ -699,6 +717,12 @@ mod tests {
             "--require-key",
             "--methods",
             "POST,PATCH",
+            "--embedded-store",
+            "memory",
+            "--data-dir",
+            "/var/lib/idemproxy",
+            "--max-disk-bytes",
+            "1048576",
             "--redis-min-replicas",
             "1",
             "--redis-replica-timeout",
@@ -728,6 +752,9 @@ mod tests {
             Some(&["POST".to_owned(), "PATCH".to_owned()][..])
         );
         assert!(s.routes.is_empty());
+        assert_eq!(s.store.embedded, Some(EmbeddedStore::Memory));
+        assert_eq!(s.store.data_dir.as_deref(), Some(Path::new("/var/lib/idemproxy")));
+        assert_eq!(s.store.max_disk_bytes, Some(1_048_576));
     }
 
     #[test]

@@ -74,6 +74,16 @@ pub enum LogFormat {
     Pretty,
 }
 
+/// Where the records live without Redis (`store.embedded`, docs/behaviour.md §11).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum EmbeddedStore {
+    /// On local disk, in `store.data_dir`: survives restarts.
+    Disk,
+    /// In process memory: lost on every restart (tests, throwaway use).
+    Memory,
+}
+
 /// What a retry gets while the first request with its key still runs (`on_conflict`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -144,6 +154,7 @@ macro_rules! display_as_spelled {
 }
 
 display_as_spelled!(
+    EmbeddedStore,
     LogFormat,
     OnConflict,
     StoreFailure,
@@ -279,6 +290,11 @@ pub struct UpstreamSettings {
 /// Which store keeps the records.
 #[derive(Debug, Clone)]
 pub enum StoreSettings {
+    /// The durable embedded store (docs/behaviour.md §11), the default without Redis.
+    Disk {
+        data_dir: PathBuf,
+        max_disk_bytes: u64,
+    },
     Memory {
         max_entries: usize,
     },
@@ -287,6 +303,9 @@ pub enum StoreSettings {
         command_timeout: Duration,
         /// `rediss://`: CA certificates (PEM file) trusted instead of the bundled roots.
         ca_file: Option<PathBuf>,
+        /// Embedded-store keys that were set and are ignored because Redis is configured (the
+        /// start-up log names them).
+        ignored: Vec<&'static str>,
         /// `redis+sentinel://`: the password of the sentinels themselves.
         sentinel_password: Option<Secret>,
         /// What a write must reach before it counts (docs/behaviour.md §4.4).
@@ -405,6 +424,12 @@ pub mod defaults {
     pub const MAX_HEADERS: usize = 100;
     pub const HTTP2_MAX_CONCURRENT_STREAMS: u32 = 256;
     pub const MEMORY_MAX_ENTRIES: usize = 1_000_000;
+    pub const EMBEDDED_STORE: super::EmbeddedStore = super::EmbeddedStore::Disk;
+    /// Relative: under the working directory.
+    pub const DATA_DIR: &str = "idemproxy-data";
+    pub const MAX_DISK_BYTES: u64 = 1024 * 1024 * 1024;
+    /// The smallest `store.max_disk_bytes` accepted.
+    pub const MIN_MAX_DISK_BYTES: u64 = 1024 * 1024;
     pub const REDIS_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
     /// Longest wait for replica acknowledgements; an unset `store.replica_timeout` is this or
     /// `store.command_timeout`, the shorter.
@@ -619,6 +644,7 @@ mod tests {
                 assert_eq!(&T::from_str(&spelled, false).expect("a flag value"), variant);
             }
         }
+        check::<EmbeddedStore>();
         check::<LogFormat>();
         check::<OnConflict>();
         check::<StoreFailure>();
@@ -682,6 +708,33 @@ mod tests {
         ] {
             let config = store(url).unwrap_or_else(|e| panic!("{url}: {e}"));
             assert!(matches!(config.store, StoreSettings::Redis { .. }));
+        }
+    }
+
+    #[test]
+    fn the_embedded_store_is_on_disk_unless_memory_is_chosen_and_ignored_with_redis() {
+        let store =
+            |extra: &str| Config::from_toml(&format!("upstream.url = \"http://a:1\"\n{extra}")).map(|c| c.store);
+        assert!(matches!(
+            store(""),
+            Ok(StoreSettings::Disk { data_dir, max_disk_bytes })
+                if data_dir == Path::new("idemproxy-data") && max_disk_bytes == defaults::MAX_DISK_BYTES
+        ));
+        assert!(matches!(
+            store("store.embedded = \"memory\"\nstore.memory_max_entries = 5"),
+            Ok(StoreSettings::Memory { max_entries: 5 })
+        ));
+        assert!(matches!(
+            store("store.data_dir = \"/srv/idem\"\nstore.max_disk_bytes = 2097152"),
+            Ok(StoreSettings::Disk { data_dir, max_disk_bytes: 2_097_152 }) if data_dir == Path::new("/srv/idem")
+        ));
+        let err = error_of("upstream.url = \"http://a:1\"\nstore.max_disk_bytes = 1000");
+        assert!(err.contains("`store.max_disk_bytes`"), "{err}");
+        let err = error_of("upstream.url = \"http://a:1\"\nstore.embedded = \"tape\"");
+        assert!(err.contains("`store.embedded`"), "{err}");
+        match store("store.redis = \"redis://127.0.0.1:1\"\nstore.embedded = \"disk\"\nstore.data_dir = \"d\"") {
+            Ok(StoreSettings::Redis { ignored, .. }) => assert_eq!(ignored, ["store.embedded", "store.data_dir"]),
+            other => panic!("expected Redis, got {other:?}"),
         }
     }
 

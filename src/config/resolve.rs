@@ -4,6 +4,7 @@
 
 use std::collections::HashSet;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,9 +15,9 @@ use redis::IntoConnectionInfo;
 use super::file::{LogSection, ServerSection, StoreSection, TlsSection, UpstreamSection};
 use super::redis_url::SentinelUrl;
 use super::{
-    defaults, invalid, ConfigError, FileConfig, FingerprintBody, JsonPointer, KeySource, Policy, PolicySection,
-    Replication, Route, RouteSection, ServerSettings, StatusSet, StoreSettings, TlsSettings, UpstreamSettings,
-    UpstreamTarget,
+    defaults, invalid, ConfigError, EmbeddedStore, FileConfig, FingerprintBody, JsonPointer, KeySource, Policy,
+    PolicySection, Replication, Route, RouteSection, ServerSettings, StatusSet, StoreSettings, TlsSettings,
+    UpstreamSettings, UpstreamTarget,
 };
 use crate::headers::is_replayed;
 
@@ -162,14 +163,7 @@ pub(super) fn store(store: &StoreSection) -> Result<StoreSettings, ConfigError> 
             ));
         }
         check_sentinel_password(store, false)?;
-        return Ok(StoreSettings::Memory {
-            max_entries: at_least(
-                "store.memory_max_entries",
-                store.memory_max_entries,
-                defaults::MEMORY_MAX_ENTRIES,
-                1,
-            )?,
-        });
+        return embedded_store(store);
     };
     check_redis_url(&url)?;
     check_sentinel_password(store, SentinelUrl::is_sentinel(&url))?;
@@ -179,6 +173,12 @@ pub(super) fn store(store: &StoreSection) -> Result<StoreSettings, ConfigError> 
             "only used with TLS: `store.redis` must be a rediss://, rediss+cluster:// or rediss+sentinel:// URL",
         ));
     }
+    let ignored = [
+        ("store.embedded", store.embedded.is_some()),
+        ("store.data_dir", store.data_dir.is_some()),
+        ("store.max_disk_bytes", store.max_disk_bytes.is_some()),
+        ("store.memory_max_entries", store.memory_max_entries.is_some()),
+    ];
     let command_timeout = positive(
         "store.command_timeout",
         store.command_timeout.unwrap_or(defaults::REDIS_COMMAND_TIMEOUT),
@@ -187,6 +187,7 @@ pub(super) fn store(store: &StoreSection) -> Result<StoreSettings, ConfigError> 
         url,
         command_timeout,
         ca_file: store.ca_file.clone(),
+        ignored: ignored.iter().filter(|(_, set)| *set).map(|(key, _)| *key).collect(),
         sentinel_password: store.sentinel_password.clone(),
         replication: replication(store, command_timeout)?,
     })
@@ -225,6 +226,43 @@ fn replication(store: &StoreSection, command_timeout: Duration) -> Result<Replic
         min_replicas: store.min_replicas.unwrap_or(0),
         replica_timeout,
     })
+}
+
+/// The embedded store without Redis: disk by default (docs/behaviour.md §11), or memory.
+fn embedded_store(store: &StoreSection) -> Result<StoreSettings, ConfigError> {
+    match store.embedded.unwrap_or(defaults::EMBEDDED_STORE) {
+        EmbeddedStore::Memory => Ok(StoreSettings::Memory {
+            max_entries: at_least(
+                "store.memory_max_entries",
+                store.memory_max_entries,
+                defaults::MEMORY_MAX_ENTRIES,
+                1,
+            )?,
+        }),
+        EmbeddedStore::Disk => {
+            let data_dir = store
+                .data_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(defaults::DATA_DIR));
+            if data_dir.as_os_str().is_empty() {
+                return Err(invalid("store.data_dir", "must not be empty"));
+            }
+            let max_disk_bytes = store.max_disk_bytes.unwrap_or(defaults::MAX_DISK_BYTES);
+            if max_disk_bytes < defaults::MIN_MAX_DISK_BYTES {
+                return Err(invalid(
+                    "store.max_disk_bytes",
+                    format!(
+                        "{max_disk_bytes} is below the smallest accepted, {}",
+                        defaults::MIN_MAX_DISK_BYTES
+                    ),
+                ));
+            }
+            Ok(StoreSettings::Disk {
+                data_dir,
+                max_disk_bytes,
+            })
+        }
+    }
 }
 
 /// `store.redis` parsed the way the store will (each node of a cluster or sentinel list on its

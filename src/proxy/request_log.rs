@@ -175,8 +175,11 @@ mod tests {
     use crate::config::Config;
     use crate::telemetry::Exposition;
 
+    /// On the memory store: these tests are about the log line, and a disk store would need a
+    /// data directory (the default one would be left in the package root).
     async fn state() -> Arc<State> {
-        let config = Config::from_toml("upstream.url = \"http://127.0.0.1:1\"").expect("valid");
+        let config =
+            Config::from_toml("upstream.url = \"http://127.0.0.1:1\"\nstore.embedded = \"memory\"").expect("valid");
         Arc::new(State::new(config).await.expect("a state"))
     }
 

@@ -2,11 +2,12 @@
 
 use std::time::Duration;
 
-use super::{Begin, BeginRequest, KeyState, MemoryStore, RedisStore, Store, StoreError};
+use super::{Begin, BeginRequest, DiskStore, KeyState, MemoryStore, RedisStore, Store, StoreError};
 use crate::idempotency::{LeaseToken, Record, StorageKey};
 
 /// The store chosen by the configuration.
 pub enum AnyStore {
+    Disk(DiskStore),
     Memory(MemoryStore),
     Redis(RedisStore),
 }
@@ -14,6 +15,7 @@ pub enum AnyStore {
 macro_rules! dispatch {
     ($self:ident, $store:ident => $call:expr) => {
         match $self {
+            AnyStore::Disk($store) => $call.await,
             AnyStore::Memory($store) => $call.await,
             AnyStore::Redis($store) => $call.await,
         }
@@ -48,6 +50,7 @@ impl AnyStore {
     /// Which store this is, for logs.
     pub fn kind(&self) -> &'static str {
         match self {
+            AnyStore::Disk(_) => "disk",
             AnyStore::Memory(_) => "memory",
             AnyStore::Redis(s) if s.is_cluster() => "redis-cluster",
             AnyStore::Redis(s) if s.is_sentinel() => "redis-sentinel",

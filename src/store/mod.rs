@@ -1,12 +1,14 @@
-//! Where records live: a small async trait and its two implementations, the embedded
-//! [`MemoryStore`] (one sidecar, no Redis) and the [`RedisStore`] (many instances: standalone,
-//! Redis Cluster, or a Sentinel-monitored master followed across failovers), chosen at start-up
-//! as an [`AnyStore`]. Both hold to
+//! Where records live: a small async trait and its implementations, the embedded stores
+//! [`DiskStore`] (one sidecar, no Redis: the default, durable, docs/behaviour.md §11) and
+//! [`MemoryStore`] (volatile), and the [`RedisStore`] (many instances: standalone, Redis Cluster,
+//! or a Sentinel-monitored master followed across failovers), chosen at start-up as an
+//! [`AnyStore`]. All hold to
 //! [`decide`](crate::idempotency::decide); one contract test suite (`tests/store_contract.rs`)
 //! runs against each. Owning a key is a value, the [`Lease`] (docs/behaviour.md §4).
 
 mod any;
 mod cluster_slots;
+pub mod disk;
 mod group_commit;
 pub mod lease;
 pub mod memory;
@@ -25,9 +27,21 @@ use crate::idempotency::{
 };
 
 pub use self::any::AnyStore;
+pub use self::disk::DiskStore;
 pub use self::lease::Lease;
 pub use self::memory::MemoryStore;
 pub use self::redis::{RedisOptions, RedisStore};
+
+/// Time left on an InFlight record's lease at `now_ms` (wall clock, Unix ms); `None` once it has
+/// lapsed, and for every other record.
+pub(crate) fn lease_left_at(record: &Record, now_ms: u64) -> Option<Duration> {
+    match record {
+        Record::InFlight { lease_until_ms, .. } if *lease_until_ms > now_ms => {
+            Some(Duration::from_millis(lease_until_ms - now_ms))
+        }
+        _ => None,
+    }
+}
 
 /// A store failure. `Unavailable` (and `Full`) are what `store_failure = "open"` forwards
 /// through; a `Corrupt` record never is: its key may have been executed.

@@ -40,7 +40,7 @@ use redis::{Cmd, Pipeline, RedisError, Script, Value};
 use super::group_commit::{PendingAck, Sent};
 use super::redis_connection::{Connection, Setup};
 use super::replication::Replication;
-use super::{Begin, BeginRequest, KeyState, Store, StoreError, StoreFault};
+use super::{lease_left_at, Begin, BeginRequest, KeyState, Store, StoreError, StoreFault};
 use crate::config::{Replication as ReplicationSettings, Secret};
 use crate::error::Chain;
 use crate::idempotency::{decide, unix_ms, Decision, Existing, LeaseToken, Record, StorageKey, CONFLICT_RETRY_AFTER};
@@ -433,16 +433,6 @@ fn millis(d: Duration) -> Vec<u8> {
 fn as_int(value: &Value) -> Option<i64> {
     match value {
         Value::Int(i) => Some(*i),
-        _ => None,
-    }
-}
-
-/// Time left on an InFlight record's lease at `now_ms`; `None` once it has lapsed.
-fn lease_left_at(record: &Record, now_ms: u64) -> Option<Duration> {
-    match record {
-        Record::InFlight { lease_until_ms, .. } if *lease_until_ms > now_ms => {
-            Some(Duration::from_millis(lease_until_ms - now_ms))
-        }
         _ => None,
     }
 }

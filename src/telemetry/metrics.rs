@@ -71,6 +71,38 @@ pub enum Renewal {
     Failed,
 }
 
+/// The disk store's metrics (docs/behaviour.md §11), kept by the store and registered with the
+/// proxy's [`Metrics`] when the disk store is the one in use. Their names are a contract: alert
+/// rules use them (README "Metrics").
+#[derive(Clone)]
+pub struct DiskStoreMetrics {
+    /// `idemproxy_disk_store_records`: records on disk, live or expired and not yet swept.
+    pub records: Gauge,
+    /// `idemproxy_disk_store_bytes`: size of the store's file.
+    pub bytes: Gauge,
+    /// `idemproxy_disk_store_max_bytes`: `store.max_disk_bytes`.
+    pub max_bytes: Gauge,
+    /// `idemproxy_disk_store_flushes_total`: commits flushed to disk (each shared by every
+    /// write waiting for it).
+    pub flushes: Counter,
+    /// `idemproxy_disk_store_flush_duration_seconds`: time of one commit and its flush.
+    pub flush_duration: Histogram,
+}
+
+impl Default for DiskStoreMetrics {
+    fn default() -> Self {
+        Self {
+            records: Gauge::default(),
+            bytes: Gauge::default(),
+            max_bytes: Gauge::default(),
+            flushes: Counter::default(),
+            flush_duration: Histogram::new([
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+            ]),
+        }
+    }
+}
+
 /// Replica acknowledgements of Redis writes (`WAIT`, docs/behaviour.md §4.4), one observation
 /// per write waited for: `idemproxy_redis_replica_acks_total{result}` and
 /// `idemproxy_redis_replica_wait_seconds`. A clone counts into the same series; the store gets
@@ -267,6 +299,36 @@ impl Metrics {
         }
     }
 
+    /// Adds the disk store's metrics to the exposition.
+    pub fn register_disk_store(&mut self, disk: &DiskStoreMetrics) {
+        let registry = &mut self.registry;
+        registry.register(
+            "disk_store_records",
+            "Records in the disk store (live, or expired and not yet swept)",
+            disk.records.clone(),
+        );
+        registry.register(
+            "disk_store_bytes",
+            "Size of the disk store's file, bytes",
+            disk.bytes.clone(),
+        );
+        registry.register(
+            "disk_store_max_bytes",
+            "store.max_disk_bytes: new keys are refused beyond it",
+            disk.max_bytes.clone(),
+        );
+        registry.register(
+            "disk_store_flushes",
+            "Disk store commits flushed to disk (group commit: one per batch of writes)",
+            disk.flushes.clone(),
+        );
+        registry.register(
+            "disk_store_flush_duration_seconds",
+            "Time of one disk store commit, its flush included",
+            disk.flush_duration.clone(),
+        );
+    }
+
     fn slot(&self, route: usize, method_index: usize, outcome: Outcome) -> usize {
         (route * METHODS.len() + method_index) * Outcome::ALL.len() + outcome as usize
     }
@@ -447,5 +509,26 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("idemproxy_redis_replica_wait_seconds_count 3"), "{text}");
+    }
+
+    #[test]
+    fn disk_store_metrics_have_the_names_alert_rules_use() {
+        let mut metrics = Metrics::new(["default"]);
+        let disk = DiskStoreMetrics::default();
+        metrics.register_disk_store(&disk);
+        disk.records.set(3);
+        disk.max_bytes.set(1 << 30);
+        disk.flushes.inc();
+        disk.flush_duration.observe(0.0002);
+        let text = metrics.render(Exposition::Classic);
+        for line in [
+            "idemproxy_disk_store_records 3",
+            "idemproxy_disk_store_bytes 0",
+            "idemproxy_disk_store_max_bytes 1073741824",
+            "idemproxy_disk_store_flushes_total 1",
+            "idemproxy_disk_store_flush_duration_seconds_count 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing from\n{text}");
+        }
     }
 }

@@ -601,6 +601,29 @@ pub struct TestProxy {
     pub admin: Option<SocketAddr>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), idemproxy::ServeError>>>,
+    /// The disk store's directory when the test named none (removed after the proxy).
+    data_dir: Option<tempfile::TempDir>,
+}
+
+/// `config_toml` with a `store.data_dir` of its own when it would use the disk store without
+/// naming a directory, so that two proxies never share one by accident; and that directory.
+pub fn with_own_data_dir(config_toml: &str) -> (String, Option<tempfile::TempDir>) {
+    let file = idemproxy::config::FileConfig::parse(config_toml).expect("test config parses");
+    let store = &file.store;
+    let memory = store.embedded == Some(idemproxy::config::EmbeddedStore::Memory);
+    if store.redis.is_some() || store.data_dir.is_some() || memory {
+        return (config_toml.to_owned(), None);
+    }
+    let dir = tempfile::tempdir().expect("a temp data dir");
+    let setting = format!("data_dir = \"{}\"", dir.path().display());
+    let text = match config_toml.find("[store]\n") {
+        Some(at) => {
+            let (before, after) = config_toml.split_at(at + "[store]\n".len());
+            format!("{before}{setting}\n{after}")
+        }
+        None => format!("store.{setting}\n{config_toml}"),
+    };
+    (text, Some(dir))
 }
 
 impl TestProxy {
@@ -628,7 +651,8 @@ impl TestProxy {
     }
 
     async fn start_inner(config_toml: &str, admin: bool) -> Self {
-        let config = idemproxy::Config::from_toml(config_toml).expect("test config is valid");
+        let (config_toml, data_dir) = with_own_data_dir(config_toml);
+        let config = idemproxy::Config::from_toml(&config_toml).expect("test config is valid");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let addr = listener.local_addr().expect("local addr");
         let admin_listener = if admin {
@@ -651,7 +675,13 @@ impl TestProxy {
             admin: admin_addr,
             shutdown: Some(tx),
             task: Some(task),
+            data_dir,
         }
+    }
+
+    /// The disk store directory the proxy was given because its configuration named none.
+    pub fn data_dir(&self) -> Option<&std::path::Path> {
+        self.data_dir.as_ref().map(|d| d.path())
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -683,7 +713,8 @@ impl Drop for TestProxy {
 }
 
 /// A proxy's configuration, built up before it starts: the catch-all route to one upstream, the
-/// embedded store unless told otherwise. See [`TestProxy::to`].
+/// embedded store (on disk, in a temporary directory of its own) unless told otherwise. See
+/// [`TestProxy::to`].
 #[must_use = "a proxy runs only once started"]
 pub struct ProxyBuilder {
     upstream_url: String,
@@ -719,7 +750,15 @@ impl ProxyBuilder {
     /// Keeps the keys in `store`.
     pub fn store(self, store: &Backend) -> Self {
         match store {
-            Backend::Memory => self,
+            Backend::Memory => self.config("store.embedded = \"memory\""),
+            Backend::Disk(dir) => {
+                // A directory of its own per proxy: two disk stores never share one (a second
+                // would be refused), as two memory stores share nothing.
+                static PROXIES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+                let n = PROXIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let data_dir = dir.path().join(format!("proxy-{n}"));
+                self.config(&format!("store.data_dir = \"{}\"", data_dir.display()))
+            }
             Backend::Redis(redis) => self.redis(redis),
         }
     }
@@ -761,14 +800,22 @@ impl ProxyBuilder {
 /// The store a proxy under test keeps its keys in (a Redis store owns its `redis-server`). The
 /// per-store suites run each behaviour once per variant.
 pub enum Backend {
-    /// The embedded store.
+    /// The volatile embedded store (`store.embedded = "memory"`).
     Memory,
+    /// The durable embedded store, in a temporary directory of its own: each proxy started on
+    /// it gets a fresh subdirectory (like the memory store, nothing is shared between proxies).
+    Disk(tempfile::TempDir),
     Redis(RedisServer),
 }
 
 impl Backend {
     pub fn memory() -> Self {
         Backend::Memory
+    }
+
+    /// The disk store in a fresh temporary directory.
+    pub fn disk() -> Self {
+        Backend::Disk(tempfile::tempdir().expect("a temp data dir"))
     }
 
     /// A Redis store on a `redis-server` of its own.
@@ -782,10 +829,10 @@ impl Backend {
     }
 
     /// The keys as the store holds them, where they can be read from outside the proxy (Redis:
-    /// `KEYS *`); `None` for the embedded store.
+    /// `KEYS *`); `None` for the embedded stores.
     pub fn stored_keys(&self) -> Option<Vec<String>> {
         match self {
-            Backend::Memory => None,
+            Backend::Memory | Backend::Disk(_) => None,
             Backend::Redis(redis) => Some(redis.query(redis::cmd("KEYS").arg("*"))),
         }
     }
@@ -1043,6 +1090,39 @@ impl TestClient {
 pub struct ProxyProcess {
     pub addr: SocketAddr,
     child: Child,
+    /// The disk store's directory when the arguments named none (removed after the process).
+    data_dir: Option<tempfile::TempDir>,
+}
+
+/// Whether `args` choose the store themselves (Redis, a data directory, or the memory store),
+/// directly or in the file `--config` names.
+fn args_choose_the_store(args: &[&str]) -> bool {
+    args.iter()
+        .any(|a| a.starts_with("--redis") || a.starts_with("--data-dir"))
+        || args.windows(2).any(|w| w[0] == "--embedded-store" && w[1] == "memory")
+        || args.contains(&"--embedded-store=memory")
+        || args
+            .windows(2)
+            .filter_map(|w| (w[0] == "--config").then_some(w[1]))
+            .chain(args.iter().filter_map(|a| a.strip_prefix("--config=")))
+            .any(config_file_chooses_the_store)
+}
+
+/// Whether the config file at `path` chooses the store (as [`with_own_data_dir`] decides); a
+/// file that cannot be read or parsed is left to the proxy to refuse.
+fn config_file_chooses_the_store(path: &str) -> bool {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return true;
+    };
+    match idemproxy::config::FileConfig::parse(&text) {
+        Ok(file) => {
+            let store = &file.store;
+            store.redis.is_some()
+                || store.data_dir.is_some()
+                || store.embedded == Some(idemproxy::config::EmbeddedStore::Memory)
+        }
+        Err(_) => true,
+    }
 }
 
 impl ProxyProcess {
@@ -1052,16 +1132,23 @@ impl ProxyProcess {
         Self::spawn_on(format!("127.0.0.1:{port}").parse().expect("address"), args)
     }
 
-    /// Spawns it listening on `addr` (to bring a killed proxy back on the same port).
+    /// Spawns it listening on `addr` (to bring a killed proxy back on the same port). Unless
+    /// `args` choose the store, it gets a `--data-dir` of its own (two processes never share
+    /// one by accident); to restart on the same directory, pass `--data-dir` explicitly.
     pub fn spawn_on(addr: SocketAddr, args: &[&str]) -> Self {
-        let child = Command::new(env!("CARGO_BIN_EXE_idemproxy"))
-            .args(args)
+        let data_dir = (!args_choose_the_store(args)).then(|| tempfile::tempdir().expect("a temp data dir"));
+        let mut command = Command::new(env!("CARGO_BIN_EXE_idemproxy"));
+        command.args(args);
+        if let Some(dir) = &data_dir {
+            command.arg("--data-dir").arg(dir.path());
+        }
+        let child = command
             .args(["--listen", &addr.to_string(), "--log-filter", "warn"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("the idemproxy binary starts");
-        let mut process = Self { addr, child };
+        let mut process = Self { addr, child, data_dir };
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if std::net::TcpStream::connect(addr).is_ok() {
@@ -1078,6 +1165,11 @@ impl ProxyProcess {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The data directory it was given because its arguments chose no store.
+    pub fn data_dir(&self) -> Option<&std::path::Path> {
+        self.data_dir.as_ref().map(|d| d.path())
     }
 
     /// A field of its `/proc/<pid>/status` in KiB (`VmHWM`: peak resident set; `VmRSS`: current).
