@@ -17,7 +17,7 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
 use idemproxy::config::UnknownOutcome;
 use idemproxy::idempotency::{
-    unix_ms, Fingerprint, LeaseToken, Record, RecordError, StorageKey, StoredResponse, UnknownCause,
+    unix_ms, Fingerprint, LeaseToken, Print, Record, RecordError, StorageKey, StoredResponse, UnknownCause,
     CONFLICT_RETRY_AFTER,
 };
 use idemproxy::store::{
@@ -48,7 +48,7 @@ fn request(
 ) -> BeginRequest<'_> {
     BeginRequest {
         key,
-        fingerprint: Fingerprint([fp; 32]),
+        print: Print::Whole(Fingerprint::bytes([fp; 32])),
         token: LeaseToken::random(),
         key_ttl,
         lock_ttl,
@@ -84,7 +84,7 @@ fn response(status: u16, body: Option<&[u8]>) -> StoredResponse {
 
 fn completed(fp: u8, response: &StoredResponse) -> Record {
     Record::Completed {
-        fingerprint: Fingerprint([fp; 32]),
+        fingerprint: Fingerprint::bytes([fp; 32]),
         response: response.clone(),
     }
 }
@@ -369,7 +369,7 @@ mod contract {
             let owner = req(&k, FP);
             assert_eq!(begin(store, &owner).await, Begin::Owner(owner.token));
             let unknown = Record::Unknown {
-                fingerprint: Fingerprint([FP; 32]),
+                fingerprint: Fingerprint::bytes([FP; 32]),
                 since_ms: unix_ms(),
                 cause,
             };
@@ -493,7 +493,7 @@ mod contract {
         let owner = req(&k, FP);
         assert_eq!(begin(store, &owner).await, Begin::Owner(owner.token));
         let unknown = Record::Unknown {
-            fingerprint: Fingerprint([FP; 32]),
+            fingerprint: Fingerprint::bytes([FP; 32]),
             since_ms: unix_ms(),
             cause: UnknownCause::Timeout,
         };
@@ -656,7 +656,7 @@ async fn redis_corrupt_record_is_an_error() {
     // fingerprint, no lease: what a takeover or mark-unknown looks for) cut short or with
     // trailing bytes. Each stays an error, and none is taken over or overwritten.
     let in_flight = Record::InFlight {
-        fingerprint: Fingerprint([FP; 32]),
+        fingerprint: Fingerprint::bytes([FP; 32]),
         owner: LeaseToken::random(),
         started_at_ms: 1,
         lease_until_ms: 2,
