@@ -9,6 +9,7 @@ mod common;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -22,7 +23,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 const CHUNK: usize = 64 * 1024;
@@ -41,6 +42,8 @@ struct Seen {
 struct HashingUpstream {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
+    /// Requests whose head arrived.
+    started: Arc<AtomicUsize>,
 }
 
 impl HashingUpstream {
@@ -48,12 +51,14 @@ impl HashingUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
-        let record = seen.clone();
+        let started: Arc<AtomicUsize> = Arc::default();
+        let (record, arrived) = (seen.clone(), started.clone());
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                let record = record.clone();
+                let (record, arrived) = (record.clone(), arrived.clone());
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                        arrived.fetch_add(1, Ordering::SeqCst);
                         let record = record.clone();
                         async move { Ok::<_, Infallible>(receive(request, record).await) }
                     });
@@ -63,7 +68,18 @@ impl HashingUpstream {
                 });
             }
         });
-        Self { addr, seen }
+        Self { addr, seen, started }
+    }
+
+    /// Waits until `n` requests have started arriving.
+    async fn wait_started(&self, n: usize) {
+        for _ in 0..500 {
+            if self.started.load(Ordering::SeqCst) >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{n} requests did not reach the upstream");
     }
 
     fn url(&self) -> String {
@@ -122,7 +138,9 @@ struct Generated {
 
 impl Generated {
     fn new(seed: u8, len: u64, exact: bool) -> Self {
-        let block: Vec<u8> = (0..CHUNK).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
+        let block: Vec<u8> = (0..CHUNK)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect();
         Self {
             block: Bytes::from(block),
             index: 0,
@@ -206,7 +224,11 @@ impl Answer {
     fn slug(&self) -> String {
         serde_json::from_str::<serde_json::Value>(&self.body)
             .ok()
-            .and_then(|v| v["type"].as_str().map(|t| t.rsplit('#').next().unwrap_or_default().to_owned()))
+            .and_then(|v| {
+                v["type"]
+                    .as_str()
+                    .map(|t| t.rsplit('#').next().unwrap_or_default().to_owned())
+            })
             .unwrap_or_default()
     }
 }
@@ -292,12 +314,20 @@ async fn streamed_bodies_replay_or_conflict_by_digest(store: Backend) {
         assert_eq!(first.status, StatusCode::CREATED, "{key}: {first:?}");
         // A retry chunked or with a length alike: the body's digest is what counts.
         let again = upload(&url, key, 1, MIB4, !exact, &[]).await;
-        assert_eq!((again.status, again.replayed), (StatusCode::CREATED, true), "{key}: {again:?}");
+        assert_eq!(
+            (again.status, again.replayed),
+            (StatusCode::CREATED, true),
+            "{key}: {again:?}"
+        );
         let other = upload(&url, key, 3, MIB4, exact, &[]).await;
         assert_eq!(other.status, StatusCode::UNPROCESSABLE_ENTITY, "{key}: {other:?}");
     }
     let digest = Generated::digest(1, MIB4);
-    assert_eq!(upstream.complete(), vec![digest, digest], "each key's body reached the upstream once");
+    assert_eq!(
+        upstream.complete(),
+        vec![digest, digest],
+        "each key's body reached the upstream once"
+    );
 }
 
 /// A body that does not match its `Content-Digest` never reaches the upstream whole (with a
@@ -317,7 +347,11 @@ async fn a_body_not_matching_its_digest_never_arrives_whole(store: Backend) {
         assert!(upstream.complete().is_empty(), "{key}: {:?}", upstream.seen());
         // The key is free: the right body with the right digest executes.
         let executed = upload(&url, key, 1, MIB4, exact, &[("content-digest", right.clone())]).await;
-        assert_eq!((executed.status, executed.replayed), (StatusCode::CREATED, false), "{key}: {executed:?}");
+        assert_eq!(
+            (executed.status, executed.replayed),
+            (StatusCode::CREATED, false),
+            "{key}: {executed:?}"
+        );
         let again = upload(&url, key, 1, MIB4, exact, &[("content-digest", right.clone())]).await;
         assert!(again.replayed, "{key}: {again:?}");
         let other = upload(&url, key, 2, MIB4, exact, &[("content-digest", wrong.clone())]).await;
@@ -337,12 +371,28 @@ async fn a_malformed_content_digest_is_refused(store: Backend) {
         (1024, "sha-256=abc", "not a byte sequence"),
         (1024, "SHA-256=:AAAA:", "must start with a lowercase letter"),
     ] {
-        let refused = upload(&url, "bad-digest", 1, len, true, &[("content-digest", value.to_owned())]).await;
+        let refused = upload(
+            &url,
+            "bad-digest",
+            1,
+            len,
+            true,
+            &[("content-digest", value.to_owned())],
+        )
+        .await;
         assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{value}: {refused:?}");
         assert_eq!(refused.slug(), "bad-content-digest", "{value}");
         assert!(refused.body.contains(problem), "{value}: {}", refused.body);
     }
-    let small = upload(&url, "small", 1, 1024, true, &[("content-digest", content_digest(&[0; 32]))]).await;
+    let small = upload(
+        &url,
+        "small",
+        1,
+        1024,
+        true,
+        &[("content-digest", content_digest(&[0; 32]))],
+    )
+    .await;
     assert_eq!(small.slug(), "digest-mismatch", "{small:?}");
     assert!(upstream.seen().is_empty(), "{:?}", upstream.seen());
 }
@@ -354,15 +404,8 @@ async fn a_body_cut_mid_stream_releases_the_key(store: Backend) {
     let proxy = streaming_proxy(&store, &upstream, "max_body_bytes = 8388608").await;
     let url = proxy.url("/uploads");
 
-    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.expect("connect");
-    let head = format!(
-        "POST /uploads HTTP/1.1\r\nhost: x\r\nidempotency-key: cut\r\ncontent-type: application/octet-stream\r\ncontent-length: {MIB4}\r\n\r\n"
-    );
-    stream.write_all(head.as_bytes()).await.expect("head");
-    let mut generated = Generated::new(1, MIB4 / 2, true);
-    while let Some(chunk) = generated.next_chunk() {
-        stream.write_all(&chunk).await.expect("half the body");
-    }
+    let (stream, _) = start_upload(proxy.addr, "cut", 1, MIB4, MIB4 / 2, &[]).await;
+    upstream.wait_started(1).await;
     drop(stream);
     // The key is settled once the proxy saw the cut (at once, but asynchronously).
     let mut retry = upload(&url, "cut", 1, MIB4, true, &[]).await;
@@ -373,13 +416,101 @@ async fn a_body_cut_mid_stream_releases_the_key(store: Backend) {
         tokio::time::sleep(Duration::from_millis(100)).await;
         retry = upload(&url, "cut", 1, MIB4, true, &[]).await;
     }
-    assert_eq!((retry.status, retry.replayed), (StatusCode::CREATED, false), "{retry:?}");
+    assert_eq!(
+        (retry.status, retry.replayed),
+        (StatusCode::CREATED, false),
+        "{retry:?}"
+    );
     assert_eq!(upstream.complete(), vec![Generated::digest(1, MIB4)]);
 
     let too_large = upload(&url, "too-large", 1, 3 * MIB4, false, &[]).await;
     assert_eq!(too_large.status, StatusCode::PAYLOAD_TOO_LARGE, "{too_large:?}");
     let retry = upload(&url, "too-large", 1, MIB4, false, &[]).await;
-    assert_eq!((retry.status, retry.replayed), (StatusCode::CREATED, false), "{retry:?}");
+    assert_eq!(
+        (retry.status, retry.replayed),
+        (StatusCode::CREATED, false),
+        "{retry:?}"
+    );
+    assert_eq!(upstream.complete().len(), 2, "{:?}", upstream.seen());
+}
+
+/// An upload on a raw connection: its head (with `headers`) and the first `sent` bytes of the
+/// generated body of `seed`, `len` bytes long; the rest is sent by [`finish_upload`].
+async fn start_upload(
+    addr: SocketAddr,
+    key: &str,
+    seed: u8,
+    len: u64,
+    sent: u64,
+    headers: &[(&str, String)],
+) -> (tokio::net::TcpStream, Generated) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut head = format!(
+        "POST /uploads HTTP/1.1\r\nhost: x\r\nidempotency-key: {key}\r\ncontent-type: application/octet-stream\r\ncontent-length: {len}\r\nconnection: close\r\n"
+    );
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).await.expect("head");
+    let mut generated = Generated::new(seed, len, true);
+    let mut written = 0;
+    while written < sent {
+        let chunk = generated.next_chunk().expect("a chunk");
+        written += chunk.len() as u64;
+        stream.write_all(&chunk).await.expect("body");
+    }
+    (stream, generated)
+}
+
+/// Sends the rest of an upload begun by [`start_upload`]; its answer's status line.
+async fn finish_upload((mut stream, mut generated): (tokio::net::TcpStream, Generated)) -> String {
+    while let Some(chunk) = generated.next_chunk() {
+        stream.write_all(&chunk).await.expect("body");
+    }
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.expect("answer");
+    String::from_utf8_lossy(&answer)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// While a streamed request runs, a retry with the same key and head gets `409` even with
+/// another body (its digest is not known yet); with `Content-Digest` on both, another body is
+/// `422` at once. Once the first has finished, another body is `422` and the same is replayed.
+async fn retries_while_a_streamed_request_runs(store: Backend) {
+    let upstream = HashingUpstream::start().await;
+    let proxy = streaming_proxy(&store, &upstream, "").await;
+    let url = proxy.url("/uploads");
+    let first = start_upload(proxy.addr, "running", 1, MIB4, MIB4 / 4, &[]).await;
+    upstream.wait_started(1).await;
+    let other = upload(&url, "running", 2, MIB4, true, &[]).await;
+    assert_eq!(other.status, StatusCode::CONFLICT, "{other:?}");
+
+    let digest = |seed| content_digest(&Generated::digest(seed, MIB4));
+    let declared = start_upload(
+        proxy.addr,
+        "declared",
+        1,
+        MIB4,
+        MIB4 / 4,
+        &[("content-digest", digest(1))],
+    )
+    .await;
+    upstream.wait_started(2).await;
+    let other = upload(&url, "declared", 2, MIB4, true, &[("content-digest", digest(2))]).await;
+    assert_eq!(other.status, StatusCode::UNPROCESSABLE_ENTITY, "{other:?}");
+    let same = upload(&url, "declared", 1, MIB4, true, &[("content-digest", digest(1))]).await;
+    assert_eq!(same.status, StatusCode::CONFLICT, "{same:?}");
+
+    assert!(finish_upload(first).await.contains(" 201 "));
+    assert!(finish_upload(declared).await.contains(" 201 "));
+    let other = upload(&url, "running", 2, MIB4, true, &[]).await;
+    assert_eq!(other.status, StatusCode::UNPROCESSABLE_ENTITY, "{other:?}");
+    let same = upload(&url, "running", 1, MIB4, false, &[]).await;
+    assert!(same.replayed, "{same:?}");
     assert_eq!(upstream.complete().len(), 2, "{:?}", upstream.seen());
 }
 
@@ -390,5 +521,6 @@ per_store! {
         a_body_not_matching_its_digest_never_arrives_whole,
         a_malformed_content_digest_is_refused,
         a_body_cut_mid_stream_releases_the_key,
+        retries_while_a_streamed_request_runs,
     }
 }
