@@ -274,7 +274,7 @@ async fn take_body(
         return read_body(body, limit, timeout).await.map(GuardedBody::Whole);
     }
     let declared = content_digest::declared_sha256(headers).map_err(ProxyError::BadContentDigest)?;
-    let body = match body {
+    let (read, rest) = match body {
         ProxyBody::Stream { prefix: None, rest } => {
             read_up_to(rest, policy.buffer_bytes.min(limit), limit, timeout).await?
         }
@@ -287,18 +287,20 @@ async fn take_body(
             }
             (vec![prefix], Some(rest))
         }
-        other => (vec![read_body(other, limit, timeout).await?], None),
+        other => return whole(read_body(other, limit, timeout).await?, declared),
     };
-    match body {
-        (read, Some(rest)) => Ok(GuardedBody::Streamed { read, rest, declared }),
-        (read, None) => {
-            let bytes = concat(read);
-            if declared.is_some_and(|declared| declared != <[u8; 32]>::from(Sha256::digest(&bytes))) {
-                return Err(ProxyError::DigestMismatch);
-            }
-            Ok(GuardedBody::Whole(bytes))
-        }
+    match rest {
+        Some(rest) => Ok(GuardedBody::Streamed { read, rest, declared }),
+        None => whole(concat(read), declared),
     }
+}
+
+/// A body read whole, once checked against the digest its `Content-Digest` declares.
+fn whole(bytes: Bytes, declared: Option<[u8; 32]>) -> Result<GuardedBody, ProxyError> {
+    if declared.is_some_and(|declared| declared != <[u8; 32]>::from(Sha256::digest(&bytes))) {
+        return Err(ProxyError::DigestMismatch);
+    }
+    Ok(GuardedBody::Whole(bytes))
 }
 
 /// Reads `rest` while it is at most `buffer` bytes: the chunks read and, when it is larger,
