@@ -934,7 +934,11 @@ class Upload(unittest.TestCase):
         self.assertEqual(rows[0], ("keyed upload peak RSS < 64 MiB", "39.1 MiB", True))
         self.assertEqual(rows[1], ("keyed throughput >= 0.8x keyless", "0.80x", True))
         md = upload.markdown({"mib": "64", "conns": "4", "rounds": "3"}, agg, rows)
-        self.assertIn("| keyed | 128.0 | 128.0, 256.0, 64.0 | 39.1 MiB |", md)
+        self.assertIn("| keyed | 128.0 | 128.0, 256.0, 64.0 | 39.1 MiB | ? | ? |", md)
+        with_cpu = upload.build_run(upload.KEYED, 1, 64, 4, 1.0, 1, {"proxy": 0.512, "upstream": 0.256})
+        self.assertAlmostEqual(with_cpu["proxy_cpu_ns_per_byte"], 1.9073, places=3)
+        cpu_md = upload.markdown({}, upload.aggregate([with_cpu]), [])
+        self.assertIn("| keyed | 256.0 | 256.0 | 0.0 MiB | 1.91 | 0.95 |", cpu_md)
         self.assertIn("| keyed throughput >= 0.8x keyless | 0.80x | met |", md)
         self.assertEqual(upload.targets({upload.KEYED: {**agg[upload.KEYED], "peak_rss_kib": 70_000}})[0][2], False)
 

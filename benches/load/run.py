@@ -229,4 +229,6 @@ def main_run(settings: Settings, tools: Dict[str, str]) -> None:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     print(md, end="")
-    log(f"wrote {settings.out_dir}/latest.md, latest.svg, latest.json")
+    written = (["upload.md", "upload.json"] if upload.GROUP in settings.only else []) + (
+        ["latest.md", "latest.svg", "latest.json"] if set(settings.only) - {upload.GROUP} else [])
+    log(f"wrote {settings.out_dir}/{', '.join(written)}")

@@ -5,6 +5,8 @@ throughput (MiB/s of request body, wall clock from the first byte sent to the la
 the proxy's peak RSS (VmHWM, reset before each run). The upstream is examples/bench_upstream
 (hyper, drains each body); the client is this process (threads on plain sockets, a 1 MiB block
 sent again and again, so it holds no body either). Variants are interleaved for ROUNDS rounds.
+Also per run: the proxy's and the upstream's CPU time (utime + stime) per byte of body, less
+noisy than throughput on a shared machine (the difference is what guarding costs per byte).
 
 Settings (environment): UPLOAD_MIB=64 (body size), UPLOAD_CONNS=4 (concurrent uploads per run,
 each on its own connection, each with its own key), ROUNDS. Targets (issue 16): keyed peak RSS
@@ -111,10 +113,13 @@ def reset_peak(pid: int) -> None:
         pass  # not permitted: the peak is then since start-up
 
 
-def build_run(variant: str, round_: int, mib: int, conns: int, seconds: float, peak_kib: int) -> dict:
-    """One measured run."""
+def build_run(variant: str, round_: int, mib: int, conns: int, seconds: float, peak_kib: int,
+              cpu_s: Optional[Mapping[str, float]] = None) -> dict:
+    """One measured run; `cpu_s`: CPU seconds per role ("proxy", "upstream")."""
+    body_bytes = mib * conns * 1024 * 1024
     return {"variant": variant, "round": round_, "mib": mib, "conns": conns, "seconds": seconds,
-            "mib_per_s": mib * conns / seconds if seconds > 0 else 0.0, "peak_rss_kib": peak_kib}
+            "mib_per_s": mib * conns / seconds if seconds > 0 else 0.0, "peak_rss_kib": peak_kib,
+            **{f"{role}_cpu_ns_per_byte": cpu * 1e9 / body_bytes for role, cpu in (cpu_s or {}).items()}}
 
 
 def aggregate(runs: Sequence[dict]) -> Dict[str, dict]:
@@ -126,6 +131,10 @@ def aggregate(runs: Sequence[dict]) -> Dict[str, dict]:
             out[variant] = {"mib_per_s": statistics.median(r["mib_per_s"] for r in rs),
                             "rounds": [round(r["mib_per_s"], 1) for r in rs],
                             "peak_rss_kib": max(r["peak_rss_kib"] for r in rs)}
+            for role in ("proxy", "upstream"):
+                key = f"{role}_cpu_ns_per_byte"
+                if all(key in r for r in rs):
+                    out[variant][key] = statistics.median(r[key] for r in rs)
     return out
 
 
@@ -150,12 +159,14 @@ def markdown(env: Mapping[str, str], agg: Mapping[str, dict], rows: Sequence[Tup
              f"{env.get('date', '?')}, commit {env.get('commit', '?')}; body {env.get('mib')} MiB, "
              f"{env.get('conns')} concurrent uploads per run, {env.get('rounds')} interleaved rounds; "
              f"load average {env.get('loadavg_start', '?')} -> {env.get('loadavg_end', '?')}.", "",
-             "| variant | MiB/s (median) | per round | proxy peak RSS |", "| --- | --- | --- | --- |"]
+             "| variant | MiB/s (median) | per round | proxy peak RSS | proxy CPU ns/byte | upstream CPU ns/byte |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for variant in (KEYED, KEYLESS):
         a = agg.get(variant)
         if a:
+            cpu = [f"{a[k]:.2f}" if k in a else "?" for k in ("proxy_cpu_ns_per_byte", "upstream_cpu_ns_per_byte")]
             lines.append(f"| {variant} | {a['mib_per_s']:.1f} | {', '.join(map(str, a['rounds']))} | "
-                         f"{a['peak_rss_kib'] / 1024:.1f} MiB |")
+                         f"{a['peak_rss_kib'] / 1024:.1f} MiB | {cpu[0]} | {cpu[1]} |")
     lines += ["", "| target | measured | result |", "| --- | --- | --- |"]
     for target, measured, met in rows:
         result = "n/a" if met is None else ("met" if met else "NOT met")
@@ -177,6 +188,11 @@ def run_upload(env: Dict[str, str], upload: UploadSettings, bins: Mapping[str, P
                                    "--log-filter", "warn"])
     servers.wait_port("upload_proxy", proxy_port)
     pid = servers.role_pids["upload_proxy"][0]
+    pids = {"proxy": pid, "upstream": servers.role_pids["upload_upstream"][0]}
+    clk_tck = os.sysconf("SC_CLK_TCK")
+
+    def ticks() -> Dict[str, int]:
+        return {role: parse.proc_ticks(Path(f"/proc/{p}/stat").read_text()) for role, p in pids.items()}
     block = bytes((i * 31 + 7) % 256 for i in range(BLOCK))
     runs = []
     seed = f"{int(time.time())}"
@@ -184,13 +200,17 @@ def run_upload(env: Dict[str, str], upload: UploadSettings, bins: Mapping[str, P
         for variant in (KEYED, KEYLESS):
             keys = [f"upload-{seed}-{round_}-{i}" if variant == KEYED else None for i in range(upload.conns)]
             reset_peak(pid)
+            before = ticks()
             seconds, statuses = run_uploads(proxy_port, length, keys, block)
+            after = ticks()
             servers.check_alive()
             if any(s != 200 for s in statuses):
                 raise BenchError(f"upload {variant}: answers {statuses}, expected 200 each")
             peak = parse.vm_hwm_kib(Path(f"/proc/{pid}/status").read_text())
-            run = build_run(variant, round_, upload.mib, upload.conns, seconds, peak)
-            log(f"upload {variant} round {round_}: {run['mib_per_s']:.1f} MiB/s, peak RSS {peak / 1024:.1f} MiB")
+            cpu_s = {role: (after[role] - before[role]) / clk_tck for role in pids}
+            run = build_run(variant, round_, upload.mib, upload.conns, seconds, peak, cpu_s)
+            log(f"upload {variant} round {round_}: {run['mib_per_s']:.1f} MiB/s, peak RSS {peak / 1024:.1f} MiB, "
+                f"proxy CPU {run['proxy_cpu_ns_per_byte']:.2f} ns/byte")
             runs.append(run)
     agg = aggregate(runs)
     rows = targets(agg)
