@@ -141,8 +141,9 @@ impl Upload {
     }
 
     /// The body's end: verified against its declared digest, then recorded complete (unless
-    /// the owner cut it first); `last` is handed over only then.
-    fn finish(&mut self, last: Option<Bytes>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    /// the owner cut it first); `last` (its last bytes, or its trailers, which end a chunked
+    /// body) is handed over only then.
+    fn finish(&mut self, last: Option<Frame<Bytes>>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let digest: [u8; 32] = self.hasher.finalize_reset().into();
         if self.declared.is_some_and(|declared| declared != digest) {
             return self.fail(Cut::DigestMismatch);
@@ -151,7 +152,7 @@ impl Upload {
             return self.fail(Cut::Abandoned);
         }
         self.done = true;
-        Poll::Ready(last.map(|data| Ok(Frame::data(data))))
+        Poll::Ready(last.map(Ok))
     }
 
     fn next_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
@@ -201,11 +202,11 @@ impl Body for Upload {
                     this.hasher.update(&data);
                     // The last bytes of a body of known length: verified before they go.
                     if this.length == Some(this.sent) {
-                        return this.finish(Some(data));
+                        return this.finish(Some(Frame::data(data)));
                     }
                     Poll::Ready(Some(Ok(Frame::data(data))))
                 }
-                Err(trailers) => Poll::Ready(Some(Ok(trailers))),
+                Err(trailers) => this.finish(Some(trailers)),
             },
         }
     }
