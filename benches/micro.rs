@@ -119,7 +119,7 @@ fn key_sources(c: &mut Criterion) {
 
 fn completed(body_len: usize) -> Record {
     Record::Completed {
-        fingerprint: Fingerprint([7; 32]),
+        fingerprint: Fingerprint::bytes([7; 32]),
         response: StoredResponse {
             status: StatusCode::CREATED,
             headers: vec![
@@ -159,7 +159,7 @@ fn records(c: &mut Criterion) {
 }
 
 fn decision(c: &mut Criterion) {
-    let fingerprint = Fingerprint([7; 32]);
+    let fingerprint = Fingerprint::bytes([7; 32]);
     let replay = Existing {
         record: completed(1024),
         lease_left: None,
@@ -173,15 +173,16 @@ fn decision(c: &mut Criterion) {
         },
         lease_left: Some(std::time::Duration::from_secs(10)),
     };
+    let print = idemproxy::idempotency::Print::Whole(fingerprint);
     let mut group = c.benchmark_group("decide");
     group.bench_function("none", |b| {
-        b.iter(|| decide(None, black_box(&fingerprint), UnknownOutcome::Reject))
+        b.iter(|| decide(None, black_box(&print), UnknownOutcome::Reject))
     });
     group.bench_function("completed", |b| {
         b.iter(|| {
             decide(
                 Some(black_box(&replay).clone()),
-                black_box(&fingerprint),
+                black_box(&print),
                 UnknownOutcome::Reject,
             )
         })
@@ -190,7 +191,7 @@ fn decision(c: &mut Criterion) {
         b.iter(|| {
             decide(
                 Some(black_box(&in_flight).clone()),
-                black_box(&fingerprint),
+                black_box(&print),
                 UnknownOutcome::Reject,
             )
         })

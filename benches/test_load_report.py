@@ -8,7 +8,7 @@ import unittest
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from load import chart, measure, parse, report, scenarios, servers
+from load import chart, measure, parse, report, scenarios, servers, upload
 from load.config import ConfigError, from_env
 
 TESTDATA = Path(__file__).resolve().parent / "testdata"
@@ -900,6 +900,58 @@ class Baseline(unittest.TestCase):
         md = report.markdown(ENV, agg, runs, report.targets(agg, CALIBRATION), {})
         self.assertNotIn("A/B", md)
         self.assertNotIn("ab", json.loads(report.to_json(ENV, CALIBRATION, runs, agg, [])))
+
+
+class Upload(unittest.TestCase):
+    """The keyed-upload scenario (ONLY=upload): requests, answers, aggregate and targets."""
+
+    def test_request_head(self):
+        keyed = upload.request_head(8080, 1024, "k1").decode()
+        self.assertTrue(keyed.startswith("POST /upload HTTP/1.1\r\n"))
+        self.assertIn("Content-Length: 1024\r\n", keyed)
+        self.assertIn("Idempotency-Key: k1\r\n", keyed)
+        self.assertTrue(keyed.endswith("\r\n\r\n"))
+        self.assertNotIn("Idempotency-Key", upload.request_head(8080, 1024, None).decode())
+
+    def test_status_of(self):
+        self.assertEqual(upload.status_of(b"HTTP/1.1 200 OK\r\n\r\n"), 200)
+        self.assertEqual(upload.status_of(b"HTTP/1.1 413 Content Too Large\r\n"), 413)
+        self.assertEqual(upload.status_of(b""), 0)
+        self.assertEqual(upload.status_of(b"garbage"), 0)
+
+    def test_aggregate_and_targets(self):
+        runs = [upload.build_run(upload.KEYED, 1, 64, 4, 2.0, 30_000),
+                upload.build_run(upload.KEYLESS, 1, 64, 4, 1.6, 20_000),
+                upload.build_run(upload.KEYED, 2, 64, 4, 1.0, 40_000),
+                upload.build_run(upload.KEYLESS, 2, 64, 4, 2.0, 21_000),
+                upload.build_run(upload.KEYED, 3, 64, 4, 4.0, 35_000),
+                upload.build_run(upload.KEYLESS, 3, 64, 4, 1.0, 22_000)]
+        agg = upload.aggregate(runs)
+        self.assertEqual(agg[upload.KEYED]["mib_per_s"], 128.0)
+        self.assertEqual(agg[upload.KEYLESS]["mib_per_s"], 160.0)
+        self.assertEqual(agg[upload.KEYED]["peak_rss_kib"], 40_000)
+        rows = upload.targets(agg)
+        self.assertEqual(rows[0], ("keyed upload peak RSS < 64 MiB", "39.1 MiB", True))
+        self.assertEqual(rows[1], ("keyed throughput >= 0.8x keyless", "0.80x", True))
+        md = upload.markdown({"mib": "64", "conns": "4", "rounds": "3"}, agg, rows)
+        self.assertIn("| keyed | 128.0 | 128.0, 256.0, 64.0 | 39.1 MiB | ? | ? |", md)
+        with_cpu = upload.build_run(upload.KEYED, 1, 64, 4, 1.0, 1, {"proxy": 0.512, "upstream": 0.256})
+        self.assertAlmostEqual(with_cpu["proxy_cpu_ns_per_byte"], 1.9073, places=3)
+        cpu_md = upload.markdown({}, upload.aggregate([with_cpu]), [])
+        self.assertIn("| keyed | 256.0 | 256.0 | 0.0 MiB | 1.91 | 0.95 |", cpu_md)
+        self.assertIn("| keyed throughput >= 0.8x keyless | 0.80x | met |", md)
+        self.assertEqual(upload.targets({upload.KEYED: {**agg[upload.KEYED], "peak_rss_kib": 70_000}})[0][2], False)
+
+    def test_settings(self):
+        self.assertEqual(upload.upload_settings({}, 3), upload.UploadSettings(64, 4, 3))
+        self.assertEqual(upload.upload_settings({"UPLOAD_MIB": "256", "UPLOAD_CONNS": "1"}, 2),
+                         upload.UploadSettings(256, 1, 2))
+        for env in ({"UPLOAD_MIB": "0"}, {"UPLOAD_CONNS": "x"}):
+            with self.assertRaises(upload.BenchError):
+                upload.upload_settings(env, 3)
+        # Only when ONLY names it, alone or with others.
+        self.assertNotIn("upload", from_env({}, Path("/r"), 2).only)
+        self.assertEqual(from_env({"ONLY": "upload get"}, Path("/r"), 2).only, ("upload", "get"))
 
 
 class Settings(unittest.TestCase):

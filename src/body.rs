@@ -1,6 +1,7 @@
 //! One body type for everything the proxy sends, client- or upstream-bound, without boxing:
 //! a streamed `Incoming`, a buffered `Bytes`, or a buffered prefix followed by the rest of a
-//! stream (an oversized guarded response, docs/behaviour.md §5).
+//! stream (an oversized guarded response, docs/behaviour.md §5), or a streamed guarded
+//! request body ([`Upload`], §15).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -8,6 +9,9 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+
+use crate::error::chain::BoxError;
+use crate::upload::Upload;
 
 /// A body the proxy sends.
 #[derive(Debug)]
@@ -18,6 +22,8 @@ pub enum ProxyBody {
     Full(Option<Bytes>),
     /// A prefix already read from `rest`, then `rest` streamed.
     Stream { prefix: Option<Bytes>, rest: Incoming },
+    /// A guarded request body streamed upstream while it is hashed (docs/behaviour.md §15).
+    Upload(Box<Upload>),
 }
 
 impl ProxyBody {
@@ -55,9 +61,9 @@ impl From<Incoming> for ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ProxyBody::Empty => Poll::Ready(None),
             ProxyBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
@@ -65,8 +71,11 @@ impl Body for ProxyBody {
                 if let Some(prefix) = prefix.take() {
                     return Poll::Ready(Some(Ok(Frame::data(prefix))));
                 }
-                Pin::new(rest).poll_frame(cx)
+                Pin::new(rest)
+                    .poll_frame(cx)
+                    .map(|frame| frame.map(|result| result.map_err(Into::into)))
             }
+            ProxyBody::Upload(upload) => Pin::new(upload.as_mut()).poll_frame(cx),
         }
     }
 
@@ -75,6 +84,7 @@ impl Body for ProxyBody {
             ProxyBody::Empty => true,
             ProxyBody::Full(bytes) => bytes.is_none(),
             ProxyBody::Stream { prefix, rest } => prefix.is_none() && rest.is_end_stream(),
+            ProxyBody::Upload(upload) => upload.is_end_stream(),
         }
     }
 
@@ -92,6 +102,7 @@ impl Body for ProxyBody {
                 }
                 hint
             }
+            ProxyBody::Upload(upload) => upload.size_hint(),
         }
     }
 }

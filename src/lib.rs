@@ -18,6 +18,7 @@ pub mod state;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
+pub mod upload;
 pub mod upstream;
 
 pub use config::Config;

@@ -17,8 +17,8 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
 use idemproxy::config::UnknownOutcome;
 use idemproxy::idempotency::{
-    unix_ms, Fingerprint, LeaseToken, Record, RecordError, StorageKey, StoredResponse, UnknownCause,
-    CONFLICT_RETRY_AFTER,
+    unix_ms, Fingerprint, HeadHash, LeaseToken, Print, Record, RecordError, Scheme, StorageKey, StoredResponse,
+    UnknownCause, CONFLICT_RETRY_AFTER,
 };
 use idemproxy::store::{
     Begin, BeginRequest, DiskStore, KeyState, MemoryStore, RedisOptions, RedisStore, Store, StoreError,
@@ -48,7 +48,7 @@ fn request(
 ) -> BeginRequest<'_> {
     BeginRequest {
         key,
-        fingerprint: Fingerprint([fp; 32]),
+        print: Print::Whole(Fingerprint::bytes([fp; 32])),
         token: LeaseToken::random(),
         key_ttl,
         lock_ttl,
@@ -84,7 +84,7 @@ fn response(status: u16, body: Option<&[u8]>) -> StoredResponse {
 
 fn completed(fp: u8, response: &StoredResponse) -> Record {
     Record::Completed {
-        fingerprint: Fingerprint([fp; 32]),
+        fingerprint: Fingerprint::bytes([fp; 32]),
         response: response.clone(),
     }
 }
@@ -130,6 +130,43 @@ mod contract {
         let fresh_key = key("new-key-2");
         let attempt = req(&fresh_key, FP);
         assert_eq!(begin(store, &attempt).await, Begin::Owner(attempt.token));
+    }
+
+    /// Streamed bodies (docs/behaviour.md §15.2) in every store: an owner known by its head only
+    /// conflicts with a retry of the same head (whatever its body) and is a mismatch for another
+    /// head; its lease renews (the Redis scripts accept its record version); its result recorded
+    /// with the body's digest replays for that digest, is a mismatch for another, and sends a
+    /// retry whose digest is not known yet to verify it.
+    pub async fn streamed_prints_share_one_comparison_rule<S: Store>(store: &S) {
+        let method = http::Method::POST;
+        let uri: http::Uri = "/uploads".parse().expect("uri");
+        let head = HeadHash::of(&method, &uri, None);
+        let other_head = HeadHash::of(&method, &"/other".parse().expect("uri"), None);
+        let streamed = |k, head, body| BeginRequest {
+            print: Print::Streamed { head, body },
+            ..req(k, FP)
+        };
+        let k = key("streamed");
+        let owner = streamed(&k, head, None);
+        assert_eq!(begin(store, &owner).await, Begin::Owner(owner.token));
+        assert_eq!(record(store, &k).await.fingerprint().scheme, Scheme::Head);
+        assert_eq!(begin(store, &streamed(&k, head, Some([2; 32]))).await, in_flight());
+        assert_eq!(begin(store, &streamed(&k, head, None)).await, in_flight());
+        assert_eq!(begin(store, &streamed(&k, other_head, None)).await, Begin::Mismatch);
+        assert_eq!(store.renew(&k, owner.token, LOCK_TTL).await, Ok(true));
+        let done = Record::Completed {
+            fingerprint: head.with_body(&[1; 32]),
+            response: response(201, Some(b"done")),
+        };
+        assert_eq!(store.complete(&k, owner.token, &done).await, Ok(true));
+        assert!(matches!(begin(store, &streamed(&k, head, Some([1; 32]))).await, Begin::Replay(r) if r.status == 201));
+        assert_eq!(begin(store, &streamed(&k, head, Some([2; 32]))).await, Begin::Mismatch);
+        assert_eq!(
+            begin(store, &streamed(&k, head, None)).await,
+            Begin::Verify(done.clone())
+        );
+        // A body read whole against it: verified too (its bytes hash to a digest).
+        assert_eq!(begin(store, &req(&k, FP)).await, Begin::Verify(done));
     }
 
     /// A completed key replays exactly what was stored (status, headers in order, body), every
@@ -369,7 +406,7 @@ mod contract {
             let owner = req(&k, FP);
             assert_eq!(begin(store, &owner).await, Begin::Owner(owner.token));
             let unknown = Record::Unknown {
-                fingerprint: Fingerprint([FP; 32]),
+                fingerprint: Fingerprint::bytes([FP; 32]),
                 since_ms: unix_ms(),
                 cause,
             };
@@ -493,7 +530,7 @@ mod contract {
         let owner = req(&k, FP);
         assert_eq!(begin(store, &owner).await, Begin::Owner(owner.token));
         let unknown = Record::Unknown {
-            fingerprint: Fingerprint([FP; 32]),
+            fingerprint: Fingerprint::bytes([FP; 32]),
             since_ms: unix_ms(),
             cause: UnknownCause::Timeout,
         };
@@ -578,6 +615,7 @@ per_store! {
     }
     tests {
         new_key_owner_then_in_flight_then_mismatch,
+        streamed_prints_share_one_comparison_rule,
         completed_key_replays,
         wrong_or_stale_token_is_refused,
         takeover_fences_the_lapsed_owner,
@@ -656,7 +694,7 @@ async fn redis_corrupt_record_is_an_error() {
     // fingerprint, no lease: what a takeover or mark-unknown looks for) cut short or with
     // trailing bytes. Each stays an error, and none is taken over or overwritten.
     let in_flight = Record::InFlight {
-        fingerprint: Fingerprint([FP; 32]),
+        fingerprint: Fingerprint::bytes([FP; 32]),
         owner: LeaseToken::random(),
         started_at_ms: 1,
         lease_until_ms: 2,
@@ -688,6 +726,52 @@ async fn redis_corrupt_record_is_an_error() {
     let fresh_key = key("corrupt-after");
     let attempt = req(&fresh_key, FP);
     assert_eq!(begin(&store, &attempt).await, Begin::Owner(attempt.token));
+}
+
+/// A `Completed` record exactly as builds before streamed bodies wrote it (fixed bytes: `201 ok`
+/// to `POST /orders?x=1`, `application/json`, `{"n":1}`), put in Redis as a shared Redis holds it
+/// across a rolling upgrade: its retry read whole replays it, another body is a mismatch, and a
+/// retry that streams is sent to verify it in its (`bytes`) scheme (docs/behaviour.md §15.2).
+#[tokio::test]
+async fn redis_records_written_before_streaming_keep_matching() {
+    let server = RedisServer::start();
+    let store = connect_redis(&server).await;
+    let k = key("pre-upgrade");
+    let fixture = hex::decode(concat!(
+        "0202",
+        "da7d466ac123d38eb2ff9eb16a9aa7f5934210faa61dedf6390df7af685e0302",
+        "0000000000000001",
+        "00c9",
+        "01",
+        "0000",
+        "6f6b"
+    ))
+    .expect("hex");
+    let _: () = server.query(redis::cmd("SET").arg(k.record_key()).arg(&fixture));
+    let method = http::Method::POST;
+    let uri: http::Uri = "/orders?x=1".parse().expect("uri");
+    let json = Some(&b"application/json"[..]);
+    let retry = |body: &[u8]| BeginRequest {
+        print: Print::Whole(Fingerprint::of(&method, &uri, json, body)),
+        ..req(&k, FP)
+    };
+    assert!(
+        matches!(begin(&store, &retry(b"{\"n\":1}")).await, Begin::Replay(r) if r.status == 201 && r.body.as_deref() == Some(&b"ok"[..]))
+    );
+    assert_eq!(begin(&store, &retry(b"{\"n\":2}")).await, Begin::Mismatch);
+    let streamed = BeginRequest {
+        print: Print::Streamed {
+            head: HeadHash::of(&method, &uri, json),
+            body: None,
+        },
+        ..req(&k, FP)
+    };
+    match begin(&store, &streamed).await {
+        Begin::Verify(record) => assert_eq!(record.fingerprint().scheme, Scheme::Bytes),
+        other => panic!("expected Verify, got {other:?}"),
+    }
+    let left: Vec<u8> = server.query(redis::cmd("GET").arg(k.record_key()));
+    assert_eq!(left, fixture, "the record is untouched");
 }
 
 /// Calls per command name, sorted by name.

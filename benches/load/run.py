@@ -7,8 +7,10 @@ import os
 import platform
 import random
 import shutil
+import subprocess
 import tempfile
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -21,6 +23,7 @@ from .scenarios import (IDEM_REDIS, Variant, groups, idemproxy_label, idemproxy_
                         needs_json_fingerprint, needs_replicated)
 from .servers import Ports, body_1k, keyed_post, pick_ports, preflight, redis_cli, redis_clis, start_all
 from .tools import Baseline, build, build_baseline, versions
+from . import upload
 
 
 class Bench:
@@ -157,7 +160,8 @@ def write_report(out_dir: Path, env: Dict[str, str], calibration: dict, runs: Li
 def build_all(settings: Settings, tmp: Path) -> Tuple[Dict[str, Path], Optional[Baseline]]:
     """This build's binaries (name -> path) with the baseline's as `idemproxy-baseline`, and the
     baseline (None without BASELINE)."""
-    examples = ["bench_floor"] + (["bench_upstream"] if settings.upstream_kind == "hyper" else [])
+    hyper_upstream = settings.upstream_kind == "hyper" or upload.GROUP in settings.only
+    examples = ["bench_floor"] + (["bench_upstream"] if hyper_upstream else [])
     bins = build(settings.root, tmp, examples)
     if not settings.baseline:
         return bins, None
@@ -165,9 +169,33 @@ def build_all(settings: Settings, tmp: Path) -> Tuple[Dict[str, Path], Optional[
     return {**bins, "idemproxy-baseline": baseline.binary}, baseline
 
 
+def upload_only(settings: Settings, bins: Dict[str, Path], tmp: Path) -> str:
+    """The keyed-upload scenario (ONLY=upload) on its own servers; returns its markdown."""
+    upload_settings = upload.upload_settings(os.environ, settings.rounds)
+    commit = versions_commit(settings.root)
+    pin = ["taskset", "-c", settings.server_cpus] if settings.pinned else []
+    if settings.pinned:
+        os.sched_setaffinity(0, parse.cpu_ids(settings.load_cpus) or os.sched_getaffinity(0))
+    with Servers(tmp, pin) as servers:
+        return upload.run_upload(upload.upload_env(commit), upload_settings, bins, servers, settings.out_dir)
+
+
+def versions_commit(root: Path) -> str:
+    """The short commit measured, `+dirty` when the tree has changes."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout
+    return commit + ("+dirty" if dirty.strip() else "")
+
+
 def benchmark(settings: Settings, tools: Dict[str, str], tmp: Path) -> str:
-    """Builds, starts the servers, measures every group, writes the report; returns the markdown."""
+    """Builds, starts the servers, measures every group, writes the report; returns the markdown.
+    The keyed-upload group runs on its own servers after the others (its own report)."""
     bins, baseline = build_all(settings, tmp)
+    upload_md = upload_only(settings, bins, tmp) if upload.GROUP in settings.only else ""
+    settings = replace(settings, only=tuple(g for g in settings.only if g != upload.GROUP))
+    if not settings.only:
+        return upload_md
     ports = pick_ports(idemproxy_roles(baseline is not None, needs_replicated(settings.only),
                                        needs_json_fingerprint(settings.only), needs_disk(settings.only)))
     pin = ["taskset", "-c", settings.server_cpus] if settings.pinned else []
@@ -186,7 +214,8 @@ def benchmark(settings: Settings, tools: Dict[str, str], tmp: Path) -> str:
         calibration = bench.calibration()
         env["loadavg_end"] = loadavg()
         servers.check_alive()
-    return write_report(settings.out_dir, env, calibration, bench.runs, proxy_logs(tmp, list(ports.idemproxies)))
+    return upload_md + write_report(settings.out_dir, env, calibration, bench.runs,
+                                    proxy_logs(tmp, list(ports.idemproxies)))
 
 
 def main_run(settings: Settings, tools: Dict[str, str]) -> None:
@@ -200,4 +229,6 @@ def main_run(settings: Settings, tools: Dict[str, str]) -> None:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     print(md, end="")
-    log(f"wrote {settings.out_dir}/latest.md, latest.svg, latest.json")
+    written = (["upload.md", "upload.json"] if upload.GROUP in settings.only else []) + (
+        ["latest.md", "latest.svg", "latest.json"] if set(settings.only) - {upload.GROUP} else [])
+    log(f"wrote {settings.out_dir}/{', '.join(written)}")

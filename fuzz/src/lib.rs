@@ -500,7 +500,7 @@ fn disk_fixture() -> &'static DiskFixture {
                 let key = StorageKey::new("f:", "r", b"", &i.to_be_bytes());
                 let request = BeginRequest {
                     key: &key,
-                    fingerprint: Fingerprint([i as u8; 32]),
+                    print: idemproxy::idempotency::Print::Whole(Fingerprint::bytes([i as u8; 32])),
                     token: LeaseToken::random(),
                     key_ttl: Duration::from_secs(86_400),
                     lock_ttl: Duration::from_secs(3_600),
@@ -511,7 +511,7 @@ fn disk_fixture() -> &'static DiskFixture {
                 let record = match i % 3 {
                     0 => request.in_flight_record(),
                     1 => Record::Completed {
-                        fingerprint: request.fingerprint,
+                        fingerprint: request.print.fingerprint(),
                         response: StoredResponse {
                             status: http::StatusCode::CREATED,
                             headers: vec![(
@@ -523,7 +523,7 @@ fn disk_fixture() -> &'static DiskFixture {
                         },
                     },
                     _ => Record::Unknown {
-                        fingerprint: request.fingerprint,
+                        fingerprint: request.print.fingerprint(),
                         since_ms: 2,
                         cause: UnknownCause::Timeout,
                     },

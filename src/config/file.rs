@@ -362,7 +362,7 @@ section! {
         /// Store down or full: closed (503) or open (forward unprotected) [default: closed].
         #[arg(long, env = "IDEMPROXY_STORE_FAILURE", value_parser = keyed::<StoreFailure>("idempotency.store_failure"))]
         pub store_failure: Option<StoreFailure>,
-        /// Largest guarded request body, bytes [default: 8388608].
+        /// Largest guarded request body, bytes (bodies over buffer_bytes stream, so it does not bound memory) [default: 8388608].
         #[arg(long, env = "IDEMPROXY_MAX_BODY_BYTES")]
         pub max_body_bytes: Option<u64>,
         /// Largest response body stored for replay, bytes [default: 8388608].
@@ -381,7 +381,7 @@ section! {
         /// Where a key is taken from, first match wins: header:NAME, json:/pointer, query:NAME; repeatable [default: header:Idempotency-Key].
         #[arg(long = "key-source", env = "IDEMPROXY_KEY_SOURCES", value_name = "SOURCE", value_delimiter = ',')]
         pub key_sources: Option<Vec<String>>,
-        /// Bodies up to this many bytes are read to look for a json: key [default: 1048576].
+        /// Guarded bodies up to this many bytes are read whole; larger ones stream upstream while hashed (and have no json: key) [default: 1048576].
         #[arg(long, env = "IDEMPROXY_BUFFER_BYTES")]
         pub buffer_bytes: Option<u64>,
         /// Fingerprint the body as bytes, or as canonical JSON (RFC 8785, numbers as written) [default: bytes].

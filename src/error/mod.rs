@@ -82,6 +82,12 @@ pub enum ProxyError {
     ClientBodyTimeout(Duration),
     #[error("the request could not be proxied: {0}")]
     BadRequest(&'static str),
+    /// A `Content-Digest` field that cannot be used (docs/behaviour.md §15.3).
+    #[error("the Content-Digest field is invalid: {0}")]
+    BadContentDigest(&'static str),
+    /// A body whose SHA-256 is not its `Content-Digest` (docs/behaviour.md §15.3).
+    #[error("the request body does not match its Content-Digest (sha-256); the upstream did not get the complete request and the key is free")]
+    DigestMismatch,
     #[error("no route serves this path")]
     NoRoute,
     #[error("a request with this Idempotency-Key is still being processed; retry later")]
@@ -281,6 +287,14 @@ impl Problem for ProxyError {
             | ProxyError::Upstream(UpstreamError::ClientBody(_)) => {
                 problem_type!(StatusCode::BAD_REQUEST, "bad-request", "Bad request")
             }
+            ProxyError::BadContentDigest(_) => {
+                problem_type!(StatusCode::BAD_REQUEST, "bad-content-digest", "Invalid Content-Digest")
+            }
+            ProxyError::DigestMismatch => problem_type!(
+                StatusCode::BAD_REQUEST,
+                "digest-mismatch",
+                "Body does not match its Content-Digest"
+            ),
             ProxyError::NoRoute => problem_type!(StatusCode::NOT_FOUND, "no-route", "No route"),
             ProxyError::Conflict { .. } => {
                 problem_type!(StatusCode::CONFLICT, "request-in-progress", "Request in progress")
@@ -384,6 +398,8 @@ impl ProxyError {
             | ProxyError::ClientBody(_)
             | ProxyError::ClientBodyTimeout(_)
             | ProxyError::BadRequest(_)
+            | ProxyError::BadContentDigest(_)
+            | ProxyError::DigestMismatch
             | ProxyError::NoRoute
             | ProxyError::Conflict { .. }
             | ProxyError::Mismatch
@@ -405,6 +421,8 @@ impl ProxyError {
             | ProxyError::ClientBodyTimeout(_)
             | ProxyError::Upstream(UpstreamError::ClientBody(_))
             | ProxyError::BadRequest(_)
+            | ProxyError::BadContentDigest(_)
+            | ProxyError::DigestMismatch
             | ProxyError::NoRoute => Outcome::BadRequest,
             ProxyError::Conflict { .. } => Outcome::Conflict,
             ProxyError::Mismatch => Outcome::Mismatch,

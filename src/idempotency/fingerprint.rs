@@ -99,29 +99,58 @@ impl fmt::Debug for ShortHash {
     }
 }
 
-/// What makes two requests "the same request": `sha256(method, path, query, content-type, body)`.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Fingerprint(pub [u8; 32]);
+/// How a fingerprint was made (docs/behaviour.md §15.2); a record names it in its version byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scheme {
+    /// `sha256(method, path, query, content-type, body)`: a body read whole (§3), and every
+    /// record written before streamed bodies existed.
+    Bytes,
+    /// `sha256(head, sha256(body))`: a streamed body whose digest is known.
+    Digest,
+    /// The head's hash alone: a streamed body whose digest is not known ("body pending").
+    Head,
+}
 
-impl Fingerprint {
-    pub fn of(method: &http::Method, uri: &http::Uri, content_type: Option<&[u8]>, body: &[u8]) -> Self {
-        let mut hasher = Sha256::new();
-        update_field(&mut hasher, method.as_str().as_bytes());
-        update_field(&mut hasher, uri.path().as_bytes());
-        match uri.query() {
-            Some(q) => {
-                hasher.update([1]);
-                update_field(&mut hasher, q.as_bytes());
-            }
-            None => hasher.update([0]),
+/// What makes two requests "the same request" (docs/behaviour.md §3, §15.2): a SHA-256 digest
+/// and the scheme it was made with.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fingerprint {
+    pub scheme: Scheme,
+    pub hash: [u8; 32],
+}
+
+/// Hashes a request's head (method, path, query, content type) into `hasher`, each field
+/// length-prefixed; a query that is absent and one that is empty differ.
+fn update_head(hasher: &mut Sha256, method: &http::Method, uri: &http::Uri, content_type: Option<&[u8]>) {
+    update_field(hasher, method.as_str().as_bytes());
+    update_field(hasher, uri.path().as_bytes());
+    match uri.query() {
+        Some(q) => {
+            hasher.update([1]);
+            update_field(hasher, q.as_bytes());
         }
-        update_field(&mut hasher, content_type.unwrap_or_default());
-        update_field(&mut hasher, body);
-        Self(hasher.finalize().into())
+        None => hasher.update([0]),
     }
+    update_field(hasher, content_type.unwrap_or_default());
 }
 
 impl Fingerprint {
+    /// A `bytes` fingerprint with this hash.
+    pub const fn bytes(hash: [u8; 32]) -> Self {
+        Self {
+            scheme: Scheme::Bytes,
+            hash,
+        }
+    }
+
+    /// The `bytes` fingerprint of a request whose body was read whole (docs/behaviour.md §3).
+    pub fn of(method: &http::Method, uri: &http::Uri, content_type: Option<&[u8]>, body: &[u8]) -> Self {
+        let mut hasher = Sha256::new();
+        update_head(&mut hasher, method, uri, content_type);
+        update_field(&mut hasher, body);
+        Self::bytes(hasher.finalize().into())
+    }
+
     /// The fingerprint of a route with `fingerprint_body = "json"` (docs/behaviour.md §13):
     /// [`of`](Self::of) over the body's canonical JSON form without the values at `ignore`, or
     /// over its bytes when it is not JSON.
@@ -137,11 +166,97 @@ impl Fingerprint {
             None => Self::of(method, uri, content_type, body),
         }
     }
+
+    /// The `bytes` fingerprint of a body of `len` bytes that is hashed as it arrives: feed it
+    /// to the returned hasher, then [`finish_bytes`](Self::finish_bytes).
+    pub fn start_bytes(method: &http::Method, uri: &http::Uri, content_type: Option<&[u8]>, len: u64) -> Sha256 {
+        let mut hasher = Sha256::new();
+        update_head(&mut hasher, method, uri, content_type);
+        hasher.update(len.to_be_bytes());
+        hasher
+    }
+
+    /// The fingerprint [`start_bytes`](Self::start_bytes) began, once the body went through it.
+    pub fn finish_bytes(hasher: Sha256) -> Self {
+        Self::bytes(hasher.finalize().into())
+    }
+}
+
+/// The hash of a request's head (method, path, query, content type): what a streamed request's
+/// fingerprint is known by before its body is (docs/behaviour.md §15.2).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct HeadHash(pub [u8; 32]);
+
+impl HeadHash {
+    pub fn of(method: &http::Method, uri: &http::Uri, content_type: Option<&[u8]>) -> Self {
+        let mut hasher = Sha256::new();
+        update_head(&mut hasher, method, uri, content_type);
+        Self(hasher.finalize().into())
+    }
+
+    /// The `digest` fingerprint of this head with a body whose SHA-256 is `body`.
+    pub fn with_body(&self, body: &[u8; 32]) -> Fingerprint {
+        let mut hasher = Sha256::new();
+        hasher.update([2]);
+        hasher.update(self.0);
+        hasher.update(body);
+        Fingerprint {
+            scheme: Scheme::Digest,
+            hash: hasher.finalize().into(),
+        }
+    }
+}
+
+/// What an arriving request knows of its fingerprint when its key is decided
+/// (docs/behaviour.md §15.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Print {
+    /// A body read whole: its fingerprint (`bytes`, or over canonical JSON, §13).
+    Whole(Fingerprint),
+    /// A streamed body: the head's hash, and the body's SHA-256 once known (`Content-Digest`, or
+    /// hashed as it arrived).
+    Streamed { head: HeadHash, body: Option<[u8; 32]> },
+}
+
+/// How a request's [`Print`] compares with a record's fingerprint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Comparison {
+    Same,
+    Different,
+    /// Not comparable yet: the request must hash its body in the record's scheme first.
+    Undecided,
+}
+
+impl Print {
+    /// The fingerprint a record written for this request carries.
+    pub fn fingerprint(&self) -> Fingerprint {
+        match self {
+            Print::Whole(fingerprint) => *fingerprint,
+            Print::Streamed { head, body: Some(body) } => head.with_body(body),
+            Print::Streamed { head, body: None } => Fingerprint {
+                scheme: Scheme::Head,
+                hash: head.0,
+            },
+        }
+    }
+
+    /// The one comparison rule of every store (docs/behaviour.md §15.2).
+    pub fn compare(&self, stored: &Fingerprint) -> Comparison {
+        let same = |equal: bool| if equal { Comparison::Same } else { Comparison::Different };
+        match (self, stored.scheme) {
+            (Print::Whole(own), _) if own.scheme == stored.scheme => same(own.hash == stored.hash),
+            (Print::Streamed { head, .. }, Scheme::Head) => same(head.0 == stored.hash),
+            (Print::Streamed { head, body: Some(body) }, Scheme::Digest) => {
+                same(head.with_body(body).hash == stored.hash)
+            }
+            _ => Comparison::Undecided,
+        }
+    }
 }
 
 impl fmt::Debug for Fingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Fingerprint({})", hex::encode(&self.0[..8]))
+        write!(f, "Fingerprint({:?} {})", self.scheme, hex::encode(&self.hash[..8]))
     }
 }
 
@@ -179,7 +294,7 @@ mod tests {
     fn byte_fingerprint_is_unchanged() {
         let fingerprint = fp("POST", "/orders?x=1", Some("application/json"), "{\"n\":1}");
         assert_eq!(
-            hex::encode(fingerprint.0),
+            hex::encode(fingerprint.hash),
             "da7d466ac123d38eb2ff9eb16a9aa7f5934210faa61dedf6390df7af685e0302"
         );
     }

@@ -3,6 +3,7 @@
 //! No I/O happens here; the store and the upstream sit at the edges (`store`, `proxy`).
 
 pub mod canonical;
+pub mod content_digest;
 pub mod decision;
 pub mod fingerprint;
 pub mod key;
@@ -12,7 +13,7 @@ pub mod replay;
 pub mod source;
 
 pub use decision::{decide, Decision, Existing, CONFLICT_RETRY_AFTER};
-pub use fingerprint::{Fingerprint, ShortHash, StorageKey};
+pub use fingerprint::{Comparison, Fingerprint, HeadHash, Print, Scheme, ShortHash, StorageKey};
 pub use key::{IdempotencyKey, KeyError, IDEMPOTENCY_KEY};
 pub use outcome::{settle, Exchange, Settlement};
 pub use record::{unix_ms, LeaseToken, Record, RecordError, StoredResponse, UnknownCause};

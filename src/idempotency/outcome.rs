@@ -16,6 +16,11 @@ pub enum Exchange {
     NotSent,
     /// The request was sent (or may have been) but no complete response came back.
     NoCompleteAnswer(UnknownCause),
+    /// The request's body stopped before its end reached the upstream (the client broke it,
+    /// it passed `max_body_bytes`, it did not match its `Content-Digest`, or the upstream
+    /// connection failed mid-body), and no answer came back: the upstream never got a complete
+    /// request (docs/behaviour.md §15.4).
+    RequestCut,
 }
 
 /// What the owner does with its key.
@@ -34,7 +39,8 @@ pub enum Settlement {
 ///   otherwise one in `release_statuses` (the upstream says it did not process the request,
 ///   default `429` and `503`) is released, and so is any 5xx when `record_server_errors` is off;
 ///   every other response is recorded. Precedence: unknown, then release, then record;
-/// - a request that never reached the upstream is released (it cannot have acted);
+/// - a request that never reached the upstream, or never reached it whole, is released (it
+///   cannot have acted);
 /// - a request sent without a complete answer (or answered with an unknown status) is marked
 ///   `Unknown`, or released under `unknown_outcome = "retry"` (at-least-once by the operator's
 ///   choice).
@@ -50,7 +56,7 @@ pub fn settle(exchange: Exchange, policy: &Policy) -> Settlement {
             Settlement::Release
         }
         Exchange::Answered(_) => Settlement::Record,
-        Exchange::NotSent => Settlement::Release,
+        Exchange::NotSent | Exchange::RequestCut => Settlement::Release,
         Exchange::NoCompleteAnswer(cause) => unknown(cause, policy),
     }
 }
@@ -106,6 +112,7 @@ mod tests {
             assert_eq!(settle(answered(code), defaults), expected, "{code}");
         }
         assert_eq!(settle(Exchange::NotSent, defaults), Release);
+        assert_eq!(settle(Exchange::RequestCut, defaults), Release);
         for cause in [UnknownCause::Timeout, UnknownCause::UpstreamFailed] {
             assert_eq!(settle(Exchange::NoCompleteAnswer(cause), defaults), MarkUnknown(cause));
         }
@@ -155,6 +162,7 @@ mod tests {
         prop_oneof![
             (100u16..=599).prop_map(answered),
             Just(Exchange::NotSent),
+            Just(Exchange::RequestCut),
             prop_oneof![
                 Just(UnknownCause::Timeout),
                 Just(UnknownCause::UpstreamFailed),
@@ -184,14 +192,14 @@ mod tests {
         #[test]
         fn released_only_when_safe_or_chosen(exchange in exchanges(), policy in policies()) {
             if settle(exchange, &policy) == Settlement::Release {
-                let safe = exchange == Exchange::NotSent;
+                let safe = matches!(exchange, Exchange::NotSent | Exchange::RequestCut);
                 let said_so = matches!(exchange, Exchange::Answered(s) if policy.release_statuses.contains(s));
                 let chosen_5xx = matches!(exchange, Exchange::Answered(s) if s.is_server_error()) && !policy.record_server_errors;
                 let chosen_retry = policy.unknown_outcome == UnknownOutcome::Retry
                     && match exchange {
                         Exchange::NoCompleteAnswer(_) => true,
                         Exchange::Answered(s) => policy.unknown_statuses.contains(s),
-                        Exchange::NotSent => false,
+                        Exchange::NotSent | Exchange::RequestCut => false,
                     };
                 prop_assert!(safe || said_so || chosen_5xx || chosen_retry, "{exchange:?} released");
             }

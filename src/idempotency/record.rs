@@ -1,10 +1,10 @@
 //! A key's record (docs/behaviour.md §4) and its compact, versioned byte encoding.
 //!
-//! Layout (all integers big-endian), version 2:
+//! Layout (all integers big-endian), versions 2 to 4:
 //!
 //! | offset | size | field |
 //! | --- | --- | --- |
-//! | 0 | 1 | version (`2`) |
+//! | 0 | 1 | version: `2`, `3` or `4`, which also names the fingerprint's scheme (below) |
 //! | 1 | 1 | state: `1` InFlight, `2` Completed, `3` Unknown |
 //! | 2 | 32 | request fingerprint |
 //! | 34 | … | state fields |
@@ -18,6 +18,11 @@
 //!   interrupted, `5` upstream status). Causes are only ever added: a record written by an
 //!   earlier build keeps decoding.
 //!
+//! The version byte names the fingerprint's scheme (docs/behaviour.md §15.2), the layout being
+//! the same: `2` `bytes` (every record written before streamed bodies existed, so they decode and
+//! compare as they always did), `3` `digest`, `4` `head` (a streamed body not hashed yet).
+//! A record of a body read whole is still written as version 2, byte for byte as before.
+//!
 //! The Redis scripts read the state byte and the owner token at these fixed offsets
 //! (`store::redis`), so they can compare-and-set without decoding. Decoding never panics:
 //! any byte string that is not a valid record is [`RecordError`].
@@ -25,10 +30,13 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use http::{HeaderName, HeaderValue, StatusCode};
 
-use super::fingerprint::Fingerprint;
+use super::fingerprint::{Fingerprint, Scheme};
 
-/// Encoding version written by this build.
+/// Encoding version of a record whose fingerprint is of the `bytes` scheme (and the first
+/// version byte of the layout above); `digest` and `head` are the next two.
 pub const VERSION: u8 = 2;
+/// The highest version byte this build reads and writes.
+pub const LAST_VERSION: u8 = 4;
 pub const STATE_IN_FLIGHT: u8 = 1;
 pub const STATE_COMPLETED: u8 = 2;
 pub const STATE_UNKNOWN: u8 = 3;
@@ -256,14 +264,11 @@ impl Record {
     /// slices of `bytes`.
     pub fn decode(bytes: Bytes) -> Result<Record, RecordError> {
         let mut r = Reader { bytes: &bytes, pos: 0 };
-        let version = r.u8()?;
-        if version != VERSION {
-            return Err(RecordError::Version(version));
-        }
+        let scheme = scheme_of(r.u8()?)?;
         let state = r.u8()?;
-        let mut fp = [0u8; 32];
-        fp.copy_from_slice(r.take(32)?);
-        let fingerprint = Fingerprint(fp);
+        let mut hash = [0u8; 32];
+        hash.copy_from_slice(r.take(32)?);
+        let fingerprint = Fingerprint { scheme, hash };
         let record = match state {
             STATE_IN_FLIGHT => {
                 let mut owner = [0u8; 16];
@@ -330,9 +335,23 @@ impl Record {
 }
 
 fn put_head(out: &mut BytesMut, state: u8, fingerprint: &Fingerprint) {
-    out.put_u8(VERSION);
+    out.put_u8(match fingerprint.scheme {
+        Scheme::Bytes => VERSION,
+        Scheme::Digest => VERSION + 1,
+        Scheme::Head => VERSION + 2,
+    });
     out.put_u8(state);
-    out.put_slice(&fingerprint.0);
+    out.put_slice(&fingerprint.hash);
+}
+
+/// The fingerprint scheme a record's version byte names.
+fn scheme_of(version: u8) -> Result<Scheme, RecordError> {
+    match version {
+        VERSION => Ok(Scheme::Bytes),
+        3 => Ok(Scheme::Digest),
+        LAST_VERSION => Ok(Scheme::Head),
+        other => Err(RecordError::Version(other)),
+    }
 }
 
 struct Reader<'a> {
@@ -380,7 +399,8 @@ mod tests {
     use proptest::prelude::*;
 
     fn fingerprint_strategy() -> impl Strategy<Value = Fingerprint> {
-        any::<[u8; 32]>().prop_map(Fingerprint)
+        let scheme = prop_oneof![Just(Scheme::Bytes), Just(Scheme::Digest), Just(Scheme::Head)];
+        (scheme, any::<[u8; 32]>()).prop_map(|(scheme, hash)| Fingerprint { scheme, hash })
     }
 
     fn header_strategy() -> impl Strategy<Value = (HeaderName, HeaderValue)> {
@@ -461,7 +481,7 @@ mod tests {
     fn fixed_offsets_used_by_the_redis_scripts() {
         let owner = LeaseToken([7; 16]);
         let bytes = Record::InFlight {
-            fingerprint: Fingerprint([9; 32]),
+            fingerprint: Fingerprint::bytes([9; 32]),
             owner,
             started_at_ms: 1,
             lease_until_ms: 0x0102_0304_0506_0708,
@@ -506,13 +526,66 @@ mod tests {
             bytes.extend(7u64.to_be_bytes());
             bytes.push(byte);
             let expected = Record::Unknown {
-                fingerprint: Fingerprint([9; 32]),
+                fingerprint: Fingerprint::bytes([9; 32]),
                 since_ms: 7,
                 cause,
             };
             assert_eq!(Record::decode(Bytes::from(bytes.clone())), Ok(expected.clone()));
             assert_eq!(expected.encode(), Bytes::from(bytes));
         }
+    }
+
+    /// A `Completed` record exactly as builds before streamed bodies wrote it (a fixed
+    /// fixture, not encoded here): the answer `201 ok` to `POST /orders?x=1`,
+    /// `application/json`, `{"n":1}`. It decodes as a `bytes` fingerprint, re-encodes to the
+    /// same bytes, and its retries match it whether they are read whole or streamed
+    /// (docs/behaviour.md §15.2): no 422, no second execution across the upgrade.
+    #[test]
+    fn records_written_before_streaming_keep_matching_their_retries() {
+        use crate::config::UnknownOutcome;
+        use crate::idempotency::{decide, Decision, Existing, HeadHash, Print};
+        let fixture = hex::decode(concat!(
+            "0202",
+            "da7d466ac123d38eb2ff9eb16a9aa7f5934210faa61dedf6390df7af685e0302",
+            "0000000000000001",
+            "00c9",
+            "01",
+            "0000",
+            "6f6b"
+        ))
+        .expect("hex");
+        let record = Record::decode(Bytes::from(fixture.clone())).expect("decodes");
+        assert_eq!(record.fingerprint().scheme, Scheme::Bytes);
+        assert_eq!(record.encode(), Bytes::from(fixture));
+        let method = http::Method::POST;
+        let uri: http::Uri = "/orders?x=1".parse().expect("uri");
+        let json = Some(&b"application/json"[..]);
+        let decided = |print: &Print| {
+            let existing = Existing {
+                record: record.clone(),
+                lease_left: None,
+            };
+            decide(Some(existing), print, UnknownOutcome::Reject)
+        };
+        // Read whole, as before.
+        let whole = Print::Whole(Fingerprint::of(&method, &uri, json, b"{\"n\":1}"));
+        assert!(matches!(decided(&whole), Decision::Replay(r) if r.body.as_deref() == Some(&b"ok"[..])));
+        assert_eq!(
+            decided(&Print::Whole(Fingerprint::of(&method, &uri, json, b"{\"n\":2}"))),
+            Decision::Mismatch
+        );
+        // Streamed now (a larger buffer_bytes elsewhere, or this body over it): verified in the
+        // record's scheme, hashed as it arrives.
+        let streamed = Print::Streamed {
+            head: HeadHash::of(&method, &uri, json),
+            body: None,
+        };
+        assert!(matches!(decided(&streamed), Decision::Verify(_)));
+        let mut hasher = Fingerprint::start_bytes(&method, &uri, json, 7);
+        sha2::Digest::update(&mut hasher, b"{\"n\":");
+        sha2::Digest::update(&mut hasher, b"1}");
+        let verified = Print::Whole(Fingerprint::finish_bytes(hasher));
+        assert!(matches!(decided(&verified), Decision::Replay(_)));
     }
 
     #[test]

@@ -39,7 +39,7 @@ pub async fn handle(
     let view = match &body {
         ProxyBody::Empty => BodyView::Read(&[]),
         ProxyBody::Full(bytes) => BodyView::Read(bytes.as_deref().unwrap_or_default()),
-        ProxyBody::Stream { .. } => BodyView::TooLarge,
+        ProxyBody::Stream { .. } | ProxyBody::Upload(_) => BodyView::TooLarge,
     };
     let key = match source::find(&policy.key_sources, from, &parts.headers, &parts.uri, view)? {
         Lookup::Found { key, source } => Some(guarded::storage_key(

@@ -19,10 +19,13 @@ use crate::body::{concat, ProxyBody};
 use crate::config::Route;
 use crate::error::{Chain, ErrorStyle, ProxyError};
 use crate::headers::set_retry_hint;
-use crate::idempotency::{replay, settle, unix_ms, Exchange, Record, Settlement, StoredResponse, UnknownCause};
+use crate::idempotency::{
+    replay, settle, unix_ms, Exchange, Fingerprint, HeadHash, Record, Settlement, StoredResponse, UnknownCause,
+};
 use crate::state::State;
 use crate::store::{AnyStore, Lease};
 use crate::telemetry::{Outcome, Renewal, StoreOp};
+use crate::upload::{Cut, UploadEnd, UploadState};
 use crate::upstream::UpstreamError;
 
 /// Executes `request` upstream as the owner of `lease`'s key, in its own task: a client that
@@ -37,11 +40,13 @@ pub async fn execute(
     lease: Lease<AnyStore>,
     request: Request<ProxyBody>,
     log: &RequestLog,
+    upload: Option<Streamed>,
 ) -> Result<(Response<ProxyBody>, Outcome), ProxyError> {
     let execution = Execution {
         state: state.clone(),
         connection: connection.clone(),
         route: route.clone(),
+        upload,
     };
     let (client_end, task_end) = request_log::execution_line(state.clone(), log);
     // Boxed before spawning: the execution's state machine is large, and the task would
@@ -85,12 +90,21 @@ impl ResponseBody {
     }
 }
 
+/// A request whose body streams upstream as it executes (docs/behaviour.md §15).
+pub struct Streamed {
+    /// The hash of its head: with its body's digest, the fingerprint it is recorded with.
+    pub head: HeadHash,
+    /// Where its upload tells how it ended.
+    pub end: Arc<UploadEnd>,
+}
+
 /// What one execution needs besides its lease.
 struct Execution {
     state: Arc<State>,
     /// The client connection, for its upstream connection affinity.
     connection: Arc<ConnectionInfo>,
     route: Arc<Route>,
+    upload: Option<Streamed>,
 }
 
 impl Execution {
@@ -123,7 +137,18 @@ impl Execution {
         });
         lease.mark_sent();
         let result = self.renewing(&lease, exchange).await;
-        let settlement = settle(exchanged(&result), policy);
+        // A failed exchange whose upload had not ended is cut now, so the upstream never gets
+        // its end after the key is released (docs/behaviour.md §15.4).
+        let upload = self.upload.as_ref().map(|streamed| match result {
+            Ok(_) => streamed.end.state(),
+            Err(_) => streamed.end.complete_or_cut(),
+        });
+        let request_whole = !matches!(upload, Some(UploadState::Cut(_) | UploadState::Streaming));
+        let settlement = settle(exchanged(&result, request_whole), policy);
+        let fingerprint = match (&self.upload, upload) {
+            (Some(streamed), Some(UploadState::Complete(digest))) => streamed.head.with_body(&digest),
+            _ => lease.fingerprint(),
+        };
         match result {
             Ok(response) => {
                 let (mut parts, body) = response.into_parts();
@@ -138,7 +163,7 @@ impl Execution {
                         unix_ms(),
                     ))
                 };
-                self.settle_key(lease, settlement, stored).await;
+                self.settle_key(lease, settlement, fingerprint, stored).await;
                 // The answer is relayed either way; a key left unknown counts as such.
                 let outcome = match settlement {
                     Settlement::MarkUnknown(_) => Outcome::OutcomeUnknown,
@@ -158,13 +183,15 @@ impl Execution {
                 Ok((Response::from_parts(parts, body.into_client_body()), outcome))
             }
             Err(err) => {
-                if !matches!(err, UpstreamError::Connect(_)) {
+                if !matches!(err, UpstreamError::Connect(_)) && request_whole {
                     tracing::warn!(error = %Chain(&err), key = %lease.key().short_hash(), "outcome unknown: the request was sent but no complete response came back");
                 }
-                self.settle_key(lease, settlement, || None).await;
-                match settlement {
-                    Settlement::MarkUnknown(cause) => Err(ProxyError::OutcomeUnknown(cause)),
-                    Settlement::Record | Settlement::Release => Err(err.into()),
+                self.settle_key(lease, settlement, fingerprint, || None).await;
+                match (settlement, upload) {
+                    (Settlement::MarkUnknown(cause), _) => Err(ProxyError::OutcomeUnknown(cause)),
+                    (_, Some(UploadState::Cut(Cut::TooLarge { limit }))) => Err(ProxyError::BodyTooLarge { limit }),
+                    (_, Some(UploadState::Cut(Cut::DigestMismatch))) => Err(ProxyError::DigestMismatch),
+                    _ => Err(err.into()),
                 }
             }
         }
@@ -201,15 +228,15 @@ impl Execution {
         }
     }
 
-    /// Applies `settlement` through `lease`; `answer` is the response to record, if the
-    /// exchange produced one.
+    /// Applies `settlement` through `lease`, recording `fingerprint`; `answer` is the response
+    /// to record, if the exchange produced one.
     async fn settle_key(
         &self,
         lease: Lease<AnyStore>,
         settlement: Settlement,
+        fingerprint: Fingerprint,
         answer: impl FnOnce() -> Option<StoredResponse>,
     ) {
-        let fingerprint = lease.fingerprint();
         match (settlement, answer()) {
             (Settlement::Record, Some(response)) => {
                 self.record(lease, Record::Completed { fingerprint, response }).await
@@ -259,15 +286,17 @@ impl Execution {
     }
 }
 
-/// How the exchange ended, as [`settle`] sees it.
-fn exchanged<B>(result: &Result<Response<B>, UpstreamError>) -> Exchange {
+/// How the exchange ended, as [`settle`] sees it; `request_whole`: the whole request (a
+/// streamed body to its end) was handed to the upstream connection.
+fn exchanged<B>(result: &Result<Response<B>, UpstreamError>, request_whole: bool) -> Exchange {
     match result {
         Ok(response) => Exchange::Answered(response.status()),
         Err(UpstreamError::Connect(_)) => Exchange::NotSent,
+        // The client's body broke while it streamed: the upstream never got the request's end.
+        Err(UpstreamError::ClientBody(_)) => Exchange::RequestCut,
+        Err(_) if !request_whole => Exchange::RequestCut,
         Err(UpstreamError::Timeout(_)) => Exchange::NoCompleteAnswer(UnknownCause::Timeout),
-        Err(UpstreamError::Failed(_) | UpstreamError::ClientBody(_)) => {
-            Exchange::NoCompleteAnswer(UnknownCause::UpstreamFailed)
-        }
+        Err(UpstreamError::Failed(_)) => Exchange::NoCompleteAnswer(UnknownCause::UpstreamFailed),
     }
 }
 

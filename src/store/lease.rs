@@ -17,13 +17,13 @@ use std::time::Duration;
 
 use super::{Begin, BeginRequest, Store, StoreError};
 use crate::config::UnknownOutcome;
-use crate::idempotency::{unix_ms, Fingerprint, LeaseToken, Record, StorageKey, UnknownCause};
+use crate::idempotency::{unix_ms, Fingerprint, LeaseToken, Print, Record, StorageKey, UnknownCause};
 
 /// What an arriving guarded request asks of the store.
 #[derive(Debug, Clone, Copy)]
 pub struct Claim<'a> {
     pub key: &'a StorageKey,
-    pub fingerprint: Fingerprint,
+    pub print: Print,
     pub key_ttl: Duration,
     pub lock_ttl: Duration,
     pub unknown_outcome: UnknownOutcome,
@@ -49,7 +49,7 @@ impl<S: Store> Lease<S> {
     pub async fn begin(store: &Arc<S>, claim: Claim<'_>) -> Result<Begin<Self>, StoreError> {
         let request = BeginRequest {
             key: claim.key,
-            fingerprint: claim.fingerprint,
+            print: claim.print,
             token: LeaseToken::random(),
             key_ttl: claim.key_ttl,
             lock_ttl: claim.lock_ttl,
@@ -71,7 +71,7 @@ impl<S: Store> Lease<S> {
             store: store.clone(),
             key: claim.key.clone(),
             token,
-            fingerprint: claim.fingerprint,
+            fingerprint: claim.print.fingerprint(),
             lock_ttl: claim.lock_ttl,
             unknown_outcome: claim.unknown_outcome,
             sent: AtomicBool::new(false),
@@ -84,7 +84,8 @@ impl<S: Store> Lease<S> {
         &self.key
     }
 
-    /// The fingerprint of the request that owns the key.
+    /// The fingerprint of the request that owns the key, as its `InFlight` record carries it
+    /// (head-only while a streamed body's digest is not known, docs/behaviour.md §15.2).
     pub fn fingerprint(&self) -> Fingerprint {
         self.fingerprint
     }
@@ -197,12 +198,12 @@ mod tests {
     use crate::idempotency::record::StoredResponse;
     use crate::store::{KeyState, MemoryStore};
 
-    const FP: Fingerprint = Fingerprint([7; 32]);
+    const FP: Fingerprint = Fingerprint::bytes([7; 32]);
 
     fn claim(key: &StorageKey, unknown_outcome: UnknownOutcome) -> Claim<'_> {
         Claim {
             key,
-            fingerprint: FP,
+            print: Print::Whole(FP),
             key_ttl: Duration::from_secs(60),
             lock_ttl: Duration::from_secs(30),
             unknown_outcome,
@@ -294,7 +295,7 @@ mod tests {
                 record,
                 lease_left: None,
             }),
-            &FP,
+            &Print::Whole(FP),
             UnknownOutcome::Reject,
         );
         assert_eq!(

@@ -173,7 +173,7 @@ impl MemoryStore {
             record: e.record.clone(),
             lease_left: e.lease_left(now),
         });
-        let decision = decide(existing, &request.fingerprint, request.unknown_outcome);
+        let decision = decide(existing, &request.print, request.unknown_outcome);
         match &decision {
             Decision::Execute => {
                 if inner.store_len() >= self.max_entries {
@@ -202,7 +202,11 @@ impl MemoryStore {
                     entry.lease = None;
                 }
             }
-            Decision::InFlight { .. } | Decision::Mismatch | Decision::Replay(_) | Decision::Unknown(_) => {}
+            Decision::InFlight { .. }
+            | Decision::Mismatch
+            | Decision::Replay(_)
+            | Decision::Unknown(_)
+            | Decision::Verify(_) => {}
         }
         Ok(Begin::applied(decision, request.token))
     }
@@ -292,7 +296,7 @@ mod tests {
     fn request(key: &StorageKey, key_ttl: Duration) -> BeginRequest<'_> {
         BeginRequest {
             key,
-            fingerprint: Fingerprint([1; 32]),
+            print: crate::idempotency::Print::Whole(Fingerprint::bytes([1; 32])),
             token: LeaseToken::random(),
             key_ttl,
             lock_ttl: Duration::from_secs(1),

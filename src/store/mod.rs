@@ -23,7 +23,7 @@ use std::time::Duration;
 use crate::config::UnknownOutcome;
 use crate::error::chain::BoxError;
 use crate::idempotency::{
-    Decision, Existing, Fingerprint, LeaseToken, Record, RecordError, StorageKey, StoredResponse, UnknownCause,
+    Decision, Existing, LeaseToken, Print, Record, RecordError, StorageKey, StoredResponse, UnknownCause,
 };
 
 pub use self::any::AnyStore;
@@ -102,7 +102,8 @@ impl PartialEq for StoreError {
 #[derive(Debug, Clone)]
 pub struct BeginRequest<'a> {
     pub key: &'a StorageKey,
-    pub fingerprint: Fingerprint,
+    /// What the request knows of its fingerprint (docs/behaviour.md §15.2).
+    pub print: Print,
     /// The token this request will own the key with, if it gets it.
     pub token: LeaseToken,
     pub key_ttl: Duration,
@@ -116,7 +117,7 @@ impl BeginRequest<'_> {
     /// The record written when this request takes the key.
     pub fn in_flight_record(&self) -> Record {
         Record::InFlight {
-            fingerprint: self.fingerprint,
+            fingerprint: self.print.fingerprint(),
             owner: self.token,
             started_at_ms: self.now_ms,
             lease_until_ms: self.now_ms.saturating_add(self.lock_ttl.as_millis() as u64),
@@ -126,7 +127,7 @@ impl BeginRequest<'_> {
     /// The record written when this request finds its key's owner gone (`unknown_outcome = reject`).
     pub fn lapsed_record(&self) -> Record {
         Record::Unknown {
-            fingerprint: self.fingerprint,
+            fingerprint: self.print.fingerprint(),
             since_ms: self.now_ms,
             cause: UnknownCause::LeaseLapsed,
         }
@@ -148,6 +149,9 @@ pub enum Begin<O> {
     Mismatch,
     /// The key's outcome is unknown.
     Unknown(UnknownCause),
+    /// The request must hash its body to be compared with this finished record
+    /// ([`Decision::Verify`]).
+    Verify(Record),
 }
 
 impl<O> Begin<O> {
@@ -159,6 +163,7 @@ impl<O> Begin<O> {
             Begin::InFlight { retry_after } => Begin::InFlight { retry_after },
             Begin::Mismatch => Begin::Mismatch,
             Begin::Unknown(cause) => Begin::Unknown(cause),
+            Begin::Verify(record) => Begin::Verify(record),
         }
     }
 }
@@ -173,6 +178,7 @@ impl Begin<LeaseToken> {
             Decision::Mismatch => Begin::Mismatch,
             Decision::Replay(response) => Begin::Replay(response),
             Decision::Unknown(cause) => Begin::Unknown(cause),
+            Decision::Verify(record) => Begin::Verify(record),
         }
     }
 }

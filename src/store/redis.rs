@@ -69,13 +69,14 @@ redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
 return 1
 ";
 
-/// The start of every owner's script: unless KEYS[1] holds an InFlight record (its version,
-/// state byte and exact length) owned by the token ARGV[1], return 0 (`rec` is the record).
+/// The start of every owner's script: unless KEYS[1] holds an InFlight record (a version byte of
+/// 2 to 4, whatever its fingerprint's scheme, its state byte and exact length) owned by the
+/// token ARGV[1], return 0 (`rec` is the record).
 macro_rules! owner_guard {
     () => {
         r"
 local rec = redis.call('GET', KEYS[1])
-if (not rec) or #rec ~= 66 or string.byte(rec, 1) ~= 2 or string.byte(rec, 2) ~= 1
+if (not rec) or #rec ~= 66 or string.byte(rec, 1) < 2 or string.byte(rec, 1) > 4 or string.byte(rec, 2) ~= 1
    or string.sub(rec, 35, 50) ~= ARGV[1] then
   return 0
 end
@@ -441,7 +442,7 @@ impl Store for RedisStore {
             let lease_left = lease_left_at(&record, request.now_ms);
             let decision = decide(
                 Some(Existing { record, lease_left }),
-                &request.fingerprint,
+                &request.print,
                 request.unknown_outcome,
             );
             let replacement = match decision {
@@ -551,9 +552,9 @@ mod tests {
     /// the token at its offset, and rewrite the lease deadline that ends it.
     #[test]
     fn scripts_know_the_in_flight_record_layout() {
-        use crate::idempotency::record::{IN_FLIGHT_LEN, LEASE_OFFSET, TOKEN_OFFSET, VERSION};
+        use crate::idempotency::record::{IN_FLIGHT_LEN, LAST_VERSION, LEASE_OFFSET, TOKEN_OFFSET, VERSION};
         let record = Record::InFlight {
-            fingerprint: Fingerprint([1; 32]),
+            fingerprint: Fingerprint::bytes([1; 32]),
             owner: LeaseToken([2; 16]),
             started_at_ms: u64::MAX,
             lease_until_ms: u64::MAX,
@@ -561,7 +562,8 @@ mod tests {
         assert_eq!(record.encode().len(), IN_FLIGHT_LEN);
         for script in [FINISH_LUA, RENEW_LUA] {
             assert!(script.contains(&format!("#rec ~= {IN_FLIGHT_LEN}")));
-            assert!(script.contains(&format!("string.byte(rec, 1) ~= {VERSION}")));
+            assert!(script.contains(&format!("string.byte(rec, 1) < {VERSION}")));
+            assert!(script.contains(&format!("string.byte(rec, 1) > {LAST_VERSION}")));
             // Lua strings are 1-based and `sub` is inclusive.
             assert!(script.contains(&format!("string.sub(rec, {}, {})", TOKEN_OFFSET + 1, TOKEN_OFFSET + 16)));
         }

@@ -44,10 +44,14 @@ impl UpstreamError {
 
 /// Whether the exchange failed on the request body the proxy was streaming: hyper reports an
 /// error from the outgoing body as a user error caused by it, and the only body that can fail is
-/// the client's (a streamed `Incoming`, whose errors are hyper's own).
+/// the client's (a streamed `Incoming`, whose errors are hyper's own, or a guarded
+/// [`Upload`](crate::upload::Upload) cut short).
 fn is_client_body_error(err: &hyper::Error) -> bool {
     use std::error::Error as _;
-    err.is_user() && err.source().is_some_and(|cause| cause.is::<hyper::Error>())
+    err.is_user()
+        && err
+            .source()
+            .is_some_and(|cause| cause.is::<hyper::Error>() || cause.is::<crate::upload::Cut>())
 }
 
 /// A real `hyper::Error` (hyper has no public constructor): the parse error of a response that

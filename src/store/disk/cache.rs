@@ -99,7 +99,7 @@ mod tests {
 
     fn unknown() -> Record {
         Record::Unknown {
-            fingerprint: Fingerprint([1; 32]),
+            fingerprint: Fingerprint::bytes([1; 32]),
             since_ms: 1,
             cause: UnknownCause::Timeout,
         }
@@ -118,7 +118,7 @@ mod tests {
         cache.keep(&[1; 32], 100, &unknown(), 43, generation);
         assert_eq!(cache.get(&[1; 32], 0), None);
         let in_flight = Record::InFlight {
-            fingerprint: Fingerprint([1; 32]),
+            fingerprint: Fingerprint::bytes([1; 32]),
             owner: crate::idempotency::LeaseToken([2; 16]),
             started_at_ms: 0,
             lease_until_ms: 0,

@@ -100,7 +100,7 @@ mod tests {
 
     fn record() -> Record {
         Record::Unknown {
-            fingerprint: Fingerprint([3; 32]),
+            fingerprint: Fingerprint::bytes([3; 32]),
             since_ms: 7,
             cause: UnknownCause::Timeout,
         }

@@ -259,13 +259,13 @@ impl Store for DiskStore {
             lease_left: lease_left_at(&record, request.now_ms),
             record,
         });
-        match decide(existing, &request.fingerprint, request.unknown_outcome) {
+        match decide(existing, &request.print, request.unknown_outcome) {
             Decision::Execute | Decision::TakeOver | Decision::MarkUnknown => {}
             answered => return Ok(Begin::applied(answered, request.token)),
         }
         let claim = Claim {
             key,
-            fingerprint: request.fingerprint,
+            print: request.print,
             token: request.token,
             unknown_outcome: request.unknown_outcome,
             now_ms: request.now_ms,

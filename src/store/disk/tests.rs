@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::config::UnknownOutcome;
-use crate::idempotency::{Fingerprint, StoredResponse};
+use crate::idempotency::{Fingerprint, Print, StoredResponse};
 
 fn open(dir: &Path, max_bytes: u64) -> DiskStore {
     DiskStore::open(dir, max_bytes, DiskStoreMetrics::default()).expect("the store opens")
@@ -15,7 +15,7 @@ fn key(i: u32) -> StorageKey {
 fn request(key: &StorageKey, key_ttl: Duration) -> BeginRequest<'_> {
     BeginRequest {
         key,
-        fingerprint: Fingerprint([1; 32]),
+        print: Print::Whole(Fingerprint::bytes([1; 32])),
         token: LeaseToken::random(),
         key_ttl,
         lock_ttl: Duration::from_secs(30),
@@ -26,7 +26,7 @@ fn request(key: &StorageKey, key_ttl: Duration) -> BeginRequest<'_> {
 
 fn completed(body: &'static [u8]) -> Record {
     Record::Completed {
-        fingerprint: Fingerprint([1; 32]),
+        fingerprint: Fingerprint::bytes([1; 32]),
         response: StoredResponse {
             status: http::StatusCode::CREATED,
             headers: vec![],

@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use super::format::{decode_value, encode_value, expiry_key, record_key, split_expiry_key, value_expiry, RecordKey};
 use super::{corrupt, footprint, lease_left_at, storage_failure, unpanicked, Shared, EXPIRY, RECORDS};
 use crate::config::UnknownOutcome;
-use crate::idempotency::{decide, unix_ms, Decision, Existing, Fingerprint, LeaseToken, Record};
+use crate::idempotency::{decide, unix_ms, Decision, Existing, LeaseToken, Print, Record};
 use crate::store::{Begin, StoreError};
 
 /// Most writes committed in one transaction.
@@ -37,7 +37,7 @@ const SWEEP_INTERVAL: Duration = Duration::from_millis(500);
 /// An arriving request that the writer decides (no record, or its owner's lease lapsed).
 pub struct Claim {
     pub key: [u8; 32],
-    pub fingerprint: Fingerprint,
+    pub print: Print,
     pub token: LeaseToken,
     pub unknown_outcome: UnknownOutcome,
     pub now_ms: u64,
@@ -331,7 +331,7 @@ impl<'t> Batch<'t> {
             lease_left: lease_left_at(&s.record, claim.now_ms),
             record: s.record.clone(),
         });
-        let decision = decide(existing, &claim.fingerprint, claim.unknown_outcome);
+        let decision = decide(existing, &claim.print, claim.unknown_outcome);
         match (&decision, live) {
             (Decision::Execute, _) => {
                 let (records, used) = self.shared.after(self.changes.delta);
