@@ -10,10 +10,10 @@ use http::header::CONTENT_TYPE;
 use http::{HeaderMap, Request, Response};
 use http_body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use tokio::time::Instant;
 
 use super::connection::ConnectionInfo;
 use super::request_log::RequestLog;
+use super::wait::Waiter;
 use super::{execution, forward};
 use crate::body::ProxyBody;
 use crate::config::{FingerprintBody, KeySource, OnConflict, Policy, Route, StoreFailure};
@@ -24,10 +24,6 @@ use crate::state::State;
 use crate::store::lease::Claim;
 use crate::store::{Begin, Lease, StoreError};
 use crate::telemetry::{Outcome, StoreOp};
-
-/// First and longest pause between two looks at a key in flight (`on_conflict = "wait"`).
-const WAIT_FIRST_POLL: Duration = Duration::from_millis(10);
-const WAIT_MAX_POLL: Duration = Duration::from_millis(250);
 
 /// The storage key of `key`, found in `source`, for a request to `route` with `headers`: scoped
 /// by the route, the value of its scope header and, unless it is the default one, the source
@@ -60,8 +56,7 @@ pub async fn handle(
         lock_ttl: policy.lock_ttl,
         unknown_outcome: policy.unknown_outcome,
     };
-    let wait_until = Instant::now() + policy.wait_timeout;
-    let mut poll = WAIT_FIRST_POLL;
+    let mut waiter = Waiter::new(policy.wait_timeout);
     loop {
         let begun = match state
             .metrics
@@ -94,10 +89,7 @@ pub async fn handle(
                 return Ok((response, Outcome::Replayed));
             }
             Begin::InFlight { retry_after } => {
-                let now = Instant::now();
-                if policy.on_conflict == OnConflict::Wait && now < wait_until {
-                    tokio::time::sleep(poll.min(wait_until - now)).await;
-                    poll = (poll * 2).min(WAIT_MAX_POLL);
+                if policy.on_conflict == OnConflict::Wait && waiter.look_again(state, &key).await {
                     continue;
                 }
                 return Err(ProxyError::Conflict { retry_after });

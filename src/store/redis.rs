@@ -32,6 +32,7 @@
 //! others: proxies sharing a Redis need clocks in sync to well within `lock_ttl` (NTP).
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -40,11 +41,13 @@ use redis::{Cmd, Pipeline, RedisError, Script, Value};
 use super::group_commit::{PendingAck, Sent};
 use super::redis_connection::{Connection, Setup};
 use super::replication::Replication;
+use super::subscriber::{Subscriber, Subscription};
+use super::waiters::Waiters;
 use super::{lease_left_at, Begin, BeginRequest, KeyState, Store, StoreError, StoreFault};
 use crate::config::{Replication as ReplicationSettings, Secret};
 use crate::error::Chain;
 use crate::idempotency::{decide, unix_ms, Decision, Existing, LeaseToken, Record, StorageKey, CONFLICT_RETRY_AFTER};
-use crate::telemetry::ReplicaAcks;
+use crate::telemetry::{ReplicaAcks, WaitMetrics};
 
 /// How many times `begin` re-reads a key whose lapsed owner another proxy took over first.
 const TAKEOVER_ATTEMPTS: usize = 3;
@@ -84,13 +87,17 @@ end
 }
 
 /// Compare-and-set on the owner token: replace the InFlight record with ARGV[2] (keeping its
-/// expiry), or with an empty ARGV[2] delete it. Returns 1 if done.
+/// expiry), or with an empty ARGV[2] delete it; then wake the key's waiters, in this proxy and
+/// others, on the key's own channel (sharded pub/sub on the key's slot, docs/behaviour.md §15):
+/// `c` completed, `r` released. Returns 1 if done.
 const FINISH_LUA: &str = concat!(
     owner_guard!(),
     r"if ARGV[2] == '' then
   redis.call('DEL', KEYS[1])
+  redis.call('SPUBLISH', KEYS[1] .. ':settled', 'r')
 else
   redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+  redis.call('SPUBLISH', KEYS[1] .. ':settled', 'c')
 end
 return 1
 "
@@ -119,6 +126,8 @@ pub struct RedisOptions {
     pub replication: ReplicationSettings,
     /// Where replica acknowledgements are counted.
     pub replica_acks: ReplicaAcks,
+    /// Where the subscription's losses are counted.
+    pub wait_metrics: WaitMetrics,
 }
 
 impl RedisOptions {
@@ -144,6 +153,9 @@ pub struct RedisStore {
     renew: Script,
     /// Acknowledged writes, when `store.min_replicas` > 0.
     replication: Option<Box<Replication>>,
+    /// This proxy's requests waiting for keys, woken by `subscriber`'s messages.
+    waiters: Arc<Waiters>,
+    subscriber: Subscriber,
 }
 
 /// How a write that may need acknowledging was sent.
@@ -190,13 +202,23 @@ impl RedisStore {
         });
         let setup = Setup {
             command_timeout: options.command_timeout,
-            certificates,
+            certificates: certificates.clone(),
             sentinel_password: options.sentinel_password.as_ref(),
             min_replicas: options.replication.min_replicas,
             replica_timeout: options.replication.replica_timeout,
             replica_acks: options.replica_acks,
         };
         let (connection, replication) = Connection::open(url, setup).map_err(unavailable)?;
+        let waiters = Waiters::new();
+        let subscriber = Subscriber::new(
+            url,
+            &connection,
+            certificates,
+            options.command_timeout,
+            waiters.clone(),
+            options.wait_metrics,
+        )
+        .map_err(unavailable)?;
         Ok(Self {
             connection,
             command_timeout: options.command_timeout,
@@ -204,7 +226,19 @@ impl RedisStore {
             finish: Script::new(FINISH_LUA),
             renew: Script::new(RENEW_LUA),
             replication: replication.map(Box::new),
+            waiters,
+            subscriber,
         })
+    }
+
+    /// The registry of this proxy's requests waiting for keys of this store.
+    pub fn waiters(&self) -> &Arc<Waiters> {
+        &self.waiters
+    }
+
+    /// Subscribes to `key`'s channel for a waiting request (docs/behaviour.md §15).
+    pub async fn subscribe(&self, key: &StorageKey) -> Result<Subscription, StoreError> {
+        self.subscriber.subscribe(key).await
     }
 
     pub fn is_cluster(&self) -> bool {
