@@ -37,11 +37,11 @@ pub(super) const CHANNEL_SUFFIX: &str = ":settled";
 /// Where the subscription connection goes.
 enum Source {
     /// One server, with the store's connection settings but RESP3 (pushes).
-    Node(redis::Client),
+    Node(Box<redis::Client>),
     /// The master the store's sentinels name now.
     Sentinel(Arc<SentinelMaster>),
     /// A cluster client (RESP3, pushes to this subscriber).
-    Cluster(ClusterClient),
+    Cluster(Box<ClusterClient>),
 }
 
 /// The subscription connection in use.
@@ -173,14 +173,14 @@ impl Subscriber {
                 let builder = cluster_builder(scheme, nodes, certificates, timeout)
                     .use_protocol(ProtocolVersion::RESP3)
                     .push_sender(pushes);
-                Source::Cluster(builder.build()?)
+                Source::Cluster(Box::new(builder.build()?))
             }
             Connection::Single(_) => {
                 let client = match certificates {
                     Some(certificates) => redis::Client::build_with_tls(url, certificates)?,
                     None => redis::Client::open(url)?,
                 };
-                Source::Node(resp3(&client)?)
+                Source::Node(Box::new(resp3(&client)?))
             }
         };
         Ok(Self {
