@@ -903,10 +903,10 @@ async fn replicated_command_budget() {
     let owner = req(&k, FP);
     assert_eq!(begin(store, &owner).await, Begin::Owner(owner.token));
     assert_eq!(store.complete(&k, owner.token, &completed(FP, &stored)).await, Ok(true));
-    // Sent: SET NX GET + WAIT, EVAL + WAIT. In the script: GET, SET KEEPTTL.
+    // Sent: SET NX GET + WAIT, EVAL + WAIT. In the script: GET, SET KEEPTTL, SPUBLISH.
     assert_eq!(
         proxy_calls(server),
-        pairs(&[("eval", 1), ("get", 1), ("set", 2), ("wait", 2)])
+        pairs(&[("eval", 1), ("get", 1), ("set", 2), ("spublish", 1), ("wait", 2)])
     );
 
     server.reset_stats();

@@ -152,3 +152,56 @@ impl AnyStore {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::UnknownOutcome;
+    use crate::idempotency::Fingerprint;
+    use crate::store::lease::Claim;
+    use crate::store::Lease;
+
+    fn claim(key: &StorageKey) -> Claim<'_> {
+        Claim {
+            key,
+            fingerprint: Fingerprint([1; 32]),
+            key_ttl: Duration::from_secs(60),
+            lock_ttl: Duration::from_secs(30),
+            unknown_outcome: UnknownOutcome::Retry,
+        }
+    }
+
+    async fn owner(store: &Arc<AnyStore>, key: &StorageKey) -> Lease<AnyStore> {
+        match Lease::begin(store, claim(key)).await {
+            Ok(Begin::Owner(lease)) => lease,
+            other => panic!("not the owner: {:?}", other.map(|b| b.map_owner(|_| ()))),
+        }
+    }
+
+    fn soon() -> Instant {
+        Instant::now() + Duration::from_secs(5)
+    }
+
+    /// Releasing and dropping a lease (which settles itself) both wake the key's waiters.
+    #[tokio::test]
+    async fn every_settlement_of_a_key_wakes_its_waiters() {
+        let store = Arc::new(AnyStore::from(MemoryStore::new(10)));
+        let key = StorageKey::new("t:", "r", b"", b"woken");
+        let lease = owner(&store, &key).await;
+        let mut watch = store.watch(&key).await;
+        assert_eq!(lease.release().await, Ok(true));
+        assert_eq!(watch.wake(soon()).await, Woken::Settled);
+        let lease = owner(&store, &key).await;
+        drop(lease);
+        assert_eq!(
+            watch.wake(soon()).await,
+            Woken::Settled,
+            "a dropped lease settles its key"
+        );
+        let quiet = Instant::now() + Duration::from_millis(20);
+        let other = StorageKey::new("t:", "r", b"", b"other");
+        let lease = owner(&store, &other).await;
+        assert_eq!(lease.release().await, Ok(true));
+        assert_eq!(watch.wake(quiet).await, Woken::TimedOut, "another key's settlement");
+    }
+}
