@@ -269,3 +269,71 @@ async fn waiters_behind_sentinel_are_woken_across_proxies() {
     assert_eq!(metric(&b, WOKEN).await, 2);
     assert_eq!(metric(&b, TIMED_OUT).await, 0);
 }
+
+/// The first request on proxy A is released (its upstream answers 503, docs/behaviour.md §14):
+/// the waiter on proxy B is woken by the release script's message, owns the key and executes.
+#[tokio::test]
+async fn a_release_on_another_proxy_wakes_its_waiter_which_executes() {
+    let server = RedisServer::start();
+    let upstream = TestUpstream::start().await;
+    let a = TestProxy::to(&upstream).redis(&server).idempotency(WAIT).start().await;
+    let b = TestProxy::to(&upstream)
+        .redis(&server)
+        .idempotency(WAIT)
+        .admin()
+        .start()
+        .await;
+    let first_url = a.url("/orders");
+    let first = post(&first_url, "released-across", 600, 503);
+    let waiter = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        post(&b.url("/orders"), "released-across", 0, 201).await
+    };
+    let ((first, _), (waiter, _)) = tokio::join!(first, waiter);
+    assert_eq!(first.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(waiter.status, StatusCode::CREATED, "{waiter:?}");
+    assert_eq!(waiter.header("idempotent-replayed"), None, "executed, not replayed");
+    assert_eq!(upstream.hits(), 2);
+    assert_eq!(metric(&b, WOKEN).await, 1);
+}
+
+/// An admin clear on proxy A of a key in flight wakes the waiter on proxy B (the clear publishes
+/// on the key's channel in the same round trip): the key is free, the waiter owns it and
+/// executes, answered before the first request's upstream has.
+#[tokio::test]
+async fn an_admin_clear_on_another_proxy_wakes_its_waiter() {
+    let server = RedisServer::start();
+    let upstream = TestUpstream::start().await;
+    let a = TestProxy::to(&upstream)
+        .redis(&server)
+        .idempotency(WAIT)
+        .admin()
+        .start()
+        .await;
+    let b = TestProxy::to(&upstream)
+        .redis(&server)
+        .idempotency(WAIT)
+        .admin()
+        .start()
+        .await;
+    let first_url = a.url("/orders");
+    let first = post(&first_url, "cleared", 1500, 201);
+    let waiter = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        post(&b.url("/orders"), "cleared", 0, 201).await
+    };
+    let clear = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let admin = a.admin.expect("an admin listener");
+        let cleared = TestClient::new()
+            .send(Method::DELETE, &format!("http://{admin}/keys/cleared"), &[], "")
+            .await;
+        assert!(cleared.status.is_success(), "{cleared:?}");
+    };
+    let ((_, first_at), (waiter, waiter_at), ()) = tokio::join!(first, waiter, clear);
+    assert_eq!(waiter.status, StatusCode::CREATED, "{waiter:?}");
+    assert_eq!(waiter.header("idempotent-replayed"), None, "executed, not replayed");
+    assert!(waiter_at < first_at, "woken by the clear, not by the first's end");
+    assert_eq!(upstream.hits(), 2);
+    assert_eq!(metric(&b, WOKEN).await, 1);
+}

@@ -41,7 +41,7 @@ use redis::{Cmd, Pipeline, RedisError, Script, Value};
 use super::group_commit::{PendingAck, Sent};
 use super::redis_connection::{Connection, Setup};
 use super::replication::Replication;
-use super::subscriber::{Subscriber, Subscription};
+use super::subscriber::{channel_of, Subscriber, Subscription};
 use super::waiters::Waiters;
 use super::{lease_left_at, Begin, BeginRequest, KeyState, Store, StoreError, StoreFault};
 use crate::config::{Replication as ReplicationSettings, Secret};
@@ -575,10 +575,16 @@ impl Store for RedisStore {
         }))
     }
 
+    /// Deletes the record and, in the same round trip, wakes the key's waiters in every proxy
+    /// (docs/behaviour.md §15.2).
     async fn clear(&self, key: &StorageKey) -> Result<bool, StoreError> {
         let mut pipeline = redis::pipe();
-        pipeline.del(key.record_key());
-        let (records,): (i64,) = self.query(&pipeline).await?;
+        pipeline
+            .del(key.record_key())
+            .cmd("SPUBLISH")
+            .arg(channel_of(key))
+            .arg("r");
+        let (records, _receivers): (i64, i64) = self.query(&pipeline).await?;
         Ok(records > 0)
     }
 
@@ -633,5 +639,13 @@ mod tests {
             assert!(script.contains(&format!("string.sub(rec, {}, {})", TOKEN_OFFSET + 1, TOKEN_OFFSET + 16)));
         }
         assert!(RENEW_LUA.contains(&format!("string.sub(rec, 1, {LEASE_OFFSET})")));
+    }
+
+    /// The completion script publishes on the channel waiters subscribe to.
+    #[test]
+    fn the_finish_script_publishes_on_the_keys_channel() {
+        use super::super::subscriber::CHANNEL_SUFFIX;
+        let publish = format!("redis.call('SPUBLISH', KEYS[1] .. '{CHANNEL_SUFFIX}'");
+        assert_eq!(FINISH_LUA.matches(&publish).count(), 2, "on completion and on release");
     }
 }
