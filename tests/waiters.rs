@@ -337,3 +337,51 @@ async fn an_admin_clear_on_another_proxy_wakes_its_waiter() {
     assert_eq!(upstream.hits(), 2);
     assert_eq!(metric(&b, WOKEN).await, 1);
 }
+
+/// After a failover the subscription follows the master the sentinels name: waiters on proxy B
+/// are woken by completions on proxy A on the promoted replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failover_waiters_are_woken_through_the_new_master() {
+    let mut primary = RedisServer::start();
+    let replica = RedisServer::start_replica_of(&primary);
+    let sentinels = SentinelSet::start(&primary, 3, 1);
+    let upstream = TestUpstream::start().await;
+    let store = format!(
+        "store.redis = \"{}\"\nstore.command_timeout = \"500ms\"",
+        sentinels.url()
+    );
+    let a = TestProxy::to(&upstream).config(&store).idempotency(WAIT).start().await;
+    let b = TestProxy::to(&upstream)
+        .config(&store)
+        .idempotency(WAIT)
+        .admin()
+        .start()
+        .await;
+    let (first, answers) = first_and_waiters(&a.url("/orders"), &b.url("/orders"), "before", 1).await;
+    assert_replays_of(&first, &answers);
+
+    primary.kill();
+    sentinels.wait_for_master(replica.port, Duration::from_secs(15));
+    // Each proxy finds the new master (a store failure first, then a new key executes there).
+    for (proxy, key) in [(&a, "follow-a"), (&b, "follow-b")] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (response, _) = post(&proxy.url("/orders"), key, 0, 201).await;
+            if response.status == StatusCode::CREATED {
+                break;
+            }
+            assert_eq!(response.status, StatusCode::SERVICE_UNAVAILABLE, "{response:?}");
+            assert!(Instant::now() < deadline, "no new master found");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    let (first, answers) = first_and_waiters(&a.url("/orders"), &b.url("/orders"), "after", 2).await;
+    assert_replays_of(&first, &answers);
+    assert_eq!(
+        metric(&b, WOKEN).await,
+        3,
+        "woken by the messages, before and after the failover"
+    );
+    assert_eq!(metric(&b, TIMED_OUT).await, 0);
+}

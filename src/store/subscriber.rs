@@ -296,7 +296,11 @@ impl Inner {
         };
         let generation = master.as_ref().map(|m| m.generation);
         if !links.link.as_ref().is_some_and(|l| l.is_usable(generation)) {
-            links.link = None;
+            if links.link.take().is_some_and(|l| l.is_usable(None)) {
+                // Still connected, to a master the store no longer uses (a failover that left it
+                // running, demoted): its waiters hear nothing from the new one; they look again.
+                self.waiters.lost();
+            }
             let mut link = match (&self.source, master) {
                 (Source::Node(client), _) => self.node(client, 0).await?,
                 (Source::Sentinel(_), Some(master)) => self.node(&resp3(&master.client)?, master.generation).await?,
