@@ -91,7 +91,7 @@ impl State {
             } => format!("disk {} (at most {max_disk_bytes} bytes)", data_dir.display()),
             StoreSettings::Memory { max_entries } => format!("memory (at most {max_entries} records)"),
             StoreSettings::Redis { url, ignored, .. } => {
-                let mut description = format!("{} {}", self.store.kind(), crate::store::redis::redacted_url(url));
+                let mut description = format!("{} {}", self.store.kind(), crate::config::redis_url::redacted_url(url));
                 if !ignored.is_empty() {
                     description.push_str(&format!(" ({} ignored: Redis is configured)", ignored.join(", ")));
                 }

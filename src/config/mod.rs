@@ -287,8 +287,8 @@ pub struct UpstreamSettings {
     pub ca_file: Option<PathBuf>,
 }
 
-/// Which store keeps the records.
-#[derive(Debug, Clone)]
+/// Which store keeps the records. Its `Debug` form shows a Redis URL without its password.
+#[derive(Clone)]
 pub enum StoreSettings {
     /// The durable embedded store (docs/behaviour.md §11), the default without Redis.
     Disk {
@@ -311,6 +311,38 @@ pub enum StoreSettings {
         /// What a write must reach before it counts (docs/behaviour.md §4.4).
         replication: Replication,
     },
+}
+
+impl fmt::Debug for StoreSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Disk {
+                data_dir,
+                max_disk_bytes,
+            } => f
+                .debug_struct("Disk")
+                .field("data_dir", data_dir)
+                .field("max_disk_bytes", max_disk_bytes)
+                .finish(),
+            Self::Memory { max_entries } => f.debug_struct("Memory").field("max_entries", max_entries).finish(),
+            Self::Redis {
+                url,
+                command_timeout,
+                ca_file,
+                ignored,
+                sentinel_password,
+                replication,
+            } => f
+                .debug_struct("Redis")
+                .field("url", &redis_url::redacted_url(url))
+                .field("command_timeout", command_timeout)
+                .field("ca_file", ca_file)
+                .field("ignored", ignored)
+                .field("sentinel_password", sentinel_password)
+                .field("replication", replication)
+                .finish(),
+        }
+    }
 }
 
 /// How many replicas acknowledge a key's writes (Redis `WAIT`) before they count, and how long
@@ -535,6 +567,17 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_output_hides_the_redis_password() {
+        let config = Config::from_toml(
+            "upstream.url = \"http://127.0.0.1:3000\"\nstore.redis = \"redis://app:s3cret@127.0.0.1:6379/0\"",
+        )
+        .expect("valid");
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("s3cret"), "{debug}");
+        assert!(debug.contains("redis://app:***@127.0.0.1:6379/0"), "{debug}");
+    }
 
     #[test]
     fn cli_only_form_is_one_catch_all_route() {

@@ -143,9 +143,42 @@ fn master_and_db(path: &str) -> Result<(String, i64), String> {
     Ok((name.into_owned(), db))
 }
 
+/// `url` with the password of its user information replaced by `***`, for logs:
+/// `redis://user:secret@host:6379/0` → `redis://user:***@host:6379/0`.
+pub fn redacted_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    let user = match rest[..at].split_once(':') {
+        Some((user, _password)) => format!("{user}:***"),
+        None => rest[..at].to_owned(),
+    };
+    format!("{scheme}://{user}@{}", &rest[at + 1..])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn urls_are_logged_without_their_password() {
+        assert_eq!(
+            redacted_url("redis://user:s3cret@h:6379/0"),
+            "redis://user:***@h:6379/0"
+        );
+        assert_eq!(redacted_url("rediss://:s3cret@h:6380"), "rediss://:***@h:6380");
+        assert_eq!(redacted_url("redis://h:6379"), "redis://h:6379");
+        assert_eq!(redacted_url("redis+cluster://a:1,b:2"), "redis+cluster://a:1,b:2");
+        assert_eq!(redacted_url("redis://u:p@ss@h:1/2"), "redis://u:***@h:1/2");
+        assert_eq!(
+            redacted_url("rediss+sentinel://app:s3cret@s1:26379,s2:26379/orders/1"),
+            "rediss+sentinel://app:***@s1:26379,s2:26379/orders/1"
+        );
+    }
 
     fn parsed(url: &str) -> SentinelUrl {
         match SentinelUrl::parse(url) {
