@@ -8,7 +8,7 @@ import unittest
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from load import chart, measure, parse, report, scenarios, servers, upload
+from load import chart, measure, parse, report, scenarios, servers, upload, wait
 from load.config import ConfigError, from_env
 
 TESTDATA = Path(__file__).resolve().parent / "testdata"
@@ -975,6 +975,36 @@ class Settings(unittest.TestCase):
             with self.assertRaises(ConfigError):
                 from_env(env, Path("/r"), 2)
 
+
+
+class WaitScenarioTest(unittest.TestCase):
+    """The wait scenario's figures (benches/load/wait.py)."""
+
+    def test_percentiles_are_nearest_rank(self):
+        values = [float(v) for v in range(1, 101)]
+        self.assertEqual(wait.percentile(values, 0.5), 50.0)
+        self.assertEqual(wait.percentile(values, 0.99), 99.0)
+        self.assertEqual(wait.percentile([3.0], 0.99), 3.0)
+        with self.assertRaises(ValueError):
+            wait.percentile([], 0.5)
+
+    def test_commands_per_waiter_leave_out_the_scripts_and_the_firsts(self):
+        # 10 keys, 8 waiters each costing 3 begins; each completion script ran a GET and a SET.
+        calls = {"set": 10 + 80 * 3 + 10, "get": 10, "evalsha": 10, "spublish": 10}
+        self.assertEqual(wait.commands_per_waiter(calls, 10, 80), (3.0, 2.0))
+
+    def test_the_report_names_each_mode_and_its_targets(self):
+        results = {
+            "redis-across-proxies": {"waiters": 80, "p50_ms": 0.8, "p99_ms": 2.5, "max_ms": 3.0,
+                                     "commands_with_arrival": 3.0, "commands_waiting": 2.0},
+            "memory-same-proxy": {"waiters": 80, "p50_ms": 0.3, "p99_ms": 12.0, "max_ms": 15.0},
+        }
+        text = wait.report(results, {"keys": 10, "waiters": 8, "first_ms": 100, "lead_ms": 40})
+        self.assertIn("| redis-across-proxies | 80 | 0.80 | 2.50 | 3.00 | 2.00 / 3.00 |", text)
+        self.assertIn("| memory-same-proxy | 80 | 0.30 | 12.00 | 15.00 | in-process |", text)
+        self.assertIn("redis-across-proxies: p99 2.50 ms <= 10 ms: met", text)
+        self.assertIn("memory-same-proxy: p99 12.00 ms <= 10 ms: MISSED", text)
+        self.assertIn("redis-across-proxies: 2.00 store commands per waiter <= 2: met", text)
 
 if __name__ == "__main__":
     unittest.main()

@@ -43,9 +43,9 @@ impl State {
                     .map_err(|e| {
                         crate::store::StoreError::unreachable(format!("opening the disk store failed: {e}"))
                     })?;
-                AnyStore::Disk(opened?)
+                AnyStore::from(opened?)
             }
-            StoreSettings::Memory { max_entries } => AnyStore::Memory(MemoryStore::new(*max_entries)),
+            StoreSettings::Memory { max_entries } => AnyStore::from(MemoryStore::new(*max_entries)),
             StoreSettings::Redis {
                 url,
                 command_timeout,
@@ -64,8 +64,9 @@ impl State {
                     sentinel_password: sentinel_password.clone(),
                     replication: *replication,
                     replica_acks: metrics.replica_acks(),
+                    wait_metrics: metrics.wait().clone(),
                 };
-                AnyStore::Redis(RedisStore::connect_with(url, options).await?)
+                AnyStore::from(RedisStore::connect_with(url, options).await?)
             }
         };
         for route in config.routes.iter().filter(|r| r.policy.enabled) {

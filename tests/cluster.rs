@@ -302,3 +302,51 @@ async fn acknowledged_writes_wait_on_the_master_they_were_written_to() {
     let stored: usize = cluster.keys_per_node().iter().sum();
     assert_eq!(stored, 60, "every record on its master and on that master's replica");
 }
+
+/// Waiting retries on one proxy are woken by completions on another through each key's own
+/// channel, published on the master of the key's slot (sharded pub/sub, docs/behaviour.md
+/// §15): keys spread over the three masters, every waiter woken by its key's message.
+#[tokio::test]
+async fn waiters_on_another_proxy_are_woken_through_each_keys_slot() {
+    let cluster = RedisCluster::start();
+    let upstream = TestUpstream::start().await;
+    let store = format!("store.redis = \"{}\"", cluster.url());
+    let wait = "on_conflict = \"wait\"\nwait_timeout = \"10s\"";
+    let a = TestProxy::to(&upstream).config(&store).idempotency(wait).start().await;
+    let b = TestProxy::to(&upstream)
+        .config(&store)
+        .idempotency(wait)
+        .admin()
+        .start()
+        .await;
+    let send = |url: String, key: String, delay: &'static str| async move {
+        let headers = [("idempotency-key", key.as_str()), ("x-upstream-delay-ms", delay)];
+        TestClient::new().send(Method::POST, &url, &headers, "{}").await
+    };
+    let keys = 30;
+    let firsts = join_all((0..keys).map(|k| send(a.url("/orders"), format!("wait-{k}"), "600")));
+    let waiters = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        join_all((0..keys).map(|k| send(b.url("/orders"), format!("wait-{k}"), "0"))).await
+    };
+    let (firsts, waiters) = tokio::join!(firsts, waiters);
+    assert_eq!(upstream.hits(), keys);
+    for (first, waiter) in firsts.iter().zip(&waiters) {
+        assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
+        assert_eq!(waiter.status, StatusCode::CREATED, "{waiter:?}");
+        assert_eq!(waiter.header("idempotent-replayed"), Some("true"));
+        assert_eq!(waiter.body, first.body);
+    }
+    let per_node = cluster.keys_per_node();
+    assert!(
+        per_node.iter().all(|n| *n > 0),
+        "keys spread over all masters: {per_node:?}"
+    );
+    let admin = b.admin.expect("an admin listener");
+    let metrics = TestClient::new()
+        .send(Method::GET, &format!("http://{admin}/metrics"), &[], "")
+        .await;
+    let metrics = String::from_utf8_lossy(&metrics.body).into_owned();
+    let woken = format!("idemproxy_wait_wakeups_total{{reason=\"settled\"}} {keys}");
+    assert!(metrics.lines().any(|l| l == woken), "{woken} in {metrics}");
+}

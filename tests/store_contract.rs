@@ -779,8 +779,9 @@ type Calls = Vec<(String, u64)>;
 
 /// Calls per command since the last reset (`INFO commandstats`), leaving out the measuring
 /// itself. Commandstats also counts what the Lua scripts run inside Redis (no round trip): the
-/// finish and renew scripts each run exactly one GET and one SET (or DEL), so the exact maps
-/// below pin down the round trips too: any extra command sent would show up as a surplus.
+/// finish and renew scripts each run exactly one GET and one SET (or DEL), and the finish script
+/// one SPUBLISH on the key's channel (waking its waiters, docs/behaviour.md §15.5), so the exact
+/// maps below pin down the round trips too: any extra command sent would show up as a surplus.
 fn store_calls(server: &RedisServer) -> Calls {
     let mut calls: Calls = server
         .command_calls()
@@ -812,10 +813,17 @@ async fn redis_command_budget() {
     assert_eq!(begin(&store, &owner).await, Begin::Owner(owner.token));
     assert_eq!(store.renew(&k, owner.token, LOCK_TTL).await, Ok(true));
     assert_eq!(store.complete(&k, owner.token, &completed(FP, &stored)).await, Ok(true));
-    // Sent: SET NX GET; EVALSHA, SCRIPT LOAD, EVALSHA twice. In the scripts: GET + SET twice.
+    // Sent: SET NX GET; EVALSHA, SCRIPT LOAD, EVALSHA twice. In the scripts: GET + SET twice,
+    // and the completion's SPUBLISH.
     assert_eq!(
         store_calls(&server),
-        pairs(&[("evalsha", 4), ("get", 2), ("script|load", 2), ("set", 3)])
+        pairs(&[
+            ("evalsha", 4),
+            ("get", 2),
+            ("script|load", 2),
+            ("set", 3),
+            ("spublish", 1)
+        ])
     );
 
     // First execution: begin + complete, two round trips.
@@ -824,8 +832,11 @@ async fn redis_command_budget() {
     let owner = req(&k, FP);
     assert_eq!(begin(&store, &owner).await, Begin::Owner(owner.token));
     assert_eq!(store.complete(&k, owner.token, &completed(FP, &stored)).await, Ok(true));
-    // Sent: SET NX GET, EVALSHA. In the script: GET, SET KEEPTTL.
-    assert_eq!(store_calls(&server), pairs(&[("evalsha", 1), ("get", 1), ("set", 2)]));
+    // Sent: SET NX GET, EVALSHA. In the script: GET, SET KEEPTTL, SPUBLISH.
+    assert_eq!(
+        store_calls(&server),
+        pairs(&[("evalsha", 1), ("get", 1), ("set", 2), ("spublish", 1)])
+    );
 
     // Replay: one SET NX GET (which writes nothing: the key exists), one round trip.
     server.reset_stats();
@@ -845,10 +856,10 @@ async fn redis_command_budget() {
     server.reset_stats();
     assert_eq!(store.renew(&k, owner.token, LOCK_TTL).await, Ok(true));
     assert_eq!(store.release(&k, owner.token).await, Ok(true));
-    // Sent: two EVALSHA. In the scripts: GET + SET (renew), GET + DEL (release).
+    // Sent: two EVALSHA. In the scripts: GET + SET (renew), GET + DEL + SPUBLISH (release).
     assert_eq!(
         store_calls(&server),
-        pairs(&[("del", 1), ("evalsha", 2), ("get", 2), ("set", 1)])
+        pairs(&[("del", 1), ("evalsha", 2), ("get", 2), ("set", 1), ("spublish", 1)])
     );
 }
 
@@ -976,10 +987,10 @@ async fn replicated_command_budget() {
     let owner = req(&k, FP);
     assert_eq!(begin(store, &owner).await, Begin::Owner(owner.token));
     assert_eq!(store.complete(&k, owner.token, &completed(FP, &stored)).await, Ok(true));
-    // Sent: SET NX GET + WAIT, EVAL + WAIT. In the script: GET, SET KEEPTTL.
+    // Sent: SET NX GET + WAIT, EVAL + WAIT. In the script: GET, SET KEEPTTL, SPUBLISH.
     assert_eq!(
         proxy_calls(server),
-        pairs(&[("eval", 1), ("get", 1), ("set", 2), ("wait", 2)])
+        pairs(&[("eval", 1), ("get", 1), ("set", 2), ("spublish", 1), ("wait", 2)])
     );
 
     server.reset_stats();

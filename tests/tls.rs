@@ -675,3 +675,50 @@ fn tls_flags_reach_the_config() {
         idemproxy::config::StoreSettings::Redis { ca_file: Some(ref path), .. } if path == Path::new("/redis.pem")
     ));
 }
+
+/// Waiting retries across two proxies on Redis over TLS: the subscription connection is made
+/// with the same TLS settings (`store.ca_file`), and the waiter on the second proxy is woken by
+/// the first's completion (docs/behaviour.md §15.2).
+#[tokio::test]
+async fn rediss_store_wakes_waiters_across_proxies() {
+    let ca = TestCa::new();
+    let Some(redis) = TlsRedis::start(&ca) else {
+        return;
+    };
+    let ca_file = format!("store.ca_file = \"{}\"", toml_path(&ca.pem_file()));
+    let upstream = TestUpstream::start().await;
+    let proxy = |admin: bool| {
+        let builder = TestProxy::to(&upstream)
+            .config(&redis.store_config("2s"))
+            .config(&ca_file)
+            .idempotency("on_conflict = \"wait\"\nwait_timeout = \"10s\"");
+        if admin {
+            builder.admin()
+        } else {
+            builder
+        }
+    };
+    let a = proxy(false).start().await;
+    let b = proxy(true).start().await;
+    let send = |url: String, delay: &'static str| async move {
+        let headers = [("idempotency-key", "rediss-wait"), ("x-upstream-delay-ms", delay)];
+        TestClient::new().send(Method::POST, &url, &headers, "{}").await
+    };
+    let waiter = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        send(b.url("/pay"), "0").await
+    };
+    let (first, waiter) = tokio::join!(send(a.url("/pay"), "600"), waiter);
+    assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
+    assert_replay_of(&waiter, &first);
+    assert_eq!(upstream.hits(), 1);
+    let admin = b.admin.expect("an admin listener");
+    let metrics = TestClient::new()
+        .send(Method::GET, &format!("http://{admin}/metrics"), &[], "")
+        .await;
+    let metrics = String::from_utf8_lossy(&metrics.body).into_owned();
+    assert!(
+        metrics.contains("idemproxy_wait_wakeups_total{reason=\"settled\"} 1"),
+        "woken through the TLS subscription: {metrics}"
+    );
+}

@@ -11,6 +11,7 @@ from .parse import ParseError
 from .processes import BenchError, log
 from .run import main_run
 from .tools import check_pin, ensure_tools
+from .wait import main_wait
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -18,6 +19,9 @@ ROOT = Path(__file__).resolve().parents[2]
 def main() -> int:
     """Runs the benchmark; 1 with a one-line error on failure, 130 on Ctrl-C."""
     try:
+        if os.environ.get("ONLY", "").split() == ["wait"]:
+            main_wait(ROOT, ensure_tools(), os.environ)
+            return 0
         settings = from_env(os.environ, ROOT, len(os.sched_getaffinity(0)))
         if settings.rounds < 3:
             log(f"warning: ROUNDS={settings.rounds}; the benchmark wants at least 3 interleaved rounds")

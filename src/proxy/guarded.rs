@@ -13,12 +13,12 @@ use http_body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use sha2::{Digest, Sha256};
-use tokio::time::Instant;
 
 use super::connection::ConnectionInfo;
 use super::execution::{self, Streamed};
 use super::forward;
 use super::request_log::RequestLog;
+use super::wait::Waiter;
 use crate::body::{concat, ProxyBody};
 use crate::config::{FingerprintBody, KeySource, OnConflict, Policy, Route, StoreFailure};
 use crate::error::{Chain, ProxyError};
@@ -33,10 +33,6 @@ use crate::store::lease::Claim;
 use crate::store::{Begin, Lease, StoreError};
 use crate::telemetry::{Outcome, StoreOp};
 use crate::upload::{Upload, UploadEnd};
-
-/// First and longest pause between two looks at a key in flight (`on_conflict = "wait"`).
-const WAIT_FIRST_POLL: Duration = Duration::from_millis(10);
-const WAIT_MAX_POLL: Duration = Duration::from_millis(250);
 
 /// The storage key of `key`, found in `source`, for a request to `route` with `headers`: scoped
 /// by the route, the value of its scope header and, unless it is the default one, the source
@@ -76,8 +72,7 @@ pub async fn handle(
         lock_ttl: policy.lock_ttl,
         unknown_outcome: policy.unknown_outcome,
     };
-    let wait_until = Instant::now() + policy.wait_timeout;
-    let mut poll = WAIT_FIRST_POLL;
+    let mut waiter = Waiter::new(policy.wait_timeout);
     loop {
         let begun = match state
             .metrics
@@ -106,10 +101,7 @@ pub async fn handle(
             }
             Begin::Replay(stored) => return replayed(stored, policy),
             Begin::InFlight { retry_after } => {
-                let now = Instant::now();
-                if policy.on_conflict == OnConflict::Wait && now < wait_until {
-                    tokio::time::sleep(poll.min(wait_until - now)).await;
-                    poll = (poll * 2).min(WAIT_MAX_POLL);
+                if policy.on_conflict == OnConflict::Wait && waiter.look_again(state, &key).await {
                     continue;
                 }
                 return Err(ProxyError::Conflict { retry_after });

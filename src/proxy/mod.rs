@@ -19,6 +19,7 @@ pub mod execution;
 pub mod forward;
 pub mod guarded;
 pub mod request_log;
+pub mod wait;
 
 pub use self::connection::ConnectionInfo;
 pub use self::request_log::RequestLog;

@@ -16,6 +16,8 @@ pub mod redis;
 mod redis_connection;
 mod replication;
 mod sentinel;
+mod subscriber;
+pub mod waiters;
 
 use std::future::Future;
 use std::time::Duration;
@@ -26,7 +28,7 @@ use crate::idempotency::{
     Decision, Existing, LeaseToken, Print, Record, RecordError, StorageKey, StoredResponse, UnknownCause,
 };
 
-pub use self::any::AnyStore;
+pub use self::any::{AnyStore, KeyWatch};
 pub use self::disk::DiskStore;
 pub use self::lease::Lease;
 pub use self::memory::MemoryStore;

@@ -32,6 +32,7 @@
 //! others: proxies sharing a Redis need clocks in sync to well within `lock_ttl` (NTP).
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -40,11 +41,13 @@ use redis::{Cmd, Pipeline, RedisError, Script, Value};
 use super::group_commit::{PendingAck, Sent};
 use super::redis_connection::{Connection, Setup};
 use super::replication::Replication;
+use super::subscriber::{channel_of, Subscriber, Subscription};
+use super::waiters::Waiters;
 use super::{lease_left_at, Begin, BeginRequest, KeyState, Store, StoreError, StoreFault};
 use crate::config::{Replication as ReplicationSettings, Secret};
 use crate::error::Chain;
 use crate::idempotency::{decide, unix_ms, Decision, Existing, LeaseToken, Record, StorageKey, CONFLICT_RETRY_AFTER};
-use crate::telemetry::ReplicaAcks;
+use crate::telemetry::{ReplicaAcks, WaitMetrics};
 
 /// How many times `begin` re-reads a key whose lapsed owner another proxy took over first.
 const TAKEOVER_ATTEMPTS: usize = 3;
@@ -85,13 +88,17 @@ end
 }
 
 /// Compare-and-set on the owner token: replace the InFlight record with ARGV[2] (keeping its
-/// expiry), or with an empty ARGV[2] delete it. Returns 1 if done.
+/// expiry), or with an empty ARGV[2] delete it; then wake the key's waiters, in this proxy and
+/// others, on the key's own channel (sharded pub/sub on the key's slot, docs/behaviour.md §15):
+/// `c` completed, `r` released. Returns 1 if done.
 const FINISH_LUA: &str = concat!(
     owner_guard!(),
     r"if ARGV[2] == '' then
   redis.call('DEL', KEYS[1])
+  redis.call('SPUBLISH', KEYS[1] .. ':settled', 'r')
 else
   redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+  redis.call('SPUBLISH', KEYS[1] .. ':settled', 'c')
 end
 return 1
 "
@@ -120,6 +127,8 @@ pub struct RedisOptions {
     pub replication: ReplicationSettings,
     /// Where replica acknowledgements are counted.
     pub replica_acks: ReplicaAcks,
+    /// Where the subscription's losses are counted.
+    pub wait_metrics: WaitMetrics,
 }
 
 impl RedisOptions {
@@ -145,6 +154,9 @@ pub struct RedisStore {
     renew: Script,
     /// Acknowledged writes, when `store.min_replicas` > 0.
     replication: Option<Box<Replication>>,
+    /// This proxy's requests waiting for keys, woken by `subscriber`'s messages.
+    waiters: Arc<Waiters>,
+    subscriber: Subscriber,
 }
 
 /// How a write that may need acknowledging was sent.
@@ -191,13 +203,23 @@ impl RedisStore {
         });
         let setup = Setup {
             command_timeout: options.command_timeout,
-            certificates,
+            certificates: certificates.clone(),
             sentinel_password: options.sentinel_password.as_ref(),
             min_replicas: options.replication.min_replicas,
             replica_timeout: options.replication.replica_timeout,
             replica_acks: options.replica_acks,
         };
         let (connection, replication) = Connection::open(url, setup).map_err(unavailable)?;
+        let waiters = Waiters::new();
+        let subscriber = Subscriber::new(
+            url,
+            &connection,
+            certificates,
+            options.command_timeout,
+            waiters.clone(),
+            options.wait_metrics,
+        )
+        .map_err(unavailable)?;
         Ok(Self {
             connection,
             command_timeout: options.command_timeout,
@@ -205,7 +227,19 @@ impl RedisStore {
             finish: Script::new(FINISH_LUA),
             renew: Script::new(RENEW_LUA),
             replication: replication.map(Box::new),
+            waiters,
+            subscriber,
         })
+    }
+
+    /// The registry of this proxy's requests waiting for keys of this store.
+    pub fn waiters(&self) -> &Arc<Waiters> {
+        &self.waiters
+    }
+
+    /// Subscribes to `key`'s channel for a waiting request (docs/behaviour.md §15).
+    pub async fn subscribe(&self, key: &StorageKey) -> Result<Subscription, StoreError> {
+        self.subscriber.subscribe(key).await
     }
 
     pub fn is_cluster(&self) -> bool {
@@ -525,10 +559,16 @@ impl Store for RedisStore {
         }))
     }
 
+    /// Deletes the record and, in the same round trip, wakes the key's waiters in every proxy
+    /// (docs/behaviour.md §15.5).
     async fn clear(&self, key: &StorageKey) -> Result<bool, StoreError> {
         let mut pipeline = redis::pipe();
-        pipeline.del(key.record_key());
-        let (records,): (i64,) = self.query(&pipeline).await?;
+        pipeline
+            .del(key.record_key())
+            .cmd("SPUBLISH")
+            .arg(channel_of(key))
+            .arg("r");
+        let (records, _receivers): (i64, i64) = self.query(&pipeline).await?;
         Ok(records > 0)
     }
 
@@ -568,5 +608,13 @@ mod tests {
             assert!(script.contains(&format!("string.sub(rec, {}, {})", TOKEN_OFFSET + 1, TOKEN_OFFSET + 16)));
         }
         assert!(RENEW_LUA.contains(&format!("string.sub(rec, 1, {LEASE_OFFSET})")));
+    }
+
+    /// The completion script publishes on the channel waiters subscribe to.
+    #[test]
+    fn the_finish_script_publishes_on_the_keys_channel() {
+        use super::super::subscriber::CHANNEL_SUFFIX;
+        let publish = format!("redis.call('SPUBLISH', KEYS[1] .. '{CHANNEL_SUFFIX}'");
+        assert_eq!(FINISH_LUA.matches(&publish).count(), 2, "on completion and on release");
     }
 }

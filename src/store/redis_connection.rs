@@ -98,18 +98,13 @@ impl Connection {
     }
 
     fn cluster(scheme: &str, nodes: &str, setup: Setup<'_>) -> Result<(Self, Option<Replication>), RedisError> {
-        let nodes: Vec<String> = nodes.split(',').map(|n| format!("{scheme}://{n}")).collect();
         let template = nodes
-            .first()
-            .map(|n| n.as_str())
+            .split(',')
+            .next()
+            .map(|n| format!("{scheme}://{n}"))
             .unwrap_or_default()
             .into_connection_info()?;
-        let mut builder = redis::cluster::ClusterClientBuilder::new(nodes)
-            .connection_timeout(setup.command_timeout)
-            .response_timeout(setup.command_timeout);
-        if let Some(certificates) = setup.certificates.clone() {
-            builder = builder.certs(certificates);
-        }
+        let builder = cluster_builder(scheme, nodes, setup.certificates.clone(), setup.command_timeout);
         let lazy = LazyCluster {
             client: builder.build()?,
             connection: OnceCell::new(),
@@ -141,8 +136,26 @@ impl Connection {
     }
 }
 
+/// A cluster client builder for `nodes` (`a:1,b:2`) reached with `scheme`, each command and
+/// connection bounded by `timeout`.
+pub(super) fn cluster_builder(
+    scheme: &str,
+    nodes: &str,
+    certificates: Option<TlsCertificates>,
+    timeout: Duration,
+) -> redis::cluster::ClusterClientBuilder {
+    let nodes: Vec<String> = nodes.split(',').map(|n| format!("{scheme}://{n}")).collect();
+    let mut builder = redis::cluster::ClusterClientBuilder::new(nodes)
+        .connection_timeout(timeout)
+        .response_timeout(timeout);
+    if let Some(certificates) = certificates {
+        builder = builder.certs(certificates);
+    }
+    builder
+}
+
 /// `redis+cluster://a:1,b:2` → `("redis", "a:1,b:2")`.
-fn cluster_nodes(url: &str) -> Option<(&'static str, &str)> {
+pub(super) fn cluster_nodes(url: &str) -> Option<(&'static str, &str)> {
     if let Some(rest) = url.strip_prefix("redis+cluster://") {
         return Some(("redis", rest));
     }

@@ -166,6 +166,66 @@ impl ReplicaAcks {
     }
 }
 
+/// Requests waiting for a key in flight (`on_conflict = "wait"`, docs/behaviour.md §15):
+/// `idemproxy_wait_wakeups_total{reason}` (`settled`: the key settled; `lost`: the store's
+/// subscription was lost, so the waiter looked again; `timed_out`: `wait_timeout` passed) and
+/// `idemproxy_redis_subscription_losses_total` (the Redis subscription connection was lost). A
+/// clone counts into the same series; a [`Default`] one is registered nowhere.
+#[derive(Clone, Debug, Default)]
+pub struct WaitMetrics {
+    settled: Counter,
+    lost: Counter,
+    timed_out: Counter,
+    subscription_losses: Counter,
+}
+
+impl WaitMetrics {
+    /// A waiter woke because its key settled.
+    pub fn woken_settled(&self) {
+        self.settled.inc();
+    }
+
+    /// A waiter woke because the subscription was lost.
+    pub fn woken_lost(&self) {
+        self.lost.inc();
+    }
+
+    /// A waiter's `wait_timeout` passed.
+    pub fn timed_out(&self) {
+        self.timed_out.inc();
+    }
+
+    /// The Redis subscription connection was lost.
+    pub fn subscription_lost(&self) {
+        self.subscription_losses.inc();
+    }
+
+    fn registered(registry: &mut Registry) -> Self {
+        let wakeups = Family::<OneLabel, Counter>::default();
+        registry.register(
+            "wait_wakeups",
+            "Wakeups of requests waiting for a key in flight (on_conflict = wait), by reason",
+            wakeups.clone(),
+        );
+        let subscription_losses = Counter::default();
+        registry.register(
+            "redis_subscription_losses",
+            "Redis subscription connections (keys waited for) lost",
+            subscription_losses.clone(),
+        );
+        // One at a time: see `Metrics::new`.
+        let settled = wakeups.get_or_create(&[("reason", "settled")]).clone();
+        let lost = wakeups.get_or_create(&[("reason", "lost")]).clone();
+        let timed_out = wakeups.get_or_create(&[("reason", "timed_out")]).clone();
+        Self {
+            settled,
+            lost,
+            timed_out,
+            subscription_losses,
+        }
+    }
+}
+
 /// All metrics of one proxy.
 pub struct Metrics {
     registry: Registry,
@@ -179,6 +239,7 @@ pub struct Metrics {
     in_flight: Gauge,
     ready: Gauge,
     replica_acks: ReplicaAcks,
+    wait: WaitMetrics,
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -256,6 +317,7 @@ impl Metrics {
             "1 when the last readiness check passed (store answers, upstreams accept connections), else 0",
         );
         let replica_acks = ReplicaAcks::registered(&mut registry);
+        let wait = WaitMetrics::registered(&mut registry);
         let slots = route_names.len() * METHODS.len() * Outcome::ALL.len();
         Self {
             registry,
@@ -269,7 +331,13 @@ impl Metrics {
             in_flight,
             ready,
             replica_acks,
+            wait,
         }
+    }
+
+    /// The metrics of waiting requests, for the proxy and the Redis store to count into.
+    pub fn wait(&self) -> &WaitMetrics {
+        &self.wait
     }
 
     /// The replica acknowledgement metrics, for the Redis store to count into.

@@ -7,7 +7,7 @@ pub mod metrics;
 use tracing_subscriber::{fmt, EnvFilter};
 
 pub use exposition::Exposition;
-pub use metrics::{DiskStoreMetrics, Metrics, Renewal, ReplicaAcks, StoreOp};
+pub use metrics::{DiskStoreMetrics, Metrics, Renewal, ReplicaAcks, StoreOp, WaitMetrics};
 
 use crate::config::LogFormat;
 
