@@ -190,7 +190,11 @@ async fn sigkill_at_random_points_of_a_keyed_load_never_executes_twice_nor_loses
 async fn a_second_process_on_the_same_directory_is_refused_naming_it() {
     let upstream = TestUpstream::start().await;
     let dir = tempfile::tempdir().expect("temp dir");
-    let _first = proxy_on(dir.path(), &upstream);
+    let first = proxy_on(dir.path(), &upstream);
+    // The first process listens before its store is open: once it has answered a keyed
+    // request, it holds the directory's lock.
+    let answered = TestClient::new().post_keyed(&first.url("/orders"), "first", "{}").await;
+    assert_eq!(answered.status, StatusCode::CREATED);
     let mut second = Command::new(env!("CARGO_BIN_EXE_idemproxy"))
         .args([
             "--upstream",

@@ -157,14 +157,14 @@ impl AnyStore {
 mod tests {
     use super::*;
     use crate::config::UnknownOutcome;
-    use crate::idempotency::Fingerprint;
+    use crate::idempotency::{Fingerprint, Print};
     use crate::store::lease::Claim;
     use crate::store::Lease;
 
     fn claim(key: &StorageKey) -> Claim<'_> {
         Claim {
             key,
-            fingerprint: Fingerprint([1; 32]),
+            print: Print::Whole(Fingerprint::bytes([1; 32])),
             key_ttl: Duration::from_secs(60),
             lock_ttl: Duration::from_secs(30),
             unknown_outcome: UnknownOutcome::Retry,
