@@ -543,7 +543,9 @@ fn disk_fixture() -> &'static DiskFixture {
             }
             records
         });
-        let file = std::fs::read(idemproxy::store::disk::segment::path(dir.path(), 1)).expect("the segment");
+        let mut file = std::fs::read(idemproxy::store::disk::segment::path(dir.path(), 1)).expect("the segment");
+        // Without the zeros the writer prepares ahead of its appends: the damage goes to frames.
+        file.truncate(frames_end(&file));
         let keys = records
             .into_iter()
             .map(|(key, history)| {
@@ -558,6 +560,15 @@ fn disk_fixture() -> &'static DiskFixture {
             .collect();
         DiskFixture { file, keys }
     })
+}
+
+/// Where the frames of the undamaged `file` end.
+fn frames_end(file: &[u8]) -> usize {
+    let mut at = 0;
+    while let Some(head) = idemproxy::store::disk::format::header(&file[at..]) {
+        at += head.frame_len();
+    }
+    at
 }
 
 /// The header and trailer ranges of the last frame of `digest` in the undamaged `file`.

@@ -201,12 +201,14 @@ impl DiskStore {
         let disk_bytes = segments.values().map(|s| s.size).sum();
         shared.apply(recovered.records as i64, recovered.live_bytes as i64, disk_bytes);
         let (commands, receiver) = mpsc::channel();
+        let prepared = segments.get(&active_id).map_or(0, |s| s.size);
         let writer = Writer {
             commands: receiver,
             shared: shared.clone(),
             segments,
             active: Active {
                 id: active_id,
+                prepared,
                 file: active_file,
             },
             segment_bytes: (max_disk_bytes / 16).clamp(64 * 1024, SEGMENT_BYTES),

@@ -215,11 +215,14 @@ pub fn recover(dir: &Path, ids: &[u32], now_ms: u64) -> std::io::Result<Recovere
         let scan = scan(&bytes, newest);
         recovered.apply(id, &scan, now_ms);
         if scan.keep < bytes.len() {
-            tracing::warn!(
-                file = %path.display(),
-                bytes = bytes.len() - scan.keep,
-                "disk store: discarded a torn tail (a write that was never acknowledged)"
-            );
+            // Zeros alone are the space the writer prepares ahead of its appends.
+            if bytes[scan.keep..].iter().any(|b| *b != 0) {
+                tracing::warn!(
+                    file = %path.display(),
+                    bytes = bytes.len() - scan.keep,
+                    "disk store: discarded a torn tail (a write that was never acknowledged)"
+                );
+            }
             segment::open(dir, id, false)?.set_len(scan.keep as u64)?;
         }
     }

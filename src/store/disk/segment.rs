@@ -64,6 +64,8 @@ pub struct Stats {
     /// The latest expiry of a deletion in it: until then, a deletion may still hide an older
     /// segment's record.
     pub max_deleted_expiry: u64,
+    /// Compaction left something in it that it could not copy: not compacted again.
+    pub pinned: bool,
 }
 
 impl Stats {

@@ -146,7 +146,6 @@ async fn expired_records_are_forgotten_and_their_segments_deleted_while_serving(
     }
     let segments = segment::list(dir.path()).expect("list").len();
     assert!(segments >= 3, "{segments} segments");
-    assert_eq!(store.len(), 1501);
     wait_until("the expired records are forgotten", || store.len() == 1).await;
     wait_until("their segments are deleted", || {
         segment::list(dir.path()).map(|s| s.len()).unwrap_or(0) <= 2
@@ -260,8 +259,9 @@ async fn a_torn_tail_is_discarded_and_the_rest_stands() {
         settle(&store, &key(1), b"kept").await;
         owned(&store, &key(2), DAY).await;
     }
-    let (path, _, _) = newest_frame(template.path(), &key(2));
-    let whole = std::fs::read(&path).expect("read");
+    let (path, offset, head) = newest_frame(template.path(), &key(2));
+    // The frames, without the zeros the writer prepares ahead of them.
+    let whole = std::fs::read(&path).expect("read")[..offset + head.frame_len()].to_vec();
     let mut torn_frame = Vec::new();
     format::encode(
         &mut torn_frame,
