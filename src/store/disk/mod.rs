@@ -24,6 +24,7 @@
 //!   the newest segment (never acknowledged) is cut off at open; the store always opens.
 
 mod cache;
+mod flush;
 pub mod format;
 mod index;
 pub mod lock;
@@ -41,6 +42,7 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use self::cache::ReplayCache;
+use self::flush::{Flushes, Msg};
 use self::index::{Entry, Index};
 use self::lock::DirLock;
 use self::segment::{Files, ReadError};
@@ -143,7 +145,7 @@ impl Shared {
 
 /// Records on local disk. See the module documentation.
 pub struct DiskStore {
-    commands: Option<mpsc::Sender<Command>>,
+    commands: Option<mpsc::Sender<Msg>>,
     writer: Option<JoinHandle<()>>,
     shared: Arc<Shared>,
     cache: ReplayCache,
@@ -202,8 +204,11 @@ impl DiskStore {
         shared.apply(recovered.records as i64, recovered.live_bytes as i64, disk_bytes);
         let (commands, receiver) = mpsc::channel();
         let prepared = segments.get(&active_id).map_or(0, |s| s.size);
+        let flushes = Flushes::start(&commands)
+            .map_err(|e| StoreError::unreachable(format!("cannot start the disk store's writer: {e}")))?;
         let writer = Writer {
-            commands: receiver,
+            messages: receiver,
+            flushes,
             shared: shared.clone(),
             segments,
             active: Active {
@@ -273,7 +278,7 @@ impl DiskStore {
         let Some(commands) = &self.commands else {
             return Err(writer_gone());
         };
-        if commands.send(Command { op, reply }).is_err() {
+        if commands.send(Msg::Write(Command { op, reply })).is_err() {
             return Err(writer_gone());
         }
         answer.await.unwrap_or_else(|_| Err(writer_gone()))
@@ -290,7 +295,9 @@ impl DiskStore {
 impl Drop for DiskStore {
     /// Stops the writer (it finishes the batch it has) and closes the file cleanly.
     fn drop(&mut self) {
-        self.commands.take();
+        if let Some(commands) = self.commands.take() {
+            let _ = commands.send(Msg::Stop);
+        }
         if let Some(writer) = self.writer.take() {
             let _ = writer.join();
         }

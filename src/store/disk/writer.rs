@@ -21,13 +21,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
+use super::flush::{Change, Flushes, Msg, Pending};
 use super::format::{self, Kind, OVERHEAD};
 use super::index::{Entry, SHARDS};
 use super::recover::Found;
 use super::segment::{self, Stats};
 use super::{corrupt, footprint, lease_left_at, Shared};
 use crate::config::UnknownOutcome;
-use crate::idempotency::{decide, unix_ms, Decision, Existing, Fingerprint, LeaseToken, Record};
+use crate::idempotency::{decide, unix_ms, Decision, Existing, Fingerprint, LeaseToken, Record, RecordError};
 use crate::store::{Begin, StoreError};
 
 /// Most writes committed in one batch.
@@ -99,13 +100,14 @@ pub struct Active {
 const PREPARE_BYTES: u64 = 4 * 1024 * 1024;
 
 pub struct Writer {
-    pub commands: Receiver<Command>,
+    pub messages: Receiver<Msg>,
     pub shared: Arc<Shared>,
     pub segments: BTreeMap<u32, Stats>,
     pub active: Active,
     /// A segment grows to about this before the next one is started.
     pub segment_bytes: u64,
     pub next_shard: usize,
+    pub flushes: Flushes,
 }
 
 /// A key's record as this batch sees it.
@@ -121,62 +123,101 @@ struct Batch {
     base: u64,
     segment: u32,
     /// Each changed key's newest entry and encoded record (`None`: deleted).
-    changed: HashMap<[u8; 32], Option<(Entry, Bytes)>>,
+    changed: HashMap<[u8; 32], Change>,
     /// The expiries of the deletions written.
     deleted_expiry: u64,
     max_expiry: u64,
-    /// The change to the live frames' bytes.
+    /// The change to the live frames' bytes, and that of the batches before it not yet durable.
     live_delta: i64,
+    pending_live: i64,
     now_ms: u64,
 }
 
 impl Writer {
-    /// Serves writes until every sender is gone.
+    /// Serves writes until the store stops.
     pub fn run(mut self) {
         let mut next_upkeep = Instant::now() + UPKEEP_INTERVAL;
+        let mut commands = Vec::new();
         loop {
             let wait = next_upkeep.saturating_duration_since(Instant::now());
-            match self.commands.recv_timeout(wait) {
-                Ok(first) => self.commit_batch(first),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return,
+            let mut message = match self.messages.recv_timeout(wait) {
+                Ok(message) => Some(message),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            let mut stop = false;
+            while let Some(next) = message.take() {
+                match next {
+                    Msg::Write(command) => commands.push(command),
+                    Msg::Synced {
+                        syncer,
+                        seq,
+                        took,
+                        result,
+                    } => self.synced(syncer, seq, took, result),
+                    Msg::Stop => stop = true,
+                }
+                if commands.len() < MAX_BATCH {
+                    message = self.messages.try_recv().ok();
+                }
+            }
+            if !commands.is_empty() {
+                self.write_batch(std::mem::take(&mut commands));
+            }
+            if stop {
+                break;
             }
             if Instant::now() >= next_upkeep {
+                self.quiesce();
                 self.maintain();
                 next_upkeep = Instant::now() + UPKEEP_INTERVAL;
             }
         }
+        self.quiesce();
+        self.flushes.stop();
     }
 
-    /// Applies `first` and every write waiting behind it, writes their frames, flushes them,
-    /// and answers them all (with the write's error if it failed: then none of them happened).
-    fn commit_batch(&mut self, first: Command) {
-        let mut commands = vec![first];
-        while commands.len() < MAX_BATCH {
-            match self.commands.try_recv() {
-                Ok(command) => commands.push(command),
-                Err(_) => break,
-            }
-        }
+    /// Applies the writes, writes their frames, and hands them to a flush; they are answered
+    /// once it returns (`publish`). A batch of renewals alone needs no flush of its own.
+    fn write_batch(&mut self, commands: Vec<Command>) {
         let flush = commands.iter().any(|c| !matches!(c.op, Op::Renew { .. }));
-        let started = Instant::now();
-        if let Err(err) = self.rotate_if_full() {
-            tracing::error!(error = %err, "disk store: cannot start a new segment");
+        if self.segments.get(&self.active.id).map_or(0, |s| s.size) >= self.segment_bytes {
+            self.quiesce();
+            if let Err(err) = self.rotate_if_full() {
+                tracing::error!(error = %err, "disk store: cannot start a new segment");
+            }
         }
         let mut batch = self.batch();
         let (ops, replies): (Vec<Op>, Vec<_>) = commands.into_iter().map(|c| (c.op, c.reply)).unzip();
-        let mut answers: Vec<_> = ops.into_iter().map(|op| batch.apply(&self.shared, op)).collect();
-        if let Err(err) = self.commit(batch, flush) {
+        let overlay = &self.flushes.overlay;
+        let mut answers: Vec<_> = ops
+            .into_iter()
+            .map(|op| batch.apply(&self.shared, overlay, op))
+            .collect();
+        if let Err(err) = self.write(&batch) {
             tracing::error!(error = %err, "disk store: write failed");
             for answer in answers.iter_mut().filter(|a| a.is_ok()) {
                 *answer = Err(StoreError::unreachable(format!("the disk store's write failed: {err}")));
             }
+            for (reply, answer) in replies.into_iter().zip(answers) {
+                let _ = reply.send(answer);
+            }
+            return;
         }
-        if flush {
-            self.shared.flushed(started.elapsed());
-        }
-        for (reply, answer) in replies.into_iter().zip(answers) {
-            let _ = reply.send(answer);
+        let nothing_pending = self.flushes.pending.is_empty();
+        self.flushes.push(Pending {
+            seq: 0,
+            base: batch.base,
+            changes: batch.changed,
+            live_delta: batch.live_delta,
+            replies: replies.into_iter().zip(answers).collect(),
+        });
+        if flush || !nothing_pending {
+            self.flushes.dispatch(&self.active.file);
+        } else {
+            // Renewals alone, nothing before them waiting: answered without a flush.
+            self.flushes.durable = self.flushes.written;
+            self.publish();
         }
     }
 
@@ -189,23 +230,24 @@ impl Writer {
             deleted_expiry: 0,
             max_expiry: 0,
             live_delta: 0,
+            pending_live: self.flushes.pending_live,
             now_ms: unix_ms(),
         }
     }
 
-    /// Writes the batch's frames (flushed if `flush`), then applies its changes to the index,
-    /// the stats and the counters. On a failure the segment is cut back and nothing changes.
-    fn commit(&mut self, batch: Batch, flush: bool) -> std::io::Result<()> {
+    /// Writes the batch's frames to the active segment (not flushed). On a failure the
+    /// segment is cut back.
+    fn write(&mut self, batch: &Batch) -> std::io::Result<()> {
         if batch.bytes.is_empty() {
             return Ok(());
         }
         let end = batch.base + batch.bytes.len() as u64;
-        if end > self.active.prepared {
-            self.prepare(end)?;
-        }
-        let written = self.active.file.write_all_at(&batch.bytes, batch.base);
-        let flushed = written.and_then(|()| if flush { self.active.file.sync_data() } else { Ok(()) });
-        if let Err(err) = flushed {
+        let written = if end > self.active.prepared {
+            self.prepare(end)
+        } else {
+            Ok(())
+        };
+        if let Err(err) = written.and_then(|()| self.active.file.write_all_at(&batch.bytes, batch.base)) {
             let _ = self.active.file.set_len(batch.base);
             self.active.prepared = batch.base;
             return Err(err);
@@ -213,21 +255,99 @@ impl Writer {
         let active = self.segments.entry(batch.segment).or_default();
         active.wrote(batch.bytes.len(), batch.max_expiry, false);
         active.max_deleted_expiry = active.max_deleted_expiry.max(batch.deleted_expiry);
-        let mut records = 0i64;
-        for (digest, current) in batch.changed {
-            let new = current.map(|(entry, _)| entry);
-            if let Some(new) = new {
-                self.segments.entry(new.segment()).or_default().add(new.len);
-                records += 1;
+        Ok(())
+    }
+
+    /// A flush thread returned: the batches it covered are durable (or, if it failed, every
+    /// pending batch fails: the kernel may have dropped their pages).
+    fn synced(&mut self, syncer: usize, seq: u64, took: Duration, result: std::io::Result<()>) {
+        self.flushes.finished(syncer);
+        self.shared.flushed(took);
+        match result {
+            Ok(()) => {
+                self.flushes.durable = self.flushes.durable.max(seq);
+                self.publish();
             }
-            if let Some(old) = self.shared.index.set(&digest, new) {
-                if let Some(stats) = self.segments.get_mut(&old.segment()) {
-                    stats.remove(old.len);
-                }
-                records -= 1;
+            Err(err) if seq > self.flushes.durable => self.fail(&err),
+            Err(_) => {}
+        }
+        self.flushes.dispatch(&self.active.file);
+    }
+
+    /// Flushes on this thread, so that nothing is pending (before upkeep, a new segment, or
+    /// stopping).
+    fn quiesce(&mut self) {
+        if self.flushes.pending.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let result = self.active.file.sync_data();
+        self.shared.flushed(started.elapsed());
+        match result {
+            Ok(()) => {
+                self.flushes.all_durable();
+                self.publish();
+            }
+            Err(err) => self.fail(&err),
+        }
+    }
+
+    /// Every pending batch failed: answered with the error, the file cut back.
+    fn fail(&mut self, err: &std::io::Error) {
+        tracing::error!(error = %err, "disk store: flush failed");
+        let (base, failed) = self.flushes.fail_all();
+        if let Some(base) = base {
+            let _ = self.active.file.set_len(base);
+            self.active.prepared = base;
+            if let Some(stats) = self.segments.get_mut(&self.active.id) {
+                stats.size = base;
             }
         }
-        self.shared.apply(records, batch.live_delta, self.disk_bytes());
+        for pending in failed {
+            for (reply, answer) in pending.replies {
+                let answer =
+                    answer.and_then(|_| Err(StoreError::unreachable(format!("the disk store's flush failed: {err}"))));
+                let _ = reply.send(answer);
+            }
+        }
+    }
+
+    /// Applies every durable batch, in order, to the index, the stats and the counters, and
+    /// answers its writes.
+    fn publish(&mut self) {
+        while let Some(pending) = self.flushes.next_durable() {
+            let mut records = 0i64;
+            for (digest, change) in pending.changes {
+                let new = change.map(|(entry, _)| entry);
+                if let Some(new) = new {
+                    self.segments.entry(new.segment()).or_default().add(new.len);
+                    records += 1;
+                }
+                if let Some(old) = self.shared.index.set(&digest, new) {
+                    if let Some(stats) = self.segments.get_mut(&old.segment()) {
+                        stats.remove(old.len);
+                    }
+                    records -= 1;
+                }
+            }
+            self.shared.apply(records, pending.live_delta, self.disk_bytes());
+            for (reply, answer) in pending.replies {
+                let _ = reply.send(answer);
+            }
+        }
+    }
+
+    /// Writes a batch of the writer's own (compaction), flushes it here, and publishes it.
+    fn commit_now(&mut self, batch: Batch) -> std::io::Result<()> {
+        self.write(&batch)?;
+        self.flushes.push(Pending {
+            seq: 0,
+            base: batch.base,
+            changes: batch.changed,
+            live_delta: batch.live_delta,
+            replies: Vec::new(),
+        });
+        self.quiesce();
         Ok(())
     }
 
@@ -363,7 +483,7 @@ impl Writer {
         for (digest, copy, expires_at_ms) in copies {
             batch.copy(&digest, copy, expires_at_ms);
         }
-        self.commit(batch, true)?;
+        self.commit_now(batch)?;
         match self.segments.get_mut(&id) {
             // Every entry that pointed into it was copied forward.
             Some(stats) if stats.live == 0 => self.drop_segment(id),
@@ -381,20 +501,37 @@ impl Writer {
     }
 }
 
+/// The pending batches' changes, newest per key ([`Flushes::overlay`]).
+type Overlay = HashMap<[u8; 32], (u64, Change)>;
+
+/// What a batch reads beneath its own changes: the batches not yet durable, then the index.
+struct View<'a> {
+    shared: &'a Shared,
+    overlay: &'a Overlay,
+}
+
+impl View<'_> {
+    /// The key's newest state: `Some(change)` from a pending batch, `None` from the index.
+    fn pending(&self, digest: &[u8; 32]) -> Option<&Change> {
+        self.overlay.get(digest).map(|(_, change)| change)
+    }
+}
+
 impl Batch {
     /// Applies one write: its answer, or its own error (a damaged record, a full store).
-    fn apply(&mut self, shared: &Shared, op: Op) -> Result<Answer, StoreError> {
+    fn apply(&mut self, shared: &Shared, overlay: &Overlay, op: Op) -> Result<Answer, StoreError> {
+        let view = View { shared, overlay };
         match op {
-            Op::Begin(claim) => self.begin(shared, &claim).map(Answer::Begun),
+            Op::Begin(claim) => self.begin(&view, &claim).map(Answer::Begun),
             Op::Complete { key, token, record } => {
-                let Some(current) = self.owned(shared, &key, token)? else {
+                let Some(current) = self.owned(&view, &key, token)? else {
                     return Ok(Answer::Done(false));
                 };
                 self.put(&key, record, current.entry.expires_at_ms, Some(&current.entry));
                 Ok(Answer::Done(true))
             }
             Op::Release { key, token } => {
-                let Some(current) = self.owned(shared, &key, token)? else {
+                let Some(current) = self.owned(&view, &key, token)? else {
                     return Ok(Answer::Done(false));
                 };
                 self.delete(&key, &current.entry);
@@ -405,7 +542,7 @@ impl Batch {
                 token,
                 lease_until_ms,
             } => {
-                let Some(mut current) = self.owned(shared, &key, token)? else {
+                let Some(mut current) = self.owned(&view, &key, token)? else {
                     return Ok(Answer::Done(false));
                 };
                 if let Record::InFlight {
@@ -414,52 +551,51 @@ impl Batch {
                 {
                     *until = lease_until_ms;
                 }
-                self.put(
-                    &key,
-                    current.record.encode(),
-                    current.entry.expires_at_ms,
-                    Some(&current.entry),
-                );
+                let (expires_at_ms, old) = (current.entry.expires_at_ms, current.entry);
+                self.put(&key, current.record.encode(), expires_at_ms, Some(&old));
                 Ok(Answer::Done(true))
             }
-            Op::Clear { key } => Ok(Answer::Done(self.clear(shared, &key))),
+            Op::Clear { key } => Ok(Answer::Done(self.clear(&view, &key))),
         }
     }
 
     /// The key's entry as this batch sees it.
-    fn entry(&self, shared: &Shared, digest: &[u8; 32]) -> Option<Entry> {
-        match self.changed.get(digest) {
-            Some(current) => current.as_ref().map(|(entry, _)| *entry),
-            None => shared.index.get(digest),
+    fn entry(&self, view: &View, digest: &[u8; 32]) -> Option<Entry> {
+        match self.changed.get(digest).or_else(|| view.pending(digest)) {
+            Some(change) => change.as_ref().map(|(entry, _)| *entry),
+            None => view.shared.index.get(digest),
         }
     }
 
     /// The key's record unless it has expired; a damaged one is `Corrupt`.
-    fn live(&self, shared: &Shared, digest: &[u8; 32]) -> Result<Option<Current>, StoreError> {
-        if let Some(current) = self.changed.get(digest) {
-            let Some((entry, bytes)) = current.as_ref().filter(|(e, _)| e.expires_at_ms > self.now_ms) else {
+    fn live(&self, view: &View, digest: &[u8; 32]) -> Result<Option<Current>, StoreError> {
+        if let Some(change) = self.changed.get(digest).or_else(|| view.pending(digest)) {
+            let Some((entry, bytes)) = change.as_ref().filter(|(e, _)| e.expires_at_ms > self.now_ms) else {
                 return Ok(None);
             };
+            if entry.damaged() {
+                return Err(corrupt(digest, RecordError::Corrupt("damaged record on disk")));
+            }
             let record = Record::decode(bytes.clone()).map_err(|err| corrupt(digest, err))?;
             return Ok(Some(Current { entry: *entry, record }));
         }
-        let Some(entry) = shared.index.get(digest).filter(|e| e.expires_at_ms > self.now_ms) else {
+        let Some(entry) = view.shared.index.get(digest).filter(|e| e.expires_at_ms > self.now_ms) else {
             return Ok(None);
         };
-        let record = shared.read_entry(digest, &entry)?;
+        let record = view.shared.read_entry(digest, &entry)?;
         Ok(Some(Current { entry, record }))
     }
 
     /// The key's record if it is InFlight and owned by `token`.
-    fn owned(&self, shared: &Shared, digest: &[u8; 32], token: LeaseToken) -> Result<Option<Current>, StoreError> {
+    fn owned(&self, view: &View, digest: &[u8; 32], token: LeaseToken) -> Result<Option<Current>, StoreError> {
         Ok(self
-            .live(shared, digest)?
+            .live(view, digest)?
             .filter(|c| matches!(&c.record, Record::InFlight { owner, .. } if *owner == token)))
     }
 
     /// docs/behaviour.md §4's table, applied: decided on the record as this batch sees it.
-    fn begin(&mut self, shared: &Shared, claim: &Claim) -> Result<Begin<LeaseToken>, StoreError> {
-        let live = self.live(shared, &claim.key)?;
+    fn begin(&mut self, view: &View, claim: &Claim) -> Result<Begin<LeaseToken>, StoreError> {
+        let live = self.live(view, &claim.key)?;
         let existing = live.as_ref().map(|c| Existing {
             lease_left: lease_left_at(&c.record, claim.now_ms),
             record: c.record.clone(),
@@ -467,12 +603,15 @@ impl Batch {
         let decision = decide(existing, &claim.fingerprint, claim.unknown_outcome);
         match (&decision, &live) {
             (Decision::Execute, _) => {
+                let shared = view.shared;
                 let frame = OVERHEAD + claim.in_flight.len();
-                let used = shared.footprint().saturating_add_signed(2 * self.live_delta);
+                let used = shared
+                    .footprint()
+                    .saturating_add_signed(2 * (self.pending_live + self.live_delta));
                 if used.saturating_add(footprint(frame)) > shared.max_bytes {
                     return Err(StoreError::Full(shared.records() as usize));
                 }
-                let old = self.entry(shared, &claim.key);
+                let old = self.entry(view, &claim.key);
                 self.put(&claim.key, claim.in_flight.clone(), claim.expires_at_ms, old.as_ref());
             }
             (Decision::TakeOver, Some(c)) => self.put(
@@ -491,8 +630,8 @@ impl Batch {
 
     /// Deletes the key whatever its record holds (damaged ones too: the operator's way out).
     /// Returns whether a live record was there.
-    fn clear(&mut self, shared: &Shared, digest: &[u8; 32]) -> bool {
-        let Some(entry) = self.entry(shared, digest) else {
+    fn clear(&mut self, view: &View, digest: &[u8; 32]) -> bool {
+        let Some(entry) = self.entry(view, digest) else {
             return false;
         };
         self.delete(digest, &entry);
