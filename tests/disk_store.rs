@@ -295,6 +295,42 @@ async fn readyz_fails_naming_the_directory_when_it_is_not_writable() {
     }
 }
 
+/// docs/behaviour.md §11.4, black-box: a byte flipped in the record of the last key written
+/// while the proxy was down makes that key answer 503 (never executed again), the other keys
+/// still replay, and the proxy starts.
+#[tokio::test]
+async fn a_flipped_byte_on_disk_makes_only_its_key_answer_503() {
+    use idemproxy::store::disk::{format, segment};
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let client = TestClient::new();
+    let mut proxy = proxy_on(dir.path(), &upstream);
+    for key in ["k0", "k1", "k2"] {
+        let response = client.post_keyed(&proxy.url("/orders"), key, "{}").await;
+        assert_eq!(response.status, StatusCode::CREATED);
+    }
+    proxy.kill();
+    let path = segment::path(dir.path(), 1);
+    let mut bytes = std::fs::read(&path).expect("the segment");
+    let (mut at, mut last) = (0, 0);
+    while let Some(head) = format::header(&bytes[at..]) {
+        last = at;
+        at += head.frame_len();
+    }
+    // k2's Completed record: the payload's last byte of the last frame.
+    bytes[at - format::TRAILER - 1] ^= 0x01;
+    assert!(last < at);
+    std::fs::write(&path, bytes).expect("write");
+    let proxy = proxy_on(dir.path(), &upstream);
+    let damaged = client.post_keyed(&proxy.url("/orders"), "k2", "{}").await;
+    assert_eq!(damaged.status, StatusCode::SERVICE_UNAVAILABLE, "{damaged:?}");
+    for key in ["k0", "k1"] {
+        let retry = client.post_keyed(&proxy.url("/orders"), key, "{}").await;
+        assert!(is_replay(&retry), "{key}: {retry:?}");
+    }
+    assert_eq!(upstream.hits(), 3, "nothing ran twice");
+}
+
 /// Damage (flipped bits, torn pages, a cut tail, garbage appended) to a store's segment,
 /// generated from a fixed seed: the store always opens, a key its damage did not touch answers
 /// its record, a damaged one `Corrupt` (or, when nothing names it or the tail was cut inside it,

@@ -16,10 +16,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::oneshot;
 
 use super::index::Entry;
-use super::writer::{Answer, Command};
+use super::writer::{Answer, Command, Reply};
 use crate::store::StoreError;
 
 /// Flushes that may run at once.
@@ -49,7 +48,7 @@ pub struct Pending {
     pub base: u64,
     pub changes: HashMap<[u8; 32], Change>,
     pub live_delta: i64,
-    pub replies: Vec<(oneshot::Sender<Result<Answer, StoreError>>, Result<Answer, StoreError>)>,
+    pub replies: Vec<(Reply, Result<Answer, StoreError>)>,
 }
 
 /// The flush threads and the batches waiting for them.

@@ -1,6 +1,6 @@
 //! Where each key's newest frame is (docs/behaviour.md §11.1): digest → segment, offset,
-//! length and expiry, in memory (24 bytes of value per key, about 90 bytes per key with the
-//! digest and the map's slack). Rebuilt by scanning the segments when the store opens.
+//! length and expiry, in memory (56 bytes per key with the digest, before the map's slack).
+//! Rebuilt by scanning the segments when the store opens.
 //!
 //! The writer is its only writer: it changes the index right after the flush that made the
 //! change durable, before it answers. A reader that comes between sees the index one flush

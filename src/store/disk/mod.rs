@@ -7,7 +7,8 @@
 //!   where each key's newest frame is; it is rebuilt by reading the segments at open
 //!   (`recover`). Settled records are also kept for replays in a small `cache`.
 //! - Writes go to one writer thread (`writer`), which appends every write waiting in one
-//!   `write` with one `fdatasync` and answers them once it is durable (group commit): `begin`
+//!   `write`, has it flushed (`flush`: two flushes may overlap) and answers them once it is
+//!   durable (group commit): `begin`
 //!   returns only after the `InFlight` record is on disk, `complete` and `release` only after
 //!   theirs is.
 //! - Reads need no writer: `begin` first reads the key through the index (which points only at
@@ -293,7 +294,7 @@ impl DiskStore {
 }
 
 impl Drop for DiskStore {
-    /// Stops the writer (it finishes the batch it has) and closes the file cleanly.
+    /// Stops the writer: it flushes and answers every write it has, then its flush threads end.
     fn drop(&mut self) {
         if let Some(commands) = self.commands.take() {
             let _ = commands.send(Msg::Stop);

@@ -1,12 +1,14 @@
 //! The disk store's one writer (docs/behaviour.md §11.1): a thread that takes every write
-//! waiting, appends their frames to the newest segment in one `write`, flushes them with one
-//! `fdatasync`, and only then updates the index and answers each of them: group commit.
+//! waiting, appends their frames to the newest segment in one `write`, has them flushed
+//! (`fdatasync`, by a thread of [`flush`](super::flush), overlapping the next batch), and only
+//! once that flush returns updates the index and answers each of them: group commit.
 //!
 //! Being the only writer is what makes `begin` atomic: the writer reads the key's record (as
-//! this batch left it), applies [`decide`] to it and appends the verdict, and no other write can
-//! come between (the memory store gets the same from its lock). A batch of lease renewals alone
-//! is written without a flush (it becomes durable with the next one): a renewal lost in a crash
-//! only makes the dead owner's lease lapse sooner.
+//! the batches before, durable or not yet, left it), applies [`decide`] to it and appends the
+//! verdict, and no other write can come between (the memory store gets the same from its lock).
+//! A batch of lease renewals alone, with nothing before it waiting, is answered without a flush
+//! (it becomes durable with the next one): a renewal lost in a crash only makes the dead owner's
+//! lease lapse sooner.
 //!
 //! Between batches it does the upkeep of [`maintain`](Writer::maintain): expired index entries
 //! are forgotten, segments nothing needs are deleted, and a sparse one is compacted.
@@ -80,10 +82,13 @@ pub enum Answer {
     Done(bool),
 }
 
+/// Where a write's answer goes.
+pub type Reply = oneshot::Sender<Result<Answer, StoreError>>;
+
 /// A write and where its answer goes.
 pub struct Command {
     pub op: Op,
-    pub reply: oneshot::Sender<Result<Answer, StoreError>>,
+    pub reply: Reply,
 }
 
 /// The segment being appended to.
