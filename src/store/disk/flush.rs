@@ -66,6 +66,8 @@ pub struct Flushes {
     pub overlay: HashMap<[u8; 32], (u64, Change)>,
     /// The pending batches' change to the live frames' bytes.
     pub pending_live: i64,
+    /// The flushes under way, in the order they began, with their result once returned.
+    running: VecDeque<(u64, Option<std::io::Result<()>>)>,
 }
 
 impl Flushes {
@@ -93,6 +95,7 @@ impl Flushes {
             pending: VecDeque::new(),
             overlay: HashMap::new(),
             pending_live: 0,
+            running: VecDeque::new(),
         })
     }
 
@@ -108,15 +111,22 @@ impl Flushes {
     }
 
     /// Hands what is written and not yet being flushed to an idle flush thread, if any.
-    pub fn dispatch(&mut self, file: &Arc<File>) {
+    pub fn dispatch(&mut self, files: &[Arc<File>]) {
         if self.dispatched >= self.written {
             return;
         }
         let Some(syncer) = self.idle.pop() else {
             return;
         };
+        let Some(file) = files.get(syncer) else {
+            self.idle.push(syncer);
+            return;
+        };
         if self.jobs[syncer].send((self.written, file.clone())).is_ok() {
             self.dispatched = self.written;
+            self.running.push_back((self.written, None));
+        } else {
+            self.idle.push(syncer);
         }
     }
 
@@ -126,9 +136,22 @@ impl Flushes {
         self.dispatched = self.written;
     }
 
-    /// A flush thread finished: it is idle again.
-    pub fn finished(&mut self, syncer: usize) {
+    /// Flush thread `syncer` finished its flush up to `seq`. Flushes count in the order they
+    /// began: a batch is durable once every flush that began before the one covering it has
+    /// returned too, so that an error any of them reports fails every batch not yet answered.
+    pub fn finished(&mut self, syncer: usize, seq: u64, result: std::io::Result<()>) -> std::io::Result<()> {
         self.idle.push(syncer);
+        if let Some(slot) = self.running.iter_mut().find(|(s, _)| *s == seq) {
+            slot.1 = Some(result);
+        }
+        while let Some((seq, Some(_))) = self.running.front() {
+            let seq = *seq;
+            if let Some((_, Some(Err(err)))) = self.running.pop_front() {
+                return Err(err);
+            }
+            self.durable = self.durable.max(seq);
+        }
+        Ok(())
     }
 
     /// The next batch that is durable now, if any (in order).
@@ -181,5 +204,28 @@ fn sync_loop(syncer: usize, jobs: Receiver<(u64, Arc<File>)>, done: Sender<Msg>)
         {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_is_durable_once_every_earlier_flush_returned_and_an_error_fails_it() {
+        let (done, _messages) = mpsc::channel();
+        let mut flushes = Flushes::start(&done).expect("flush threads");
+        flushes.idle.clear();
+        flushes.running.extend([(1, None), (2, None)]);
+        assert!(flushes.finished(1, 2, Ok(())).is_ok());
+        assert_eq!(flushes.durable, 0, "the flush that began first has not returned");
+        let failed = flushes.finished(0, 1, Err(std::io::Error::other("EIO")));
+        assert!(failed.is_err(), "its error fails what the later flush covered too");
+        flushes.running.extend([(3, None), (4, None)]);
+        assert!(flushes.finished(0, 3, Ok(())).is_ok());
+        assert_eq!(flushes.durable, 3);
+        assert!(flushes.finished(1, 4, Ok(())).is_ok());
+        assert_eq!(flushes.durable, 4);
+        flushes.stop();
     }
 }

@@ -212,11 +212,7 @@ impl DiskStore {
             flushes,
             shared: shared.clone(),
             segments,
-            active: Active {
-                id: active_id,
-                prepared,
-                file: active_file,
-            },
+            active: Active::open(dir, active_id, active_file, prepared).map_err(cannot_read)?,
             segment_bytes: (max_disk_bytes / 16).clamp(64 * 1024, SEGMENT_BYTES),
             next_shard: 0,
         };

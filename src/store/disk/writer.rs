@@ -99,6 +99,25 @@ pub struct Active {
     /// overwrites blocks the file already has (no change of its size or extents to journal:
     /// measured, an `fdatasync` a third as long).
     pub prepared: u64,
+    /// A descriptor of the file per flush thread, opened before anything was appended: each
+    /// sees a write-back error of its own (the kernel reports one to each open file once), so
+    /// no flush can return success for pages another flush's error lost.
+    pub sync_files: Vec<Arc<File>>,
+}
+
+impl Active {
+    /// The segment `id` of `dir`, appended to through `file`.
+    pub fn open(dir: &std::path::Path, id: u32, file: Arc<File>, prepared: u64) -> std::io::Result<Self> {
+        let sync_files = (0..super::flush::SYNCERS)
+            .map(|_| segment::open(dir, id, false).map(Arc::new))
+            .collect::<std::io::Result<_>>()?;
+        Ok(Self {
+            id,
+            file,
+            prepared,
+            sync_files,
+        })
+    }
 }
 
 /// Zeros written ahead of the appends at a time (at most a segment's size).
@@ -218,7 +237,7 @@ impl Writer {
             replies: replies.into_iter().zip(answers).collect(),
         });
         if flush || !nothing_pending {
-            self.flushes.dispatch(&self.active.file);
+            self.flushes.dispatch(&self.active.sync_files);
         } else {
             // Renewals alone, nothing before them waiting: answered without a flush.
             self.flushes.durable = self.flushes.written;
@@ -266,17 +285,12 @@ impl Writer {
     /// A flush thread returned: the batches it covered are durable (or, if it failed, every
     /// pending batch fails: the kernel may have dropped their pages).
     fn synced(&mut self, syncer: usize, seq: u64, took: Duration, result: std::io::Result<()>) {
-        self.flushes.finished(syncer);
         self.shared.flushed(took);
-        match result {
-            Ok(()) => {
-                self.flushes.durable = self.flushes.durable.max(seq);
-                self.publish();
-            }
-            Err(err) if seq > self.flushes.durable => self.fail(&err),
-            Err(_) => {}
+        match self.flushes.finished(syncer, seq, result) {
+            Ok(()) => self.publish(),
+            Err(err) => self.fail(&err),
         }
-        self.flushes.dispatch(&self.active.file);
+        self.flushes.dispatch(&self.active.sync_files);
     }
 
     /// Flushes on this thread, so that nothing is pending (before upkeep, a new segment, or
@@ -394,7 +408,7 @@ impl Writer {
         segment::sync_dir(&self.shared.dir)?;
         self.shared.files.insert(id, file.clone());
         self.segments.insert(id, Stats::default());
-        self.active = Active { id, file, prepared: 0 };
+        self.active = Active::open(&self.shared.dir, id, file, 0)?;
         Ok(())
     }
 
