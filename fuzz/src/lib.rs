@@ -468,16 +468,22 @@ fn push_toml_string(out: &mut String, s: &str) {
     out.push('"');
 }
 
-/// The disk store file every `disk_recovery` input damages (built once: a clean store holding
-/// completed, in-flight and Unknown records), with the record each key held.
+/// The disk store segment every `disk_recovery` input damages (built once: a clean store holding
+/// completed, in-flight and Unknown records), each key's records in the order it held them, and
+/// where its newest frame lies in the file.
 struct DiskFixture {
     file: Vec<u8>,
-    records: Vec<(idemproxy::idempotency::StorageKey, Record)>,
+    keys: Vec<DiskKey>,
 }
 
-/// Records `check_disk_recovery` found missing after damage (redb fell back to the commit before
-/// the damaged newest one), for the deterministic test's report.
-pub static DISK_RECORDS_LOST: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+struct DiskKey {
+    key: idemproxy::idempotency::StorageKey,
+    /// Every record the key held, oldest first: the last is what it holds.
+    history: Vec<Record>,
+    /// Its newest frame's header and trailer, as byte ranges of the file.
+    header: std::ops::Range<usize>,
+    trailer: std::ops::Range<usize>,
+}
 
 /// Keys in the `disk_recovery` fixture.
 const DISK_KEYS: u32 = 12;
@@ -528,84 +534,175 @@ fn disk_fixture() -> &'static DiskFixture {
                         cause: UnknownCause::Timeout,
                     },
                 };
+                let mut history = vec![request.in_flight_record()];
                 if i % 3 != 0 {
                     assert_eq!(store.complete(&key, request.token, &record).await, Ok(true));
+                    history.push(record);
                 }
-                records.push((key, record));
+                records.push((key, history));
             }
             records
         });
-        let file = std::fs::read(dir.path().join(idemproxy::store::disk::DATA_FILE)).expect("the store file");
-        DiskFixture { file, records }
+        let mut file = std::fs::read(idemproxy::store::disk::segment::path(dir.path(), 1)).expect("the segment");
+        // Without the zeros the writer prepares ahead of its appends: the damage goes to frames.
+        file.truncate(frames_end(&file));
+        let keys = records
+            .into_iter()
+            .map(|(key, history)| {
+                let (header, trailer) = newest_frame(&file, key.digest());
+                DiskKey {
+                    key,
+                    history,
+                    header,
+                    trailer,
+                }
+            })
+            .collect();
+        DiskFixture { file, keys }
     })
+}
+
+/// Where the frames of the undamaged `file` end.
+fn frames_end(file: &[u8]) -> usize {
+    let mut at = 0;
+    while let Some(head) = idemproxy::store::disk::format::header(&file[at..]) {
+        at += head.frame_len();
+    }
+    at
+}
+
+/// The header and trailer ranges of the last frame of `digest` in the undamaged `file`.
+fn newest_frame(file: &[u8], digest: &[u8; 32]) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
+    use idemproxy::store::disk::format;
+    let mut at = 0;
+    let mut newest = None;
+    while let Some(head) = format::header(&file[at..]) {
+        let end = at + head.frame_len();
+        if head.digest == *digest {
+            newest = Some((at..at + format::HEADER, end - format::TRAILER..end));
+        }
+        at = end;
+    }
+    newest.expect("every fixture key has a frame")
 }
 
 /// Applies `data` to `file` as damage, 5 bytes per change: a kind byte and a little-endian
 /// offset. Kind % 4: 0 flips one bit, 1 overwrites 512 bytes with the kind byte (a torn page),
-/// 2 cuts the file's tail (a torn last write), 3 appends 64 bytes of garbage.
-fn damage(file: &mut Vec<u8>, data: &[u8]) {
+/// 2 cuts the file's tail (a torn last write), 3 appends 64 bytes of garbage. Returns the byte
+/// ranges of the original file it changed, and the shortest length the file was cut to.
+fn damage(file: &mut Vec<u8>, data: &[u8]) -> (Vec<std::ops::Range<usize>>, usize) {
+    let mut touched = Vec::new();
+    let mut shortest = file.len();
     for change in data.chunks_exact(5) {
         let kind = change[0];
         let offset = u32::from_le_bytes([change[1], change[2], change[3], change[4]]) as usize;
         if file.is_empty() {
-            return;
+            break;
         }
         let at = offset % file.len();
         match kind % 4 {
-            0 => file[at] ^= 1 << ((kind >> 2) % 8),
+            0 => {
+                file[at] ^= 1 << ((kind >> 2) % 8);
+                touched.push(at..at + 1);
+            }
             1 => {
                 let end = (at + 512).min(file.len());
                 file[at..end].fill(kind);
+                touched.push(at..end);
             }
-            2 => file.truncate(file.len() - (offset % 4096).min(file.len())),
+            2 => {
+                file.truncate(file.len() - (offset % 4096).min(file.len()));
+                shortest = shortest.min(file.len());
+            }
             _ => file.extend(std::iter::repeat_n(kind, 64)),
         }
     }
+    (touched, shortest)
 }
 
-/// `disk_recovery`: a disk store whose file was damaged by `data` (see [`damage`]) opens and
-/// answers every key with the record it held, `Corrupt` (a damaged record) or, when the damage
-/// hit the newest commit, nothing (redb opens the commit before it); or it refuses to open with
-/// an error naming its file. It never panics, never answers a record the key did not hold, and
-/// a write after the damage either works or fails cleanly. Returns whether the store opened.
+/// What a key answered, comparably.
+#[derive(Debug, PartialEq)]
+enum Answer {
+    Held(usize),
+    Absent,
+    Corrupt,
+}
+
+/// `disk_recovery`: a disk store whose segment was damaged by `data` (see [`damage`]) always
+/// opens (docs/behaviour.md §11.4) and never panics. A key whose newest frame the damage did not
+/// touch answers exactly its record. A touched key answers its record or `Corrupt`; it may lose
+/// its newest record (to an older one it held, or none) only when the damage left nothing to name
+/// it by (both its header and its trailer hit) or cut the file inside it (a torn tail). A new key
+/// can be written after the damage, and a second open answers every key as the first did.
 pub fn check_disk_recovery(data: &[u8]) -> bool {
-    use idemproxy::store::{DiskStore, Store, StoreError};
+    use idemproxy::store::{BeginRequest, DiskStore, Store, StoreError};
     let fixture = disk_fixture();
     let mut file = fixture.file.clone();
-    damage(&mut file, data);
+    let (touched, shortest) = damage(&mut file, data);
     let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join(idemproxy::store::disk::DATA_FILE);
+    let path = idemproxy::store::disk::segment::path(dir.path(), 1);
     std::fs::write(&path, &file).expect("write the damaged file");
-    let store = match DiskStore::open(dir.path(), 1 << 30, Default::default()) {
-        Ok(store) => store,
-        Err(err) => {
-            let text = idemproxy::error::Chain(&err).to_string();
-            assert!(
-                text.contains(&path.display().to_string()),
-                "the error names the file: {text}"
-            );
-            return false;
-        }
-    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    runtime.block_on(async {
-        for (key, record) in &fixture.records {
-            match store.lookup(key).await {
-                Ok(Some(state)) => assert_eq!(&state.existing.record, record, "a damaged file changed a record"),
-                // redb keeps the previous commit's root beside the newest: when the newest one's
-                // pages are damaged it opens the previous commit, which may predate this key.
-                Ok(None) => {
-                    DISK_RECORDS_LOST.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let hit = |range: &std::ops::Range<usize>| touched.iter().any(|t| t.start < range.end && range.start < t.end);
+    let fresh = idemproxy::idempotency::StorageKey::new("f:", "r", b"", b"after the damage");
+    let answers = |store: &DiskStore| {
+        runtime.block_on(async {
+            let mut answers = Vec::new();
+            for k in &fixture.keys {
+                let answer = match store.lookup(&k.key).await {
+                    Ok(Some(state)) => match k.history.iter().position(|r| *r == state.existing.record) {
+                        Some(i) => Answer::Held(i),
+                        None => panic!("a damaged file changed a record: {:?}", state.existing.record),
+                    },
+                    Ok(None) => Answer::Absent,
+                    Err(StoreError::Corrupt(_)) => Answer::Corrupt,
+                    Err(other) => panic!("unexpected answer {other:?}"),
+                };
+                let newest = Answer::Held(k.history.len() - 1);
+                let lost = answer != newest && answer != Answer::Corrupt;
+                if !hit(&(k.header.start..k.trailer.end)) && k.trailer.end <= shortest {
+                    assert_eq!(answer, newest, "an undamaged key changed");
+                } else if lost {
+                    let nameless = hit(&k.header) && hit(&k.trailer);
+                    assert!(
+                        nameless || k.trailer.end > shortest,
+                        "a damaged key lost its record: {answer:?}"
+                    );
                 }
-                Err(StoreError::Corrupt(_)) | Err(StoreError::Unavailable(_)) => {}
-                Err(other) => panic!("unexpected answer {other:?}"),
+                answers.push(answer);
             }
-        }
-        let fresh = idemproxy::idempotency::StorageKey::new("f:", "r", b"", b"after the damage");
-        let _ = store.clear(&fresh).await;
-    });
+            answers
+        })
+    };
+    let first = {
+        let store = DiskStore::open(dir.path(), 1 << 30, Default::default()).expect("a damaged store opens");
+        let answers = answers(&store);
+        let request = BeginRequest {
+            key: &fresh,
+            print: idemproxy::idempotency::Print::Whole(idemproxy::idempotency::Fingerprint::bytes([7; 32])),
+            token: idemproxy::idempotency::LeaseToken::random(),
+            key_ttl: Duration::from_secs(86_400),
+            lock_ttl: Duration::from_secs(3_600),
+            unknown_outcome: idemproxy::config::UnknownOutcome::Reject,
+            now_ms: idemproxy::idempotency::unix_ms(),
+        };
+        let begun = runtime.block_on(store.begin(&request));
+        assert_eq!(
+            begun,
+            Ok(idemproxy::store::Begin::Owner(request.token)),
+            "a new key after the damage"
+        );
+        answers
+    };
+    let store = DiskStore::open(dir.path(), 1 << 30, Default::default()).expect("opens again");
+    assert_eq!(answers(&store), first, "a second open answers as the first");
+    let fresh_state = runtime.block_on(store.lookup(&fresh));
+    assert!(
+        matches!(fresh_state, Ok(Some(_))),
+        "the new key stands: {fresh_state:?}"
+    );
     true
 }

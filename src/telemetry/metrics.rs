@@ -76,16 +76,16 @@ pub enum Renewal {
 /// rules use them (README "Metrics").
 #[derive(Clone)]
 pub struct DiskStoreMetrics {
-    /// `idemproxy_disk_store_records`: records on disk, live or expired and not yet swept.
+    /// `idemproxy_disk_store_records`: records indexed, live or expired and not yet forgotten.
     pub records: Gauge,
-    /// `idemproxy_disk_store_bytes`: size of the store's file.
+    /// `idemproxy_disk_store_bytes`: size of the store's segment files.
     pub bytes: Gauge,
     /// `idemproxy_disk_store_max_bytes`: `store.max_disk_bytes`.
     pub max_bytes: Gauge,
-    /// `idemproxy_disk_store_flushes_total`: commits flushed to disk (each shared by every
-    /// write waiting for it).
+    /// `idemproxy_disk_store_flushes_total`: flushes (`fdatasync`), each making every write
+    /// appended before it durable.
     pub flushes: Counter,
-    /// `idemproxy_disk_store_flush_duration_seconds`: time of one commit and its flush.
+    /// `idemproxy_disk_store_flush_duration_seconds`: time of one flush.
     pub flush_duration: Histogram,
 }
 

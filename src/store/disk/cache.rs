@@ -1,5 +1,5 @@
 //! Settled records kept in memory for replays (docs/behaviour.md §11): a retry storm replays one
-//! key many times, and a replay from memory costs no read transaction nor decode.
+//! key many times, and a replay from memory costs no `pread` nor decode.
 //!
 //! Only `Completed` and `Unknown` records are kept: they change only when cleared or expired.
 //! Every entry carries its expiry (checked on each hit); a clear removes the key, and a

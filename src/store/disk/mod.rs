@@ -1,34 +1,36 @@
-//! The durable embedded store (docs/behaviour.md §11): records in one [redb] file in the data
-//! directory, so a proxy killed at any instant and restarted on the same directory still knows
-//! every key it acknowledged.
+//! The durable embedded store (docs/behaviour.md §11): records appended to segment files in
+//! the data directory, so a proxy killed at any instant and restarted on the same directory still
+//! knows every key it acknowledged.
 //!
-//! - Files: `records.redb` (tables `records` and `expiry`; layout in [`format`](mod@format)) and
-//!   `LOCK` (one process per directory: [`lock`]). Records are keyed by creation time, found
-//!   through an in-memory `index` rebuilt at open; settled ones are also kept for replays in a
-//!   small `cache`.
-//! - Writes go to one writer thread (`writer`), which commits every write waiting in one
-//!   transaction with one flush and answers them once it is durable (group commit): `begin`
+//! - Files: `00000001.seg`, `00000002.seg`, … (frames of self-checked records: [`format`](mod@format),
+//!   [`segment`]) and `LOCK` (one process per directory: [`lock`]). An in-memory `index` says
+//!   where each key's newest frame is; it is rebuilt by reading the segments at open
+//!   (`recover`). Settled records are also kept for replays in a small `cache`.
+//! - Writes go to one writer thread (`writer`), which appends every write waiting in one
+//!   `write`, has it flushed (`flush`: two flushes may overlap) and answers them once it is
+//!   durable (group commit): `begin`
 //!   returns only after the `InFlight` record is on disk, `complete` and `release` only after
 //!   theirs is.
-//! - Reads need no writer: `begin` first reads the key in a read transaction (which sees only
-//!   committed, so durable, records); a replay, a conflict, a mismatch or an Unknown is answered
-//!   from that read alone. Only a request that may take the key (none, or a lapsed lease) goes
-//!   to the writer, which decides it again inside its transaction.
-//! - Expiry: records are dead once their `key_ttl` has passed (reads check it), and the writer
-//!   sweeps them out between batches, so their pages are reused while the proxy serves.
-//! - Bound: a new key is refused (`StoreError::Full`) once the records' estimated footprint
-//!   would pass `store.max_disk_bytes`; records already there are never dropped for space.
-//! - Damage: every value carries a CRC-32 of its key and bytes; one that fails it, or does not
-//!   decode, makes its key answer `StoreError::Corrupt` (logged at error). redb's own commits are
-//!   checksummed: a commit torn by a crash was never acknowledged and is rolled back on open.
-//!   A file redb cannot open at all fails start-up with an error naming it.
-//!
-//! [redb]: https://docs.rs/redb
+//! - Reads need no writer: `begin` first reads the key through the index (which points only at
+//!   durable frames, read with `pread`); a replay, a conflict, a mismatch or an Unknown is
+//!   answered from that read alone. Only a request that may take the key (none, or a lapsed
+//!   lease) goes to the writer, which decides it again.
+//! - Expiry: records are dead once their `key_ttl` has passed (reads check it); the writer
+//!   forgets them and deletes each segment once nothing in it is needed, and copies the live
+//!   part of a sparse segment forward so that it can be deleted too.
+//! - Bound: a new key is refused (`StoreError::Full`) once twice the live frames' bytes would
+//!   pass `store.max_disk_bytes`; records already there are never dropped for space.
+//! - Damage: every frame checks itself, and names its key in its header and its trailer. A
+//!   damaged record makes its key answer `StoreError::Corrupt` (logged at error); a torn tail of
+//!   the newest segment (never acknowledged) is cut off at open; the store always opens.
 
 mod cache;
+mod flush;
 pub mod format;
 mod index;
 pub mod lock;
+mod recover;
+pub mod segment;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -37,64 +39,69 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use self::cache::ReplayCache;
-use self::format::{decode_value, record_key, split_record_key};
-use self::index::Index;
+use self::flush::{Flushes, Msg};
+use self::index::{Entry, Index};
 use self::lock::DirLock;
-use self::writer::{Answer, Claim, Command, Op, Writer};
+use self::segment::{Files, ReadError};
+use self::writer::{Active, Answer, Claim, Command, Op, Writer};
 use super::{lease_left_at, Begin, BeginRequest, KeyState, Store, StoreError};
 use crate::idempotency::{decide, unix_ms, Decision, Existing, LeaseToken, Record, RecordError, StorageKey};
 use crate::telemetry::DiskStoreMetrics;
 
-pub use self::writer::SWEEP_BATCH;
+/// The file the earlier, redb-based disk store kept its records in (this one cannot read it).
+pub const LEGACY_FILE: &str = "records.redb";
+/// Largest segment: the next one is started once the newest passes it.
+const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
 
-/// The redb file in the data directory.
-pub const DATA_FILE: &str = "records.redb";
-/// redb's page cache: it bounds the memory the store uses beyond its fixed cost.
-const CACHE_BYTES: usize = 32 * 1024 * 1024;
-
-const RECORDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("records");
-const EXPIRY: TableDefinition<&[u8], ()> = TableDefinition::new("expiry");
-
-/// The disk a record of `value_len` bytes is counted for against `store.max_disk_bytes`: its
-/// key and value, its expiry entry, and the B-tree's slack (pages are about half full after
-/// random inserts, and a copy-on-write commit needs free pages).
-pub fn footprint(value_len: usize) -> u64 {
-    2 * (value_len as u64 + 32 + 40) + 64
+/// What a live frame of `frame_len` bytes counts against `store.max_disk_bytes`: twice its bytes,
+/// since a segment is compacted only once less than half of it is live.
+pub fn footprint(frame_len: usize) -> u64 {
+    2 * frame_len as u64
 }
 
-/// What the writer and the store share: counters, the bound, metrics.
+/// What the writer and the readers share: the index, the files, counters and metrics.
 pub struct Shared {
     index: Index,
+    files: Files,
+    dir: PathBuf,
     records: AtomicU64,
-    footprint: AtomicU64,
+    live_bytes: AtomicU64,
     max_bytes: u64,
-    file: PathBuf,
     metrics: DiskStoreMetrics,
 }
 
+/// Why a frame the index pointed to could not be read.
+enum Unread {
+    /// Compaction moved it since: look it up again.
+    Moved,
+    Failed(StoreError),
+}
+
 impl Shared {
-    /// The record count and footprint once `delta` is applied.
-    fn after(&self, delta: writer::Delta) -> (u64, u64) {
-        let add = |now: u64, by: i64| now.saturating_add_signed(by);
-        (
-            add(self.records.load(Ordering::Relaxed), delta.records),
-            add(self.footprint.load(Ordering::Relaxed), delta.footprint),
-        )
+    /// What the live frames count against the bound.
+    fn footprint(&self) -> u64 {
+        footprint(self.live_bytes.load(Ordering::Relaxed) as usize)
     }
 
-    /// Applies a committed transaction's changes, and refreshes the gauges.
-    fn apply(&self, delta: writer::Delta) {
-        let (records, footprint) = self.after(delta);
-        self.records.store(records, Ordering::Relaxed);
-        self.footprint.store(footprint, Ordering::Relaxed);
+    fn records(&self) -> u64 {
+        self.records.load(Ordering::Relaxed)
+    }
+
+    /// Applies a durable change to the counters, and refreshes the gauges.
+    fn apply(&self, records: i64, live_bytes: i64, disk_bytes: u64) {
+        let add = |counter: &AtomicU64, by: i64| {
+            let now = counter.load(Ordering::Relaxed).saturating_add_signed(by);
+            counter.store(now, Ordering::Relaxed);
+            now
+        };
+        let records = add(&self.records, records);
+        add(&self.live_bytes, live_bytes);
         self.metrics.records.set(records as i64);
-        if let Ok(meta) = std::fs::metadata(&self.file) {
-            self.metrics.bytes.set(meta.len() as i64);
-        }
+        self.metrics.bytes.set(disk_bytes.min(i64::MAX as u64) as i64);
     }
 
     /// Counts one flush that took `took`.
@@ -102,12 +109,44 @@ impl Shared {
         self.metrics.flushes.inc();
         self.metrics.flush_duration.observe(took.as_secs_f64());
     }
+
+    /// The record `entry` points to; a damaged one is `Corrupt` (logged at error).
+    fn read_entry(&self, digest: &[u8; 32], entry: &Entry) -> Result<Record, StoreError> {
+        match self.read_frame(digest, entry) {
+            Ok(record) => Ok(record),
+            Err(Unread::Failed(err)) => Err(err),
+            Err(Unread::Moved) => Err(StoreError::unreachable("the disk store's segment is gone")),
+        }
+    }
+
+    fn read_frame(&self, digest: &[u8; 32], entry: &Entry) -> Result<Record, Unread> {
+        if entry.damaged() {
+            return Err(Unread::Failed(corrupt(
+                digest,
+                RecordError::Corrupt("damaged record on disk"),
+            )));
+        }
+        let frame = match self.files.read(entry.segment(), entry.offset, entry.len) {
+            Ok(frame) => frame,
+            Err(ReadError::Gone) => return Err(Unread::Moved),
+            Err(ReadError::Io(err)) => {
+                let failed = StoreError::unreachable(format!("cannot read the disk store: {err}"));
+                return Err(Unread::Failed(failed));
+            }
+        };
+        let checked = format::header(&frame)
+            .filter(|head| head.digest == *digest && head.kind == format::Kind::Record)
+            .ok_or(RecordError::Corrupt("damaged frame header on disk"))
+            .and_then(|head| format::payload(&head, &frame).map(|p| p.len()));
+        let len = checked.map_err(|err| Unread::Failed(corrupt(digest, err)))?;
+        let payload = Bytes::from(frame).slice(format::HEADER..format::HEADER + len);
+        Record::decode(payload).map_err(|err| Unread::Failed(corrupt(digest, err)))
+    }
 }
 
 /// Records on local disk. See the module documentation.
 pub struct DiskStore {
-    db: Arc<Database>,
-    commands: Option<mpsc::Sender<Command>>,
+    commands: Option<mpsc::Sender<Msg>>,
     writer: Option<JoinHandle<()>>,
     shared: Arc<Shared>,
     cache: ReplayCache,
@@ -117,53 +156,71 @@ pub struct DiskStore {
 
 impl DiskStore {
     /// Opens (creating them if missing) the data directory `dir` and its store, locks the
-    /// directory for this process, and starts the writer. Fails naming the directory when it
-    /// cannot be created or locked (another process has it), and naming the file when redb
-    /// cannot open it.
+    /// directory for this process, reads its segments back (cutting off a torn tail), and starts
+    /// the writer. Fails naming the directory when it cannot be created, locked (another process
+    /// has it) or read, and naming the file an earlier build's store left there.
     pub fn open(dir: &Path, max_disk_bytes: u64, metrics: DiskStoreMetrics) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::unreachable(format!("cannot create data directory {}: {e}", dir.display())))?;
         let lock = DirLock::acquire(dir).map_err(StoreError::unreachable)?;
-        let file = dir.join(DATA_FILE);
-        let cannot_open = |e: &dyn std::fmt::Display| {
-            StoreError::unreachable(format!(
-                "cannot open the disk store {}: {e} (a file damaged beyond repair can be moved away to start empty, forgetting its keys)",
-                file.display()
-            ))
+        let legacy = dir.join(LEGACY_FILE);
+        if legacy.exists() {
+            return Err(StoreError::unreachable(format!(
+                "{} was written by an earlier idemproxy build (its redb disk store), which this version cannot read; \
+                 run that build until its keys have expired (key_ttl), or move the file away to start empty (forgetting its keys)",
+                legacy.display()
+            )));
+        }
+        let cannot_read = |e: std::io::Error| {
+            StoreError::unreachable(format!("cannot read the disk store in {}: {e}", dir.display()))
         };
-        let db = unpanicked(|| redb::Builder::new().set_cache_size(CACHE_BYTES).create(&file))
-            .map_err(|e| cannot_open(&e))?
-            .map_err(|e| cannot_open(&e))?;
-        unpanicked(|| prepare(&db))
-            .map_err(|e| cannot_open(&e))?
-            .map_err(|e| cannot_open(&e))?;
-        let (index, footprint) = unpanicked(|| build_index(&db))
-            .map_err(|e| cannot_open(&e))?
-            .map_err(|e| cannot_open(&e))?;
-        let records = index.len() as u64;
+        let mut ids = segment::list(dir).map_err(cannot_read)?;
+        let recovered = recover::recover(dir, &ids, unix_ms()).map_err(cannot_read)?;
+        let mut segments = recovered.segments;
+        if ids.is_empty() {
+            segment::open(dir, 1, true).map_err(cannot_read)?;
+            segment::sync_dir(dir).map_err(cannot_read)?;
+            segments.insert(1, segment::Stats::default());
+            ids.push(1);
+        }
+        let files = Files::default();
+        for &id in &ids {
+            files.insert(id, Arc::new(segment::open(dir, id, false).map_err(cannot_read)?));
+        }
+        let active_id = ids.last().copied().unwrap_or(1);
+        let active_file = files
+            .get(active_id)
+            .ok_or_else(|| cannot_read(std::io::ErrorKind::NotFound.into()))?;
         metrics.max_bytes.set(max_disk_bytes.min(i64::MAX as u64) as i64);
         let shared = Arc::new(Shared {
-            index,
-            records: AtomicU64::new(records),
-            footprint: AtomicU64::new(footprint),
+            index: Index::from_shards(recovered.shards),
+            files,
+            dir: dir.to_owned(),
+            records: AtomicU64::new(0),
+            live_bytes: AtomicU64::new(0),
             max_bytes: max_disk_bytes,
-            file,
             metrics,
         });
-        shared.apply(writer::Delta::default());
-        let db = Arc::new(db);
+        let disk_bytes = segments.values().map(|s| s.size).sum();
+        shared.apply(recovered.records as i64, recovered.live_bytes as i64, disk_bytes);
         let (commands, receiver) = mpsc::channel();
+        let prepared = segments.get(&active_id).map_or(0, |s| s.size);
+        let flushes = Flushes::start(&commands)
+            .map_err(|e| StoreError::unreachable(format!("cannot start the disk store's writer: {e}")))?;
         let writer = Writer {
-            db: db.clone(),
-            commands: receiver,
+            messages: receiver,
+            flushes,
             shared: shared.clone(),
+            segments,
+            active: Active::open(dir, active_id, active_file, prepared).map_err(cannot_read)?,
+            segment_bytes: (max_disk_bytes / 16).clamp(64 * 1024, SEGMENT_BYTES),
+            next_shard: 0,
         };
         let writer = std::thread::Builder::new()
             .name("idemproxy-disk-writer".into())
             .spawn(move || writer.run())
             .map_err(|e| StoreError::unreachable(format!("cannot start the disk store's writer: {e}")))?;
         Ok(Self {
-            db,
             commands: Some(commands),
             writer: Some(writer),
             shared,
@@ -178,33 +235,13 @@ impl DiskStore {
         &self.dir
     }
 
-    /// Records on disk, live or expired but not yet swept.
+    /// Records indexed, live or expired but not yet forgotten.
     pub fn len(&self) -> u64 {
-        self.shared.records.load(Ordering::Relaxed)
+        self.shared.records()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-
-    /// The key's record as committed, expired or not, and its stored length.
-    fn read(&self, key: &[u8; 32]) -> Result<Option<(u64, Record, usize)>, StoreError> {
-        unpanicked(|| self.read_unguarded(key)).unwrap_or_else(|err| Err(corrupt(key, err)))
-    }
-
-    fn read_unguarded(&self, digest: &[u8; 32]) -> Result<Option<(u64, Record, usize)>, StoreError> {
-        let Some(created) = self.shared.index.get(digest) else {
-            return Ok(None);
-        };
-        let key = record_key(created, digest);
-        let tx = self.db.begin_read().map_err(|e| storage_failure(&e.into()))?;
-        let table = tx.open_table(RECORDS).map_err(|e| storage_failure(&e.into()))?;
-        let Some(value) = table.get(&key[..]).map_err(|e| storage_failure(&e.into()))? else {
-            return Ok(None);
-        };
-        let value = value.value();
-        let (expires, record) = decode_value(&key, value).map_err(|e| corrupt(digest, e))?;
-        Ok(Some((expires, record, value.len())))
     }
 
     /// The key's record unless it has expired at `now_ms`: from the replay cache, or read (and
@@ -214,11 +251,22 @@ impl DiskStore {
             return Ok(Some(hit));
         }
         let generation = self.cache.generation();
-        let Some((expires, record, len)) = self.read(key)?.filter(|(expires, ..)| *expires > now_ms) else {
-            return Ok(None);
-        };
-        self.cache.keep(key, expires, &record, len, generation);
-        Ok(Some((expires, record)))
+        // Compaction may move the frame between reading the index and reading the file.
+        for _ in 0..8 {
+            let Some(entry) = self.shared.index.get(key).filter(|e| e.expires_at_ms > now_ms) else {
+                return Ok(None);
+            };
+            match self.shared.read_frame(key, &entry) {
+                Ok(record) => {
+                    self.cache
+                        .keep(key, entry.expires_at_ms, &record, entry.len as usize, generation);
+                    return Ok(Some((entry.expires_at_ms, record)));
+                }
+                Err(Unread::Failed(err)) => return Err(err),
+                Err(Unread::Moved) => continue,
+            }
+        }
+        Err(StoreError::unreachable("the disk store's record kept moving"))
     }
 
     /// Sends a write to the writer and waits until it is durable.
@@ -227,7 +275,7 @@ impl DiskStore {
         let Some(commands) = &self.commands else {
             return Err(writer_gone());
         };
-        if commands.send(Command { op, reply }).is_err() {
+        if commands.send(Msg::Write(Command { op, reply })).is_err() {
             return Err(writer_gone());
         }
         answer.await.unwrap_or_else(|_| Err(writer_gone()))
@@ -242,9 +290,11 @@ impl DiskStore {
 }
 
 impl Drop for DiskStore {
-    /// Stops the writer (it finishes the batch it has) and closes the file cleanly.
+    /// Stops the writer: it flushes and answers every write it has, then its flush threads end.
     fn drop(&mut self) {
-        self.commands.take();
+        if let Some(commands) = self.commands.take() {
+            let _ = commands.send(Msg::Stop);
+        }
         if let Some(writer) = self.writer.take() {
             let _ = writer.join();
         }
@@ -273,7 +323,7 @@ impl Store for DiskStore {
             in_flight: request.in_flight_record().encode(),
             lapsed: request.lapsed_record().encode(),
         };
-        match self.write(Op::Begin(claim)).await? {
+        match self.write(Op::Begin(Box::new(claim))).await? {
             Answer::Begun(begun) => Ok(begun),
             Answer::Done(_) => Err(writer_gone()),
         }
@@ -347,57 +397,10 @@ impl Store for DiskStore {
     }
 }
 
-/// Creates the tables of a new file.
-fn prepare(db: &Database) -> Result<(), redb::Error> {
-    let tx = db.begin_write()?;
-    tx.open_table(RECORDS)?;
-    tx.open_table(EXPIRY)?;
-    tx.commit()?;
-    Ok(())
-}
-
-/// The index of every record in the file, from the keys of the `records` table, and the
-/// records' footprint (so no counter is written with every commit).
-fn build_index(db: &Database) -> Result<(Index, u64), redb::Error> {
-    let index = Index::default();
-    let mut used = 0u64;
-    let tx = db.begin_read()?;
-    let table = tx.open_table(RECORDS)?;
-    for entry in table.iter()? {
-        let (key, value) = entry?;
-        match split_record_key(key.value()) {
-            Some((created, digest)) => index.set(&digest, Some(created)),
-            None => tracing::error!("disk store: a record key of {} bytes is skipped", key.value().len()),
-        }
-        used = used.saturating_add(footprint(value.value().len()));
-    }
-    Ok((index, used))
-}
-
-/// Runs a redb call, turning a panic into an error: redb panics on some damaged pages (an
-/// invalid page type, say), and the store must not (docs/behaviour.md §11): the key, or every
-/// key once redb's state is poisoned, answers `Corrupt` instead.
-pub(crate) fn unpanicked<T>(call: impl FnOnce() -> T) -> Result<T, RecordError> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(call))
-        .map_err(|_| RecordError::Corrupt("the disk store's file is damaged (redb panicked reading it)"))
-}
-
 /// A damaged record of `key`: logged at error, answered `Corrupt` (docs/behaviour.md §11).
 fn corrupt(key: &[u8; 32], err: RecordError) -> StoreError {
     tracing::error!(key = %hex::encode(&key[..6]), error = %err, "disk store: damaged record; its key answers 503 until cleared or expired");
     StoreError::Corrupt(err)
-}
-
-/// A redb failure as the store's answer: damage it detected is `Corrupt`, the rest (I/O, a
-/// full disk) is the store being unavailable.
-fn storage_failure(err: &redb::Error) -> StoreError {
-    match err {
-        redb::Error::Corrupted(_) => {
-            tracing::error!(error = %err, "disk store: damaged page");
-            StoreError::Corrupt(RecordError::Corrupt("disk store page damaged"))
-        }
-        other => StoreError::unreachable(other.to_string()),
-    }
 }
 
 fn writer_gone() -> StoreError {

@@ -1,38 +1,44 @@
-//! The disk store's one writer (docs/behaviour.md §11): a thread that takes every write waiting,
-//! applies them in one redb write transaction, commits it with one `fdatasync`
-//! (`Durability::Immediate`), and only then answers each of them: group commit.
+//! The disk store's one writer (docs/behaviour.md §11.1): a thread that takes every write
+//! waiting, appends their frames to the newest segment in one `write`, has them flushed
+//! (`fdatasync`, by a thread of [`flush`](super::flush), overlapping the next batch), and only
+//! once that flush returns updates the index and answers each of them: group commit.
 //!
-//! Being the only writer is what makes `begin` atomic: the writer reads the key's record inside
-//! its transaction, applies [`decide`] to it and writes the verdict, and no other write can come
-//! between (the memory store gets the same from its lock). A batch of lease renewals alone is
-//! committed without a flush (`Durability::None`; it becomes durable with the next flush): a
-//! renewal lost in a crash only makes the dead owner's lease lapse sooner.
+//! Being the only writer is what makes `begin` atomic: the writer reads the key's record (as
+//! the batches before, durable or not yet, left it), applies [`decide`] to it and appends the
+//! verdict, and no other write can come between (the memory store gets the same from its lock).
+//! A batch of lease renewals alone, with nothing before it waiting, is answered without a flush
+//! (it becomes durable with the next one): a renewal lost in a crash only makes the dead owner's
+//! lease lapse sooner.
 //!
-//! Between batches the writer sweeps expired records (at most [`SWEEP_BATCH`] per transaction,
-//! oldest first, from the `expiry` table), so their pages are reused while the proxy serves.
+//! Between batches it does the upkeep of [`maintain`](Writer::maintain): expired index entries
+//! are forgotten, segments nothing needs are deleted, and a sparse one is compacted.
 
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 use tokio::sync::oneshot;
 
-use std::collections::HashMap;
-
-use super::format::{decode_value, encode_value, expiry_key, record_key, split_expiry_key, value_expiry, RecordKey};
-use super::{corrupt, footprint, lease_left_at, storage_failure, unpanicked, Shared, EXPIRY, RECORDS};
+use super::flush::{Change, Flushes, Msg, Pending};
+use super::format::{self, Kind, OVERHEAD};
+use super::index::{Entry, SHARDS};
+use super::recover::Found;
+use super::segment::{self, Stats};
+use super::{corrupt, footprint, lease_left_at, Shared};
 use crate::config::UnknownOutcome;
-use crate::idempotency::{decide, unix_ms, Decision, Existing, LeaseToken, Print, Record};
+use crate::idempotency::{decide, unix_ms, Decision, Existing, LeaseToken, Print, Record, RecordError};
 use crate::store::{Begin, StoreError};
 
-/// Most writes committed in one transaction.
+/// Most writes committed in one batch.
 const MAX_BATCH: usize = 4096;
-/// Most expired records removed in one transaction (a sweep holds the writer that long).
-pub const SWEEP_BATCH: usize = 256;
-/// How often the writer looks for expired records when the last sweep found few.
-const SWEEP_INTERVAL: Duration = Duration::from_millis(500);
+/// How often the writer does its upkeep when writes keep it busy.
+const UPKEEP_INTERVAL: Duration = Duration::from_millis(250);
+/// Index shards swept for expired entries per upkeep (all of them every 2 s).
+const SHARDS_PER_UPKEEP: usize = SHARDS / 8;
 
 /// An arriving request that the writer decides (no record, or its owner's lease lapsed).
 pub struct Claim {
@@ -50,7 +56,7 @@ pub struct Claim {
 
 /// One write.
 pub enum Op {
-    Begin(Claim),
+    Begin(Box<Claim>),
     Complete {
         key: [u8; 32],
         token: LeaseToken,
@@ -76,427 +82,628 @@ pub enum Answer {
     Done(bool),
 }
 
+/// Where a write's answer goes.
+pub type Reply = oneshot::Sender<Result<Answer, StoreError>>;
+
 /// A write and where its answer goes.
 pub struct Command {
     pub op: Op,
-    pub reply: oneshot::Sender<Result<Answer, StoreError>>,
+    pub reply: Reply,
 }
 
-/// A stored record as the writer reads it.
-struct Stored {
-    created_ms: u64,
-    expires_at_ms: u64,
-    record: Record,
-    len: usize,
+/// The segment being appended to.
+pub struct Active {
+    pub id: u32,
+    pub file: Arc<File>,
+    /// The file's length: zeros past what is used, written ahead so that a batch's flush
+    /// overwrites blocks the file already has (no change of its size or extents to journal:
+    /// measured, an `fdatasync` a third as long).
+    pub prepared: u64,
+    /// A descriptor of the file per flush thread, opened before anything was appended: each
+    /// sees a write-back error of its own (the kernel reports one to each open file once), so
+    /// no flush can return success for pages another flush's error lost.
+    pub sync_files: Vec<Arc<File>>,
 }
 
-impl Stored {
-    fn key(&self, digest: &[u8; 32]) -> RecordKey {
-        record_key(self.created_ms, digest)
+impl Active {
+    /// The segment `id` of `dir`, appended to through `file`.
+    pub fn open(dir: &std::path::Path, id: u32, file: Arc<File>, prepared: u64) -> std::io::Result<Self> {
+        let sync_files = (0..super::flush::SYNCERS)
+            .map(|_| segment::open(dir, id, false).map(Arc::new))
+            .collect::<std::io::Result<_>>()?;
+        Ok(Self {
+            id,
+            file,
+            prepared,
+            sync_files,
+        })
     }
 }
 
-/// Changes of a transaction to the record count and the estimated footprint, applied to
-/// [`Shared`] once it committed.
-#[derive(Default, Clone, Copy)]
-pub struct Delta {
-    pub records: i64,
-    pub footprint: i64,
+/// Zeros written ahead of the appends at a time (at most a segment's size).
+const PREPARE_BYTES: u64 = 4 * 1024 * 1024;
+
+pub struct Writer {
+    pub messages: Receiver<Msg>,
+    pub shared: Arc<Shared>,
+    pub segments: BTreeMap<u32, Stats>,
+    pub active: Active,
+    /// A segment grows to about this before the next one is started.
+    pub segment_bytes: u64,
+    pub next_shard: usize,
+    pub flushes: Flushes,
 }
 
-/// What a committed transaction changes outside the file: the counters, and the index (each
-/// key's record's creation time, or `None`: gone).
-#[derive(Default)]
-pub struct Changes {
-    pub delta: Delta,
-    pub moved: HashMap<[u8; 32], Option<u64>>,
+/// A key's record as this batch sees it.
+struct Current {
+    entry: Entry,
+    record: Record,
 }
 
-/// The open tables of one write transaction, and what it changed so far.
-struct Batch<'t> {
-    records: Table<'t, &'static [u8], &'static [u8]>,
-    expiry: Table<'t, &'static [u8], ()>,
-    changes: Changes,
-    shared: &'t Shared,
+/// One batch's frames and changes, before they are durable.
+struct Batch {
+    /// The frames, to be written at `base` of the active segment.
+    bytes: Vec<u8>,
+    base: u64,
+    segment: u32,
+    /// Each changed key's newest entry and encoded record (`None`: deleted).
+    changed: HashMap<[u8; 32], Change>,
+    /// The expiries of the deletions written.
+    deleted_expiry: u64,
+    max_expiry: u64,
+    /// The change to the live frames' bytes, and that of the batches before it not yet durable.
+    live_delta: i64,
+    pending_live: i64,
     now_ms: u64,
 }
 
-pub struct Writer {
-    pub db: Arc<Database>,
-    pub commands: Receiver<Command>,
-    pub shared: Arc<Shared>,
-}
-
 impl Writer {
-    /// Serves writes until every sender is gone.
-    pub fn run(self) {
-        let mut next_sweep = Instant::now() + SWEEP_INTERVAL;
+    /// Serves writes until the store stops.
+    pub fn run(mut self) {
+        let mut next_upkeep = Instant::now() + UPKEEP_INTERVAL;
+        let mut commands = Vec::new();
         loop {
-            let wait = next_sweep.saturating_duration_since(Instant::now());
-            match self.commands.recv_timeout(wait) {
-                Ok(first) => self.commit_batch(first),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return,
+            let wait = next_upkeep.saturating_duration_since(Instant::now());
+            let mut message = match self.messages.recv_timeout(wait) {
+                Ok(message) => Some(message),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            let mut stop = false;
+            while let Some(next) = message.take() {
+                match next {
+                    Msg::Write(command) => commands.push(command),
+                    Msg::Synced {
+                        syncer,
+                        seq,
+                        took,
+                        result,
+                    } => self.synced(syncer, seq, took, result),
+                    Msg::Stop => stop = true,
+                }
+                if commands.len() < MAX_BATCH {
+                    message = self.messages.try_recv().ok();
+                }
             }
-            if Instant::now() >= next_sweep {
-                let removed = match unpanicked(|| self.sweep()) {
-                    Ok(Ok(removed)) => removed,
-                    Ok(Err(err)) => {
-                        tracing::error!(error = %crate::error::Chain(&err), "disk store: expiry sweep failed");
-                        0
-                    }
-                    Err(err) => {
-                        tracing::error!(error = %err, "disk store: expiry sweep failed");
-                        0
-                    }
-                };
-                // A full sweep leaves more behind: sweep again after the next batch.
-                let pause = if removed == SWEEP_BATCH {
-                    Duration::ZERO
-                } else {
-                    SWEEP_INTERVAL
-                };
-                next_sweep = Instant::now() + pause;
+            if !commands.is_empty() {
+                self.write_batch(std::mem::take(&mut commands));
+            }
+            if stop {
+                break;
+            }
+            if Instant::now() >= next_upkeep {
+                self.quiesce();
+                self.maintain();
+                next_upkeep = Instant::now() + UPKEEP_INTERVAL;
             }
         }
+        self.quiesce();
+        self.flushes.stop();
     }
 
-    /// Applies `first` and every write waiting behind it in one transaction, commits it, and
-    /// answers them all (with the commit's error if it failed: then none of them happened).
-    fn commit_batch(&self, first: Command) {
-        let mut commands = vec![first];
-        while commands.len() < MAX_BATCH {
-            match self.commands.try_recv() {
-                Ok(command) => commands.push(command),
-                Err(_) => break,
-            }
-        }
+    /// Applies the writes, writes their frames, and hands them to a flush; they are answered
+    /// once it returns (`publish`). A batch of renewals alone needs no flush of its own.
+    fn write_batch(&mut self, commands: Vec<Command>) {
         let flush = commands.iter().any(|c| !matches!(c.op, Op::Renew { .. }));
-        let started = Instant::now();
+        if self.segments.get(&self.active.id).map_or(0, |s| s.size) >= self.segment_bytes {
+            self.quiesce();
+            if let Err(err) = self.rotate_if_full() {
+                tracing::error!(error = %err, "disk store: cannot start a new segment");
+            }
+        }
+        let mut batch = self.batch();
         let (ops, replies): (Vec<Op>, Vec<_>) = commands.into_iter().map(|c| (c.op, c.reply)).unzip();
-        let answers = match unpanicked(|| self.transact(flush, ops)) {
-            Ok(Ok(answers)) => answers,
-            Ok(Err(err)) => {
-                tracing::error!(error = %crate::error::Chain(&err), "disk store: commit failed");
-                let failure = storage_failure(&err);
-                replies.iter().map(|_| Err(clone_error(&failure))).collect()
+        let overlay = &self.flushes.overlay;
+        let mut answers: Vec<_> = ops
+            .into_iter()
+            .map(|op| batch.apply(&self.shared, overlay, op))
+            .collect();
+        if let Err(err) = self.write(&batch) {
+            tracing::error!(error = %err, "disk store: write failed");
+            for answer in answers.iter_mut().filter(|a| a.is_ok()) {
+                *answer = Err(StoreError::unreachable(format!("the disk store's write failed: {err}")));
             }
-            Err(err) => {
-                tracing::error!(error = %err, "disk store: commit failed");
-                replies.iter().map(|_| Err(StoreError::Corrupt(err.clone()))).collect()
+            for (reply, answer) in replies.into_iter().zip(answers) {
+                let _ = reply.send(answer);
             }
-        };
-        if flush {
-            self.shared.flushed(started.elapsed());
+            return;
         }
-        for (reply, answer) in replies.into_iter().zip(answers) {
-            let _ = reply.send(answer);
+        let nothing_pending = self.flushes.pending.is_empty();
+        self.flushes.push(Pending {
+            seq: 0,
+            base: batch.base,
+            changes: batch.changed,
+            live_delta: batch.live_delta,
+            replies: replies.into_iter().zip(answers).collect(),
+        });
+        if flush || !nothing_pending {
+            self.flushes.dispatch(&self.active.sync_files);
+        } else {
+            // Renewals alone, nothing before them waiting: answered without a flush.
+            self.flushes.durable = self.flushes.written;
+            self.publish();
         }
     }
 
-    /// One write transaction over `ops`: their answers, or the error that aborted it.
-    fn transact(&self, flush: bool, ops: Vec<Op>) -> Result<Vec<Result<Answer, StoreError>>, redb::Error> {
-        let mut tx = self.db.begin_write()?;
-        if !flush {
-            tx.set_durability(Durability::None)?;
+    fn batch(&self) -> Batch {
+        Batch {
+            bytes: Vec::new(),
+            base: self.segments.get(&self.active.id).map_or(0, |s| s.size),
+            segment: self.active.id,
+            changed: HashMap::new(),
+            deleted_expiry: 0,
+            max_expiry: 0,
+            live_delta: 0,
+            pending_live: self.flushes.pending_live,
+            now_ms: unix_ms(),
         }
-        let (answers, changes) = {
-            let mut batch = Batch::open(&tx, &self.shared)?;
-            let answers = ops
-                .into_iter()
-                .map(|op| batch.apply(op))
-                .collect::<Result<Vec<_>, _>>()?;
-            (answers, batch.changes)
-        };
-        self.finish(tx, changes)?;
-        Ok(answers)
     }
 
-    /// Commits the transaction, and then (before anyone is answered) applies its changes to the
-    /// index and the counters.
-    fn finish(&self, tx: WriteTransaction, changes: Changes) -> Result<(), redb::Error> {
-        tx.commit()?;
-        for (digest, created) in &changes.moved {
-            self.shared.index.set(digest, *created);
+    /// Writes the batch's frames to the active segment (not flushed). On a failure the
+    /// segment is cut back.
+    fn write(&mut self, batch: &Batch) -> std::io::Result<()> {
+        if batch.bytes.is_empty() {
+            return Ok(());
         }
-        self.shared.apply(changes.delta);
+        let end = batch.base + batch.bytes.len() as u64;
+        let written = if end > self.active.prepared {
+            self.prepare(end)
+        } else {
+            Ok(())
+        };
+        if let Err(err) = written.and_then(|()| self.active.file.write_all_at(&batch.bytes, batch.base)) {
+            let _ = self.active.file.set_len(batch.base);
+            self.active.prepared = batch.base;
+            return Err(err);
+        }
+        let active = self.segments.entry(batch.segment).or_default();
+        active.wrote(batch.bytes.len(), batch.max_expiry, false);
+        active.max_deleted_expiry = active.max_deleted_expiry.max(batch.deleted_expiry);
         Ok(())
     }
 
-    /// Removes up to [`SWEEP_BATCH`] records whose `key_ttl` has passed; returns how many
-    /// expiry entries it handled.
-    fn sweep(&self) -> Result<usize, redb::Error> {
-        let mut tx = self.db.begin_write()?;
-        // An expired record brought back by a crash is still expired: no flush needed.
-        tx.set_durability(Durability::None)?;
-        let (handled, changes) = {
-            let mut batch = Batch::open(&tx, &self.shared)?;
-            let end = expiry_key(batch.now_ms, &[0; 40]);
-            let due: Vec<[u8; 48]> = batch
-                .expiry
-                .range::<&[u8]>(..&end[..])?
-                .take(SWEEP_BATCH)
-                .filter_map(|entry| entry.ok()?.0.value().try_into().ok())
-                .collect();
-            for entry in &due {
-                batch.expire(entry)?;
-            }
-            (due.len(), batch.changes)
-        };
-        if handled > 0 {
-            self.finish(tx, changes)?;
+    /// A flush thread returned: the batches it covered are durable (or, if it failed, every
+    /// pending batch fails: the kernel may have dropped their pages).
+    fn synced(&mut self, syncer: usize, seq: u64, took: Duration, result: std::io::Result<()>) {
+        self.shared.flushed(took);
+        match self.flushes.finished(syncer, seq, result) {
+            Ok(()) => self.publish(),
+            Err(err) => self.fail(&err),
         }
-        Ok(handled)
+        self.flushes.dispatch(&self.active.sync_files);
+    }
+
+    /// Flushes on this thread, so that nothing is pending (before upkeep, a new segment, or
+    /// stopping).
+    fn quiesce(&mut self) {
+        if self.flushes.pending.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let result = self.active.file.sync_data();
+        self.shared.flushed(started.elapsed());
+        match result {
+            Ok(()) => {
+                self.flushes.all_durable();
+                self.publish();
+            }
+            Err(err) => self.fail(&err),
+        }
+    }
+
+    /// Every pending batch failed: answered with the error, the file cut back.
+    fn fail(&mut self, err: &std::io::Error) {
+        tracing::error!(error = %err, "disk store: flush failed");
+        let (base, failed) = self.flushes.fail_all();
+        if let Some(base) = base {
+            let _ = self.active.file.set_len(base);
+            self.active.prepared = base;
+            if let Some(stats) = self.segments.get_mut(&self.active.id) {
+                stats.size = base;
+            }
+        }
+        for pending in failed {
+            for (reply, answer) in pending.replies {
+                let answer =
+                    answer.and_then(|_| Err(StoreError::unreachable(format!("the disk store's flush failed: {err}"))));
+                let _ = reply.send(answer);
+            }
+        }
+    }
+
+    /// Applies every durable batch, in order, to the index, the stats and the counters, and
+    /// answers its writes.
+    fn publish(&mut self) {
+        while let Some(pending) = self.flushes.next_durable() {
+            let mut records = 0i64;
+            for (digest, change) in pending.changes {
+                let new = change.map(|(entry, _)| entry);
+                if let Some(new) = new {
+                    self.segments.entry(new.segment()).or_default().add(new.len);
+                    records += 1;
+                }
+                if let Some(old) = self.shared.index.set(&digest, new) {
+                    if let Some(stats) = self.segments.get_mut(&old.segment()) {
+                        stats.remove(old.len);
+                    }
+                    records -= 1;
+                }
+            }
+            self.shared.apply(records, pending.live_delta, self.disk_bytes());
+            for (reply, answer) in pending.replies {
+                let _ = reply.send(answer);
+            }
+        }
+    }
+
+    /// Writes a batch of the writer's own (compaction), flushes it here, and publishes it.
+    fn commit_now(&mut self, batch: Batch) -> std::io::Result<()> {
+        self.write(&batch)?;
+        self.flushes.push(Pending {
+            seq: 0,
+            base: batch.base,
+            changes: batch.changed,
+            live_delta: batch.live_delta,
+            replies: Vec::new(),
+        });
+        self.quiesce();
+        Ok(())
+    }
+
+    /// Writes zeros from the active segment's prepared end to past `end` (flushed with the
+    /// batch that needs them).
+    fn prepare(&mut self, end: u64) -> std::io::Result<()> {
+        let target = end + PREPARE_BYTES.min(self.segment_bytes);
+        let zeros = vec![0u8; 1 << 20];
+        let mut at = self
+            .active
+            .prepared
+            .max(self.segments.get(&self.active.id).map_or(0, |s| s.size));
+        while at < target {
+            let len = (target - at).min(zeros.len() as u64) as usize;
+            self.active.file.write_all_at(&zeros[..len], at)?;
+            at += len as u64;
+        }
+        self.active.prepared = target;
+        Ok(())
+    }
+
+    fn disk_bytes(&self) -> u64 {
+        self.segments.values().map(|s| s.size).sum()
+    }
+
+    /// Starts a new segment once the active one has reached its size: the old one is flushed
+    /// (a later flush covers only the new file), the new one's directory entry too.
+    fn rotate_if_full(&mut self) -> std::io::Result<()> {
+        let size = self.segments.get(&self.active.id).map_or(0, |s| s.size);
+        if size < self.segment_bytes {
+            return Ok(());
+        }
+        // Sealed without its zeros (a scan would take them for damage), and flushed: only the
+        // newest segment can have a torn tail.
+        self.active.file.set_len(size)?;
+        self.active.file.sync_data()?;
+        let id = self.active.id + 1;
+        let file = Arc::new(segment::open(&self.shared.dir, id, true)?);
+        segment::sync_dir(&self.shared.dir)?;
+        self.shared.files.insert(id, file.clone());
+        self.segments.insert(id, Stats::default());
+        self.active = Active::open(&self.shared.dir, id, file, 0)?;
+        Ok(())
+    }
+
+    /// Upkeep between batches: forgets expired index entries (a few shards at a time), deletes
+    /// the segments nothing in needs, and compacts the sparsest one if it is less than half live.
+    fn maintain(&mut self) {
+        let now = unix_ms();
+        let (mut records, mut live) = (0i64, 0i64);
+        for _ in 0..SHARDS_PER_UPKEEP {
+            let segments = &mut self.segments;
+            self.shared.index.retain_shard(
+                self.next_shard,
+                |entry| entry.expires_at_ms <= now,
+                |entry| {
+                    if let Some(stats) = segments.get_mut(&entry.segment()) {
+                        stats.remove(entry.len);
+                    }
+                    records -= 1;
+                    live -= i64::from(entry.len);
+                },
+            );
+            self.next_shard = (self.next_shard + 1) % SHARDS;
+        }
+        let droppable: Vec<u32> = self
+            .segments
+            .iter()
+            .filter(|(id, stats)| **id != self.active.id && stats.droppable(now))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in droppable {
+            self.drop_segment(id);
+        }
+        self.shared.apply(records, live, self.disk_bytes());
+        let sparse = self
+            .segments
+            .iter()
+            .filter(|(id, stats)| **id != self.active.id && stats.sparse() && !stats.pinned)
+            .min_by_key(|(_, stats)| stats.live_bytes)
+            .map(|(id, _)| *id);
+        if let Some(id) = sparse {
+            if let Err(err) = self.compact(id) {
+                tracing::error!(error = %err, segment = id, "disk store: compaction failed");
+            }
+        }
+    }
+
+    /// Deletes segment `id`: nothing in it is needed.
+    fn drop_segment(&mut self, id: u32) {
+        self.shared.files.remove(id);
+        match std::fs::remove_file(segment::path(&self.shared.dir, id)) {
+            Ok(()) => {
+                self.segments.remove(&id);
+            }
+            Err(err) => tracing::error!(error = %err, segment = id, "disk store: cannot delete a segment"),
+        }
+    }
+
+    /// Copies what segment `id` still holds (the records and damaged-record markers the index
+    /// points to there, the deletions that may still hide an older record) to the active
+    /// segment, flushed, then deletes it.
+    fn compact(&mut self, id: u32) -> std::io::Result<()> {
+        let bytes = std::fs::read(segment::path(&self.shared.dir, id))?;
+        self.rotate_if_full()?;
+        let mut batch = self.batch();
+        let now = batch.now_ms;
+        let scan = super::recover::scan(&bytes, false);
+        let index = &self.shared.index;
+        let needed = |digest: &[u8; 32], offset: usize| {
+            index
+                .get(digest)
+                .filter(|e| e.segment() == id && e.expires_at_ms > now && (e.offset == offset as u64 || e.damaged()))
+        };
+        let mut copied = std::collections::HashSet::new();
+        let mut copies = Vec::new();
+        for found in &scan.found {
+            let (digest, offset, frame) = match found {
+                Found::Frame { offset, head } if head.kind == Kind::Deleted => {
+                    if head.expires_at_ms > now && index.get(&head.digest).is_none() && copied.insert(head.digest) {
+                        copies.push((head.digest, None, head.expires_at_ms));
+                    }
+                    continue;
+                }
+                Found::Frame { offset, head } => (head.digest, *offset, &bytes[*offset..*offset + head.frame_len()]),
+                Found::Damaged { offset, digest, .. } => (*digest, *offset, &[][..]),
+                Found::Unnamed { .. } => continue,
+            };
+            if let Some(entry) = needed(&digest, offset).filter(|_| copied.insert(digest)) {
+                copies.push((digest, Some((entry, frame)), entry.expires_at_ms));
+            }
+        }
+        for (digest, copy, expires_at_ms) in copies {
+            batch.copy(&digest, copy, expires_at_ms);
+        }
+        self.commit_now(batch)?;
+        match self.segments.get_mut(&id) {
+            // Every entry that pointed into it was copied forward.
+            Some(stats) if stats.live == 0 => self.drop_segment(id),
+            Some(stats) => {
+                tracing::error!(
+                    segment = id,
+                    entries = stats.live,
+                    "disk store: a compacted segment is still needed; kept"
+                );
+                stats.pinned = true;
+            }
+            None => {}
+        }
+        Ok(())
     }
 }
 
-/// The same failure again, for each write of a failed batch.
-fn clone_error(err: &StoreError) -> StoreError {
-    match err {
-        StoreError::Corrupt(record) => StoreError::Corrupt(record.clone()),
-        StoreError::Full(records) => StoreError::Full(*records),
-        StoreError::Unavailable(_) => StoreError::unreachable(crate::error::Chain(err).to_string()),
+/// The pending batches' changes, newest per key ([`Flushes::overlay`]).
+type Overlay = HashMap<[u8; 32], (u64, Change)>;
+
+/// What a batch reads beneath its own changes: the batches not yet durable, then the index.
+struct View<'a> {
+    shared: &'a Shared,
+    overlay: &'a Overlay,
+}
+
+impl View<'_> {
+    /// The key's newest state: `Some(change)` from a pending batch, `None` from the index.
+    fn pending(&self, digest: &[u8; 32]) -> Option<&Change> {
+        self.overlay.get(digest).map(|(_, change)| change)
     }
 }
 
-impl<'t> Batch<'t> {
-    fn open(tx: &'t WriteTransaction, shared: &'t Shared) -> Result<Self, redb::Error> {
-        Ok(Self {
-            records: tx.open_table(RECORDS)?,
-            expiry: tx.open_table(EXPIRY)?,
-            changes: Changes::default(),
-            shared,
-            now_ms: unix_ms(),
-        })
-    }
-
-    /// Applies one write. A damaged record is that write's `Corrupt` answer; a storage error
-    /// aborts the whole transaction.
-    fn apply(&mut self, op: Op) -> Result<Result<Answer, StoreError>, redb::Error> {
-        let answer = match op {
-            Op::Begin(claim) => self.begin(&claim).map(Answer::Begun),
-            Op::Complete { key, token, record } => self.replace_owned(&key, token, Some(&record)).map(Answer::Done),
-            Op::Release { key, token } => self.replace_owned(&key, token, None).map(Answer::Done),
+impl Batch {
+    /// Applies one write: its answer, or its own error (a damaged record, a full store).
+    fn apply(&mut self, shared: &Shared, overlay: &Overlay, op: Op) -> Result<Answer, StoreError> {
+        let view = View { shared, overlay };
+        match op {
+            Op::Begin(claim) => self.begin(&view, &claim).map(Answer::Begun),
+            Op::Complete { key, token, record } => {
+                let Some(current) = self.owned(&view, &key, token)? else {
+                    return Ok(Answer::Done(false));
+                };
+                self.put(&key, record, current.entry.expires_at_ms, Some(&current.entry));
+                Ok(Answer::Done(true))
+            }
+            Op::Release { key, token } => {
+                let Some(current) = self.owned(&view, &key, token)? else {
+                    return Ok(Answer::Done(false));
+                };
+                self.delete(&key, &current.entry);
+                Ok(Answer::Done(true))
+            }
             Op::Renew {
                 key,
                 token,
                 lease_until_ms,
-            } => self.renew(&key, token, lease_until_ms).map(Answer::Done),
-            Op::Clear { key } => return self.clear(&key).map(|live| Ok(Answer::Done(live))),
-        };
-        match answer {
-            Err(BatchError::Storage(err)) => Err(err),
-            Err(BatchError::Store(err)) => Ok(Err(err)),
-            Ok(answer) => Ok(Ok(answer)),
+            } => {
+                let Some(mut current) = self.owned(&view, &key, token)? else {
+                    return Ok(Answer::Done(false));
+                };
+                if let Record::InFlight {
+                    lease_until_ms: until, ..
+                } = &mut current.record
+                {
+                    *until = lease_until_ms;
+                }
+                let (expires_at_ms, old) = (current.entry.expires_at_ms, current.entry);
+                self.put(&key, current.record.encode(), expires_at_ms, Some(&old));
+                Ok(Answer::Done(true))
+            }
+            Op::Clear { key } => Ok(Answer::Done(self.clear(&view, &key))),
         }
     }
 
-    /// The creation time of the key's record as this transaction sees it.
-    fn locate(&self, digest: &[u8; 32]) -> Option<u64> {
-        match self.changes.moved.get(digest) {
-            Some(created) => *created,
-            None => self.shared.index.get(digest),
+    /// The key's entry as this batch sees it.
+    fn entry(&self, view: &View, digest: &[u8; 32]) -> Option<Entry> {
+        match self.changed.get(digest).or_else(|| view.pending(digest)) {
+            Some(change) => change.as_ref().map(|(entry, _)| *entry),
+            None => view.shared.index.get(digest),
         }
     }
 
-    /// The key's record, expired or not; a damaged one is `Corrupt`.
-    fn read(&self, digest: &[u8; 32]) -> Result<Option<Stored>, BatchError> {
-        let Some(created_ms) = self.locate(digest) else {
+    /// The key's record unless it has expired; a damaged one is `Corrupt`.
+    fn live(&self, view: &View, digest: &[u8; 32]) -> Result<Option<Current>, StoreError> {
+        if let Some(change) = self.changed.get(digest).or_else(|| view.pending(digest)) {
+            let Some((entry, bytes)) = change.as_ref().filter(|(e, _)| e.expires_at_ms > self.now_ms) else {
+                return Ok(None);
+            };
+            if entry.damaged() {
+                return Err(corrupt(digest, RecordError::Corrupt("damaged record on disk")));
+            }
+            let record = Record::decode(bytes.clone()).map_err(|err| corrupt(digest, err))?;
+            return Ok(Some(Current { entry: *entry, record }));
+        }
+        let Some(entry) = view.shared.index.get(digest).filter(|e| e.expires_at_ms > self.now_ms) else {
             return Ok(None);
         };
-        let key = record_key(created_ms, digest);
-        let Some(value) = self.records.get(&key[..])? else {
-            return Ok(None);
-        };
-        let value = value.value();
-        let (expires_at_ms, record) = decode_value(&key, value).map_err(|err| corrupt(digest, err))?;
-        Ok(Some(Stored {
-            created_ms,
-            expires_at_ms,
-            record,
-            len: value.len(),
-        }))
+        let record = view.shared.read_entry(digest, &entry)?;
+        Ok(Some(Current { entry, record }))
     }
 
-    /// The key's record if it has not expired.
-    fn live(&self, digest: &[u8; 32]) -> Result<Option<Stored>, BatchError> {
-        Ok(self.read(digest)?.filter(|s| s.expires_at_ms > self.now_ms))
+    /// The key's record if it is InFlight and owned by `token`.
+    fn owned(&self, view: &View, digest: &[u8; 32], token: LeaseToken) -> Result<Option<Current>, StoreError> {
+        Ok(self
+            .live(view, digest)?
+            .filter(|c| matches!(&c.record, Record::InFlight { owner, .. } if *owner == token)))
     }
 
-    /// docs/behaviour.md §4's table, applied: decided on the record as this transaction sees it.
-    fn begin(&mut self, claim: &Claim) -> Result<Begin<LeaseToken>, BatchError> {
-        let stored = self.read(&claim.key)?;
-        let live = stored.as_ref().filter(|s| s.expires_at_ms > claim.now_ms);
-        let existing = live.map(|s| Existing {
-            lease_left: lease_left_at(&s.record, claim.now_ms),
-            record: s.record.clone(),
+    /// docs/behaviour.md §4's table, applied: decided on the record as this batch sees it.
+    fn begin(&mut self, view: &View, claim: &Claim) -> Result<Begin<LeaseToken>, StoreError> {
+        let live = self.live(view, &claim.key)?;
+        let existing = live.as_ref().map(|c| Existing {
+            lease_left: lease_left_at(&c.record, claim.now_ms),
+            record: c.record.clone(),
         });
         let decision = decide(existing, &claim.print, claim.unknown_outcome);
-        match (&decision, live) {
+        match (&decision, &live) {
             (Decision::Execute, _) => {
-                let (records, used) = self.shared.after(self.changes.delta);
-                if used.saturating_add(footprint(claim.in_flight.len())) > self.shared.max_bytes {
-                    return Err(BatchError::Store(StoreError::Full(records as usize)));
+                let shared = view.shared;
+                let frame = OVERHEAD + claim.in_flight.len();
+                let used = shared
+                    .footprint()
+                    .saturating_add_signed(2 * (self.pending_live + self.live_delta));
+                if used.saturating_add(footprint(frame)) > shared.max_bytes {
+                    return Err(StoreError::Full(shared.records() as usize));
                 }
-                if let Some(old) = &stored {
-                    self.remove(&claim.key, old)?;
-                }
-                self.create(&claim.key, claim.now_ms, claim.expires_at_ms, &claim.in_flight)?;
+                let old = self.entry(view, &claim.key);
+                self.put(&claim.key, claim.in_flight.clone(), claim.expires_at_ms, old.as_ref());
             }
-            (Decision::TakeOver, Some(live)) => self.replace(&claim.key, live, &claim.in_flight)?,
-            (Decision::MarkUnknown, Some(live)) => self.replace(&claim.key, live, &claim.lapsed)?,
+            (Decision::TakeOver, Some(c)) => self.put(
+                &claim.key,
+                claim.in_flight.clone(),
+                c.entry.expires_at_ms,
+                Some(&c.entry),
+            ),
+            (Decision::MarkUnknown, Some(c)) => {
+                self.put(&claim.key, claim.lapsed.clone(), c.entry.expires_at_ms, Some(&c.entry))
+            }
             _ => {}
         }
         Ok(Begin::applied(decision, claim.token))
     }
 
-    /// The owner's complete (`Some(record)`) or release (`None`). `false`: not the owner.
-    fn replace_owned(
-        &mut self,
-        digest: &[u8; 32],
-        token: LeaseToken,
-        record: Option<&Bytes>,
-    ) -> Result<bool, BatchError> {
-        let Some(stored) = self.live(digest)?.filter(|s| owned_by(&s.record, token)) else {
-            return Ok(false);
-        };
-        match record {
-            Some(record) => self.replace(digest, &stored, record)?,
-            None => self.remove(digest, &stored)?,
-        }
-        Ok(true)
-    }
-
-    fn renew(&mut self, digest: &[u8; 32], token: LeaseToken, until_ms: u64) -> Result<bool, BatchError> {
-        let Some(mut stored) = self.live(digest)?.filter(|s| owned_by(&s.record, token)) else {
-            return Ok(false);
-        };
-        if let Record::InFlight { lease_until_ms, .. } = &mut stored.record {
-            *lease_until_ms = until_ms;
-        }
-        let record = stored.record.encode();
-        self.replace(digest, &stored, &record)?;
-        Ok(true)
-    }
-
     /// Deletes the key whatever its record holds (damaged ones too: the operator's way out).
     /// Returns whether a live record was there.
-    fn clear(&mut self, digest: &[u8; 32]) -> Result<bool, redb::Error> {
-        let Some(created_ms) = self.locate(digest) else {
-            return Ok(false);
+    fn clear(&mut self, view: &View, digest: &[u8; 32]) -> bool {
+        let Some(entry) = self.entry(view, digest) else {
+            return false;
         };
-        let key = record_key(created_ms, digest);
-        self.changes.moved.insert(*digest, None);
-        let Some(old) = self.records.remove(&key[..])? else {
-            return Ok(false);
+        self.delete(digest, &entry);
+        entry.expires_at_ms > self.now_ms
+    }
+
+    /// Appends a frame; returns where it starts in the segment.
+    fn frame(&mut self, kind: Kind, digest: &[u8; 32], expires_at_ms: u64, payload: &[u8]) -> (u64, u32) {
+        let offset = self.base + self.bytes.len() as u64;
+        format::encode(&mut self.bytes, kind, digest, expires_at_ms, payload);
+        self.max_expiry = self.max_expiry.max(expires_at_ms);
+        (offset, (OVERHEAD + payload.len()) as u32)
+    }
+
+    /// Writes the encoded `record` as the key's, in place of `old`.
+    fn put(&mut self, digest: &[u8; 32], record: Bytes, expires_at_ms: u64, old: Option<&Entry>) {
+        let (offset, len) = self.frame(Kind::Record, digest, expires_at_ms, &record);
+        let entry = Entry::new(self.segment, offset, len, expires_at_ms, false);
+        self.live_delta += i64::from(len) - old.map_or(0, |e| i64::from(e.len));
+        self.changed.insert(*digest, Some((entry, record)));
+    }
+
+    /// Deletes the key, whose entry is `old`: the deletion hides its older frames until they
+    /// would have expired.
+    fn delete(&mut self, digest: &[u8; 32], old: &Entry) {
+        self.frame(Kind::Deleted, digest, old.expires_at_ms, &[]);
+        self.deleted_expiry = self.deleted_expiry.max(old.expires_at_ms);
+        self.live_delta -= i64::from(old.len);
+        self.changed.insert(*digest, None);
+    }
+
+    /// Compaction's copy of what the index points to (`Some`: a record's whole frame, or a
+    /// marker for a damaged record) or of a deletion (`None`).
+    fn copy(&mut self, digest: &[u8; 32], copy: Option<(Entry, &[u8])>, expires_at_ms: u64) {
+        let Some((old, frame)) = copy else {
+            self.frame(Kind::Deleted, digest, expires_at_ms, &[]);
+            self.deleted_expiry = self.deleted_expiry.max(expires_at_ms);
+            return;
         };
-        let value = old.value();
-        let expiry = value_expiry(&key, value);
-        self.changes.delta.records -= 1;
-        self.changes.delta.footprint -= footprint(value.len()) as i64;
-        drop(old);
-        match expiry {
-            Ok(at) => {
-                self.expiry.remove(&expiry_key(at, &key)[..])?;
-                Ok(at > self.now_ms)
-            }
-            // Its expiry entry cannot be found; the sweep drops it when it comes due.
-            Err(_) => Ok(true),
-        }
-    }
-
-    /// Writes a new record for `digest`, created at `created_ms`.
-    fn create(
-        &mut self,
-        digest: &[u8; 32],
-        created_ms: u64,
-        expires_at_ms: u64,
-        record: &[u8],
-    ) -> Result<(), BatchError> {
-        let key = record_key(created_ms, digest);
-        let value = encode_value(&key, expires_at_ms, record);
-        self.records.insert(&key[..], &value[..])?;
-        self.expiry.insert(&expiry_key(expires_at_ms, &key)[..], ())?;
-        self.changes.delta.records += 1;
-        self.changes.delta.footprint += footprint(value.len()) as i64;
-        self.changes.moved.insert(*digest, Some(created_ms));
-        Ok(())
-    }
-
-    /// Replaces the record `old` of `digest` with `record`, keeping its key and expiry.
-    fn replace(&mut self, digest: &[u8; 32], old: &Stored, record: &[u8]) -> Result<(), BatchError> {
-        let key = old.key(digest);
-        let value = encode_value(&key, old.expires_at_ms, record);
-        self.records.insert(&key[..], &value[..])?;
-        self.changes.delta.footprint += footprint(value.len()) as i64 - footprint(old.len) as i64;
-        Ok(())
-    }
-
-    /// Deletes the record `old` of `digest`.
-    fn remove(&mut self, digest: &[u8; 32], old: &Stored) -> Result<(), BatchError> {
-        let key = old.key(digest);
-        self.records.remove(&key[..])?;
-        self.expiry.remove(&expiry_key(old.expires_at_ms, &key)[..])?;
-        self.changes.delta.records -= 1;
-        self.changes.delta.footprint -= footprint(old.len) as i64;
-        self.changes.moved.insert(*digest, None);
-        Ok(())
-    }
-
-    /// Handles one due entry of the `expiry` table: removes it, and its record if the record
-    /// still has that expiry (or is damaged: it would have expired by now).
-    fn expire(&mut self, entry: &[u8; 48]) -> Result<(), redb::Error> {
-        self.expiry.remove(&entry[..])?;
-        let Some((due, key)) = split_expiry_key(entry) else {
-            return Ok(());
+        let (offset, len) = if old.damaged() {
+            self.frame(Kind::Damaged, digest, expires_at_ms, &[])
+        } else {
+            let offset = self.base + self.bytes.len() as u64;
+            self.bytes.extend_from_slice(frame);
+            self.max_expiry = self.max_expiry.max(expires_at_ms);
+            (offset, frame.len() as u32)
         };
-        let Some((created_ms, digest)) = super::format::split_record_key(&key) else {
-            return Ok(());
-        };
-        let current = self
-            .records
-            .get(&key[..])?
-            .map(|value| (value_expiry(&key, value.value()), value.value().len()));
-        let Some((expiry, len)) = current else {
-            return Ok(());
-        };
-        match expiry {
-            Ok(at) if at != due => return Ok(()),
-            Ok(_) => {}
-            Err(_) => {
-                tracing::error!(key = %hex::encode(&digest[..6]), "disk store: damaged record removed by the expiry sweep")
-            }
-        }
-        self.records.remove(&key[..])?;
-        self.changes.delta.records -= 1;
-        self.changes.delta.footprint -= footprint(len) as i64;
-        if self.locate(&digest) == Some(created_ms) {
-            self.changes.moved.insert(digest, None);
-        }
-        Ok(())
-    }
-}
-
-/// Whether `record` is InFlight and owned by `token`.
-fn owned_by(record: &Record, token: LeaseToken) -> bool {
-    matches!(record, Record::InFlight { owner, .. } if *owner == token)
-}
-
-/// An error of one write: its own (a damaged record, a full store), or the storage's, which
-/// aborts the transaction.
-enum BatchError {
-    Store(StoreError),
-    Storage(redb::Error),
-}
-
-impl From<redb::StorageError> for BatchError {
-    fn from(err: redb::StorageError) -> Self {
-        BatchError::Storage(err.into())
-    }
-}
-
-impl From<StoreError> for BatchError {
-    fn from(err: StoreError) -> Self {
-        BatchError::Store(err)
+        self.live_delta += i64::from(len) - i64::from(old.len);
+        let entry = Entry::new(self.segment, offset, len, expires_at_ms, old.damaged());
+        let payload = frame.get(format::HEADER..frame.len().saturating_sub(format::TRAILER));
+        self.changed.insert(
+            *digest,
+            Some((entry, Bytes::copy_from_slice(payload.unwrap_or_default()))),
+        );
     }
 }
