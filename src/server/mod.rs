@@ -9,6 +9,7 @@
 
 pub mod idle;
 pub mod preface_deadline;
+pub mod stop;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -33,6 +34,7 @@ use crate::error::ServeError;
 use crate::proxy::ConnectionInfo;
 use crate::state::State;
 use preface_deadline::{PrefaceDeadline, Protocol};
+use stop::Stop;
 
 /// Keeps a timer due within [`TIMER_ANCHOR_PERIOD`] armed in the runtime while the proxy serves.
 ///
@@ -92,6 +94,9 @@ struct ConnectionServer {
     /// Becomes `true` when shutdown starts (HTTP/2 connections, which are not watched by the
     /// `GracefulShutdown`, close on it; see [`serve_http`](Self::serve_http)).
     stopping: watch::Receiver<bool>,
+    /// Tells HTTP/1.1 connections that shutdown started (cheaper to check on every poll than
+    /// the `GracefulShutdown`'s watch, which then only counts the connections to drain).
+    stop: Arc<Stop>,
 }
 
 impl ConnectionServer {
@@ -152,7 +157,7 @@ impl ConnectionServer {
                 let service = hyper::service::service_fn(move |request| {
                     crate::proxy::handle(state.clone(), connection.clone(), request)
                 });
-                watcher.watch(self.http1.serve_connection(io, service)).await
+                self.stop.watch(self.http1.serve_connection(io, service), watcher).await
             }
             Protocol::Http2 => {
                 // Each request counts as activity until its response body ends.
@@ -251,12 +256,14 @@ pub async fn serve_with_admin(
         header_read_timeout: settings.header_read_timeout,
         http2_idle_timeout: settings.http2_idle_timeout,
         stopping,
+        stop: Arc::new(Stop::default()),
     });
     let graceful = GracefulShutdown::new();
     accept_until(&server, listener, &graceful, shutdown).await;
     tracing::info!(grace = ?settings.shutdown_grace, "shutting down: draining in-flight requests");
     state.executions.close();
     stop_connections.send_replace(true);
+    server.stop.stop();
     let drained = async {
         graceful.shutdown().await;
         state.executions.wait().await;
