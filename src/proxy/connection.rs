@@ -5,16 +5,19 @@
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::Poll;
 
 use http::HeaderValue;
 use tokio::time::{Instant, Sleep};
 
-use crate::upstream::{Affinity, Upstream};
+use crate::state::State;
+use crate::upstream::Affinity;
 
 /// What a handler knows of the connection a request came on, computed once per connection.
 pub struct ConnectionInfo {
+    /// The proxy's shared state (held here, so a request clones one `Arc`, not two).
+    pub state: Arc<State>,
     /// The peer's IP, ready for `X-Forwarded-For`.
     pub client_ip: HeaderValue,
     /// `http` or `https`, for `X-Forwarded-Proto`.
@@ -26,12 +29,14 @@ pub struct ConnectionInfo {
 }
 
 impl ConnectionInfo {
-    pub fn new(peer: SocketAddr, tls: bool, upstream: &Upstream) -> Self {
+    pub fn new(peer: SocketAddr, tls: bool, state: Arc<State>) -> Self {
         let ip = peer.ip().to_canonical().to_string();
+        let affinity = state.upstream.affinity();
         Self {
+            state,
             client_ip: HeaderValue::from_str(&ip).unwrap_or_else(|_| HeaderValue::from_static("unknown")),
             proto: HeaderValue::from_static(if tls { "https" } else { "http" }),
-            affinity: upstream.affinity(),
+            affinity,
             timer: Mutex::new(None),
         }
     }

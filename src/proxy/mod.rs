@@ -39,13 +39,13 @@ use crate::telemetry::Outcome;
 
 /// Handles one request; every error becomes its error response here ([`rescue`]).
 pub async fn handle(
-    state: Arc<State>,
     connection: Arc<ConnectionInfo>,
     request: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
+    let state = &connection.state;
     let _in_flight = state.metrics.in_flight();
     let mut log = RequestLog::new(request.method().clone());
-    let (mut response, outcome) = match route_request(&state, &connection, request, &mut log).await {
+    let (mut response, outcome) = match route_request(state, &connection, request, &mut log).await {
         Ok(answered) => answered,
         Err(err) => rescue(err, &log),
     };

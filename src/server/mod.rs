@@ -149,14 +149,12 @@ impl ConnectionServer {
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let connection = Arc::new(ConnectionInfo::new(peer, self.tls.is_some(), &self.state.upstream));
-        let state = self.state.clone();
+        let connection = Arc::new(ConnectionInfo::new(peer, self.tls.is_some(), self.state.clone()));
         let io = TokioIo::new(stream);
         let served = match protocol {
             Protocol::Http1 => {
-                let service = hyper::service::service_fn(move |request| {
-                    crate::proxy::handle(state.clone(), connection.clone(), request)
-                });
+                let service =
+                    hyper::service::service_fn(move |request| crate::proxy::handle(connection.clone(), request));
                 self.stop.watch(self.http1.serve_connection(io, service), watcher).await
             }
             Protocol::Http2 => {
@@ -165,7 +163,7 @@ impl ConnectionServer {
                 let streams = activity.clone();
                 let service = hyper::service::service_fn(move |request| {
                     let stream = streams.begin();
-                    let handling = crate::proxy::handle(state.clone(), connection.clone(), request);
+                    let handling = crate::proxy::handle(connection.clone(), request);
                     async move {
                         let response = handling.await?;
                         Ok::<_, Infallible>(response.map(|body| idle::ActiveBody::new(body, stream)))
