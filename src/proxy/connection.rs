@@ -5,13 +5,14 @@
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::task::Poll;
 
 use http::HeaderValue;
 use tokio::time::{Instant, Sleep};
 
 use crate::state::State;
+use crate::timer::{self, LazyTimer};
 use crate::upstream::Affinity;
 
 /// What a handler knows of the connection a request came on, computed once per connection.
@@ -25,7 +26,7 @@ pub struct ConnectionInfo {
     /// The upstream connection this client connection used last, kept for its next request.
     pub affinity: Affinity,
     /// The timer of this connection's upstream exchanges ([`ConnectionInfo::within`]).
-    timer: Mutex<Option<Pin<Box<Sleep>>>>,
+    timer: LazyTimer,
 }
 
 impl ConnectionInfo {
@@ -37,63 +38,42 @@ impl ConnectionInfo {
             client_ip: HeaderValue::from_str(&ip).unwrap_or_else(|_| HeaderValue::from_static("unknown")),
             proto: HeaderValue::from_static(if tls { "https" } else { "http" }),
             affinity,
-            timer: Mutex::new(None),
+            timer: LazyTimer::default(),
         }
     }
 
     /// Runs `work` (pinned by the caller: a pointer is moved, not the future) until `deadline`:
-    /// `None` if the deadline came first.
-    ///
-    /// One timer serves all of the connection's exchanges, and it is re-armed lazily: it stays
-    /// armed at the deadline of an earlier exchange (which is sooner), and when it fires before
-    /// the current exchange's deadline it is re-armed for it. A keep-alive connection's requests
-    /// so insert and remove no timer each (tokio's `timeout` does both, and allocates the timer's
-    /// state: about 500 instructions per request); the timer fires about once per route
-    /// `timeout` on a busy connection. Concurrent exchanges (HTTP/2 streams, an execution whose
-    /// client left) that find the timer lent out get one of their own.
+    /// `None` if the deadline came first. On the connection's one [`LazyTimer`]; concurrent
+    /// exchanges (HTTP/2 streams, an execution whose client left) that find it lent out get a
+    /// timer of their own.
     pub async fn within<F: Future>(&self, deadline: Instant, mut work: Pin<&mut F>) -> Option<F::Output> {
-        let sleep = self.timer().take();
+        let sleep = self.timer.lock().take();
         let mut lent = Lent {
-            slot: self,
-            sleep: Some(sleep.unwrap_or_else(|| Box::pin(tokio::time::sleep_until(deadline)))),
+            slot: &self.timer,
+            sleep: Some(sleep.unwrap_or_else(|| timer::armed(deadline))),
         };
         poll_fn(move |cx| {
             if let Poll::Ready(output) = work.as_mut().poll(cx) {
                 return Poll::Ready(Some(output));
             }
-            let Some(sleep) = lent.sleep.as_mut() else {
-                return Poll::Ready(None);
-            };
-            if sleep.deadline() > deadline {
-                sleep.as_mut().reset(deadline);
+            match lent.sleep.as_mut() {
+                Some(sleep) => timer::poll_deadline(sleep, deadline, cx).map(|()| None),
+                None => Poll::Ready(None),
             }
-            // Fired for an earlier deadline: re-armed once for this one, then it is this one's.
-            for rearmed in [false, true] {
-                match sleep.as_mut().poll(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(()) if rearmed || Instant::now() >= deadline => return Poll::Ready(None),
-                    Poll::Ready(()) => sleep.as_mut().reset(deadline),
-                }
-            }
-            Poll::Ready(None)
         })
         .await
-    }
-
-    fn timer(&self) -> MutexGuard<'_, Option<Pin<Box<Sleep>>>> {
-        self.timer.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
 /// The connection's timer, lent to one exchange; given back when it ends or is dropped.
 struct Lent<'a> {
-    slot: &'a ConnectionInfo,
+    slot: &'a LazyTimer,
     sleep: Option<Pin<Box<Sleep>>>,
 }
 
 impl Drop for Lent<'_> {
     fn drop(&mut self) {
-        let mut slot = self.slot.timer();
+        let mut slot = self.slot.lock();
         if slot.is_none() {
             *slot = self.sleep.take();
         }

@@ -33,6 +33,7 @@ use crate::config::{Config, ServerSettings};
 use crate::error::ServeError;
 use crate::proxy::ConnectionInfo;
 use crate::state::State;
+use crate::timer::ConnectionTimer;
 use preface_deadline::{PrefaceDeadline, Protocol};
 use stop::Stop;
 
@@ -59,8 +60,8 @@ const TIMER_ANCHOR_PERIOD: Duration = Duration::from_millis(100);
 /// HTTP/1.1 server settings.
 fn http1_builder(settings: &ServerSettings) -> http1::Builder {
     let mut builder = http1::Builder::new();
+    // The timer is each connection's own (`timer::ConnectionTimer`, set in `serve_http`).
     builder
-        .timer(TokioTimer::new())
         // Also bounds how long an idle keep-alive connection waits for its next request.
         .header_read_timeout(settings.header_read_timeout)
         .max_buf_size(settings.max_header_bytes.max(8192))
@@ -155,7 +156,10 @@ impl ConnectionServer {
             Protocol::Http1 => {
                 let service =
                     hyper::service::service_fn(move |request| crate::proxy::handle(connection.clone(), request));
-                self.stop.watch(self.http1.serve_connection(io, service), watcher).await
+                // One lazily re-armed timer for all of the connection's header read timeouts.
+                let mut http1 = self.http1.clone();
+                http1.timer(ConnectionTimer::default());
+                self.stop.watch(http1.serve_connection(io, service), watcher).await
             }
             Protocol::Http2 => {
                 // Each request counts as activity until its response body ends.
