@@ -57,8 +57,12 @@ pub async fn pass_through(
     route: &Route,
     request: Request<ProxyBody>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let stream = |body| std::future::ready(Ok(ProxyBody::stream(body)));
-    Ok(exchange(state, connection, route, request, stream).await?)
+    Ok(exchange(state, connection, route, request, streamed).await?)
+}
+
+/// The response body of a pass-through exchange: streamed to the client as it comes.
+pub fn streamed(body: Incoming) -> std::future::Ready<Result<ProxyBody, UpstreamError>> {
+    std::future::ready(Ok(ProxyBody::stream(body)))
 }
 
 /// Turns a client request into the request sent upstream (RFC 9110 §7.6): target rewritten to
