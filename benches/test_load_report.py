@@ -444,13 +444,17 @@ class FloorsAndRatios(unittest.TestCase):
         self.assertEqual(len(floors), 4)
         self.assertIn("costs 12.0 µs = 1.00× nginx; idemproxy's own per-request work", floors[0])
         self.assertIn("adds 1.0 µs on top of it. The target leaves it 0.0 µs.", floors[0])
-        self.assertEqual(floors[1], "keyless POST: bare hyper forwarder 12.0 µs = 0.86× nginx; idemproxy 15.0 µs.")
+        self.assertEqual(floors[1], "keyless POST: bare hyper forwarder 12.0 µs = 0.86× nginx; idemproxy 15.0 µs, its "
+                                    "own per-request work 3.0 µs above the floor. Instructions per request of both "
+                                    "(deterministic, for comparing builds): benches/instructions.sh.")
         self.assertIn("10.0 + 2.0 = 12.0 µs = **0.67×** nginx GET (target ≤ 0.6× = 10.8 µs)", floors[2])
         self.assertIn("15.0 + 12.0 + 7.0 = 34.0 µs = **1.62×** nginx keyless POST", floors[3])
 
     def test_floors_need_their_variants(self):
         self.assertEqual(report.floors(report.aggregate(full_runs()[4:7])), [
-            "keyless POST: bare hyper forwarder 12.0 µs = 0.86× nginx; idemproxy 15.0 µs."])
+            "keyless POST: bare hyper forwarder 12.0 µs = 0.86× nginx; idemproxy 15.0 µs, its own per-request "
+            "work 3.0 µs above the floor. Instructions per request of both (deterministic, for comparing builds): "
+            "benches/instructions.sh."])
 
     def test_information(self):
         runs = full_runs()

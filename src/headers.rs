@@ -51,10 +51,15 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
             let (_, values) = entry.remove_entry_mult();
             let values: SmallValues = values.collect();
             for value in &values {
+                // Nearly always the whole value: `keep-alive` or `close`, which name nothing
+                // more to remove (no split needed).
+                if is_hop_option(value.as_bytes()) {
+                    continue;
+                }
                 let Ok(value) = value.to_str() else { continue };
                 for option in value.split(',').map(str::trim) {
                     // Options that name no field, or a fixed hop-by-hop one removed below.
-                    if option.is_empty() || HOP_OPTIONS.iter().any(|known| option.eq_ignore_ascii_case(known)) {
+                    if option.is_empty() || is_hop_option(option.as_bytes()) {
                         continue;
                     }
                     // A `&str` name is matched case-insensitively, without allocating.
@@ -89,6 +94,12 @@ fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
 /// `Connection` options that need no lookup: `close` names no field, the rest are fixed
 /// hop-by-hop fields (lowercase, compared case-insensitively).
 const HOP_OPTIONS: [&str; 4] = ["close", "keep-alive", "te", "upgrade"];
+
+fn is_hop_option(option: &[u8]) -> bool {
+    HOP_OPTIONS
+        .iter()
+        .any(|known| option.eq_ignore_ascii_case(known.as_bytes()))
+}
 
 /// The values of one `Connection` field: nearly always one.
 type SmallValues = smallvec::SmallVec<[HeaderValue; 2]>;

@@ -17,6 +17,7 @@ pub mod server;
 pub mod state;
 pub mod store;
 pub mod telemetry;
+pub mod timer;
 pub mod tls;
 pub mod upload;
 pub mod upstream;

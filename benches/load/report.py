@@ -351,7 +351,9 @@ def _floor_get(g_f: dict, g_n: dict, g_i: dict) -> str:
 def _floor_post(p_f: dict, p_n: dict, p_i: dict) -> str:
     """Keyless POST: the bare hyper forwarder against nginx and idemproxy."""
     return (f"keyless POST: bare hyper forwarder {p_f['cpu']['proxy']:.1f} µs = "
-            f"{p_f['cpu']['proxy'] / p_n['cpu']['proxy']:.2f}× nginx; idemproxy {p_i['cpu']['proxy']:.1f} µs.")
+            f"{p_f['cpu']['proxy'] / p_n['cpu']['proxy']:.2f}× nginx; idemproxy {p_i['cpu']['proxy']:.1f} µs, its own "
+            f"per-request work {p_i['cpu']['proxy'] - p_f['cpu']['proxy']:.1f} µs above the floor. Instructions per "
+            f"request of both (deterministic, for comparing builds): benches/instructions.sh.")
 
 
 def _floor_replay(rep_r: dict, rep_m: dict, g_n: dict) -> str:

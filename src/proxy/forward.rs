@@ -3,12 +3,13 @@
 //! pass-through, fail-open and guarded executions all go through (its timeout, its metric).
 
 use std::future::Future;
-use std::time::Instant;
+use std::pin::pin;
 
 use http::header::HOST;
 use http::uri::PathAndQuery;
 use http::{HeaderValue, Request, Response, Uri, Version};
 use hyper::body::Incoming;
+use tokio::time::Instant;
 
 use super::connection::ConnectionInfo;
 use crate::body::ProxyBody;
@@ -33,15 +34,16 @@ where
     R: Future<Output = Result<B, UpstreamError>>,
 {
     let started = Instant::now();
-    let work = async {
+    let deadline = started + route.timeout;
+    let work = pin!(async {
         let response = state.upstream.send(route, Some(&connection.affinity), request).await?;
         let (mut parts, body) = response.into_parts();
         prepare_client_response(&mut parts);
         Ok(Response::from_parts(parts, read_body(body).await?))
-    };
-    let result = match tokio::time::timeout(route.timeout, work).await {
-        Ok(result) => result,
-        Err(_) => Err(UpstreamError::Timeout(route.timeout)),
+    });
+    let result = match connection.within(deadline, work).await {
+        Some(result) => result,
+        None => Err(UpstreamError::Timeout(route.timeout)),
     };
     state.metrics.upstream_duration(route.index, started.elapsed());
     result
@@ -55,8 +57,12 @@ pub async fn pass_through(
     route: &Route,
     request: Request<ProxyBody>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let stream = |body| std::future::ready(Ok(ProxyBody::stream(body)));
-    Ok(exchange(state, connection, route, request, stream).await?)
+    Ok(exchange(state, connection, route, request, streamed).await?)
+}
+
+/// The response body of a pass-through exchange: streamed to the client as it comes.
+pub fn streamed(body: Incoming) -> std::future::Ready<Result<ProxyBody, UpstreamError>> {
+    std::future::ready(Ok(ProxyBody::stream(body)))
 }
 
 /// Turns a client request into the request sent upstream (RFC 9110 §7.6): target rewritten to

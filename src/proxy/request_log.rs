@@ -8,6 +8,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 use http::{Method, StatusCode};
+use tracing::level_filters::LevelFilter;
+use tracing::Level;
 
 use crate::config::Route;
 use crate::idempotency::ShortHash;
@@ -20,7 +22,9 @@ pub struct RequestLog {
     pub route: Option<Arc<Route>>,
     pub key_hash: Option<ShortHash>,
     method: Method,
-    started: Instant,
+    /// When it arrived; read only when the line can be written (a clock read per request
+    /// otherwise spent for nothing when `info` is filtered out).
+    started: Option<Instant>,
 }
 
 impl RequestLog {
@@ -30,7 +34,7 @@ impl RequestLog {
             route: None,
             key_hash: None,
             method,
-            started: Instant::now(),
+            started: (LevelFilter::current() >= Level::INFO).then(Instant::now),
         }
     }
 
@@ -51,7 +55,7 @@ impl RequestLog {
             method = self.method.as_str(),
             status = status.as_u16(),
             outcome = outcome.as_str(),
-            duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+            duration_ms = self.started.map_or(0.0, |s| s.elapsed().as_secs_f64() * 1000.0),
             key = self.key_hash.map(tracing::field::display),
             client_gone = client_gone.then_some(true),
             "request"

@@ -9,6 +9,7 @@
 
 pub mod idle;
 pub mod preface_deadline;
+pub mod stop;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -32,7 +33,9 @@ use crate::config::{Config, ServerSettings};
 use crate::error::ServeError;
 use crate::proxy::ConnectionInfo;
 use crate::state::State;
+use crate::timer::ConnectionTimer;
 use preface_deadline::{PrefaceDeadline, Protocol};
+use stop::Stop;
 
 /// Keeps a timer due within [`TIMER_ANCHOR_PERIOD`] armed in the runtime while the proxy serves.
 ///
@@ -57,8 +60,8 @@ const TIMER_ANCHOR_PERIOD: Duration = Duration::from_millis(100);
 /// HTTP/1.1 server settings.
 fn http1_builder(settings: &ServerSettings) -> http1::Builder {
     let mut builder = http1::Builder::new();
+    // The timer is each connection's own (`timer::ConnectionTimer`, set in `serve_http`).
     builder
-        .timer(TokioTimer::new())
         // Also bounds how long an idle keep-alive connection waits for its next request.
         .header_read_timeout(settings.header_read_timeout)
         .max_buf_size(settings.max_header_bytes.max(8192))
@@ -92,6 +95,9 @@ struct ConnectionServer {
     /// Becomes `true` when shutdown starts (HTTP/2 connections, which are not watched by the
     /// `GracefulShutdown`, close on it; see [`serve_http`](Self::serve_http)).
     stopping: watch::Receiver<bool>,
+    /// Tells HTTP/1.1 connections that shutdown started (cheaper to check on every poll than
+    /// the `GracefulShutdown`'s watch, which then only counts the connections to drain).
+    stop: Arc<Stop>,
 }
 
 impl ConnectionServer {
@@ -144,15 +150,16 @@ impl ConnectionServer {
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let connection = Arc::new(ConnectionInfo::new(peer, self.tls.is_some(), &self.state.upstream));
-        let state = self.state.clone();
+        let connection = Arc::new(ConnectionInfo::new(peer, self.tls.is_some(), self.state.clone()));
         let io = TokioIo::new(stream);
         let served = match protocol {
             Protocol::Http1 => {
-                let service = hyper::service::service_fn(move |request| {
-                    crate::proxy::handle(state.clone(), connection.clone(), request)
-                });
-                watcher.watch(self.http1.serve_connection(io, service)).await
+                let service =
+                    hyper::service::service_fn(move |request| crate::proxy::handle(connection.clone(), request));
+                // One lazily re-armed timer for all of the connection's header read timeouts.
+                let mut http1 = self.http1.clone();
+                http1.timer(ConnectionTimer::default());
+                self.stop.watch(http1.serve_connection(io, service), watcher).await
             }
             Protocol::Http2 => {
                 // Each request counts as activity until its response body ends.
@@ -160,7 +167,7 @@ impl ConnectionServer {
                 let streams = activity.clone();
                 let service = hyper::service::service_fn(move |request| {
                     let stream = streams.begin();
-                    let handling = crate::proxy::handle(state.clone(), connection.clone(), request);
+                    let handling = crate::proxy::handle(connection.clone(), request);
                     async move {
                         let response = handling.await?;
                         Ok::<_, Infallible>(response.map(|body| idle::ActiveBody::new(body, stream)))
@@ -251,12 +258,14 @@ pub async fn serve_with_admin(
         header_read_timeout: settings.header_read_timeout,
         http2_idle_timeout: settings.http2_idle_timeout,
         stopping,
+        stop: Arc::new(Stop::default()),
     });
     let graceful = GracefulShutdown::new();
     accept_until(&server, listener, &graceful, shutdown).await;
     tracing::info!(grace = ?settings.shutdown_grace, "shutting down: draining in-flight requests");
     state.executions.close();
     stop_connections.send_replace(true);
+    server.stop.stop();
     let drained = async {
         graceful.shutdown().await;
         state.executions.wait().await;

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# User-space instructions per request of idemproxy and of the bare hyper forwarder
+# (examples/bench_floor.rs), and the difference: idemproxy's own per-request work, counted
+# deterministically (valgrind --tool=callgrind), so it can be compared between builds on a noisy
+# or shared machine where CPU time per request cannot. This machine's VM has no hardware
+# counters (`perf stat -e instructions` is not supported), hence callgrind.
+#
+#     benches/instructions.sh                     # GET and keyless POST, 2,000 requests each
+#     N=4000 KINDS="get" benches/instructions.sh
+#     IDEMPROXY=/path/to/other/idemproxy benches/instructions.sh   # another build
+#
+# Each server runs alone under callgrind (one worker thread) in front of an nginx `return 200`
+# upstream, as in benches/load.sh; a Python client sends 200 warm-up requests, the counters are
+# zeroed (`callgrind_control -z`), N requests follow over CONNS keep-alive connections, and the
+# counters are dumped (`callgrind_control -d`): start-up and shutdown are not counted. The dumps
+# stay in OUT (callgrind_annotate them for the per-function breakdown). Needs valgrind, nginx and
+# python3, and a release build (`cargo build --release --bin idemproxy --example bench_floor`).
+set -euo pipefail
+ROOT=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
+N=${N:-2000}
+CONNS=${CONNS:-4}
+KINDS=${KINDS:-"get post"}
+IDEMPROXY=${IDEMPROXY:-$ROOT/target/release/idemproxy}
+FLOOR=${FLOOR:-$ROOT/target/release/examples/bench_floor}
+OUT=${OUT:-$(mktemp -d)}
+for tool in valgrind callgrind_control nginx python3; do
+    command -v "$tool" >/dev/null || { echo "instructions: $tool is missing" >&2; exit 1; }
+done
+for bin in "$IDEMPROXY" "$FLOOR"; do
+    [[ -x $bin ]] || { echo "instructions: $bin is missing (cargo build --release --bin idemproxy --example bench_floor)" >&2; exit 1; }
+done
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 300); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
+
+UP=$(free_port)
+mkdir -p "$OUT/nginx"
+cat >"$OUT/nginx/nginx.conf" <<CONF
+worker_processes 1; daemon off; master_process off; pid $OUT/nginx/nginx.pid; error_log $OUT/nginx/error.log warn;
+events { worker_connections 1024; }
+http { access_log off; keepalive_requests 1000000; keepalive_timeout 300s;
+  client_body_temp_path $OUT/nginx/b; proxy_temp_path $OUT/nginx/p; fastcgi_temp_path $OUT/nginx/f;
+  uwsgi_temp_path $OUT/nginx/u; scgi_temp_path $OUT/nginx/s;
+  server { listen 127.0.0.1:$UP; location / { default_type application/json; return 200 '{"id":"ord_1","status":"created"}\n'; } } }
+CONF
+nginx -p "$OUT/nginx" -e "$OUT/nginx/error.log" -c "$OUT/nginx/nginx.conf" &
+NGINX=$!
+trap 'kill $NGINX 2>/dev/null || true' EXIT
+wait_port "$UP"
+
+# <label> <kind> -> instructions per request
+count() {
+    local label=$1 kind=$2 port admin file pid
+    port=$(free_port); admin=$(free_port)
+    file=$OUT/$label.$kind.callgrind
+    if [[ $label == floor ]]; then
+        valgrind --tool=callgrind --callgrind-out-file="$file" "$FLOOR" "127.0.0.1:$port" "127.0.0.1:$UP" 2>"$OUT/$label.$kind.log" &
+    else
+        valgrind --tool=callgrind --callgrind-out-file="$file" "$IDEMPROXY" --listen "127.0.0.1:$port" \
+            --admin-listen "127.0.0.1:$admin" --upstream "http://127.0.0.1:$UP" --embedded-store memory \
+            --log-filter warn --worker-threads 1 2>"$OUT/$label.$kind.log" &
+    fi
+    pid=$!
+    wait_port "$port" || { echo "instructions: $label did not start (see $OUT/$label.$kind.log)" >&2; exit 1; }
+    python3 "$ROOT/benches/instructions_client.py" "$port" 200 1 "$kind"
+    callgrind_control -z "$pid" >/dev/null 2>&1
+    python3 "$ROOT/benches/instructions_client.py" "$port" "$N" "$CONNS" "$kind"
+    callgrind_control -d "$pid" >/dev/null 2>&1
+    kill -KILL "$pid"; wait "$pid" 2>/dev/null || true
+    local total
+    total=$(awk '/^(summary|totals):/ { print $2; exit }' "$file".1)
+    echo $((total / N))
+}
+
+printf '%-14s %12s %12s %12s\n' "scenario" "idemproxy" "floor" "own work"
+for kind in $KINDS; do
+    idem=$(count idemproxy "$kind")
+    floor=$(count floor "$kind")
+    printf '%-14s %12s %12s %12s\n' "$kind" "$idem" "$floor" "$((idem - floor))"
+done
+echo "(user-space instructions per request, callgrind, N=$N over $CONNS connections; dumps in $OUT)"
