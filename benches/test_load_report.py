@@ -232,8 +232,10 @@ class ProcAndRedisParsing(unittest.TestCase):
     def test_monitor(self):
         lines = ["OK", '1700000000.000001 [0 127.0.0.1:5000] "EVALSHA" "abc" "1" "k"',
                  '1700000000.000002 [0 lua] "get" "k"', '1700000000.000003 [0 lua] "set" "k" "v"',
-                 '1700000000.000004 [0 127.0.0.1:5000] "set" "k2" "v"']
-        self.assertEqual(parse.monitor(lines), {"top": 2, "nested": 2, "commands": "EVALSHA=1,SET=1"})
+                 '1700000000.000004 [0 127.0.0.1:5000] "set" "k2" "v"',
+                 '1700000000.000005 [0 127.0.0.1:5001] "PING"']
+        self.assertEqual(parse.monitor(lines),
+                         {"top": 2, "nested": 2, "background": 1, "commands": "EVALSHA=1,SET=1"})
 
     def test_cpu_ids(self):
         self.assertEqual(parse.cpu_ids("0,2-4"), {0, 2, 3, 4})

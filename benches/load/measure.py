@@ -136,6 +136,7 @@ def calibrate(redis_cli: List[str], url: str, keys: List[str], body: bytes, out:
         "ok": str(sum(status == 200 for status, _ in answers)),
         "replayed": str(sum(replayed for _, replayed in answers)),
         "top": str(counts["top"]), "nested": str(counts["nested"]), "commands": str(counts["commands"]),
+        "background": str(counts["background"]),
     }
 
 

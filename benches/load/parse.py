@@ -113,20 +113,25 @@ def commandstats(text: str) -> Dict[str, int]:
 
 def monitor(lines: Iterable[str]) -> Dict[str, object]:
     """`redis-cli monitor` lines → commands sent by clients (`top`), run inside Lua scripts
-    (`nested`), and the clients' commands by name (`commands`: `EVALSHA=100,SET=100`)."""
-    top, nested, names = 0, 0, {}  # type: int, int, Dict[str, int]
+    (`nested`), and the clients' commands by name (`commands`: `EVALSHA=100,SET=100`). `PING`s
+    are the proxy's periodic store health check (every 10 s, whatever the load), not a
+    request's work: counted apart (`background`)."""
+    top, nested, background, names = 0, 0, 0, {}  # type: int, int, int, Dict[str, int]
     for line in lines:
         if not re.match(r"[0-9]+\.[0-9]+ \[", line):
             continue
         if " lua]" in line:
             nested += 1
             continue
+        if '] "PING"' in line.upper():
+            background += 1
+            continue
         top += 1
         fields = line.split()
         name = fields[3].strip('"').upper() if len(fields) > 3 else "?"
         names[name] = names.get(name, 0) + 1
     commands = ",".join(f"{name}={n}" for name, n in sorted(names.items()))
-    return {"top": top, "nested": nested, "commands": commands}
+    return {"top": top, "nested": nested, "background": background, "commands": commands}
 
 
 def cpu_ids(spec: Optional[str]) -> Optional[Set[int]]:
