@@ -4,9 +4,11 @@
 //! batches are published (index updated, writes answered) in order, up to the newest one a
 //! finished flush covered.
 //!
-//! Why: a write that arrives while a flush runs no longer waits for it to end before its own
-//! flush starts. Measured on the benchmark VM, two concurrent `fdatasync`s of one file take no
-//! longer than one.
+//! Why: the writer takes in and writes the next batch while a flush runs. How many flushes may
+//! run at once is [`SYNCERS`]: on a busy disk, two concurrent `fdatasync`s of one file take no
+//! longer than one; on a fast one (0.1 ms) the benchmark is CPU-bound and fewer, larger flushes
+//! cost less: with one, a first execution cost 49.8 µs of proxy CPU against 54.8 with two, and
+//! ran at 0.46× the memory store against 0.41× (quiet runs, docs/performance.md).
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
@@ -21,8 +23,8 @@ use super::index::Entry;
 use super::writer::{Answer, Command, Reply};
 use crate::store::StoreError;
 
-/// Flushes that may run at once.
-pub const SYNCERS: usize = 2;
+/// Flushes that may run at once (see the module documentation).
+pub const SYNCERS: usize = 1;
 
 /// What the writer thread waits for.
 pub enum Msg {
