@@ -109,6 +109,9 @@ pub struct Recovered {
     pub segments: BTreeMap<u32, Stats>,
     pub live_bytes: u64,
     pub records: u64,
+    /// Damaged records found (segment, offset, key), logged once every segment is read: only
+    /// then is it known whether a newer frame of the key superseded the damaged one.
+    damaged: Vec<(u32, usize, [u8; 32])>,
 }
 
 impl Recovered {
@@ -159,7 +162,7 @@ impl Recovered {
                         )
                     });
                     if head.kind == Kind::Damaged && entry.is_some() {
-                        log_damaged(id, offset, &head.digest);
+                        self.damaged.push((id, offset, head.digest));
                     }
                     self.set(&head.digest, entry);
                 }
@@ -170,7 +173,7 @@ impl Recovered {
                     expires_at_ms,
                 } => {
                     self.stats(id).wrote(0, expires_at_ms, false);
-                    log_damaged(id, offset, &digest);
+                    self.damaged.push((id, offset, digest));
                     let entry = (expires_at_ms > now_ms)
                         .then(|| Entry::new(id, offset as u64, len as u32, expires_at_ms, true));
                     self.set(&digest, entry);
@@ -195,13 +198,21 @@ fn segment_name(id: u32) -> String {
     format!("{id:08}{}", segment::SUFFIX)
 }
 
-fn log_damaged(id: u32, offset: usize, digest: &[u8; 32]) {
-    tracing::error!(
-        key = %hex::encode(&digest[..6]),
-        segment = %segment_name(id),
-        offset,
-        "disk store: damaged record; its key answers 503 until cleared or expired"
-    );
+impl Recovered {
+    /// Logs the damaged records found: at error those whose key now answers `503`, at warn those
+    /// a newer frame of their key superseded (or that expired), which change nothing.
+    fn log_damaged(&self) {
+        for (id, offset, digest) in &self.damaged {
+            let key = hex::encode(&digest[..6]);
+            let segment = segment_name(*id);
+            let current = self.shards[shard_of(digest)].get(digest);
+            if current.is_some_and(|entry| entry.damaged()) {
+                tracing::error!(%key, %segment, offset, "disk store: damaged record; its key answers 503 until cleared or expired");
+            } else {
+                tracing::warn!(%key, %segment, offset, "disk store: damaged record skipped: a newer record of its key supersedes it, or it expired");
+            }
+        }
+    }
 }
 
 /// Reads every segment of `dir` (numbers `ids`, in order), cutting a torn tail off the newest.
@@ -226,6 +237,7 @@ pub fn recover(dir: &Path, ids: &[u32], now_ms: u64) -> std::io::Result<Recovere
             segment::open(dir, id, false)?.set_len(scan.keep as u64)?;
         }
     }
+    recovered.log_damaged();
     Ok(recovered)
 }
 
