@@ -428,7 +428,9 @@ mod contract {
     /// A record lives `key_ttl` from its creation (completion keeps that expiry); afterwards the
     /// key is fresh.
     pub async fn key_ttl_expiry<S: Store>(store: &S) {
-        let key_ttl = Duration::from_millis(300);
+        // Long enough that a loaded machine (a replicated store waits for its replica's
+        // acknowledgement) completes the key before it expires.
+        let key_ttl = Duration::from_millis(1000);
         let k = key("key-ttl");
         let owner = request(&k, FP, key_ttl, LOCK_TTL, UnknownOutcome::Reject);
         assert_eq!(begin(store, &owner).await, Begin::Owner(owner.token));
@@ -437,7 +439,7 @@ mod contract {
         let expires_in = lookup(store, &k).await.expect("record").expires_in.expect("an expiry");
         assert!(expires_in <= key_ttl && !expires_in.is_zero(), "{expires_in:?}");
         assert_eq!(begin(store, &req(&k, FP)).await, Begin::Replay(stored));
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        tokio::time::sleep(key_ttl + Duration::from_millis(100)).await;
         assert_eq!(lookup(store, &k).await, None);
         // Fresh: even a different request may use the key now.
         let fresh = request(&k, OTHER_FP, key_ttl, LOCK_TTL, UnknownOutcome::Reject);
@@ -448,7 +450,8 @@ mod contract {
         let k = key("key-ttl-kept");
         let owner = request(&k, FP, key_ttl, LOCK_TTL, UnknownOutcome::Reject);
         assert_eq!(begin(store, &owner).await, Begin::Owner(owner.token));
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        let half = key_ttl / 2;
+        tokio::time::sleep(half).await;
         assert_eq!(
             store
                 .complete(&k, owner.token, &completed(FP, &response(200, None)))
@@ -457,10 +460,10 @@ mod contract {
         );
         let expires_in = lookup(store, &k).await.expect("record").expires_in.expect("an expiry");
         assert!(
-            expires_in <= Duration::from_millis(150),
+            expires_in <= key_ttl - half,
             "completion kept the expiry: {expires_in:?}"
         );
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(key_ttl - half + Duration::from_millis(100)).await;
         assert_eq!(lookup(store, &k).await, None);
         let attempt = req(&k, FP);
         assert_eq!(begin(store, &attempt).await, Begin::Owner(attempt.token));
@@ -469,7 +472,7 @@ mod contract {
         let k = key("key-ttl-in-flight");
         let owner = request(&k, FP, key_ttl, LOCK_TTL, UnknownOutcome::Reject);
         assert_eq!(begin(store, &owner).await, Begin::Owner(owner.token));
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        tokio::time::sleep(key_ttl + Duration::from_millis(100)).await;
         assert_eq!(lookup(store, &k).await, None);
         assert_eq!(
             store
