@@ -10,7 +10,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{ProxyProcess, RedisServer, SentinelSet, TestClient, TestProxy, TestResponse, TestUpstream};
+use common::{
+    replica_acknowledges_writes_to, ProxyProcess, RedisServer, SentinelSet, TestClient, TestProxy, TestResponse,
+    TestUpstream,
+};
 use http::{Method, StatusCode};
 
 /// Keyed POSTs the upstream received (executions), per key.
@@ -241,11 +244,30 @@ fn fail_over_repeatedly(nodes: &mut [RedisServer; 2], sentinels: &SentinelSet, d
         sentinels.wait_for_master(nodes[promoted].port, Duration::from_secs(20));
         eprintln!("soak: failover {} done in {:?}", failovers + 1, started.elapsed());
         let promoted_port = nodes[promoted].port;
-        nodes[primary].restart_as_replica_of(promoted_port);
-        primary = promoted;
+        nodes[primary].rejoin_as_replica_of(promoted_port);
+        primary = replicated_primary(nodes, sentinels);
         failovers += 1;
     }
     failovers
+}
+
+/// The node the sentinels name as primary, once the other one acknowledges its writes (30 s at
+/// most). Usually the one just promoted; but Sentinel may fail over again while the old primary
+/// comes back (with a quorum of 1 it did, promoting the node just restarted).
+fn replicated_primary(nodes: &[RedisServer; 2], sentinels: &SentinelSet) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let named = sentinels
+            .master_port()
+            .and_then(|port| nodes.iter().position(|n| n.port == port));
+        if let Some(primary) = named {
+            if replica_acknowledges_writes_to(nodes[primary].port) {
+                return primary;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("no primary with an acknowledging replica within 30 s of a failover");
 }
 
 /// Retries every key once through `url`: a key that ran before is replayed or outcome-unknown,

@@ -132,6 +132,13 @@ impl RedisServer {
     /// Starts it again on the same port as a replica of the server on `primary_port` (as an
     /// operator brings a failed primary back after a failover), once it has synchronised.
     pub fn restart_as_replica_of(&mut self, primary_port: u16) {
+        self.rejoin_as_replica_of(primary_port);
+        self.wait_synced(primary_port);
+    }
+
+    /// Starts it again on the same port as a replica of the server on `primary_port`, without
+    /// waiting for it to synchronise (under Sentinel, which may reconfigure it meanwhile).
+    pub fn rejoin_as_replica_of(&mut self, primary_port: u16) {
         if let Some(at) = self.extra.iter().position(|a| a == "--replicaof") {
             self.extra.drain(at..(at + 3).min(self.extra.len()));
         }
@@ -141,27 +148,15 @@ impl RedisServer {
             primary_port.to_string(),
         ]);
         self.restart();
-        self.wait_synced(primary_port);
     }
 
     /// Waits until this replica acknowledges writes to the primary on `primary_port` (what a
     /// `WAIT` counts; for a moment after a sync the primary lists it online before it does),
     /// 10 s at most. The probe write is deleted again.
     pub fn wait_synced(&self, primary_port: u16) {
-        let primary = redis::Client::open(format!("redis://127.0.0.1:{primary_port}")).expect("a client");
-        let mut probe = redis::pipe();
-        probe
-            .set("idemproxy-test:sync", 1)
-            .del("idemproxy-test:sync")
-            .cmd("WAIT")
-            .arg(1)
-            .arg(100);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            let acknowledged = primary
-                .get_connection_with_timeout(Duration::from_millis(500))
-                .and_then(|mut c| probe.query::<((), i64, i64)>(&mut c));
-            if matches!(acknowledged, Ok((_, _, n)) if n >= 1) {
+            if replica_acknowledges_writes_to(primary_port) {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -1329,4 +1324,23 @@ pub fn count_status(responses: &[TestResponse], status: StatusCode) -> usize {
 pub fn assert_executed(response: &TestResponse) {
     assert_eq!(response.status, StatusCode::CREATED, "{response:?}");
     assert_eq!(response.header("idempotent-replayed"), None, "{response:?}");
+}
+
+/// Whether a replica acknowledges a write to the server on `primary_port` within 100 ms (what a
+/// `WAIT 1` counts; the probe write is deleted again).
+pub fn replica_acknowledges_writes_to(primary_port: u16) -> bool {
+    let Ok(primary) = redis::Client::open(format!("redis://127.0.0.1:{primary_port}")) else {
+        return false;
+    };
+    let mut probe = redis::pipe();
+    probe
+        .set("idemproxy-test:sync", 1)
+        .del("idemproxy-test:sync")
+        .cmd("WAIT")
+        .arg(1)
+        .arg(100);
+    let acknowledged = primary
+        .get_connection_with_timeout(Duration::from_millis(500))
+        .and_then(|mut c| probe.query::<((), i64, i64)>(&mut c));
+    matches!(acknowledged, Ok((_, _, n)) if n >= 1)
 }
