@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use super::command::{Answer, Command, Reply};
 use super::index::Entry;
-use super::writer::{Answer, Command, Reply};
 use crate::store::StoreError;
 
 /// Flushes that may run at once (see the module documentation).

@@ -25,6 +25,7 @@
 //!   the newest segment (never acknowledged) is cut off at open; the store always opens.
 
 mod cache;
+mod command;
 mod flush;
 pub mod format;
 mod index;
@@ -43,11 +44,12 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use self::cache::ReplayCache;
+use self::command::{Answer, Claim, Command, Op};
 use self::flush::{Flushes, Msg};
 use self::index::{Entry, Index};
 use self::lock::DirLock;
 use self::segment::{Files, ReadError};
-use self::writer::{Active, Answer, Claim, Command, Op, Writer};
+use self::writer::{Active, Writer};
 use super::{lease_left_at, Begin, BeginRequest, KeyState, Store, StoreError};
 use crate::idempotency::{decide, unix_ms, Decision, Existing, LeaseToken, Record, RecordError, StorageKey};
 use crate::telemetry::DiskStoreMetrics;

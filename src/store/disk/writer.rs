@@ -21,16 +21,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::oneshot;
 
+use super::command::{Answer, Claim, Command, Op};
 use super::flush::{Change, Flushes, Msg, Pending};
 use super::format::{self, Kind, OVERHEAD};
 use super::index::{Entry, SHARDS};
 use super::recover::Found;
 use super::segment::{self, Stats};
 use super::{corrupt, footprint, lease_left_at, Shared};
-use crate::config::UnknownOutcome;
-use crate::idempotency::{decide, unix_ms, Decision, Existing, LeaseToken, Print, Record, RecordError};
+use crate::idempotency::{decide, unix_ms, Decision, Existing, LeaseToken, Record, RecordError};
 use crate::store::{Begin, StoreError};
 
 /// Most writes committed in one batch.
@@ -39,57 +38,6 @@ const MAX_BATCH: usize = 4096;
 const UPKEEP_INTERVAL: Duration = Duration::from_millis(250);
 /// Index shards swept for expired entries per upkeep (all of them every 2 s).
 const SHARDS_PER_UPKEEP: usize = SHARDS / 8;
-
-/// An arriving request that the writer decides (no record, or its owner's lease lapsed).
-pub struct Claim {
-    pub key: [u8; 32],
-    pub print: Print,
-    pub token: LeaseToken,
-    pub unknown_outcome: UnknownOutcome,
-    pub now_ms: u64,
-    pub expires_at_ms: u64,
-    /// The encoded InFlight record this request would own the key with.
-    pub in_flight: Bytes,
-    /// The encoded Unknown(LeaseLapsed) record, for `unknown_outcome = reject`.
-    pub lapsed: Bytes,
-}
-
-/// One write.
-pub enum Op {
-    Begin(Box<Claim>),
-    Complete {
-        key: [u8; 32],
-        token: LeaseToken,
-        record: Bytes,
-    },
-    Release {
-        key: [u8; 32],
-        token: LeaseToken,
-    },
-    Renew {
-        key: [u8; 32],
-        token: LeaseToken,
-        lease_until_ms: u64,
-    },
-    Clear {
-        key: [u8; 32],
-    },
-}
-
-/// The writer's answer to one write, sent once it is durable.
-pub enum Answer {
-    Begun(Begin<LeaseToken>),
-    Done(bool),
-}
-
-/// Where a write's answer goes.
-pub type Reply = oneshot::Sender<Result<Answer, StoreError>>;
-
-/// A write and where its answer goes.
-pub struct Command {
-    pub op: Op,
-    pub reply: Reply,
-}
 
 /// The segment being appended to.
 pub struct Active {
