@@ -154,6 +154,18 @@ per_store! {
 
 // ---- Redis: across proxies ------------------------------------------------------------------
 
+/// Two proxies to `upstream` that wait for keys in flight, sharing the store `store` (a
+/// configuration fragment), both with an admin listener.
+async fn two_waiting_proxies(upstream: &TestUpstream, store: &str) -> (TestProxy, TestProxy) {
+    let proxy = || TestProxy::to(upstream).config(store).idempotency(WAIT).admin().start();
+    (proxy().await, proxy().await)
+}
+
+/// The configuration of a store on `server` (as `ProxyBuilder::redis` writes it).
+fn redis_store(server: &RedisServer) -> String {
+    format!("store.redis = \"{}\"\nstore.command_timeout = \"500ms\"", server.url())
+}
+
 /// Calls of `command` (lower case, as `INFO commandstats` names it) since the last reset.
 fn calls(server: &RedisServer, command: &str) -> u64 {
     server.command_calls().get(command).copied().unwrap_or(0)
@@ -166,13 +178,7 @@ fn calls(server: &RedisServer, command: &str) -> u64 {
 async fn waiters_on_another_proxy_are_woken_through_the_keys_channel() {
     let server = RedisServer::start();
     let upstream = TestUpstream::start().await;
-    let a = TestProxy::to(&upstream).redis(&server).idempotency(WAIT).start().await;
-    let b = TestProxy::to(&upstream)
-        .redis(&server)
-        .idempotency(WAIT)
-        .admin()
-        .start()
-        .await;
+    let (a, b) = two_waiting_proxies(&upstream, &redis_store(&server)).await;
     server.reset_stats();
     let waiters = 5;
     let (first, answers) = first_and_waiters(&a.url("/orders"), &b.url("/orders"), "across", waiters).await;
@@ -221,13 +227,7 @@ async fn waiters_on_another_proxy_are_woken_through_the_keys_channel() {
 async fn a_killed_subscription_connection_does_not_hang_waiters() {
     let server = RedisServer::start();
     let upstream = TestUpstream::start().await;
-    let a = TestProxy::to(&upstream).redis(&server).idempotency(WAIT).start().await;
-    let b = TestProxy::to(&upstream)
-        .redis(&server)
-        .idempotency(WAIT)
-        .admin()
-        .start()
-        .await;
+    let (a, b) = two_waiting_proxies(&upstream, &redis_store(&server)).await;
     let first_url = a.url("/orders");
     let first = post(&first_url, "killed", 1200, 201);
     let waiter = async {
@@ -257,13 +257,7 @@ async fn waiters_behind_sentinel_are_woken_across_proxies() {
     let sentinels = SentinelSet::start(&primary, 2, 0);
     let upstream = TestUpstream::start().await;
     let store = format!("store.redis = \"{}\"", sentinels.url());
-    let a = TestProxy::to(&upstream).config(&store).idempotency(WAIT).start().await;
-    let b = TestProxy::to(&upstream)
-        .config(&store)
-        .idempotency(WAIT)
-        .admin()
-        .start()
-        .await;
+    let (a, b) = two_waiting_proxies(&upstream, &store).await;
     let (first, answers) = first_and_waiters(&a.url("/orders"), &b.url("/orders"), "sentinel", 2).await;
     assert_replays_of(&first, &answers);
     assert_eq!(metric(&b, WOKEN).await, 2);
@@ -276,13 +270,7 @@ async fn waiters_behind_sentinel_are_woken_across_proxies() {
 async fn a_release_on_another_proxy_wakes_its_waiter_which_executes() {
     let server = RedisServer::start();
     let upstream = TestUpstream::start().await;
-    let a = TestProxy::to(&upstream).redis(&server).idempotency(WAIT).start().await;
-    let b = TestProxy::to(&upstream)
-        .redis(&server)
-        .idempotency(WAIT)
-        .admin()
-        .start()
-        .await;
+    let (a, b) = two_waiting_proxies(&upstream, &redis_store(&server)).await;
     let first_url = a.url("/orders");
     let first = post(&first_url, "released-across", 600, 503);
     let waiter = async {
@@ -304,18 +292,7 @@ async fn a_release_on_another_proxy_wakes_its_waiter_which_executes() {
 async fn an_admin_clear_on_another_proxy_wakes_its_waiter() {
     let server = RedisServer::start();
     let upstream = TestUpstream::start().await;
-    let a = TestProxy::to(&upstream)
-        .redis(&server)
-        .idempotency(WAIT)
-        .admin()
-        .start()
-        .await;
-    let b = TestProxy::to(&upstream)
-        .redis(&server)
-        .idempotency(WAIT)
-        .admin()
-        .start()
-        .await;
+    let (a, b) = two_waiting_proxies(&upstream, &redis_store(&server)).await;
     let first_url = a.url("/orders");
     let first = post(&first_url, "cleared", 1500, 201);
     let waiter = async {
@@ -350,13 +327,7 @@ async fn after_a_failover_waiters_are_woken_through_the_new_master() {
         "store.redis = \"{}\"\nstore.command_timeout = \"500ms\"",
         sentinels.url()
     );
-    let a = TestProxy::to(&upstream).config(&store).idempotency(WAIT).start().await;
-    let b = TestProxy::to(&upstream)
-        .config(&store)
-        .idempotency(WAIT)
-        .admin()
-        .start()
-        .await;
+    let (a, b) = two_waiting_proxies(&upstream, &store).await;
     let (first, answers) = first_and_waiters(&a.url("/orders"), &b.url("/orders"), "before", 1).await;
     assert_replays_of(&first, &answers);
 
