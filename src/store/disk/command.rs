@@ -1,6 +1,6 @@
 //! What the disk store sends its writer thread (docs/behaviour.md §11.1): one write and where
 //! its answer goes, and the answer, sent once the write is durable. Shared by the store, the
-//! writer and its flushes.
+//! writer and the delivery of its answers.
 
 use bytes::Bytes;
 use tokio::sync::oneshot;
@@ -58,4 +58,11 @@ pub type Reply = oneshot::Sender<Result<Answer, StoreError>>;
 pub struct Command {
     pub op: Op,
     pub reply: Reply,
+}
+
+/// What the writer thread waits for.
+pub enum Msg {
+    Write(Command),
+    /// The store is closing: write and answer what came before, and stop.
+    Stop,
 }

@@ -7,8 +7,8 @@
 //!   where each key's newest frame is; it is rebuilt by reading the segments at open
 //!   (`recover`). Settled records are also kept for replays in a small `cache`.
 //! - Writes go to one writer thread (`writer`), which appends every write waiting in one
-//!   `write`, has it flushed (`flush`: two flushes may overlap) and answers them once it is
-//!   durable (group commit): `begin`
+//!   `write`, flushes it and answers them once it is durable (group commit; the answers reach
+//!   the runtime together: `delivery`): `begin`
 //!   returns only after the `InFlight` record is on disk, `complete` and `release` only after
 //!   theirs is.
 //! - Reads need no writer: `begin` first reads the key through the index (which points only at
@@ -26,9 +26,10 @@
 
 mod cache;
 mod command;
-mod flush;
+mod delivery;
 pub mod format;
 mod index;
+mod leases;
 pub mod lock;
 mod recover;
 pub mod segment;
@@ -44,8 +45,8 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use self::cache::ReplayCache;
-use self::command::{Answer, Claim, Command, Op};
-use self::flush::{Flushes, Msg};
+use self::command::{Answer, Claim, Command, Msg, Op};
+use self::delivery::Delivery;
 use self::index::{Entry, Index};
 use self::lock::DirLock;
 use self::segment::{Files, ReadError};
@@ -207,16 +208,20 @@ impl DiskStore {
         shared.apply(recovered.records as i64, recovered.live_bytes as i64, disk_bytes);
         let (commands, receiver) = mpsc::channel();
         let prepared = segments.get(&active_id).map_or(0, |s| s.size);
-        let flushes = Flushes::start(&commands)
-            .map_err(|e| StoreError::unreachable(format!("cannot start the disk store's writer: {e}")))?;
         let writer = Writer {
             messages: receiver,
-            flushes,
             shared: shared.clone(),
             segments,
-            active: Active::open(dir, active_id, active_file, prepared).map_err(cannot_read)?,
+            active: Active {
+                id: active_id,
+                file: active_file,
+                prepared,
+                unflushed: false,
+            },
             segment_bytes: (max_disk_bytes / 16).clamp(64 * 1024, SEGMENT_BYTES),
             next_shard: 0,
+            leases: Default::default(),
+            delivery: Delivery::start(),
         };
         let writer = std::thread::Builder::new()
             .name("idemproxy-disk-writer".into())
@@ -292,7 +297,7 @@ impl DiskStore {
 }
 
 impl Drop for DiskStore {
-    /// Stops the writer: it flushes and answers every write it has, then its flush threads end.
+    /// Stops the writer: it writes, flushes and answers every write it has, then ends.
     fn drop(&mut self) {
         if let Some(commands) = self.commands.take() {
             let _ = commands.send(Msg::Stop);

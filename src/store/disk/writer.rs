@@ -1,7 +1,10 @@
 //! The disk store's one writer (docs/behaviour.md §11.1): a thread that takes every write
-//! waiting, appends their frames to the newest segment in one `write`, has them flushed
-//! (`fdatasync`, by a thread of [`flush`](super::flush), overlapping the next batch), and only
-//! once that flush returns updates the index and answers each of them: group commit.
+//! waiting, appends their frames to the newest segment in one `write`, flushes them
+//! (`fdatasync`) itself, and only once that flush returns updates the index and answers each of
+//! them: group commit. The writes that arrive while a flush runs wait for it, and are the next
+//! batch (one flush at a time, as a database's log writer does: on a fast disk the proxy is
+//! CPU-bound, and a flush of its own on this thread costs no hand-over to another thread and
+//! back; measured in docs/performance.md).
 //!
 //! Being the only writer is what makes `begin` atomic: the writer reads the key's record (as
 //! the batches before, durable or not yet, left it), applies [`decide`] to it and appends the
@@ -22,10 +25,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::command::{Answer, Claim, Command, Op};
-use super::flush::{Change, Flushes, Msg, Pending};
+use super::command::{Answer, Claim, Command, Msg, Op};
+use super::delivery::{Answers, Delivery};
 use super::format::{self, Kind, OVERHEAD};
 use super::index::{Entry, SHARDS};
+use super::leases::Leases;
 use super::recover::Found;
 use super::segment::{self, Stats};
 use super::{corrupt, footprint, lease_left_at, Shared};
@@ -47,29 +51,17 @@ pub struct Active {
     /// overwrites blocks the file already has (no change of its size or extents to journal:
     /// measured, an `fdatasync` a third as long).
     pub prepared: u64,
-    /// A descriptor of the file per flush thread, opened before anything was appended: each
-    /// sees a write-back error of its own (the kernel reports one to each open file once), so
-    /// no flush can return success for pages another flush's error lost.
-    pub sync_files: Vec<Arc<File>>,
-}
-
-impl Active {
-    /// The segment `id` of `dir`, appended to through `file`.
-    pub fn open(dir: &std::path::Path, id: u32, file: Arc<File>, prepared: u64) -> std::io::Result<Self> {
-        let sync_files = (0..super::flush::SYNCERS)
-            .map(|_| segment::open(dir, id, false).map(Arc::new))
-            .collect::<std::io::Result<_>>()?;
-        Ok(Self {
-            id,
-            file,
-            prepared,
-            sync_files,
-        })
-    }
+    /// Frames written since the last flush (a batch of renewals alone is not flushed).
+    pub unflushed: bool,
 }
 
 /// Zeros written ahead of the appends at a time (at most a segment's size).
 const PREPARE_BYTES: u64 = 4 * 1024 * 1024;
+/// What zeros are written from, a slice at a time.
+static ZEROS: [u8; 256 * 1024] = [0; 256 * 1024];
+
+/// A key's newest state in a batch: its entry and encoded record, or deleted.
+type Change = Option<(Entry, Bytes)>;
 
 pub struct Writer {
     pub messages: Receiver<Msg>,
@@ -79,7 +71,9 @@ pub struct Writer {
     /// A segment grows to about this before the next one is started.
     pub segment_bytes: u64,
     pub next_shard: usize,
-    pub flushes: Flushes,
+    /// The durable `InFlight` records, so that their owners' writes need no read.
+    pub leases: Leases,
+    pub delivery: Delivery,
 }
 
 /// A key's record as this batch sees it.
@@ -99,9 +93,8 @@ struct Batch {
     /// The expiries of the deletions written.
     deleted_expiry: u64,
     max_expiry: u64,
-    /// The change to the live frames' bytes, and that of the batches before it not yet durable.
+    /// The change to the live frames' bytes.
     live_delta: i64,
-    pending_live: i64,
     now_ms: u64,
 }
 
@@ -121,12 +114,6 @@ impl Writer {
             while let Some(next) = message.take() {
                 match next {
                     Msg::Write(command) => commands.push(command),
-                    Msg::Synced {
-                        syncer,
-                        seq,
-                        took,
-                        result,
-                    } => self.synced(syncer, seq, took, result),
                     Msg::Stop => stop = true,
                 }
                 if commands.len() < MAX_BATCH {
@@ -140,57 +127,50 @@ impl Writer {
                 break;
             }
             if Instant::now() >= next_upkeep {
-                self.quiesce();
                 self.maintain();
                 next_upkeep = Instant::now() + UPKEEP_INTERVAL;
             }
         }
-        self.quiesce();
-        self.flushes.stop();
+        if self.active.unflushed {
+            // The renewals written since the last flush.
+            let _ = self.flush();
+        }
     }
 
-    /// Applies the writes, writes their frames, and hands them to a flush; they are answered
-    /// once it returns (`publish`). A batch of renewals alone needs no flush of its own.
+    /// Applies the writes, writes their frames, flushes them, and answers them (`publish`). A
+    /// batch of renewals alone is not flushed: it becomes durable with the next flush, and a
+    /// renewal lost in a crash only makes the dead owner's lease lapse sooner.
     fn write_batch(&mut self, commands: Vec<Command>) {
         let flush = commands.iter().any(|c| !matches!(c.op, Op::Renew { .. }));
         if self.segments.get(&self.active.id).map_or(0, |s| s.size) >= self.segment_bytes {
-            self.quiesce();
             if let Err(err) = self.rotate_if_full() {
                 tracing::error!(error = %err, "disk store: cannot start a new segment");
             }
         }
         let mut batch = self.batch();
         let (ops, replies): (Vec<Op>, Vec<_>) = commands.into_iter().map(|c| (c.op, c.reply)).unzip();
-        let overlay = &self.flushes.overlay;
-        let mut answers: Vec<_> = ops
-            .into_iter()
-            .map(|op| batch.apply(&self.shared, overlay, op))
-            .collect();
-        if let Err(err) = self.write(&batch) {
-            tracing::error!(error = %err, "disk store: write failed");
-            for answer in answers.iter_mut().filter(|a| a.is_ok()) {
-                *answer = Err(StoreError::unreachable(format!("the disk store's write failed: {err}")));
+        let view = View {
+            shared: &self.shared,
+            leases: &self.leases,
+        };
+        let answers: Vec<_> = ops.into_iter().map(|op| batch.apply(&view, op)).collect();
+        let durable = self
+            .write(&batch)
+            .and_then(|()| if flush { self.flush() } else { Ok(()) });
+        let answers: Answers = match durable {
+            Ok(()) => replies.into_iter().zip(answers).collect(),
+            Err(err) => {
+                self.fail(&batch, &err);
+                let failed = |answer: Result<Answer, StoreError>| {
+                    answer.and_then(|_| Err(StoreError::unreachable(format!("the disk store's write failed: {err}"))))
+                };
+                let answers = replies.into_iter().zip(answers.into_iter().map(failed)).collect();
+                self.delivery.deliver(answers);
+                return;
             }
-            for (reply, answer) in replies.into_iter().zip(answers) {
-                let _ = reply.send(answer);
-            }
-            return;
-        }
-        let nothing_pending = self.flushes.pending.is_empty();
-        self.flushes.push(Pending {
-            seq: 0,
-            base: batch.base,
-            changes: batch.changed,
-            live_delta: batch.live_delta,
-            replies: replies.into_iter().zip(answers).collect(),
-        });
-        if flush || !nothing_pending {
-            self.flushes.dispatch(&self.active.sync_files);
-        } else {
-            // Renewals alone, nothing before them waiting: answered without a flush.
-            self.flushes.durable = self.flushes.written;
-            self.publish();
-        }
+        };
+        self.publish(batch.changed, batch.live_delta);
+        self.delivery.deliver(answers);
     }
 
     fn batch(&self) -> Batch {
@@ -202,119 +182,79 @@ impl Writer {
             deleted_expiry: 0,
             max_expiry: 0,
             live_delta: 0,
-            pending_live: self.flushes.pending_live,
             now_ms: unix_ms(),
         }
     }
 
-    /// Writes the batch's frames to the active segment (not flushed). On a failure the
-    /// segment is cut back.
+    /// Writes the batch's frames to the active segment (not flushed).
     fn write(&mut self, batch: &Batch) -> std::io::Result<()> {
         if batch.bytes.is_empty() {
             return Ok(());
         }
         let end = batch.base + batch.bytes.len() as u64;
-        let written = if end > self.active.prepared {
-            self.prepare(end)
-        } else {
-            Ok(())
-        };
-        if let Err(err) = written.and_then(|()| self.active.file.write_all_at(&batch.bytes, batch.base)) {
-            let _ = self.active.file.set_len(batch.base);
-            self.active.prepared = batch.base;
-            return Err(err);
+        if end > self.active.prepared {
+            self.prepare(end)?;
         }
+        self.active.file.write_all_at(&batch.bytes, batch.base)?;
+        self.active.unflushed = true;
         let active = self.segments.entry(batch.segment).or_default();
         active.wrote(batch.bytes.len(), batch.max_expiry, false);
         active.max_deleted_expiry = active.max_deleted_expiry.max(batch.deleted_expiry);
         Ok(())
     }
 
-    /// A flush thread returned: the batches it covered are durable (or, if it failed, every
-    /// pending batch fails: the kernel may have dropped their pages).
-    fn synced(&mut self, syncer: usize, seq: u64, took: Duration, result: std::io::Result<()>) {
-        self.shared.flushed(took);
-        match self.flushes.finished(syncer, seq, result) {
-            Ok(()) => self.publish(),
-            Err(err) => self.fail(&err),
-        }
-        self.flushes.dispatch(&self.active.sync_files);
-    }
-
-    /// Flushes on this thread, so that nothing is pending (before upkeep, a new segment, or
-    /// stopping).
-    fn quiesce(&mut self) {
-        if self.flushes.pending.is_empty() {
-            return;
+    /// Flushes the active segment (`fdatasync`): what was written to it is durable.
+    fn flush(&mut self) -> std::io::Result<()> {
+        if !self.active.unflushed {
+            return Ok(());
         }
         let started = Instant::now();
         let result = self.active.file.sync_data();
         self.shared.flushed(started.elapsed());
-        match result {
-            Ok(()) => {
-                self.flushes.all_durable();
-                self.publish();
-            }
-            Err(err) => self.fail(&err),
+        if result.is_ok() {
+            self.active.unflushed = false;
+        }
+        result
+    }
+
+    /// The batch's write or flush failed: the file is cut back to where the batch began (the
+    /// kernel may have dropped its pages; nothing in it was acknowledged).
+    fn fail(&mut self, batch: &Batch, err: &std::io::Error) {
+        tracing::error!(error = %err, "disk store: write or flush failed");
+        let _ = self.active.file.set_len(batch.base);
+        self.active.prepared = batch.base;
+        if let Some(stats) = self.segments.get_mut(&batch.segment) {
+            stats.size = stats.size.min(batch.base);
         }
     }
 
-    /// Every pending batch failed: answered with the error, the file cut back.
-    fn fail(&mut self, err: &std::io::Error) {
-        tracing::error!(error = %err, "disk store: flush failed");
-        let (base, failed) = self.flushes.fail_all();
-        if let Some(base) = base {
-            let _ = self.active.file.set_len(base);
-            self.active.prepared = base;
-            if let Some(stats) = self.segments.get_mut(&self.active.id) {
-                stats.size = base;
+    /// Applies a durable batch's changes to the index, the stats, the leases and the counters.
+    fn publish(&mut self, changes: HashMap<[u8; 32], Change>, live_delta: i64) {
+        let mut records = 0i64;
+        for (digest, change) in changes {
+            self.leases.published(&digest, change.as_ref());
+            let new = change.map(|(entry, _)| entry);
+            if let Some(new) = new {
+                self.segments.entry(new.segment()).or_default().add(new.len);
+                records += 1;
             }
-        }
-        for pending in failed {
-            for (reply, answer) in pending.replies {
-                let answer =
-                    answer.and_then(|_| Err(StoreError::unreachable(format!("the disk store's flush failed: {err}"))));
-                let _ = reply.send(answer);
-            }
-        }
-    }
-
-    /// Applies every durable batch, in order, to the index, the stats and the counters, and
-    /// answers its writes.
-    fn publish(&mut self) {
-        while let Some(pending) = self.flushes.next_durable() {
-            let mut records = 0i64;
-            for (digest, change) in pending.changes {
-                let new = change.map(|(entry, _)| entry);
-                if let Some(new) = new {
-                    self.segments.entry(new.segment()).or_default().add(new.len);
-                    records += 1;
+            if let Some(old) = self.shared.index.set(&digest, new) {
+                if let Some(stats) = self.segments.get_mut(&old.segment()) {
+                    stats.remove(old.len);
                 }
-                if let Some(old) = self.shared.index.set(&digest, new) {
-                    if let Some(stats) = self.segments.get_mut(&old.segment()) {
-                        stats.remove(old.len);
-                    }
-                    records -= 1;
-                }
-            }
-            self.shared.apply(records, pending.live_delta, self.disk_bytes());
-            for (reply, answer) in pending.replies {
-                let _ = reply.send(answer);
+                records -= 1;
             }
         }
+        self.shared.apply(records, live_delta, self.disk_bytes());
     }
 
-    /// Writes a batch of the writer's own (compaction), flushes it here, and publishes it.
+    /// Writes a batch of the writer's own (compaction), flushes it, and publishes it.
     fn commit_now(&mut self, batch: Batch) -> std::io::Result<()> {
-        self.write(&batch)?;
-        self.flushes.push(Pending {
-            seq: 0,
-            base: batch.base,
-            changes: batch.changed,
-            live_delta: batch.live_delta,
-            replies: Vec::new(),
-        });
-        self.quiesce();
+        if let Err(err) = self.write(&batch).and_then(|()| self.flush()) {
+            self.fail(&batch, &err);
+            return Err(err);
+        }
+        self.publish(batch.changed, batch.live_delta);
         Ok(())
     }
 
@@ -322,14 +262,13 @@ impl Writer {
     /// batch that needs them).
     fn prepare(&mut self, end: u64) -> std::io::Result<()> {
         let target = end + PREPARE_BYTES.min(self.segment_bytes);
-        let zeros = vec![0u8; 1 << 20];
         let mut at = self
             .active
             .prepared
             .max(self.segments.get(&self.active.id).map_or(0, |s| s.size));
         while at < target {
-            let len = (target - at).min(zeros.len() as u64) as usize;
-            self.active.file.write_all_at(&zeros[..len], at)?;
+            let len = (target - at).min(ZEROS.len() as u64) as usize;
+            self.active.file.write_all_at(&ZEROS[..len], at)?;
             at += len as u64;
         }
         self.active.prepared = target;
@@ -356,7 +295,12 @@ impl Writer {
         segment::sync_dir(&self.shared.dir)?;
         self.shared.files.insert(id, file.clone());
         self.segments.insert(id, Stats::default());
-        self.active = Active::open(&self.shared.dir, id, file, 0)?;
+        self.active = Active {
+            id,
+            file,
+            prepared: 0,
+            unflushed: false,
+        };
         Ok(())
     }
 
@@ -364,6 +308,7 @@ impl Writer {
     /// the segments nothing in needs, and compacts the sparsest one if it is less than half live.
     fn maintain(&mut self) {
         let now = unix_ms();
+        self.leases.forget_expired(now);
         let (mut records, mut live) = (0i64, 0i64);
         for _ in 0..SHARDS_PER_UPKEEP {
             let segments = &mut self.segments;
@@ -468,37 +413,28 @@ impl Writer {
     }
 }
 
-/// The pending batches' changes, newest per key ([`Flushes::overlay`]).
-type Overlay = HashMap<[u8; 32], (u64, Change)>;
-
-/// What a batch reads beneath its own changes: the batches not yet durable, then the index.
+/// What a batch reads beneath its own changes: the index (every batch before it is durable
+/// and published), with the durable `InFlight` records kept in `leases`, read from disk
+/// otherwise.
 struct View<'a> {
     shared: &'a Shared,
-    overlay: &'a Overlay,
-}
-
-impl View<'_> {
-    /// The key's newest state: `Some(change)` from a pending batch, `None` from the index.
-    fn pending(&self, digest: &[u8; 32]) -> Option<&Change> {
-        self.overlay.get(digest).map(|(_, change)| change)
-    }
+    leases: &'a Leases,
 }
 
 impl Batch {
     /// Applies one write: its answer, or its own error (a damaged record, a full store).
-    fn apply(&mut self, shared: &Shared, overlay: &Overlay, op: Op) -> Result<Answer, StoreError> {
-        let view = View { shared, overlay };
+    fn apply(&mut self, view: &View, op: Op) -> Result<Answer, StoreError> {
         match op {
-            Op::Begin(claim) => self.begin(&view, &claim).map(Answer::Begun),
+            Op::Begin(claim) => self.begin(view, &claim).map(Answer::Begun),
             Op::Complete { key, token, record } => {
-                let Some(current) = self.owned(&view, &key, token)? else {
+                let Some(current) = self.owned(view, &key, token)? else {
                     return Ok(Answer::Done(false));
                 };
                 self.put(&key, record, current.entry.expires_at_ms, Some(&current.entry));
                 Ok(Answer::Done(true))
             }
             Op::Release { key, token } => {
-                let Some(current) = self.owned(&view, &key, token)? else {
+                let Some(current) = self.owned(view, &key, token)? else {
                     return Ok(Answer::Done(false));
                 };
                 self.delete(&key, &current.entry);
@@ -509,7 +445,7 @@ impl Batch {
                 token,
                 lease_until_ms,
             } => {
-                let Some(mut current) = self.owned(&view, &key, token)? else {
+                let Some(mut current) = self.owned(view, &key, token)? else {
                     return Ok(Answer::Done(false));
                 };
                 if let Record::InFlight {
@@ -522,13 +458,13 @@ impl Batch {
                 self.put(&key, current.record.encode(), expires_at_ms, Some(&old));
                 Ok(Answer::Done(true))
             }
-            Op::Clear { key } => Ok(Answer::Done(self.clear(&view, &key))),
+            Op::Clear { key } => Ok(Answer::Done(self.clear(view, &key))),
         }
     }
 
     /// The key's entry as this batch sees it.
     fn entry(&self, view: &View, digest: &[u8; 32]) -> Option<Entry> {
-        match self.changed.get(digest).or_else(|| view.pending(digest)) {
+        match self.changed.get(digest) {
             Some(change) => change.as_ref().map(|(entry, _)| *entry),
             None => view.shared.index.get(digest),
         }
@@ -536,7 +472,7 @@ impl Batch {
 
     /// The key's record unless it has expired; a damaged one is `Corrupt`.
     fn live(&self, view: &View, digest: &[u8; 32]) -> Result<Option<Current>, StoreError> {
-        if let Some(change) = self.changed.get(digest).or_else(|| view.pending(digest)) {
+        if let Some(change) = self.changed.get(digest) {
             let Some((entry, bytes)) = change.as_ref().filter(|(e, _)| e.expires_at_ms > self.now_ms) else {
                 return Ok(None);
             };
@@ -549,7 +485,10 @@ impl Batch {
         let Some(entry) = view.shared.index.get(digest).filter(|e| e.expires_at_ms > self.now_ms) else {
             return Ok(None);
         };
-        let record = view.shared.read_entry(digest, &entry)?;
+        let record = match view.leases.get(digest, &entry) {
+            Some(kept) => Record::decode(kept.clone()).map_err(|err| corrupt(digest, err))?,
+            None => view.shared.read_entry(digest, &entry)?,
+        };
         Ok(Some(Current { entry, record }))
     }
 
@@ -572,9 +511,7 @@ impl Batch {
             (Decision::Execute, _) => {
                 let shared = view.shared;
                 let frame = OVERHEAD + claim.in_flight.len();
-                let used = shared
-                    .footprint()
-                    .saturating_add_signed(2 * (self.pending_live + self.live_delta));
+                let used = shared.footprint().saturating_add_signed(2 * self.live_delta);
                 if used.saturating_add(footprint(frame)) > shared.max_bytes {
                     return Err(StoreError::Full(shared.records() as usize));
                 }
