@@ -943,8 +943,8 @@ class Upload(unittest.TestCase):
         self.assertIn("| keyed | 128.0 | 128.0, 256.0, 64.0 | 39.1 MiB | ? | ? | ? | ? | ? |", md)
         self.assertIsNone(upload.server_cpu_ratio(agg))
         self.assertNotIn("Server CPU ratio", md)
-        with_cpu = upload.build_run(upload.KEYED, 1, 64, 4, 1.0, 1, {"proxy": 0.512, "upstream": 0.256, "client": 0.128},
-                                    0.25)
+        cpu_s = {"proxy": 0.512, "upstream": 0.256, "client": 0.128}
+        with_cpu = upload.build_run(upload.KEYED, 1, 64, 4, 1.0, 1, cpu_s, 0.25)
         self.assertAlmostEqual(with_cpu["proxy_cpu_ns_per_byte"], 1.9073, places=3)
         self.assertAlmostEqual(with_cpu["client_cpu_ns_per_byte"], 0.4768, places=3)
         self.assertAlmostEqual(with_cpu["server_cores_busy"], 0.768)

@@ -264,8 +264,8 @@ def run_upload(env: Dict[str, str], upload: UploadSettings, bins: Mapping[str, P
             idle = idle_share(stat_before, stat_after, server_cores)
             run = build_run(variant, round_, upload.mib, upload.conns, seconds, peak, cpu_s, idle)
             log(f"upload {variant} round {round_}: {run['mib_per_s']:.1f} MiB/s, peak RSS {peak / 1024:.1f} MiB, "
-                f"proxy CPU {run['proxy_cpu_ns_per_byte']:.2f} ns/byte, server cores busy {run['server_cores_busy']:.2f}, "
-                f"idle {run.get('server_cores_idle', float('nan')):.2f}")
+                f"proxy CPU {run['proxy_cpu_ns_per_byte']:.2f} ns/byte, "
+                f"server cores busy {run['server_cores_busy']:.2f}, idle {run.get('server_cores_idle', float('nan')):.2f}")
             runs.append(run)
     agg = aggregate(runs)
     rows = targets(agg)
