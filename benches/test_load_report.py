@@ -940,13 +940,32 @@ class Upload(unittest.TestCase):
         self.assertEqual(rows[0], ("keyed upload peak RSS < 64 MiB", "39.1 MiB", True))
         self.assertEqual(rows[1], ("keyed throughput >= 0.8x keyless", "0.80x", True))
         md = upload.markdown({"mib": "64", "conns": "4", "rounds": "3"}, agg, rows)
-        self.assertIn("| keyed | 128.0 | 128.0, 256.0, 64.0 | 39.1 MiB | ? | ? |", md)
-        with_cpu = upload.build_run(upload.KEYED, 1, 64, 4, 1.0, 1, {"proxy": 0.512, "upstream": 0.256})
+        self.assertIn("| keyed | 128.0 | 128.0, 256.0, 64.0 | 39.1 MiB | ? | ? | ? | ? | ? |", md)
+        self.assertIsNone(upload.server_cpu_ratio(agg))
+        self.assertNotIn("Server CPU ratio", md)
+        cpu_s = {"proxy": 0.512, "upstream": 0.256, "client": 0.128}
+        with_cpu = upload.build_run(upload.KEYED, 1, 64, 4, 1.0, 1, cpu_s, 0.25)
         self.assertAlmostEqual(with_cpu["proxy_cpu_ns_per_byte"], 1.9073, places=3)
+        self.assertAlmostEqual(with_cpu["client_cpu_ns_per_byte"], 0.4768, places=3)
+        self.assertAlmostEqual(with_cpu["server_cores_busy"], 0.768)
         cpu_md = upload.markdown({}, upload.aggregate([with_cpu]), [])
-        self.assertIn("| keyed | 256.0 | 256.0 | 0.0 MiB | 1.91 | 0.95 |", cpu_md)
+        self.assertIn("| keyed | 256.0 | 256.0 | 0.0 MiB | 1.91 | 0.95 | 0.48 | 0.77 | 0.25 |", cpu_md)
+        # Keyless at a third of keyed's server CPU per byte: a server-bound ratio of 0.33x.
+        keyless_cpu = upload.build_run(upload.KEYLESS, 1, 64, 4, 0.5, 1, {"proxy": 0.128, "upstream": 0.128})
+        both = upload.aggregate([with_cpu, keyless_cpu])
+        self.assertAlmostEqual(upload.server_cpu_ratio(both), 1 / 3)
+        self.assertIn("the servers' core bounds both): 0.33x.", upload.markdown({}, both, []))
         self.assertIn("| keyed throughput >= 0.8x keyless | 0.80x | met |", md)
         self.assertEqual(upload.targets({upload.KEYED: {**agg[upload.KEYED], "peak_rss_kib": 70_000}})[0][2], False)
+
+    def test_idle_share(self):
+        # Core 1 idle 30 of 100 jiffies, core 0 idle 10 of 100: (busy, total) per core.
+        before = {0: (100, 200), 1: (100, 200)}
+        after = {0: (190, 300), 1: (170, 300)}
+        self.assertAlmostEqual(upload.idle_share(before, after, {1}), 0.3)
+        self.assertAlmostEqual(upload.idle_share(before, after, None), 0.2)
+        self.assertIsNone(upload.idle_share(before, before, {1}))
+        self.assertIsNone(upload.idle_share(before, after, {5}))
 
     def test_settings(self):
         self.assertEqual(upload.upload_settings({}, 3), upload.UploadSettings(64, 4, 3))

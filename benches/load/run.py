@@ -177,7 +177,8 @@ def upload_only(settings: Settings, bins: Dict[str, Path], tmp: Path) -> str:
     if settings.pinned:
         os.sched_setaffinity(0, parse.cpu_ids(settings.load_cpus) or os.sched_getaffinity(0))
     with Servers(tmp, pin) as servers:
-        return upload.run_upload(upload.upload_env(commit), upload_settings, bins, servers, settings.out_dir)
+        return upload.run_upload(upload.upload_env(commit), upload_settings, bins, servers, settings.out_dir,
+                                 parse.cpu_ids(settings.server_cpus) if settings.pinned else None)
 
 
 def versions_commit(root: Path) -> str:

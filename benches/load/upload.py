@@ -6,7 +6,15 @@ the proxy's peak RSS (VmHWM, reset before each run). The upstream is examples/be
 (hyper, drains each body); the client is this process (threads on plain sockets, a 1 MiB block
 sent again and again, so it holds no body either). Variants are interleaved for ROUNDS rounds.
 Also per run: the proxy's and the upstream's CPU time (utime + stime) per byte of body, less
-noisy than throughput on a shared machine (the difference is what guarding costs per byte).
+noisy than throughput on a shared machine (the difference is what guarding costs per byte); the
+client's (each upload thread's own CPU time, `time.thread_time`); and the servers' CPU over the
+run's wall time (server cores busy: near 1 with SERVER_CPUS=1, the servers' core is what bounds
+the run; well under 1, the client or other processes on the machine do). From the CPU figures,
+the server CPU ratio (keyless over keyed proxy + upstream ns/byte): the throughput ratio of two
+runs both bound by the servers' core, steadier than the throughput ratio on a shared machine. And
+the share of the run the servers' cores sat idle (/proc/stat): servers' CPU under 1 core with
+their core never idle means other processes had the rest of it (a busy machine), not that the
+proxy stalled waiting for something.
 
 Settings (environment): UPLOAD_MIB=64 (body size), UPLOAD_CONNS=4 (concurrent uploads per run,
 each on its own connection, each with its own key), ROUNDS. Targets (issue 16): keyed peak RSS
@@ -23,7 +31,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from . import parse
 from .processes import BenchError, Servers, free_ports, log
@@ -33,6 +41,9 @@ KEYED, KEYLESS = "keyed", "keyless"
 BLOCK = 1024 * 1024
 RSS_TARGET_KIB = 64 * 1024
 THROUGHPUT_TARGET = 0.8
+# Per-run figures reported as their median per variant.
+CPU_COLUMNS = ("proxy_cpu_ns_per_byte", "upstream_cpu_ns_per_byte", "client_cpu_ns_per_byte", "server_cores_busy",
+               "server_cores_idle")
 
 
 @dataclass(frozen=True)
@@ -72,8 +83,11 @@ def status_of(response: bytes) -> int:
     return int(parts[1])
 
 
-def one_upload(port: int, length: int, key: Optional[str], block: bytes, out: List[int]) -> None:
-    """Sends one upload of `length` bytes (a repeated block) and appends the answer's status."""
+def one_upload(port: int, length: int, key: Optional[str], block: bytes, out: List[int],
+               cpu: List[float]) -> None:
+    """Sends one upload of `length` bytes (a repeated block) and appends the answer's status, and
+    to `cpu` the CPU seconds this thread took."""
+    started = time.thread_time()
     try:
         with socket.create_connection(("127.0.0.1", port)) as sock:
             sock.sendall(request_head(port, length, key))
@@ -91,18 +105,23 @@ def one_upload(port: int, length: int, key: Optional[str], block: bytes, out: Li
         out.append(status_of(answer))
     except OSError:
         out.append(0)
+    cpu.append(time.thread_time() - started)
 
 
-def run_uploads(port: int, length: int, keys: Sequence[Optional[str]], block: bytes) -> Tuple[float, List[int]]:
-    """Concurrent uploads, one per key (None: keyless): seconds taken and the statuses."""
+def run_uploads(port: int, length: int, keys: Sequence[Optional[str]],
+                block: bytes) -> Tuple[float, List[int], float]:
+    """Concurrent uploads, one per key (None: keyless): seconds taken, the statuses, and the
+    client's CPU seconds (its upload threads')."""
     statuses: List[int] = []
-    threads = [threading.Thread(target=one_upload, args=(port, length, key, block, statuses)) for key in keys]
+    cpu: List[float] = []
+    threads = [threading.Thread(target=one_upload, args=(port, length, key, block, statuses, cpu))
+               for key in keys]
     started = time.monotonic()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    return time.monotonic() - started, statuses
+    return time.monotonic() - started, statuses, sum(cpu)
 
 
 def reset_peak(pid: int) -> None:
@@ -114,12 +133,30 @@ def reset_peak(pid: int) -> None:
 
 
 def build_run(variant: str, round_: int, mib: int, conns: int, seconds: float, peak_kib: int,
-              cpu_s: Optional[Mapping[str, float]] = None) -> dict:
-    """One measured run; `cpu_s`: CPU seconds per role ("proxy", "upstream")."""
+              cpu_s: Optional[Mapping[str, float]] = None, idle: Optional[float] = None) -> dict:
+    """One measured run; `cpu_s`: CPU seconds per role ("proxy", "upstream", "client"). With
+    both servers' CPU, also the server cores they kept busy (their CPU over the wall time);
+    `idle`: the share of the run the servers' cores were idle."""
     body_bytes = mib * conns * 1024 * 1024
-    return {"variant": variant, "round": round_, "mib": mib, "conns": conns, "seconds": seconds,
-            "mib_per_s": mib * conns / seconds if seconds > 0 else 0.0, "peak_rss_kib": peak_kib,
-            **{f"{role}_cpu_ns_per_byte": cpu * 1e9 / body_bytes for role, cpu in (cpu_s or {}).items()}}
+    cpu_s = cpu_s or {}
+    run = {"variant": variant, "round": round_, "mib": mib, "conns": conns, "seconds": seconds,
+           "mib_per_s": mib * conns / seconds if seconds > 0 else 0.0, "peak_rss_kib": peak_kib,
+           **{f"{role}_cpu_ns_per_byte": cpu * 1e9 / body_bytes for role, cpu in cpu_s.items()}}
+    if "proxy" in cpu_s and "upstream" in cpu_s and seconds > 0:
+        run["server_cores_busy"] = (cpu_s["proxy"] + cpu_s["upstream"]) / seconds
+    if idle is not None:
+        run["server_cores_idle"] = idle
+    return run
+
+
+def idle_share(before: Mapping[int, Tuple[int, int]], after: Mapping[int, Tuple[int, int]],
+               cores: Optional[Set[int]]) -> Optional[float]:
+    """The share of the time between two parse.cpu_times readings that `cores` (None: every
+    core) were idle; None when no time passed on them."""
+    ids = [c for c in after if c in before and (cores is None or c in cores)]
+    busy = sum(after[c][0] - before[c][0] for c in ids)
+    total = sum(after[c][1] - before[c][1] for c in ids)
+    return (total - busy) / total if total > 0 else None
 
 
 def aggregate(runs: Sequence[dict]) -> Dict[str, dict]:
@@ -131,11 +168,21 @@ def aggregate(runs: Sequence[dict]) -> Dict[str, dict]:
             out[variant] = {"mib_per_s": statistics.median(r["mib_per_s"] for r in rs),
                             "rounds": [round(r["mib_per_s"], 1) for r in rs],
                             "peak_rss_kib": max(r["peak_rss_kib"] for r in rs)}
-            for role in ("proxy", "upstream"):
-                key = f"{role}_cpu_ns_per_byte"
+            for key in CPU_COLUMNS:
                 if all(key in r for r in rs):
                     out[variant][key] = statistics.median(r[key] for r in rs)
     return out
+
+
+def server_cpu_ratio(agg: Mapping[str, dict]) -> Optional[float]:
+    """Keyless over keyed server CPU per byte (proxy + upstream): the throughput ratio when the
+    servers' core bounds both variants. None without both variants' CPU figures."""
+    keyed, keyless = agg.get(KEYED), agg.get(KEYLESS)
+    roles = ("proxy_cpu_ns_per_byte", "upstream_cpu_ns_per_byte")
+    if not keyed or not keyless or not all(k in keyed and k in keyless for k in roles):
+        return None
+    keyed_cpu = sum(keyed[k] for k in roles)
+    return sum(keyless[k] for k in roles) / keyed_cpu if keyed_cpu else None
 
 
 def targets(agg: Mapping[str, dict]) -> List[Tuple[str, str, Optional[bool]]]:
@@ -159,14 +206,19 @@ def markdown(env: Mapping[str, str], agg: Mapping[str, dict], rows: Sequence[Tup
              f"{env.get('date', '?')}, commit {env.get('commit', '?')}; body {env.get('mib')} MiB, "
              f"{env.get('conns')} concurrent uploads per run, {env.get('rounds')} interleaved rounds; "
              f"load average {env.get('loadavg_start', '?')} -> {env.get('loadavg_end', '?')}.", "",
-             "| variant | MiB/s (median) | per round | proxy peak RSS | proxy CPU ns/byte | upstream CPU ns/byte |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "| variant | MiB/s (median) | per round | proxy peak RSS | proxy CPU ns/byte | upstream CPU ns/byte "
+             "| client CPU ns/byte | server cores busy | server cores idle |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for variant in (KEYED, KEYLESS):
         a = agg.get(variant)
         if a:
-            cpu = [f"{a[k]:.2f}" if k in a else "?" for k in ("proxy_cpu_ns_per_byte", "upstream_cpu_ns_per_byte")]
+            cpu = [f"{a[k]:.2f}" if k in a else "?" for k in CPU_COLUMNS]
             lines.append(f"| {variant} | {a['mib_per_s']:.1f} | {', '.join(map(str, a['rounds']))} | "
-                         f"{a['peak_rss_kib'] / 1024:.1f} MiB | {cpu[0]} | {cpu[1]} |")
+                         f"{a['peak_rss_kib'] / 1024:.1f} MiB | {' | '.join(cpu)} |")
+    ratio = server_cpu_ratio(agg)
+    if ratio is not None:
+        lines += ["", f"Server CPU ratio (keyless over keyed proxy + upstream ns/byte, the throughput ratio "
+                      f"when the servers' core bounds both): {ratio:.2f}x."]
     lines += ["", "| target | measured | result |", "| --- | --- | --- |"]
     for target, measured, met in rows:
         result = "n/a" if met is None else ("met" if met else "NOT met")
@@ -175,9 +227,10 @@ def markdown(env: Mapping[str, str], agg: Mapping[str, dict], rows: Sequence[Tup
 
 
 def run_upload(env: Dict[str, str], upload: UploadSettings, bins: Mapping[str, Path], servers: Servers,
-               out_dir: Path) -> str:
+               out_dir: Path, server_cores: Optional[Set[int]] = None) -> str:
     """Starts an upstream and an idemproxy (memory store), measures, writes upload.md and
-    upload.json in `out_dir`; returns the markdown."""
+    upload.json in `out_dir`; returns the markdown. `server_cores`: the cores the servers are
+    pinned to (None: not pinned), whose idle time is measured."""
     upstream_port, proxy_port = free_ports(2)
     servers.start("upload_upstream", [str(bins["bench_upstream"]), f"127.0.0.1:{upstream_port}"])
     servers.wait_port("upload_upstream", upstream_port)
@@ -200,17 +253,19 @@ def run_upload(env: Dict[str, str], upload: UploadSettings, bins: Mapping[str, P
         for variant in (KEYED, KEYLESS):
             keys = [f"upload-{seed}-{round_}-{i}" if variant == KEYED else None for i in range(upload.conns)]
             reset_peak(pid)
-            before = ticks()
-            seconds, statuses = run_uploads(proxy_port, length, keys, block)
-            after = ticks()
+            before, stat_before = ticks(), parse.cpu_times(Path("/proc/stat").read_text())
+            seconds, statuses, client_s = run_uploads(proxy_port, length, keys, block)
+            after, stat_after = ticks(), parse.cpu_times(Path("/proc/stat").read_text())
             servers.check_alive()
             if any(s != 200 for s in statuses):
                 raise BenchError(f"upload {variant}: answers {statuses}, expected 200 each")
             peak = parse.vm_hwm_kib(Path(f"/proc/{pid}/status").read_text())
-            cpu_s = {role: (after[role] - before[role]) / clk_tck for role in pids}
-            run = build_run(variant, round_, upload.mib, upload.conns, seconds, peak, cpu_s)
+            cpu_s = {**{role: (after[role] - before[role]) / clk_tck for role in pids}, "client": client_s}
+            idle = idle_share(stat_before, stat_after, server_cores)
+            run = build_run(variant, round_, upload.mib, upload.conns, seconds, peak, cpu_s, idle)
             log(f"upload {variant} round {round_}: {run['mib_per_s']:.1f} MiB/s, peak RSS {peak / 1024:.1f} MiB, "
-                f"proxy CPU {run['proxy_cpu_ns_per_byte']:.2f} ns/byte")
+                f"proxy CPU {run['proxy_cpu_ns_per_byte']:.2f} ns/byte, "
+                f"server cores busy {run['server_cores_busy']:.2f}, idle {run.get('server_cores_idle', float('nan')):.2f}")
             runs.append(run)
     agg = aggregate(runs)
     rows = targets(agg)
@@ -219,8 +274,8 @@ def run_upload(env: Dict[str, str], upload: UploadSettings, bins: Mapping[str, P
     md = markdown(env, agg, rows)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "upload.md").write_text(md)
-    (out_dir / "upload.json").write_text(json.dumps({"env": env, "runs": runs, "aggregate": agg,
-                                                     "targets": rows}, indent=1))
+    (out_dir / "upload.json").write_text(json.dumps({"env": env, "runs": runs, "aggregate": agg, "targets": rows,
+                                                     "server_cpu_ratio": server_cpu_ratio(agg)}, indent=1))
     return md
 
 
