@@ -25,6 +25,8 @@ pub use self::connection::ConnectionInfo;
 pub use self::request_log::RequestLog;
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use http::header::CONNECTION;
@@ -33,12 +35,17 @@ use http::{HeaderValue, Method, Request, Response};
 use hyper::body::Incoming;
 
 use crate::body::ProxyBody;
+use crate::config::Route;
 use crate::error::{Chain, ErrorStyle, ProxyError};
 use crate::idempotency::source::{self, BodyView, Lookup};
 use crate::state::State;
 use crate::telemetry::Outcome;
 
 /// Handles one request; every error becomes its error response here ([`rescue`]).
+///
+/// A pass-through request (docs/behaviour.md §1) goes from the route straight to
+/// [`forward::exchange`], one async layer below this one: every layer moves the request and the
+/// response once more.
 pub async fn handle(
     connection: Arc<ConnectionInfo>,
     request: Request<Incoming>,
@@ -46,7 +53,17 @@ pub async fn handle(
     let state = &connection.state;
     let _in_flight = state.metrics.in_flight();
     let mut log = RequestLog::new(request.method().clone());
-    let (mut response, outcome) = match route_request(state, &connection, request, &mut log).await {
+    let answered = match route_request(state, &connection, request, &mut log) {
+        Ok(Routed::PassThrough(route, request)) => {
+            match forward::exchange(state, &connection, route, request, forward::streamed).await {
+                Ok(response) => Ok((response, Outcome::Passthrough)),
+                Err(err) => Err(err.into()),
+            }
+        }
+        Ok(Routed::Guarded(handling)) => handling.await,
+        Err(err) => Err(err),
+    };
+    let (mut response, outcome) = match answered {
         Ok(answered) => answered,
         Err(err) => rescue(err, &log),
     };
@@ -59,6 +76,18 @@ pub async fn handle(
     }
     log.write(&state.metrics, response.status(), outcome, false);
     Ok(response)
+}
+
+/// The answer of a guarded request (or one whose key may be in its body), boxed: its state
+/// machine is large, and the pass-through one should not carry (and move) it.
+type Handling<'a> = Pin<Box<dyn Future<Output = Result<(Response<ProxyBody>, Outcome), ProxyError>> + Send + 'a>>;
+
+/// Where [`route_request`] sends a request.
+enum Routed<'a> {
+    /// Forwarded as it is (rewritten for the upstream) on `route`.
+    PassThrough(&'a Route, Request<ProxyBody>),
+    /// Guarded, or read for its key first.
+    Guarded(Handling<'a>),
 }
 
 /// The one place an error becomes a response: logged with its cause when the operator should
@@ -84,12 +113,12 @@ fn rescue(err: ProxyError, log: &RequestLog) -> (Response<ProxyBody>, Outcome) {
 
 /// Checks the request target (docs/behaviour.md §9), finds the route, and passes the request
 /// through or guards it (§1).
-async fn route_request(
-    state: &Arc<State>,
-    connection: &Arc<ConnectionInfo>,
-    request: Request<Incoming>,
-    log: &mut RequestLog,
-) -> Result<(Response<ProxyBody>, Outcome), ProxyError> {
+fn route_request<'a>(
+    state: &'a Arc<State>,
+    connection: &'a Arc<ConnectionInfo>,
+    mut request: Request<Incoming>,
+    log: &'a mut RequestLog,
+) -> Result<Routed<'a>, ProxyError> {
     check_target(&request)?;
     let route = state
         .config
@@ -109,22 +138,27 @@ async fn route_request(
             Lookup::Found { key, source } => {
                 let storage_key = guarded::storage_key(state, route, request.headers(), source, key.as_bytes());
                 log.key_hash = Some(storage_key.short_hash());
-                // Boxed: the guarded path's state machine is large, and the pass-through one should not
-                // carry (and move) it.
                 let request = request.map(ProxyBody::stream);
-                return Box::pin(guarded::handle(state, connection, route, request, storage_key, log)).await;
+                return Ok(Routed::Guarded(Box::pin(guarded::handle(
+                    state,
+                    connection,
+                    route,
+                    request,
+                    storage_key,
+                    log,
+                ))));
             }
             Lookup::NeedsBody { from } => {
-                return Box::pin(body_key::handle(state, connection, route, request, from, log)).await;
+                return Ok(Routed::Guarded(Box::pin(body_key::handle(
+                    state, connection, route, request, from, log,
+                ))));
             }
             Lookup::Missing if policy.require_key => return Err(ProxyError::MissingKey),
             Lookup::Missing => {}
         }
     }
-    let request = forward::upstream_request(route, connection, request, ProxyBody::stream)?;
-    // `exchange` itself, not `pass_through`: one async layer (and its moves) less per request.
-    let response = forward::exchange(state, connection, route, request, forward::streamed).await?;
-    Ok((response, Outcome::Passthrough))
+    forward::rewrite_request(route, connection, &mut request)?;
+    Ok(Routed::PassThrough(route, request.map(ProxyBody::stream)))
 }
 
 /// Refuses targets a reverse proxy must not forward.
