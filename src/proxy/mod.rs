@@ -25,8 +25,6 @@ pub use self::connection::ConnectionInfo;
 pub use self::request_log::RequestLog;
 
 use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 
 use http::header::CONNECTION;
@@ -38,29 +36,42 @@ use crate::body::ProxyBody;
 use crate::config::Route;
 use crate::error::{Chain, ErrorStyle, ProxyError};
 use crate::idempotency::source::{self, BodyView, Lookup};
+use crate::idempotency::StorageKey;
 use crate::state::State;
 use crate::telemetry::Outcome;
 
 /// Handles one request; every error becomes its error response here ([`rescue`]).
 ///
-/// A pass-through request (docs/behaviour.md §1) goes from the route straight to
-/// [`forward::exchange`], one async layer below this one: every layer moves the request and the
-/// response once more.
+/// A pass-through request (docs/behaviour.md §1) is rewritten in place and goes from here
+/// straight to [`forward::exchange`], with no async layer between: every layer moves the request
+/// and the response once more.
 pub async fn handle(
     connection: Arc<ConnectionInfo>,
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let state = &connection.state;
     let _in_flight = state.metrics.in_flight();
     let mut log = RequestLog::new(request.method().clone());
-    let answered = match route_request(state, &connection, request, &mut log) {
-        Ok(Routed::PassThrough(route, request)) => {
-            match forward::exchange(state, &connection, route, request, forward::streamed).await {
-                Ok(response) => Ok((response, Outcome::Passthrough)),
-                Err(err) => Err(err.into()),
+    let answered = match route_request(state, &request, &mut log) {
+        Ok(Routed::PassThrough(route)) => match forward::rewrite_request(route, &connection, &mut request) {
+            Ok(()) => {
+                let request = request.map(ProxyBody::stream);
+                match forward::exchange(state, &connection, route, request, forward::streamed).await {
+                    Ok(response) => Ok((response, Outcome::Passthrough)),
+                    Err(err) => Err(err.into()),
+                }
             }
+            Err(err) => Err(err),
+        },
+        // Boxed: the guarded paths' state machines are large, and the pass-through one should
+        // not carry (and move) them.
+        Ok(Routed::Guarded(route, key)) => {
+            let request = request.map(ProxyBody::stream);
+            Box::pin(guarded::handle(state, &connection, route, request, key, &log)).await
         }
-        Ok(Routed::Guarded(handling)) => handling.await,
+        Ok(Routed::KeyInBody(route, from)) => {
+            Box::pin(body_key::handle(state, &connection, route, request, from, &mut log)).await
+        }
         Err(err) => Err(err),
     };
     let (mut response, outcome) = match answered {
@@ -78,16 +89,14 @@ pub async fn handle(
     Ok(response)
 }
 
-/// The answer of a guarded request (or one whose key may be in its body), boxed: its state
-/// machine is large, and the pass-through one should not carry (and move) it.
-type Handling<'a> = Pin<Box<dyn Future<Output = Result<(Response<ProxyBody>, Outcome), ProxyError>> + Send + 'a>>;
-
-/// Where [`route_request`] sends a request.
+/// Where [`route_request`] sends a request, on its route.
 enum Routed<'a> {
-    /// Forwarded as it is (rewritten for the upstream) on `route`.
-    PassThrough(&'a Route, Request<ProxyBody>),
-    /// Guarded, or read for its key first.
-    Guarded(Handling<'a>),
+    /// Forwarded as it is (rewritten for the upstream).
+    PassThrough(&'a Arc<Route>),
+    /// Guarded under this storage key.
+    Guarded(&'a Arc<Route>, StorageKey),
+    /// Its key may be in its body: key sources from this index on look there.
+    KeyInBody(&'a Arc<Route>, usize),
 }
 
 /// The one place an error becomes a response: logged with its cause when the operator should
@@ -111,15 +120,14 @@ fn rescue(err: ProxyError, log: &RequestLog) -> (Response<ProxyBody>, Outcome) {
     (err.into_response(style), outcome)
 }
 
-/// Checks the request target (docs/behaviour.md §9), finds the route, and passes the request
-/// through or guards it (§1).
+/// Checks the request target (docs/behaviour.md §9), finds the route, and decides whether the
+/// request passes through or is guarded (§1).
 fn route_request<'a>(
-    state: &'a Arc<State>,
-    connection: &'a Arc<ConnectionInfo>,
-    mut request: Request<Incoming>,
-    log: &'a mut RequestLog,
+    state: &'a State,
+    request: &Request<Incoming>,
+    log: &mut RequestLog,
 ) -> Result<Routed<'a>, ProxyError> {
-    check_target(&request)?;
+    check_target(request)?;
     let route = state
         .config
         .route_for(request.uri().path())
@@ -138,27 +146,14 @@ fn route_request<'a>(
             Lookup::Found { key, source } => {
                 let storage_key = guarded::storage_key(state, route, request.headers(), source, key.as_bytes());
                 log.key_hash = Some(storage_key.short_hash());
-                let request = request.map(ProxyBody::stream);
-                return Ok(Routed::Guarded(Box::pin(guarded::handle(
-                    state,
-                    connection,
-                    route,
-                    request,
-                    storage_key,
-                    log,
-                ))));
+                return Ok(Routed::Guarded(route, storage_key));
             }
-            Lookup::NeedsBody { from } => {
-                return Ok(Routed::Guarded(Box::pin(body_key::handle(
-                    state, connection, route, request, from, log,
-                ))));
-            }
+            Lookup::NeedsBody { from } => return Ok(Routed::KeyInBody(route, from)),
             Lookup::Missing if policy.require_key => return Err(ProxyError::MissingKey),
             Lookup::Missing => {}
         }
     }
-    forward::rewrite_request(route, connection, &mut request)?;
-    Ok(Routed::PassThrough(route, request.map(ProxyBody::stream)))
+    Ok(Routed::PassThrough(route))
 }
 
 /// Refuses targets a reverse proxy must not forward.
