@@ -35,15 +35,13 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the (few) names finds which fixed hop-by-hop fields are present: most
     // messages carry none, or only `Connection`; absent ones cost no lookup.
     let mut present = [false; 8];
-    let mut any = false;
+    // Fixed hop-by-hop fields other than `Connection` (nearly always none: no second pass).
+    let mut others = false;
     for name in headers.keys() {
         if let Some(index) = hop_by_hop_index(name) {
             present[index] = true;
-            any = true;
+            others |= index > 0;
         }
-    }
-    if !any {
-        return;
     }
     // `Connection` is first in HOP_BY_HOP: take its values out, then remove what they name.
     if present[0] {
@@ -67,6 +65,9 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
                 }
             }
         }
+    }
+    if !others {
+        return;
     }
     for (name, present) in HOP_BY_HOP.iter().zip(present).skip(1) {
         if present {

@@ -71,33 +71,41 @@ pub fn streamed(body: Incoming) -> std::future::Ready<Result<ProxyBody, Upstream
 pub fn upstream_request<B>(
     route: &Route,
     connection: &ConnectionInfo,
-    request: Request<B>,
+    mut request: Request<B>,
     body: impl FnOnce(B) -> ProxyBody,
 ) -> Result<Request<ProxyBody>, ProxyError> {
-    let (mut parts, incoming) = request.into_parts();
+    rewrite_request(route, connection, &mut request)?;
+    Ok(request.map(body))
+}
+
+/// [`upstream_request`]'s rewriting, in place: the request is not moved (pass-through builds
+/// its upstream request this way, then only changes the body's type).
+pub fn rewrite_request<B>(
+    route: &Route,
+    connection: &ConnectionInfo,
+    request: &mut Request<B>,
+) -> Result<(), ProxyError> {
     // RFC 9112 §3.2.2: with an absolute-form target, its authority is the request's host and a
     // `Host` field is ignored (HTTP/2's `:authority` likewise wins over `Host`, RFC 9113 §8.3.1).
-    let client_host = parts
-        .uri
+    let client_host = request
+        .uri()
         .authority()
         .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        .or_else(|| parts.headers.get(HOST).cloned());
-    parts.uri = upstream_uri(route, std::mem::take(&mut parts.uri))?;
-    headers::remove_hop_by_hop(&mut parts.headers);
-    headers::set_forwarded(
-        &mut parts.headers,
-        &connection.client_ip,
-        &connection.proto,
-        client_host.clone(),
-    );
-    headers::append_via(&mut parts.headers, parts.version);
-    let host = match client_host {
-        Some(host) if route.preserve_host => host,
+        .or_else(|| request.headers().get(HOST).cloned());
+    let uri = upstream_uri(route, std::mem::take(request.uri_mut()))?;
+    *request.uri_mut() = uri;
+    let version = request.version();
+    let headers = request.headers_mut();
+    headers::remove_hop_by_hop(headers);
+    let host = match &client_host {
+        Some(host) if route.preserve_host => host.clone(),
         _ => route.upstream.host_header.clone(),
     };
-    parts.headers.insert(HOST, host);
-    parts.version = Version::HTTP_11;
-    Ok(Request::from_parts(parts, body(incoming)))
+    headers::set_forwarded(headers, &connection.client_ip, &connection.proto, client_host);
+    headers::append_via(headers, version);
+    headers.insert(HOST, host);
+    *request.version_mut() = Version::HTTP_11;
+    Ok(())
 }
 
 /// The origin-form target sent upstream (RFC 9112 §3.2.1): the client's path and query, byte

@@ -33,20 +33,48 @@ use http::{HeaderValue, Method, Request, Response};
 use hyper::body::Incoming;
 
 use crate::body::ProxyBody;
+use crate::config::Route;
 use crate::error::{Chain, ErrorStyle, ProxyError};
 use crate::idempotency::source::{self, BodyView, Lookup};
+use crate::idempotency::StorageKey;
 use crate::state::State;
 use crate::telemetry::Outcome;
 
 /// Handles one request; every error becomes its error response here ([`rescue`]).
+///
+/// A pass-through request (docs/behaviour.md §1) is rewritten in place and goes from here
+/// straight to [`forward::exchange`], with no async layer between: every layer moves the request
+/// and the response once more.
 pub async fn handle(
     connection: Arc<ConnectionInfo>,
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let state = &connection.state;
     let _in_flight = state.metrics.in_flight();
     let mut log = RequestLog::new(request.method().clone());
-    let (mut response, outcome) = match route_request(state, &connection, request, &mut log).await {
+    let answered = match route_request(state, &request, &mut log) {
+        Ok(Routed::PassThrough(route)) => match forward::rewrite_request(route, &connection, &mut request) {
+            Ok(()) => {
+                let request = request.map(ProxyBody::stream);
+                match forward::exchange(state, &connection, route, request, forward::streamed).await {
+                    Ok(response) => Ok((response, Outcome::Passthrough)),
+                    Err(err) => Err(err.into()),
+                }
+            }
+            Err(err) => Err(err),
+        },
+        // Boxed: the guarded paths' state machines are large, and the pass-through one should
+        // not carry (and move) them.
+        Ok(Routed::Guarded(route, key)) => {
+            let request = request.map(ProxyBody::stream);
+            Box::pin(guarded::handle(state, &connection, route, request, key, &log)).await
+        }
+        Ok(Routed::KeyInBody(route, from)) => {
+            Box::pin(body_key::handle(state, &connection, route, request, from, &mut log)).await
+        }
+        Err(err) => Err(err),
+    };
+    let (mut response, outcome) = match answered {
         Ok(answered) => answered,
         Err(err) => rescue(err, &log),
     };
@@ -59,6 +87,16 @@ pub async fn handle(
     }
     log.write(&state.metrics, response.status(), outcome, false);
     Ok(response)
+}
+
+/// Where [`route_request`] sends a request, on its route.
+enum Routed<'a> {
+    /// Forwarded as it is (rewritten for the upstream).
+    PassThrough(&'a Arc<Route>),
+    /// Guarded under this storage key.
+    Guarded(&'a Arc<Route>, StorageKey),
+    /// Its key may be in its body: key sources from this index on look there.
+    KeyInBody(&'a Arc<Route>, usize),
 }
 
 /// The one place an error becomes a response: logged with its cause when the operator should
@@ -82,15 +120,14 @@ fn rescue(err: ProxyError, log: &RequestLog) -> (Response<ProxyBody>, Outcome) {
     (err.into_response(style), outcome)
 }
 
-/// Checks the request target (docs/behaviour.md §9), finds the route, and passes the request
-/// through or guards it (§1).
-async fn route_request(
-    state: &Arc<State>,
-    connection: &Arc<ConnectionInfo>,
-    request: Request<Incoming>,
+/// Checks the request target (docs/behaviour.md §9), finds the route, and decides whether the
+/// request passes through or is guarded (§1).
+fn route_request<'a>(
+    state: &'a State,
+    request: &Request<Incoming>,
     log: &mut RequestLog,
-) -> Result<(Response<ProxyBody>, Outcome), ProxyError> {
-    check_target(&request)?;
+) -> Result<Routed<'a>, ProxyError> {
+    check_target(request)?;
     let route = state
         .config
         .route_for(request.uri().path())
@@ -109,22 +146,14 @@ async fn route_request(
             Lookup::Found { key, source } => {
                 let storage_key = guarded::storage_key(state, route, request.headers(), source, key.as_bytes());
                 log.key_hash = Some(storage_key.short_hash());
-                // Boxed: the guarded path's state machine is large, and the pass-through one should not
-                // carry (and move) it.
-                let request = request.map(ProxyBody::stream);
-                return Box::pin(guarded::handle(state, connection, route, request, storage_key, log)).await;
+                return Ok(Routed::Guarded(route, storage_key));
             }
-            Lookup::NeedsBody { from } => {
-                return Box::pin(body_key::handle(state, connection, route, request, from, log)).await;
-            }
+            Lookup::NeedsBody { from } => return Ok(Routed::KeyInBody(route, from)),
             Lookup::Missing if policy.require_key => return Err(ProxyError::MissingKey),
             Lookup::Missing => {}
         }
     }
-    let request = forward::upstream_request(route, connection, request, ProxyBody::stream)?;
-    // `exchange` itself, not `pass_through`: one async layer (and its moves) less per request.
-    let response = forward::exchange(state, connection, route, request, forward::streamed).await?;
-    Ok((response, Outcome::Passthrough))
+    Ok(Routed::PassThrough(route))
 }
 
 /// Refuses targets a reverse proxy must not forward.
