@@ -66,9 +66,7 @@ fn http1_builder(settings: &ServerSettings) -> http1::Builder {
         .header_read_timeout(settings.header_read_timeout)
         .max_buf_size(settings.max_header_bytes.max(8192))
         .max_headers(settings.max_headers)
-        .keep_alive(true)
-        // One buffer, one `send` per flush ([`crate::upstream`]'s client does the same).
-        .writev(false);
+        .keep_alive(true);
     builder
 }
 

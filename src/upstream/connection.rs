@@ -80,11 +80,6 @@ impl Connector {
         // Bounds what one upstream connection buffers while its client reads slowly
         // (backpressure holds the rest in the kernel): 64 KiB, not hyper's ~400 KiB.
         http1.max_buf_size(UPSTREAM_READ_BUFFER);
-        // A message's head and body go out as one buffer (copied into it), one `send` per flush,
-        // rather than hyper's queue of buffers and a `writev`: 690 user-space instructions less
-        // per GET through the proxy (both ends), and no dearer for large bodies (256 MiB
-        // uploads: the same CPU per byte, docs/performance.md, issue 18).
-        http1.writev(false);
         Ok(Self {
             https,
             timeout: settings.connect_timeout,
