@@ -8,6 +8,7 @@
 #     benches/instructions.sh                     # GET and keyless POST, 2,000 requests each
 #     N=4000 KINDS="get" benches/instructions.sh
 #     IDEMPROXY=/path/to/other/idemproxy benches/instructions.sh   # another build
+#     KINDS="replay new" benches/instructions.sh  # keyed: memory store vs Redis store
 #
 # Each server runs alone under callgrind (one worker thread) in front of an nginx `return 200`
 # upstream, as in benches/load.sh; a Python client sends 200 warm-up requests, the counters are
@@ -15,6 +16,13 @@
 # counters are dumped (`callgrind_control -d`): start-up and shutdown are not counted. The dumps
 # stay in OUT (callgrind_annotate them for the per-function breakdown). Needs valgrind, nginx and
 # python3, and a release build (`cargo build --release --bin idemproxy --example bench_floor`).
+#
+# Keyed kinds (the 1 KiB POST with an Idempotency-Key, see benches/instructions_client.py):
+# `replay` (one key: every measured request is a replay) and `new` (a new key on every request:
+# first executions) run idemproxy on the memory store and on a fresh redis-server (no
+# persistence; needs redis-server), and print the difference: the proxy's side of the Redis
+# round trips. Under valgrind `sha2` runs its portable SHA-256 (valgrind hides SHA-NI), so the
+# fingerprint's share of a keyed count is larger than on the native binary.
 set -euo pipefail
 ROOT=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
 N=${N:-2000}
@@ -48,16 +56,31 @@ NGINX=$!
 trap 'kill $NGINX 2>/dev/null || true' EXIT
 wait_port "$UP"
 
-# <label> <kind> -> instructions per request
+
+REDIS_PID=
+if [[ " $KINDS " == *" replay "* || " $KINDS " == *" new "* ]]; then
+    command -v redis-server >/dev/null || { echo "instructions: redis-server is missing" >&2; exit 1; }
+    REDIS_PORT=$(free_port)
+    mkdir -p "$OUT/redis"
+    redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$OUT/redis" \
+        --daemonize no --logfile "$OUT/redis/redis.log" &
+    REDIS_PID=$!
+    wait_port "$REDIS_PORT"
+fi
+trap 'kill $NGINX 2>/dev/null || true; [[ -z $REDIS_PID ]] || kill $REDIS_PID 2>/dev/null || true' EXIT
+
+# <label> <kind> -> instructions per request; label: floor, idemproxy (memory store) or redis
 count() {
-    local label=$1 kind=$2 port admin file pid
+    local label=$1 kind=$2 port admin file pid store
     port=$(free_port); admin=$(free_port)
     file=$OUT/$label.$kind.callgrind
     if [[ $label == floor ]]; then
         valgrind --tool=callgrind --callgrind-out-file="$file" "$FLOOR" "127.0.0.1:$port" "127.0.0.1:$UP" 2>"$OUT/$label.$kind.log" &
     else
+        store=(--embedded-store memory)
+        [[ $label == redis ]] && store=(--redis "redis://127.0.0.1:$REDIS_PORT")
         valgrind --tool=callgrind --callgrind-out-file="$file" "$IDEMPROXY" --listen "127.0.0.1:$port" \
-            --admin-listen "127.0.0.1:$admin" --upstream "http://127.0.0.1:$UP" --embedded-store memory \
+            --admin-listen "127.0.0.1:$admin" --upstream "http://127.0.0.1:$UP" "${store[@]}" \
             --log-filter warn --worker-threads 1 2>"$OUT/$label.$kind.log" &
     fi
     pid=$!
@@ -72,10 +95,20 @@ count() {
     echo $((total / N))
 }
 
-printf '%-14s %12s %12s %12s\n' "scenario" "idemproxy" "floor" "own work"
 for kind in $KINDS; do
+    [[ $kind == get || $kind == post ]] || continue
+    [[ -n ${floor_header:-} ]] || printf '%-14s %12s %12s %12s\n' "scenario" "idemproxy" "floor" "own work"
+    floor_header=1
     idem=$(count idemproxy "$kind")
     floor=$(count floor "$kind")
     printf '%-14s %12s %12s %12s\n' "$kind" "$idem" "$floor" "$((idem - floor))"
+done
+for kind in $KINDS; do
+    [[ $kind == replay || $kind == new ]] || continue
+    [[ -n ${keyed_header:-} ]] || printf '%-14s %12s %12s %12s\n' "keyed" "memory" "Redis" "Redis more"
+    keyed_header=1
+    memory=$(count idemproxy "$kind")
+    redis=$(count redis "$kind")
+    printf '%-14s %12s %12s %12s\n' "$kind" "$memory" "$redis" "$((redis - memory))"
 done
 echo "(user-space instructions per request, callgrind, N=$N over $CONNS connections; dumps in $OUT)"

@@ -1,26 +1,41 @@
 """The client of benches/instructions.sh: N requests (GET, or keyless POST of a 1 KiB JSON body
 like benches/wrk/post.lua) over C keep-alive connections to 127.0.0.1:PORT, sequential on
-each; fails unless every answer is 200. Standard library only."""
+each; fails unless every answer is 200. Standard library only.
+
+Kinds: `get`, `post` (keyless), `replay` (the 1 KiB POST with one Idempotency-Key: after its
+first execution every request is a replay), `new` (the 1 KiB POST with a new key on every
+request: first executions; keys are unique per process, so a warm-up and a measured run never
+share one)."""
+import os
 import socket
 import sys
 import threading
+import time
 
 BODY = b'{"sku":"bench","qty":1,"pad":"' + b"x" * (1024 - 31) + b'"}'
 
 
-def request(kind: str) -> bytes:
+RUN = f"{os.getpid()}-{time.time_ns()}"
+
+
+def request(kind: str, conn: int, n: int) -> bytes:
     if kind == "get":
         return b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-    return (b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: "
-            + str(len(BODY)).encode() + b"\r\n\r\n" + BODY)
+    key = b""
+    if kind == "replay":
+        key = b"Idempotency-Key: instructions-replay\r\n"
+    elif kind == "new":
+        key = f"Idempotency-Key: {RUN}-{conn}-{n}\r\n".encode()
+    return (b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n" + key
+            + b"Content-Length: " + str(len(BODY)).encode() + b"\r\n\r\n" + BODY)
 
 
-def run(port: int, count: int, req: bytes, errors: list) -> None:
+def run(port: int, count: int, kind: str, conn: int, errors: list) -> None:
     with socket.create_connection(("127.0.0.1", port)) as s:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         buf = b""
-        for _ in range(count):
-            s.sendall(req)
+        for n in range(count):
+            s.sendall(request(kind, conn, n))
             while b"\r\n\r\n" not in buf:
                 buf += s.recv(65536)
             head, buf = buf.split(b"\r\n\r\n", 1)
@@ -39,7 +54,7 @@ def run(port: int, count: int, req: bytes, errors: list) -> None:
 def main() -> int:
     port, n, conns, kind = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     errors: list = []
-    threads = [threading.Thread(target=run, args=(port, n // conns, request(kind), errors)) for _ in range(conns)]
+    threads = [threading.Thread(target=run, args=(port, n // conns, kind, c, errors)) for c in range(conns)]
     for t in threads:
         t.start()
     for t in threads:

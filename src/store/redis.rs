@@ -250,20 +250,26 @@ impl RedisStore {
         self.connection.is_sentinel()
     }
 
-    /// Runs one script on the record key, bounded by the command timeout.
+    /// Runs one script on the record key with `EVALSHA`, bounded by the command timeout; a
+    /// `NOSCRIPT` reply (a server that has not loaded it yet, or restarted) loads it with
+    /// `SCRIPT LOAD` and sends the command again.
     async fn run(&self, script: &Script, key: &StorageKey, args: &[&[u8]]) -> Result<Value, StoreError> {
-        let mut invocation = script.key(key.record_key());
-        for arg in args {
-            invocation.arg(*arg);
-        }
-        let mut connection = self.connection.clone();
-        self.bounded(invocation.invoke_async(&mut connection)).await
+        let invocation = evalsha(script, key, args);
+        self.bounded(async {
+            match self.connection.send(&invocation).await {
+                Err(err) if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                    script.load_async(&mut self.connection.clone()).await?;
+                    self.connection.send(&invocation).await
+                }
+                reply => reply,
+            }
+        })
+        .await
     }
 
     /// Runs one command, bounded by the command timeout.
     async fn command(&self, cmd: &Cmd) -> Result<Value, StoreError> {
-        let mut connection = self.connection.clone();
-        self.bounded(cmd.query_async(&mut connection)).await
+        self.bounded(self.connection.send(cmd)).await
     }
 
     async fn query<T: redis::FromRedisValue>(&self, pipeline: &Pipeline) -> Result<T, StoreError> {
@@ -333,7 +339,7 @@ impl RedisStore {
         let Err(err) = acknowledged else {
             return Ok(Begin::Owner(request.token));
         };
-        if self.release(request.key, request.token).await.is_err() {
+        if self.release_unboxed(request.key, request.token).await.is_err() {
             self.release_in_background(request.key.clone(), request.token, request.lock_ttl);
         }
         Err(err)
@@ -434,6 +440,19 @@ impl RedisStore {
     }
 }
 
+/// `EVALSHA sha1 1 key args…`, its buffers sized once.
+fn evalsha(script: &Script, key: &StorageKey, args: &[&[u8]]) -> Cmd {
+    let key = key.record_key();
+    let hash = script.get_hash();
+    let data = 16 + hash.len() + key.len() + args.iter().map(|a| a.len()).sum::<usize>();
+    let mut cmd = Cmd::with_capacity(4 + args.len(), data);
+    cmd.arg("EVALSHA").arg(hash).arg(1).arg(key);
+    for arg in args {
+        cmd.arg(*arg);
+    }
+    cmd
+}
+
 /// `EVAL script 1 key args…`.
 fn eval(script: &str, key: &StorageKey, args: &[&[u8]]) -> Cmd {
     let mut cmd = redis::cmd("EVAL");
@@ -444,8 +463,8 @@ fn eval(script: &str, key: &StorageKey, args: &[&[u8]]) -> Cmd {
     cmd
 }
 
-fn millis(d: Duration) -> Vec<u8> {
-    d.as_millis().max(1).to_string().into_bytes()
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
 fn as_int(value: &Value) -> Option<i64> {
@@ -455,11 +474,16 @@ fn as_int(value: &Value) -> Option<i64> {
     }
 }
 
-impl Store for RedisStore {
-    async fn begin(&self, request: &BeginRequest<'_>) -> Result<Begin<LeaseToken>, StoreError> {
+/// The commands of a request's lease. Each is boxed by [`Store`]'s methods once, so that the
+/// redis crate's futures they hold inline (called directly, not through `ConnectionLike`'s
+/// boxed calls) do not enlarge the request's own future, moved as it is awaited.
+impl RedisStore {
+    async fn begin_unboxed(&self, request: &BeginRequest<'_>) -> Result<Begin<LeaseToken>, StoreError> {
         let in_flight = request.in_flight_record().encode();
-        let mut set = redis::cmd("SET");
-        set.arg(request.key.record_key())
+        let key = request.key.record_key();
+        let mut set = Cmd::with_capacity(7, 32 + key.len() + in_flight.len());
+        set.arg("SET")
+            .arg(key)
             .arg(&in_flight[..])
             .arg("NX")
             .arg("GET")
@@ -511,7 +535,7 @@ impl Store for RedisStore {
         })
     }
 
-    async fn complete(&self, key: &StorageKey, token: LeaseToken, record: &Record) -> Result<bool, StoreError> {
+    async fn complete_unboxed(&self, key: &StorageKey, token: LeaseToken, record: &Record) -> Result<bool, StoreError> {
         let args: [&[u8]; 2] = [&token.0, &record.encode()];
         // A completion waits for a batch as long as it would wait for its acknowledgement, and
         // leaves half the command timeout to be sent on the store's connection if none takes it.
@@ -529,17 +553,45 @@ impl Store for RedisStore {
         Ok(completed)
     }
 
-    async fn release(&self, key: &StorageKey, token: LeaseToken) -> Result<bool, StoreError> {
+    async fn release_unboxed(&self, key: &StorageKey, token: LeaseToken) -> Result<bool, StoreError> {
         let reply = self.run(&self.finish, key, &[&token.0, b""]).await?;
         Ok(as_int(&reply) == Some(1))
     }
 
-    async fn renew(&self, key: &StorageKey, token: LeaseToken, lock_ttl: Duration) -> Result<bool, StoreError> {
+    async fn renew_unboxed(&self, key: &StorageKey, token: LeaseToken, lock_ttl: Duration) -> Result<bool, StoreError> {
         let lease_until = unix_ms().saturating_add(lock_ttl.as_millis() as u64);
         let reply = self
             .run(&self.renew, key, &[&token.0, &lease_until.to_be_bytes()])
             .await?;
         Ok(as_int(&reply) == Some(1))
+    }
+}
+
+impl Store for RedisStore {
+    fn begin(&self, request: &BeginRequest<'_>) -> impl Future<Output = Result<Begin<LeaseToken>, StoreError>> + Send {
+        Box::pin(self.begin_unboxed(request))
+    }
+
+    fn complete(
+        &self,
+        key: &StorageKey,
+        token: LeaseToken,
+        record: &Record,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        Box::pin(self.complete_unboxed(key, token, record))
+    }
+
+    fn release(&self, key: &StorageKey, token: LeaseToken) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        Box::pin(self.release_unboxed(key, token))
+    }
+
+    fn renew(
+        &self,
+        key: &StorageKey,
+        token: LeaseToken,
+        lock_ttl: Duration,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        Box::pin(self.renew_unboxed(key, token, lock_ttl))
     }
 
     async fn lookup(&self, key: &StorageKey) -> Result<Option<KeyState>, StoreError> {

@@ -125,6 +125,18 @@ impl Connection {
         matches!(self, Connection::Sentinel(_))
     }
 
+    /// Sends one command and reads its reply, a server error reply as `Err`. On a single server
+    /// this calls the `ConnectionManager` itself rather than through `ConnectionLike`, whose
+    /// every call boxes its future; the other kinds go through [`ConnectionLike`] (a Sentinel
+    /// store sees the outcome there).
+    pub async fn send(&self, cmd: &Cmd) -> Result<Value, RedisError> {
+        let reply = match self {
+            Connection::Single(manager) => manager.clone().send_packed_command(cmd).await,
+            other => other.clone().req_packed_command(cmd).await,
+        };
+        reply?.extract_error()
+    }
+
     /// Forgets the Sentinel master in use, after one of its commands got no answer in time (a
     /// node that vanished without closing its connections looks like this).
     pub fn timed_out(&self) {
