@@ -1,13 +1,14 @@
 //! The disk store's one writer (docs/behaviour.md §11.1): a thread that takes every write
 //! waiting, appends their frames to the newest segment in one `write`, flushes them
 //! (`fdatasync`) itself, and only once that flush returns updates the index and answers each of
-//! them: group commit. The writes that arrive while a flush runs wait for it, and are the next
-//! batch (one flush at a time, as a database's log writer does: on a fast disk the proxy is
-//! CPU-bound, and a flush of its own on this thread costs no hand-over to another thread and
-//! back; measured in docs/performance.md).
+//! them: group commit. Before a batch is written the writer yields its core once, so that the
+//! requests ready to run there can send their writes and join it. The writes that arrive while
+//! a flush runs wait for it, and are the next batch: one flush at a time, as a database's log
+//! writer does. On a fast disk the proxy is CPU-bound, and a flush of its own on this thread
+//! costs no hand-over to another thread and back (measured in docs/performance.md).
 //!
 //! Being the only writer is what makes `begin` atomic: the writer reads the key's record (as
-//! the batches before, durable or not yet, left it), applies [`decide`] to it and appends the
+//! the batches before, all durable, left it), applies [`decide`] to it and appends the
 //! verdict, and no other write can come between (the memory store gets the same from its lock).
 //! A batch of lease renewals alone, with nothing before it waiting, is answered without a flush
 //! (it becomes durable with the next one): a renewal lost in a crash only makes the dead owner's
@@ -105,20 +106,17 @@ impl Writer {
         let mut commands = Vec::new();
         loop {
             let wait = next_upkeep.saturating_duration_since(Instant::now());
-            let mut message = match self.messages.recv_timeout(wait) {
+            let message = match self.messages.recv_timeout(wait) {
                 Ok(message) => Some(message),
                 Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => break,
             };
-            let mut stop = false;
-            while let Some(next) = message.take() {
-                match next {
-                    Msg::Write(command) => commands.push(command),
-                    Msg::Stop => stop = true,
-                }
-                if commands.len() < MAX_BATCH {
-                    message = self.messages.try_recv().ok();
-                }
+            let mut stop = self.take(message, &mut commands);
+            if !stop && !commands.is_empty() && commands.len() < MAX_BATCH {
+                // Lets the requests that are ready on this core send their writes first, to be
+                // flushed with these: a flush costs far more than a yield (docs/performance.md).
+                std::thread::yield_now();
+                stop = self.take(self.messages.try_recv().ok(), &mut commands);
             }
             if !commands.is_empty() {
                 self.write_batch(std::mem::take(&mut commands));
@@ -135,6 +133,23 @@ impl Writer {
             // The renewals written since the last flush.
             let _ = self.flush();
         }
+    }
+
+    /// Adds `first` and every write waiting after it to `commands` (at most [`MAX_BATCH`]);
+    /// whether the store is stopping.
+    fn take(&self, first: Option<Msg>, commands: &mut Vec<Command>) -> bool {
+        let mut stop = false;
+        let mut message = first;
+        while let Some(next) = message.take() {
+            match next {
+                Msg::Write(command) => commands.push(command),
+                Msg::Stop => stop = true,
+            }
+            if commands.len() < MAX_BATCH {
+                message = self.messages.try_recv().ok();
+            }
+        }
+        stop
     }
 
     /// Applies the writes, writes their frames, flushes them, and answers them (`publish`). A
