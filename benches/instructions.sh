@@ -95,20 +95,23 @@ count() {
     echo $((total / N))
 }
 
-for kind in $KINDS; do
-    [[ $kind == get || $kind == post ]] || continue
-    [[ -n ${floor_header:-} ]] || printf '%-14s %12s %12s %12s\n' "scenario" "idemproxy" "floor" "own work"
-    floor_header=1
-    idem=$(count idemproxy "$kind")
-    floor=$(count floor "$kind")
-    printf '%-14s %12s %12s %12s\n' "$kind" "$idem" "$floor" "$((idem - floor))"
-done
-for kind in $KINDS; do
-    [[ $kind == replay || $kind == new ]] || continue
-    [[ -n ${keyed_header:-} ]] || printf '%-14s %12s %12s %12s\n' "keyed" "memory" "Redis" "Redis more"
-    keyed_header=1
-    memory=$(count idemproxy "$kind")
-    redis=$(count redis "$kind")
-    printf '%-14s %12s %12s %12s\n' "$kind" "$memory" "$redis" "$((redis - memory))"
-done
+# One table: for each kind of KINDS among the table's own (the arguments after the sixth), the
+# instructions per request of the servers $2 and $3 (columns $4 and $5) and the first's excess
+# over the second; $1 heads the rows.
+table() {
+    local rows=$1 first=$2 second=$3 first_label=$4 second_label=$5 excess_label=$6 header="" kind
+    shift 6
+    for kind in $KINDS; do
+        [[ " $* " == *" $kind "* ]] || continue
+        [[ -n $header ]] || printf '%-14s %12s %12s %12s\n' "$rows" "$first_label" "$second_label" "$excess_label"
+        header=1
+        local a b
+        a=$(count "$first" "$kind")
+        b=$(count "$second" "$kind")
+        printf '%-14s %12s %12s %12s\n' "$kind" "$a" "$b" "$((a - b))"
+    done
+}
+
+table scenario idemproxy floor idemproxy floor "own work" get post
+table keyed redis idemproxy Redis memory "Redis more" replay new
 echo "(user-space instructions per request, callgrind, N=$N over $CONNS connections; dumps in $OUT)"
