@@ -31,20 +31,30 @@ static HOP_BY_HOP: [HeaderName; 8] = [
 /// trailer field(s) from the message with the same name as the connection-option, and then
 /// remove the Connection header field itself (or replace it with the intermediary's own
 /// control options for the forwarded message)." The fixed hop-by-hop fields go too.
-pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+///
+/// Returns which `X-Forwarded-*` fields the message carries, seen on the same pass over its
+/// names, for [`set_forwarded`].
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> ForwardedFields {
     // One pass over the (few) names finds which fixed hop-by-hop fields are present: most
     // messages carry none, or only `Connection`; absent ones cost no lookup.
     let mut present = [false; 8];
+    let mut forwarded = ForwardedFields::default();
     // Fixed hop-by-hop fields other than `Connection` (nearly always none: no second pass).
     let mut others = false;
     for name in headers.keys() {
-        if let Some(index) = hop_by_hop_index(name) {
-            present[index] = true;
-            others |= index > 0;
+        match field_index(name) {
+            Some(index @ 0..=7) => {
+                present[index] = true;
+                others |= index > 0;
+            }
+            Some(8) => forwarded.for_ = true,
+            Some(9) => forwarded.proto = true,
+            Some(10) => forwarded.host = true,
+            _ => {}
         }
     }
     // `Connection` is first in HOP_BY_HOP: take its values out, then remove what they name.
-    if present[0] {
+    if present[0] && !only_plain_connection(headers) {
         if let Entry::Occupied(entry) = headers.entry(CONNECTION) {
             let (_, values) = entry.remove_entry_mult();
             let values: SmallValues = values.collect();
@@ -66,19 +76,45 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
             }
         }
     }
-    if !others {
-        return;
-    }
-    for (name, present) in HOP_BY_HOP.iter().zip(present).skip(1) {
-        if present {
-            headers.remove(name);
+    if others {
+        for (name, present) in HOP_BY_HOP.iter().zip(present).skip(1) {
+            if present {
+                headers.remove(name);
+            }
         }
     }
+    forwarded
 }
 
-/// `name`'s index in [`HOP_BY_HOP`]: one match on the name's text (a length switch and a
-/// compare), cheaper than comparing against each `HeaderName`.
+/// Which of the `X-Forwarded-*` fields this proxy sets a message already carries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ForwardedFields {
+    pub for_: bool,
+    pub proto: bool,
+    pub host: bool,
+}
+
+/// Removes `Connection` if it is one field whose value is a plain option such as `keep-alive`
+/// or `close` (nearly every message that has one), naming no other field: one lookup and a
+/// removal, instead of taking its values out to parse them.
+fn only_plain_connection(headers: &mut HeaderMap) -> bool {
+    let mut values = headers.get_all(CONNECTION).iter();
+    let plain = matches!((values.next(), values.next()), (Some(value), None) if is_hop_option(value.as_bytes()));
+    if plain {
+        headers.remove(CONNECTION);
+    }
+    plain
+}
+
+/// `name`'s index in [`HOP_BY_HOP`].
 fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    field_index(name).filter(|index| *index < HOP_BY_HOP.len())
+}
+
+/// `name`'s index in [`HOP_BY_HOP`], or 8, 9, 10 for `X-Forwarded-For`, `-Proto`, `-Host`:
+/// one match on the name's text (a length switch and a compare), cheaper than comparing
+/// against each `HeaderName`.
+fn field_index(name: &HeaderName) -> Option<usize> {
     match name.as_str() {
         "connection" => Some(0),
         "keep-alive" => Some(1),
@@ -88,6 +124,9 @@ fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
         "transfer-encoding" => Some(5),
         "upgrade" => Some(6),
         "proxy-authorization" => Some(7),
+        "x-forwarded-for" => Some(8),
+        "x-forwarded-proto" => Some(9),
+        "x-forwarded-host" => Some(10),
         _ => None,
     }
 }
@@ -97,9 +136,12 @@ fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
 const HOP_OPTIONS: [&str; 4] = ["close", "keep-alive", "te", "upgrade"];
 
 fn is_hop_option(option: &[u8]) -> bool {
-    HOP_OPTIONS
-        .iter()
-        .any(|known| option.eq_ignore_ascii_case(known.as_bytes()))
+    // Nearly always exactly `keep-alive` or `close`: compared as they are first.
+    option == b"keep-alive"
+        || option == b"close"
+        || HOP_OPTIONS
+            .iter()
+            .any(|known| option.eq_ignore_ascii_case(known.as_bytes()))
 }
 
 /// The values of one `Connection` field: nearly always one.
@@ -128,29 +170,50 @@ pub fn append_via(headers: &mut HeaderMap, version: Version) {
 
 /// Sets the de-facto `X-Forwarded-*` fields: `For` gets the client's address appended to
 /// what earlier proxies recorded (folded into one field); `Proto` and `Host` describe the
-/// request as this proxy received it.
-pub fn set_forwarded(headers: &mut HeaderMap, client_ip: &HeaderValue, proto: &HeaderValue, host: Option<HeaderValue>) {
-    match headers.entry(X_FORWARDED_FOR) {
-        Entry::Vacant(entry) => {
-            entry.insert(client_ip.clone());
-        }
-        Entry::Occupied(mut entry) => {
-            let forwarded_for = {
-                let parts: smallvec::SmallVec<[&[u8]; 4]> = entry.iter().map(HeaderValue::as_bytes).collect();
-                join(&parts, client_ip.as_bytes())
-            };
-            // Replaces every earlier value: one folded field.
-            entry.insert(forwarded_for);
+/// request as this proxy received it. `seen` says which the message carries already
+/// ([`remove_hop_by_hop`]): an absent one is appended without looking for it first.
+pub fn set_forwarded(
+    headers: &mut HeaderMap,
+    seen: ForwardedFields,
+    client_ip: &HeaderValue,
+    proto: &HeaderValue,
+    host: Option<HeaderValue>,
+) {
+    if !seen.for_ {
+        headers.append(X_FORWARDED_FOR, client_ip.clone());
+    } else {
+        match headers.entry(X_FORWARDED_FOR) {
+            Entry::Vacant(entry) => {
+                entry.insert(client_ip.clone());
+            }
+            Entry::Occupied(mut entry) => {
+                let forwarded_for = {
+                    let parts: smallvec::SmallVec<[&[u8]; 4]> = entry.iter().map(HeaderValue::as_bytes).collect();
+                    join(&parts, client_ip.as_bytes())
+                };
+                // Replaces every earlier value: one folded field.
+                entry.insert(forwarded_for);
+            }
         }
     }
-    headers.insert(X_FORWARDED_PROTO, proto.clone());
-    match host {
-        Some(host) => {
-            headers.insert(X_FORWARDED_HOST, host);
+    set_or_append(headers, seen.proto, X_FORWARDED_PROTO, Some(proto.clone()));
+    set_or_append(headers, seen.host, X_FORWARDED_HOST, host);
+}
+
+/// Makes `value` the field's only value (none: the field goes), looking it up only when the
+/// message carries it (`present`).
+fn set_or_append(headers: &mut HeaderMap, present: bool, name: HeaderName, value: Option<HeaderValue>) {
+    match (present, value) {
+        (true, Some(value)) => {
+            headers.insert(name, value);
         }
-        None => {
-            headers.remove(X_FORWARDED_HOST);
+        (true, None) => {
+            headers.remove(name);
         }
+        (false, Some(value)) => {
+            headers.append(name, value);
+        }
+        (false, None) => {}
     }
 }
 
@@ -242,13 +305,34 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.append(X_FORWARDED_FOR, HeaderValue::from_static("1.1.1.1"));
         headers.append(X_FORWARDED_FOR, HeaderValue::from_static("2.2.2.2, 3.3.3.3"));
-        set_forwarded(&mut headers, &ip, &proto, Some(HeaderValue::from_static("api.example")));
+        headers.append(X_FORWARDED_PROTO, HeaderValue::from_static("spoofed"));
+        let seen = remove_hop_by_hop(&mut headers);
+        assert_eq!(
+            seen,
+            ForwardedFields {
+                for_: true,
+                proto: true,
+                host: false
+            }
+        );
+        set_forwarded(
+            &mut headers,
+            seen,
+            &ip,
+            &proto,
+            Some(HeaderValue::from_static("api.example")),
+        );
         assert_eq!(headers[X_FORWARDED_FOR], "1.1.1.1, 2.2.2.2, 3.3.3.3, 10.0.0.9");
         assert_eq!(headers.get_all(X_FORWARDED_FOR).iter().count(), 1);
         assert_eq!(headers[X_FORWARDED_HOST], "api.example");
+        assert_eq!(headers.get_all(X_FORWARDED_PROTO).iter().collect::<Vec<_>>(), ["http"]);
         let mut fresh = HeaderMap::new();
-        set_forwarded(&mut fresh, &ip, &proto, None);
+        let seen = remove_hop_by_hop(&mut fresh);
+        assert_eq!(seen, ForwardedFields::default());
+        set_forwarded(&mut fresh, seen, &ip, &proto, None);
         assert_eq!(fresh[X_FORWARDED_FOR], "10.0.0.9");
+        assert_eq!(fresh[X_FORWARDED_PROTO], "http");
+        assert!(!fresh.contains_key(X_FORWARDED_HOST));
     }
 
     #[test]

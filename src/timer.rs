@@ -11,38 +11,63 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use tokio::time::{Instant, Sleep};
 
 /// A timer kept across deadlines; empty until first used.
 #[derive(Default)]
-pub struct LazyTimer(Mutex<Option<Pin<Box<Sleep>>>>);
+pub struct LazyTimer(Mutex<Option<Armed>>);
 
 impl LazyTimer {
     /// The timer, locked (a panic elsewhere while it was held leaves it usable).
-    pub fn lock(&self) -> MutexGuard<'_, Option<Pin<Box<Sleep>>>> {
+    pub fn lock(&self) -> MutexGuard<'_, Option<Armed>> {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
-/// A timer armed at `deadline`, for a slot that had none.
-pub fn armed(deadline: Instant) -> Pin<Box<Sleep>> {
-    Box::pin(tokio::time::sleep_until(deadline))
+/// A tokio timer and the waker it last registered: the task it wakes when it fires.
+pub struct Armed {
+    sleep: Pin<Box<Sleep>>,
+    waker: Option<Waker>,
 }
 
-/// Polls `sleep` for `deadline`: ready once it passed. Re-arms it for `deadline` when it is
+/// A timer armed at `deadline`, for a slot that had none.
+pub fn armed(deadline: Instant) -> Armed {
+    Armed {
+        sleep: Box::pin(tokio::time::sleep_until(deadline)),
+        waker: None,
+    }
+}
+
+/// Polls `armed` for `deadline`: ready once it passed. Re-arms it for `deadline` when it is
 /// armed later, or fired for an earlier deadline.
-pub fn poll_deadline(sleep: &mut Pin<Box<Sleep>>, deadline: Instant, cx: &mut Context<'_>) -> Poll<()> {
+///
+/// A timer armed no later than `deadline`, not fired, whose registered waker wakes this task,
+/// is not polled again: it wakes the task when it fires, and polling it only registers the same
+/// waker anew (about 120 instructions of tokio's, on every request of a keep-alive connection).
+pub fn poll_deadline(armed: &mut Armed, deadline: Instant, cx: &mut Context<'_>) -> Poll<()> {
+    let sleep = &mut armed.sleep;
     if sleep.deadline() > deadline {
         sleep.as_mut().reset(deadline);
+        armed.waker = None;
+    } else if !sleep.is_elapsed() && armed.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+        return Poll::Pending;
     }
     // Fired for an earlier deadline: re-armed once for this one, then it is this one's.
     for rearmed in [false, true] {
         match sleep.as_mut().poll(cx) {
-            Poll::Pending => return Poll::Pending,
+            Poll::Pending => {
+                if !armed.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    armed.waker = Some(cx.waker().clone());
+                }
+                return Poll::Pending;
+            }
             Poll::Ready(()) if rearmed || Instant::now() >= deadline => return Poll::Ready(()),
-            Poll::Ready(()) => sleep.as_mut().reset(deadline),
+            Poll::Ready(()) => {
+                sleep.as_mut().reset(deadline);
+                armed.waker = None;
+            }
         }
     }
     Poll::Ready(())
@@ -123,6 +148,22 @@ mod tests {
         timer.sleep_until(start + 100 * MS).await;
         let elapsed = start.elapsed();
         assert!(elapsed >= 100 * MS && elapsed < 2000 * MS, "{elapsed:?}");
+    }
+
+    #[tokio::test]
+    async fn a_timer_last_polled_by_another_task_wakes_the_one_polling_now() {
+        let timer = ConnectionTimer::default();
+        let start = std::time::Instant::now();
+        // Armed and polled from a task of its own, which then ends: its waker is the one the
+        // timer registered.
+        tokio::spawn(poll_once(timer.sleep_until(start + 50 * MS)))
+            .await
+            .expect("the polling task");
+        // This task is a different one: its deadline must still wake it.
+        tokio::time::timeout(5000 * MS, timer.sleep_until(start + 100 * MS))
+            .await
+            .expect("woken at its deadline, not left waiting");
+        assert!(start.elapsed() >= 100 * MS, "{:?}", start.elapsed());
     }
 
     #[tokio::test]

@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::task::Poll;
 
 use http::HeaderValue;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
 use crate::state::State;
-use crate::timer::{self, LazyTimer};
+use crate::timer::{self, Armed, LazyTimer};
 use crate::upstream::Affinity;
 
 /// What a handler knows of the connection a request came on, computed once per connection.
@@ -68,7 +68,7 @@ impl ConnectionInfo {
 /// The connection's timer, lent to one exchange; given back when it ends or is dropped.
 struct Lent<'a> {
     slot: &'a LazyTimer,
-    sleep: Option<Pin<Box<Sleep>>>,
+    sleep: Option<Armed>,
 }
 
 impl Drop for Lent<'_> {

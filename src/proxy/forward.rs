@@ -7,7 +7,7 @@ use std::pin::pin;
 
 use http::header::HOST;
 use http::uri::PathAndQuery;
-use http::{HeaderValue, Request, Response, Uri, Version};
+use http::{HeaderMap, HeaderValue, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
@@ -87,25 +87,45 @@ pub fn rewrite_request<B>(
 ) -> Result<(), ProxyError> {
     // RFC 9112 §3.2.2: with an absolute-form target, its authority is the request's host and a
     // `Host` field is ignored (HTTP/2's `:authority` likewise wins over `Host`, RFC 9113 §8.3.1).
-    let client_host = request
+    let target_host = request
         .uri()
         .authority()
-        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        .or_else(|| request.headers().get(HOST).cloned());
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
     let uri = upstream_uri(route, std::mem::take(request.uri_mut()))?;
     *request.uri_mut() = uri;
     let version = request.version();
     let headers = request.headers_mut();
-    headers::remove_hop_by_hop(headers);
-    let host = match &client_host {
-        Some(host) if route.preserve_host => host.clone(),
-        _ => route.upstream.host_header.clone(),
-    };
-    headers::set_forwarded(headers, &connection.client_ip, &connection.proto, client_host);
+    let seen = headers::remove_hop_by_hop(headers);
+    let client_host = set_host(route, headers, target_host);
+    headers::set_forwarded(headers, seen, &connection.client_ip, &connection.proto, client_host);
     headers::append_via(headers, version);
-    headers.insert(HOST, host);
     *request.version_mut() = Version::HTTP_11;
     Ok(())
+}
+
+/// Sets the `Host` the upstream gets: the upstream's own, or with `preserve_host` the client's
+/// (the target's authority first). Returns the client's host, for `X-Forwarded-Host`: the
+/// field's old value comes back from the one `insert` that replaces it.
+fn set_host(route: &Route, headers: &mut HeaderMap, target_host: Option<HeaderValue>) -> Option<HeaderValue> {
+    match target_host {
+        Some(host) => {
+            let upstream_host = if route.preserve_host {
+                host.clone()
+            } else {
+                route.upstream.host_header.clone()
+            };
+            headers.insert(HOST, upstream_host);
+            Some(host)
+        }
+        None if route.preserve_host => match headers.get(HOST) {
+            Some(host) => Some(host.clone()),
+            None => {
+                headers.insert(HOST, route.upstream.host_header.clone());
+                None
+            }
+        },
+        None => headers.insert(HOST, route.upstream.host_header.clone()),
+    }
 }
 
 /// The origin-form target sent upstream (RFC 9112 §3.2.1): the client's path and query, byte
