@@ -54,7 +54,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> ForwardedFields {
         }
     }
     // `Connection` is first in HOP_BY_HOP: take its values out, then remove what they name.
-    if present[0] && !only_plain_connection(headers) {
+    if present[0] && !remove_plain_connection(headers) {
         if let Entry::Occupied(entry) = headers.entry(CONNECTION) {
             let (_, values) = entry.remove_entry_mult();
             let values: SmallValues = values.collect();
@@ -96,8 +96,8 @@ pub struct ForwardedFields {
 
 /// Removes `Connection` if it is one field whose value is a plain option such as `keep-alive`
 /// or `close` (nearly every message that has one), naming no other field: one lookup and a
-/// removal, instead of taking its values out to parse them.
-fn only_plain_connection(headers: &mut HeaderMap) -> bool {
+/// removal, instead of taking its values out to parse them. Whether it did.
+fn remove_plain_connection(headers: &mut HeaderMap) -> bool {
     let mut values = headers.get_all(CONNECTION).iter();
     let plain = matches!((values.next(), values.next()), (Some(value), None) if is_hop_option(value.as_bytes()));
     if plain {
