@@ -61,19 +61,25 @@ def bench(requests=REQUESTS, rps=10_000.0, p50_us=500, p99_us=1200, s2xx=None, s
     }
 
 
-def sample(ticks=None, redis=None, stat=None):
-    """A /proc + Redis sample: every role at `ticks` (role -> ticks), cores from `stat`."""
-    return {"ticks": {r: (ticks or {}).get(r, 1000) for r in ALL_ROLES}, "redis": dict(redis or {}),
-            "stat": stat or {0: (0, 0), 1: (0, 0)}}
+def sample(ticks=None, redis=None, stat=None, uticks=None):
+    """A /proc + Redis sample: every role at `ticks` (role -> ticks), cores from `stat`; with
+    `uticks` (role -> user ticks), the user ticks too, as the benchmark samples them now."""
+    taken = {"ticks": {r: (ticks or {}).get(r, 1000) for r in ALL_ROLES}, "redis": dict(redis or {}),
+             "stat": stat or {0: (0, 0), 1: (0, 0)}}
+    if uticks is not None:
+        taken["uticks"] = {r: uticks.get(r, 500) for r in ALL_ROLES}
+    return taken
 
 
-def run(group, variant, round_=1, rps=10_000.0, cpu=None, redis_calls=None, peaks=None, **bench_kw):
-    """A run built by report.build_run; `cpu`: kind -> µs/req; `redis_calls`: command -> calls."""
+def run(group, variant, round_=1, rps=10_000.0, cpu=None, redis_calls=None, peaks=None, user=None, **bench_kw):
+    """A run built by report.build_run; `cpu`: kind -> µs/req; `redis_calls`: command -> calls;
+    `user`: kind -> user µs/req (samples without user ticks when None)."""
     roles = ROLES[(group, variant)]
     by_kind = {kind: role for role, kind in roles.items()}
     post_ticks = {by_kind[k]: 1000 + round(us) for k, us in (cpu or {}).items()}
-    pre = sample(redis={"info": 5})
-    post = sample(post_ticks, redis={"info": 7, **(redis_calls or {})})
+    user_ticks = None if user is None else {by_kind[k]: 500 + round(us) for k, us in user.items()}
+    pre = sample(redis={"info": 5}, uticks=None if user is None else {})
+    post = sample(post_ticks, redis={"info": 7, **(redis_calls or {})}, uticks=user_ticks)
     peaks = peaks or {"idem_redis": 18 * 1024, "idem_mem": 30 * 1024, "nginx": 14 * 1024}
     meta = {"group": group, "variant": variant, "round": round_, "roles": roles}
     return report.build_run(meta, bench(rps=rps, **bench_kw), pre, post, peaks, CLK_TCK, None)
@@ -208,6 +214,7 @@ class ProcAndRedisParsing(unittest.TestCase):
     def test_proc_stat_with_an_awkward_command_name(self):
         fields = "S 1 2 3 4 5 6 7 8 9 10 {} {} 0 0 20 0 1 0".format(150, 25)
         self.assertEqual(parse.proc_ticks(f"4242 (we (ird) name) {fields}"), 175)
+        self.assertEqual(parse.proc_user_ticks(f"4242 (we (ird) name) {fields}"), 150)
         self.assertEqual(parse.proc_stat_fields(f"4242 (a) b) {fields}")[1], "1")
 
     def test_cpu_us_per_request_from_two_samples(self):
@@ -451,6 +458,28 @@ class FloorsAndRatios(unittest.TestCase):
                                     "(deterministic, for comparing builds): benches/instructions.sh.")
         self.assertIn("10.0 + 2.0 = 12.0 µs = **0.67×** nginx GET (target ≤ 0.6× = 10.8 µs)", floors[2])
         self.assertIn("15.0 + 12.0 + 7.0 = 34.0 µs = **1.62×** nginx keyless POST", floors[3])
+
+    def test_floors_in_user_time_when_it_was_sampled(self):
+        runs = [run("get", "nginx", cpu={"proxy": 12, "upstream": 6}, user={"proxy": 4}),
+                run("get", "hyper-floor", cpu={"proxy": 12, "upstream": 5}, user={"proxy": 3}),
+                run("get", "idemproxy", cpu={"proxy": 13, "redis": 0, "upstream": 5}, user={"proxy": 5}),
+                run("post", "nginx", cpu={"proxy": 14, "upstream": 7}, user={"proxy": 5}),
+                run("post", "hyper-floor", cpu={"proxy": 12, "upstream": 5}, user={"proxy": 4}),
+                run("post", "idemproxy", cpu={"proxy": 15, "redis": 0, "upstream": 6}, user={"proxy": 7})]
+        self.assertEqual(runs[2]["cpu_user_us_per_req"], {"proxy": 5.0, "redis": 0.0, "upstream": 0.0})
+        floors = report.floors(report.aggregate(runs))
+        self.assertTrue(floors[0].endswith("The target leaves it 0.0 µs. In user time alone: idemproxy 5.0 µs, "
+                                           "the floor 3.0 µs, own work 2.0 µs."), floors[0])
+        self.assertIn("own per-request work 3.0 µs above the floor. In user time alone: idemproxy 7.0 µs, the floor "
+                      "4.0 µs, own work 3.0 µs. Instructions per request", floors[1])
+
+    def test_no_user_time_when_a_round_lacks_it(self):
+        runs = [run("get", "nginx", cpu={"proxy": 12}), run("get", "hyper-floor", cpu={"proxy": 12}),
+                run("get", "idemproxy", cpu={"proxy": 13}, user={"proxy": 5}, round_=1),
+                run("get", "idemproxy", cpu={"proxy": 13}, round_=2)]
+        agg = report.aggregate(runs)
+        self.assertNotIn("proxy_user", agg[("get", "idemproxy")])
+        self.assertNotIn("user time", report.floors(agg)[0])
 
     def test_floors_need_their_variants(self):
         self.assertEqual(report.floors(report.aggregate(full_runs()[4:7])), [

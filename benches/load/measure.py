@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Mapping, Sequence
+from typing import Dict, List, Mapping, Sequence, Tuple
 
 from . import parse
 from .processes import BenchError, Servers, log
@@ -38,23 +38,25 @@ class Sampler:
         self.redis_clis = dict(redis_clis)
         self.peak_roles = [role for role in PEAK_ROLES if role in servers.role_pids]
 
-    def ticks(self, role: str) -> int:
-        """utime + stime of every process of `role`, in clock ticks."""
-        total = 0
+    def ticks(self, role: str) -> Tuple[int, int]:
+        """(utime + stime, utime) of every process of `role`, in clock ticks."""
+        total = user = 0
         for pid in self.servers.role_pids[role]:
             try:
-                total += parse.proc_ticks(Path(f"/proc/{pid}/stat").read_text())
+                text = Path(f"/proc/{pid}/stat").read_text()
             except OSError as e:
                 raise BenchError(f"{role} (pid {pid}) died during the benchmark") from e
-        return total
+            total += parse.proc_ticks(text)
+            user += parse.proc_user_ticks(text)
+        return total, user
 
     def redis_for(self, role_kinds: Mapping[str, str]) -> List[str]:
         """The Redis roles whose commands a variant's run counts (counted_redis)."""
         return counted_redis(role_kinds, list(self.redis_clis))
 
     def sample(self, redis_roles: Sequence[str] = (DEFAULT_REDIS,)) -> dict:
-        """{"ticks": role -> ticks, "stat": core -> (busy, total), "redis": command -> calls},
-        the calls summed over the Redis `redis_roles`."""
+        """{"ticks": role -> utime + stime ticks, "uticks": role -> utime ticks, "stat": core ->
+        (busy, total), "redis": command -> calls}, the calls summed over the Redis `redis_roles`."""
         calls: Dict[str, int] = {}
         for role in redis_roles:
             info = subprocess.run(self.redis_clis[role] + ["info", "commandstats"], capture_output=True, text=True)
@@ -62,8 +64,10 @@ class Sampler:
                 raise BenchError(f"redis-cli info commandstats ({role}) failed: {info.stderr.strip()}")
             for command, n in parse.commandstats(info.stdout).items():
                 calls[command] = calls.get(command, 0) + n
+        ticks = {role: self.ticks(role) for role in self.servers.role_pids}
         return {
-            "ticks": {role: self.ticks(role) for role in self.servers.role_pids},
+            "ticks": {role: both for role, (both, _) in ticks.items()},
+            "uticks": {role: user for role, (_, user) in ticks.items()},
             "stat": parse.cpu_times(Path("/proc/stat").read_text()),
             "redis": calls,
         }

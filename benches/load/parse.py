@@ -82,6 +82,11 @@ def proc_ticks(text: str) -> int:
     return int(fields[11]) + int(fields[12])
 
 
+def proc_user_ticks(text: str) -> int:
+    """utime of one /proc/PID/stat, in clock ticks."""
+    return int(proc_stat_fields(text)[11])
+
+
 def cpu_times(text: str) -> Dict[int, Tuple[int, int]]:
     """Per core of /proc/stat: (busy, busy + idle + iowait) jiffies."""
     out = {}

@@ -134,6 +134,7 @@ def build_run(meta: Mapping, bench: Mapping[str, int], pre: Mapping, post: Mappi
     cpu: Dict[str, float] = {}
     for role, kind in roles.items():  # summed per kind: a replicated Redis is a primary and a replica
         cpu[kind] = cpu.get(kind, 0.0) + cpu_us_per_request(pre["ticks"][role], post["ticks"][role], clk_tck, requests)
+    user = _user_cpu(roles, pre, post, clk_tck, requests)
     busy, foreign = core_shares(pre["stat"], post["stat"], cores, sum(ticks.values()))
     proxy_role = next((r for r, k in roles.items() if k == "proxy"), None)
     seconds = bench["duration_us"] / 1e6
@@ -142,11 +143,24 @@ def build_run(meta: Mapping, bench: Mapping[str, int], pre: Mapping, post: Mappi
         "requests": requests, "seconds": seconds, "rps": requests / seconds,
         **_latency(bench),
         "cpu_us_per_req": cpu, "cpu_us_per_req_total": sum(cpu.values()),
+        **({"cpu_user_us_per_req": user} if user else {}),
         "ticks": ticks, "roles": roles,
         **_redis_figures(redis_calls(pre["redis"], post["redis"]), requests),
         "peak_rss_mib": peaks[proxy_role] / 1024 if proxy_role in peaks else None,
         "peaks_kib": dict(peaks), "server_core_busy": busy, "server_core_foreign": foreign,
     }
+
+
+def _user_cpu(roles: Mapping[str, str], pre: Mapping, post: Mapping, clk_tck: int, requests: int) -> Dict[str, float]:
+    """User CPU µs per request, summed per kind; empty when the samples have no user ticks
+    (runs recorded before they were sampled)."""
+    if "uticks" not in pre or "uticks" not in post:
+        return {}
+    user: Dict[str, float] = {}
+    for role, kind in roles.items():
+        user[kind] = user.get(kind, 0.0) + cpu_us_per_request(pre["uticks"][role], post["uticks"][role], clk_tck,
+                                                              requests)
+    return user
 
 
 # --- medians over the rounds ----------------------------------------------------------------
@@ -184,7 +198,14 @@ def aggregate_variant(rs: List[dict]) -> dict:
         "peak_rss_mib": max(rss) if rss else None,
         **_summed(rs),
         "foreign": med(foreign) if foreign else None,
+        **_proxy_user(rs),
     }
+
+
+def _proxy_user(rs: List[dict]) -> dict:
+    """{"proxy_user": the median user CPU µs of the proxy} when every round has it, else {}."""
+    user = [r["cpu_user_us_per_req"]["proxy"] for r in rs if "proxy" in r.get("cpu_user_us_per_req", {})]
+    return {"proxy_user": statistics.median(user)} if user and len(user) == len(rs) else {}
 
 
 def aggregate(runs: List[dict]) -> Agg:
@@ -345,15 +366,24 @@ def _floor_get(g_f: dict, g_n: dict, g_i: dict) -> str:
             f"{g_f['cpu']['proxy'] / g_n['cpu']['proxy']:.2f}× nginx; idemproxy's own per-request work "
             f"(routing, RFC 9110 header rewriting, timeouts, pooling, metrics) adds "
             f"{g_i['cpu']['proxy'] - g_f['cpu']['proxy']:.1f} µs on top of it. The target leaves it "
-            f"{g_n['cpu']['proxy'] - g_f['cpu']['proxy']:.1f} µs.")
+            f"{g_n['cpu']['proxy'] - g_f['cpu']['proxy']:.1f} µs.{_user_work(g_f, g_i)}")
+
+
+def _user_work(floor: dict, idemproxy: dict) -> str:
+    """idemproxy's own work in user CPU time alone, when the runs sampled it: the kernel time,
+    the larger part of both proxies' CPU, varies between runs by about as much as the own work."""
+    if "proxy_user" not in floor or "proxy_user" not in idemproxy:
+        return ""
+    return (f" In user time alone: idemproxy {idemproxy['proxy_user']:.1f} µs, the floor {floor['proxy_user']:.1f} µs, "
+            f"own work {idemproxy['proxy_user'] - floor['proxy_user']:.1f} µs.")
 
 
 def _floor_post(p_f: dict, p_n: dict, p_i: dict) -> str:
     """Keyless POST: the bare hyper forwarder against nginx and idemproxy."""
     return (f"keyless POST: bare hyper forwarder {p_f['cpu']['proxy']:.1f} µs = "
             f"{p_f['cpu']['proxy'] / p_n['cpu']['proxy']:.2f}× nginx; idemproxy {p_i['cpu']['proxy']:.1f} µs, its own "
-            f"per-request work {p_i['cpu']['proxy'] - p_f['cpu']['proxy']:.1f} µs above the floor. Instructions per "
-            f"request of both (deterministic, for comparing builds): benches/instructions.sh.")
+            f"per-request work {p_i['cpu']['proxy'] - p_f['cpu']['proxy']:.1f} µs above the floor.{_user_work(p_f, p_i)} "
+            f"Instructions per request of both (deterministic, for comparing builds): benches/instructions.sh.")
 
 
 def _floor_replay(rep_r: dict, rep_m: dict, g_n: dict) -> str:
