@@ -43,9 +43,10 @@
 # ask for the memory store explicitly (the default without Redis is now the disk store); a
 # baseline's gets IDEMPROXY_EMBEDDED_STORE=memory, which an older build ignores.
 #
-# With BASELINE=<git revision>, it also builds that revision in release (once: in a detached git
-# worktree in the temp dir, CARGO_TARGET_DIR target/bench-baseline/cargo, the binary kept as
-# target/bench-baseline/<sha>/idemproxy for the next runs), starts a baseline idemproxy next to the
+# With BASELINE=<git revision>, it also builds that revision in release, with the same cargo
+# command as this build (the examples it builds change the dependencies' features) (once: in a
+# detached git worktree in the temp dir, CARGO_TARGET_DIR target/bench-baseline/cargo, the binary kept as
+# target/bench-baseline/<sha>/idemproxy+<examples> for the next runs), starts a baseline idemproxy next to the
 # Redis-store and the embedded-store idemproxy with the same flags (its Redis store on database 1 of
 # the same redis-server), and runs
 # a `…-baseline` variant right after each idemproxy variant in every round. The report's A/B

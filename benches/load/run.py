@@ -165,7 +165,7 @@ def build_all(settings: Settings, tmp: Path) -> Tuple[Dict[str, Path], Optional[
     bins = build(settings.root, tmp, examples)
     if not settings.baseline:
         return bins, None
-    baseline = build_baseline(settings.root, settings.baseline, tmp)
+    baseline = build_baseline(settings.root, settings.baseline, tmp, examples)
     return {**bins, "idemproxy-baseline": baseline.binary}, baseline
 
 

@@ -142,34 +142,43 @@ def _git(root: Path, *args: str) -> str:
     return done.stdout.strip()
 
 
-def build_baseline(root: Path, revision: str, tmp: Path) -> Baseline:
-    """The release idemproxy of `revision`: built once, then kept as
-    target/bench-baseline/<sha>/idemproxy and reused by the next runs."""
+def build_baseline(root: Path, revision: str, tmp: Path, examples: Sequence[str]) -> Baseline:
+    """The release idemproxy of `revision`, built with the same command as this build (the
+    `examples` it has, as `build` builds them: cargo unifies the features of the dependencies
+    the examples add, so the binary built without them is not the same program): built once,
+    then kept as target/bench-baseline/<sha>/idemproxy+<examples> and reused by the next runs."""
     try:
         sha = _git(root, "rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}")
     except BenchError as e:
         raise BenchError(f"BASELINE={revision} is not a commit of {root}") from e
     short = _git(root, "rev-parse", "--short", sha)
     home = _target_dir(root) / "bench-baseline"
-    binary = home / sha / "idemproxy"
+    # Named by the build command too: a binary built without the examples is another program.
+    binary = home / sha / "+".join(["idemproxy", *examples])
     if binary.exists():
         log(f"baseline {revision} ({short}): reusing {binary}")
     else:
-        _build_revision(root, sha, tmp / "baseline-src", home / "cargo", binary)
+        _build_revision(root, sha, tmp / "baseline-src", home / "cargo", binary, examples)
     return Baseline(revision, short, binary)
 
 
-def _build_revision(root: Path, sha: str, src: Path, target_dir: Path, binary: Path) -> None:
-    """cargo build --release of idemproxy at commit `sha`, in a detached git worktree `src`
-    (removed afterwards) with its own CARGO_TARGET_DIR `target_dir`; the binary ends as `binary`."""
+def _build_revision(root: Path, sha: str, src: Path, target_dir: Path, binary: Path,
+                    examples: Sequence[str]) -> None:
+    """cargo build --release of idemproxy and those of `examples` commit `sha` has, in a detached
+    git worktree `src` (removed afterwards) with its own CARGO_TARGET_DIR `target_dir`; the
+    binary ends as `binary`."""
     log(f"building the baseline idemproxy {sha[:12]} (release) in {src}, CARGO_TARGET_DIR={target_dir}")
     _git(root, "worktree", "add", "--detach", "--quiet", str(src), sha)
     try:
         env = dict(os.environ, CARGO_TARGET_DIR=str(target_dir))
-        if subprocess.run(["cargo", "build", "--release", "--bin", "idemproxy"], cwd=src, env=env).returncode != 0:
+        argv = ["cargo", "build", "--release", "--bin", "idemproxy"]
+        for example in examples:
+            if (src / "examples" / f"{example}.rs").exists():
+                argv += ["--example", example]
+        if subprocess.run(argv, cwd=src, env=env).returncode != 0:
             raise BenchError(f"cargo build of the baseline {sha[:12]} failed")
         binary.parent.mkdir(parents=True, exist_ok=True)
-        partial = binary.with_name("idemproxy.partial")
+        partial = binary.with_name(binary.name + ".partial")
         shutil.copy2(target_dir / "release" / "idemproxy", partial)
         os.replace(partial, binary)  # whole or absent: a later run reuses only a finished build
     finally:
