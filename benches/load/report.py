@@ -131,10 +131,9 @@ def build_run(meta: Mapping, bench: Mapping[str, int], pre: Mapping, post: Mappi
     requests = bench["requests"]
     roles = dict(meta["roles"])
     ticks = {r: post["ticks"][r] - pre["ticks"][r] for r in post["ticks"]}
-    cpu: Dict[str, float] = {}
-    for role, kind in roles.items():  # summed per kind: a replicated Redis is a primary and a replica
-        cpu[kind] = cpu.get(kind, 0.0) + cpu_us_per_request(pre["ticks"][role], post["ticks"][role], clk_tck, requests)
-    user = _user_cpu(roles, pre, post, clk_tck, requests)
+    cpu = _cpu_per_kind(roles, pre["ticks"], post["ticks"], clk_tck, requests)
+    # Runs recorded before the user ticks were sampled have none.
+    user = _cpu_per_kind(roles, pre["uticks"], post["uticks"], clk_tck, requests) if "uticks" in pre and "uticks" in post else {}
     busy, foreign = core_shares(pre["stat"], post["stat"], cores, sum(ticks.values()))
     proxy_role = next((r for r, k in roles.items() if k == "proxy"), None)
     seconds = bench["duration_us"] / 1e6
@@ -151,16 +150,14 @@ def build_run(meta: Mapping, bench: Mapping[str, int], pre: Mapping, post: Mappi
     }
 
 
-def _user_cpu(roles: Mapping[str, str], pre: Mapping, post: Mapping, clk_tck: int, requests: int) -> Dict[str, float]:
-    """User CPU µs per request, summed per kind; empty when the samples have no user ticks
-    (runs recorded before they were sampled)."""
-    if "uticks" not in pre or "uticks" not in post:
-        return {}
-    user: Dict[str, float] = {}
+def _cpu_per_kind(roles: Mapping[str, str], pre: Mapping[str, int], post: Mapping[str, int], clk_tck: int,
+                  requests: int) -> Dict[str, float]:
+    """CPU µs per request from two samples of ticks (role -> ticks), summed per kind: a
+    replicated Redis is a primary and a replica."""
+    cpu: Dict[str, float] = {}
     for role, kind in roles.items():
-        user[kind] = user.get(kind, 0.0) + cpu_us_per_request(pre["uticks"][role], post["uticks"][role], clk_tck,
-                                                              requests)
-    return user
+        cpu[kind] = cpu.get(kind, 0.0) + cpu_us_per_request(pre[role], post[role], clk_tck, requests)
+    return cpu
 
 
 # --- medians over the rounds ----------------------------------------------------------------
