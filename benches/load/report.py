@@ -133,7 +133,8 @@ def build_run(meta: Mapping, bench: Mapping[str, int], pre: Mapping, post: Mappi
     ticks = {r: post["ticks"][r] - pre["ticks"][r] for r in post["ticks"]}
     cpu = _cpu_per_kind(roles, pre["ticks"], post["ticks"], clk_tck, requests)
     # Runs recorded before the user ticks were sampled have none.
-    user = _cpu_per_kind(roles, pre["uticks"], post["uticks"], clk_tck, requests) if "uticks" in pre and "uticks" in post else {}
+    user = (_cpu_per_kind(roles, pre["uticks"], post["uticks"], clk_tck, requests)
+            if "uticks" in pre and "uticks" in post else {})
     busy, foreign = core_shares(pre["stat"], post["stat"], cores, sum(ticks.values()))
     proxy_role = next((r for r, k in roles.items() if k == "proxy"), None)
     seconds = bench["duration_us"] / 1e6
